@@ -1,0 +1,798 @@
+//! A fake OpenAI API on loopback: image generations (JSON and streamed partials),
+//! edits (multipart and JSON), chat completions (plain and streamed), embeddings and
+//! models, with `usage` and `x-ratelimit-*` headers like the real one. It can enforce
+//! per-key, per-model request and token limits over short windows, add latency, fail
+//! calls, reset connections or run out of money, and it records every call so tests
+//! can assert what reached it.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Request and token limits enforced per (API key, model), as a sliding window.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests allowed in any `window`.
+    pub requests: u32,
+    /// Tokens (as reported in `usage`) allowed in any `window`; `None` for no limit.
+    pub tokens: Option<u64>,
+    pub window: Duration,
+}
+
+/// How the fake behaves; can be changed while it runs with [`Fake::set_behaviour`].
+#[derive(Clone, Debug)]
+pub struct Behaviour {
+    /// Latency of each call, drawn uniformly from this range.
+    pub latency: (Duration, Duration),
+    /// Pause between SSE events of a streamed response.
+    pub stream_interval: Duration,
+    /// Fraction of calls answered with 500/502/503 (in turn).
+    pub fail_rate: f64,
+    /// Fraction of calls whose connection is reset without an answer.
+    pub reset_rate: f64,
+    /// The first N calls fail with 503 (deterministic failures for tests).
+    pub fail_first: u32,
+    /// Answer every call with 429 `insufficient_quota`.
+    pub insufficient_quota: bool,
+    /// Enforce these limits; `None` serves everything.
+    pub limits: Option<Limits>,
+    /// Streams break (connection error) after this many events.
+    pub cut_stream_after: Option<u32>,
+    /// Bytes of fake image data per generated image (before base64).
+    pub image_bytes: usize,
+    /// Keep request bodies in the call log.
+    pub record_bodies: bool,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            latency: (Duration::ZERO, Duration::ZERO),
+            stream_interval: Duration::from_millis(10),
+            fail_rate: 0.0,
+            reset_rate: 0.0,
+            fail_first: 0,
+            insufficient_quota: false,
+            limits: None,
+            cut_stream_after: None,
+            image_bytes: 64,
+            record_bodies: true,
+        }
+    }
+}
+
+/// One call as the fake received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub version: http::Version,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The HTTP status the fake answered (0 for a reset connection).
+    pub status: u16,
+}
+
+#[derive(Default)]
+struct Window {
+    /// (time, tokens) of each admitted call.
+    calls: VecDeque<(Instant, u64)>,
+}
+
+struct State {
+    behaviour: Mutex<Behaviour>,
+    log: Mutex<Vec<Recorded>>,
+    windows: Mutex<HashMap<(String, String), Window>>,
+    rng: Mutex<u64>,
+    seq: AtomicU64,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A running fake; it stops when dropped.
+pub struct Fake {
+    addr: SocketAddr,
+    scheme: &'static str,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Fake {
+    /// Serves plain HTTP (HTTP/1.1 and h2c) on `127.0.0.1:0`.
+    pub async fn start(behaviour: Behaviour) -> Fake {
+        Self::serve("127.0.0.1:0".parse().unwrap(), behaviour, None)
+            .await
+            .expect("bind fake upstream")
+    }
+
+    /// Serves HTTPS with the given rustls config on `127.0.0.1:0`.
+    pub async fn start_tls(behaviour: Behaviour, tls: Arc<rustls::ServerConfig>) -> Fake {
+        Self::serve("127.0.0.1:0".parse().unwrap(), behaviour, Some(tls))
+            .await
+            .expect("bind fake upstream")
+    }
+
+    pub async fn serve(
+        addr: SocketAddr,
+        behaviour: Behaviour,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<Fake> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            behaviour: Mutex::new(behaviour),
+            log: Mutex::new(Vec::new()),
+            windows: Mutex::new(HashMap::new()),
+            rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
+            seq: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let st = st.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Fake {
+            addr,
+            scheme,
+            state,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` (or https), without a trailing slash.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme, self.addr)
+    }
+
+    pub fn set_behaviour(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.state.behaviour.lock().unwrap());
+    }
+
+    /// Every call received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// How many calls reached the fake.
+    pub fn calls(&self) -> usize {
+        self.state.log.lock().unwrap().len()
+    }
+
+    /// How many calls reached the fake on `path`.
+    pub fn calls_to(&self, path: &str) -> usize {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .count()
+    }
+
+    /// How many calls were answered with this status.
+    pub fn answered(&self, status: u16) -> usize {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == status)
+            .count()
+    }
+
+    /// The most calls that were in progress at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn clear(&self) {
+        self.state.log.lock().unwrap().clear();
+        self.state.windows.lock().unwrap().clear();
+        self.state.max_in_flight.store(0, Ordering::Relaxed);
+    }
+}
+
+struct InFlight<'a>(&'a State);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl State {
+    fn random(&self) -> f64 {
+        let mut x = self.rng.lock().unwrap();
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn record(&self, parts: &http::request::Parts, body: &Bytes, status: u16, keep_body: bool) {
+        self.log.lock().unwrap().push(Recorded {
+            method: parts.method.clone(),
+            version: parts.version,
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().map(str::to_string),
+            headers: parts.headers.clone(),
+            body: if keep_body {
+                body.clone()
+            } else {
+                Bytes::new()
+            },
+            status,
+        });
+    }
+}
+
+/// What the fake understood of a request: enough to price it and answer it.
+struct Call {
+    model: String,
+    n: u64,
+    stream: bool,
+    partial_images: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    include_usage: bool,
+    prompt: String,
+}
+
+fn image_output_tokens(size: &str, quality: &str) -> u64 {
+    let col = match size {
+        "1024x1536" => 1,
+        "1536x1024" => 2,
+        _ => 0,
+    };
+    let row: [u64; 3] = match quality {
+        "low" => [272, 408, 400],
+        "high" => [4160, 6240, 6208],
+        _ => [1056, 1584, 1568],
+    };
+    row[col]
+}
+
+fn text_tokens(s: &str) -> u64 {
+    (s.len() as u64).div_ceil(4)
+}
+
+async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, String> {
+    let path = parts.uri.path();
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut call = Call {
+        model: "unknown".into(),
+        n: 1,
+        stream: false,
+        partial_images: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        include_usage: false,
+        prompt: String::new(),
+    };
+    if parts.method != Method::POST {
+        return Ok(call);
+    }
+    let mut fields: HashMap<String, String> = HashMap::new();
+    let mut images = 0u64;
+    if content_type.starts_with("multipart/form-data") {
+        let boundary = multer::parse_boundary(content_type).map_err(|e| e.to_string())?;
+        let stream = futures_util::stream::once({
+            let b = body.clone();
+            async move { Ok::<_, Infallible>(b) }
+        });
+        let mut mp = multer::Multipart::new(stream, boundary);
+        while let Some(field) = mp.next_field().await.map_err(|e| e.to_string())? {
+            let name = field.name().unwrap_or("").to_string();
+            if field.file_name().is_some() || name.starts_with("image") || name == "mask" {
+                field.bytes().await.map_err(|e| e.to_string())?;
+                if name.starts_with("image") {
+                    images += 1;
+                }
+            } else {
+                let text = field.text().await.map_err(|e| e.to_string())?;
+                fields.insert(name, text);
+            }
+        }
+        call.model = fields.get("model").cloned().unwrap_or("dall-e-2".into());
+    } else if !body.is_empty() {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))?;
+        if let Some(m) = v.get("model").and_then(Value::as_str) {
+            call.model = m.to_string();
+        }
+        for key in ["prompt", "size", "quality"] {
+            if let Some(s) = v.get(key).and_then(Value::as_str) {
+                fields.insert(key.into(), s.into());
+            }
+        }
+        for key in ["n", "partial_images", "max_tokens", "max_completion_tokens"] {
+            if let Some(x) = v.get(key).and_then(Value::as_u64) {
+                fields.insert(key.into(), x.to_string());
+            }
+        }
+        if v.get("stream").and_then(Value::as_bool) == Some(true) {
+            fields.insert("stream".into(), "true".into());
+        }
+        call.include_usage = v
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if let Some(imgs) = v.get("images").and_then(Value::as_array) {
+            images = imgs.len() as u64;
+        }
+        if let Some(msgs) = v.get("messages").and_then(Value::as_array) {
+            let text: String = msgs
+                .iter()
+                .filter_map(|m| m.get("content").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" ");
+            call.input_tokens = text_tokens(&text) + 4 * msgs.len() as u64 + 2;
+            call.prompt = text;
+        }
+        if let Some(input) = v.get("input") {
+            let text = match input {
+                Value::String(s) => s.clone(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => String::new(),
+            };
+            call.input_tokens = text_tokens(&text);
+        }
+    }
+    call.n = fields
+        .get("n")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    call.stream = fields.get("stream").map(String::as_str) == Some("true");
+    call.partial_images = fields
+        .get("partial_images")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if path.starts_with("/v1/images/") {
+        call.prompt = fields.get("prompt").cloned().unwrap_or_default();
+        call.input_tokens = text_tokens(&call.prompt) + images * 323;
+        let per_image = image_output_tokens(
+            fields.get("size").map_or("1024x1024", String::as_str),
+            fields.get("quality").map_or("medium", String::as_str),
+        );
+        call.output_tokens = call.n * per_image
+            + if call.stream {
+                call.partial_images * 100
+            } else {
+                0
+            };
+    } else if path == "/v1/chat/completions" {
+        let max = fields
+            .get("max_completion_tokens")
+            .or(fields.get("max_tokens"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(16u64);
+        call.output_tokens = (text_tokens(&call.prompt) + 2).min(max);
+    }
+    Ok(call)
+}
+
+fn error_body(status: StatusCode, message: &str, kind: &str, code: Option<&str>) -> Response<Body> {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    json_response(status, &body)
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut resp = Response::new(full(serde_json::to_vec(v).unwrap()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+/// Go-style duration, as OpenAI writes `x-ratelimit-reset-*`.
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
+    }
+}
+
+async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return Err(std::io::Error::other(e)),
+    };
+    let seq = st.seq.fetch_add(1, Ordering::Relaxed) + 1;
+    let now_in = st.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    st.max_in_flight.fetch_max(now_in, Ordering::Relaxed);
+    let _guard = InFlight(&st);
+    let b = st.behaviour.lock().unwrap().clone();
+
+    let key = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .or(parts.headers.get("api-key"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+
+    let call = match parse_call(&parts, &body).await {
+        Ok(c) => c,
+        Err(msg) => {
+            st.record(&parts, &body, 400, b.record_bodies);
+            return Ok(error_body(
+                StatusCode::BAD_REQUEST,
+                &msg,
+                "invalid_request_error",
+                None,
+            ));
+        }
+    };
+
+    // Admission against the limits happens when the call arrives, as OpenAI does.
+    let tokens = call.input_tokens + call.output_tokens;
+    let mut rl_headers = HeaderMap::new();
+    let limits = b.limits.clone().unwrap_or(Limits {
+        requests: 10_000,
+        tokens: None,
+        window: Duration::from_secs(60),
+    });
+    {
+        let now = Instant::now();
+        let mut windows = st.windows.lock().unwrap();
+        let w = windows
+            .entry((key.clone(), call.model.clone()))
+            .or_default();
+        while w
+            .calls
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= limits.window)
+        {
+            w.calls.pop_front();
+        }
+        let used_tokens: u64 = w.calls.iter().map(|(_, t)| t).sum();
+        let over_requests = w.calls.len() as u32 >= limits.requests;
+        let over_tokens = limits.tokens.is_some_and(|max| used_tokens + tokens > max);
+        let reset_requests = w
+            .calls
+            .front()
+            .map(|(t, _)| limits.window.saturating_sub(now.duration_since(*t)))
+            .unwrap_or(Duration::ZERO);
+        if b.limits.is_some() && (over_requests || over_tokens) {
+            // Wait until enough of the window has passed.
+            let wait = if over_requests {
+                reset_requests
+            } else {
+                let need = used_tokens + tokens - limits.tokens.unwrap_or(0);
+                let mut freed = 0;
+                let mut at = Duration::ZERO;
+                for (t, tok) in &w.calls {
+                    freed += tok;
+                    at = limits.window.saturating_sub(now.duration_since(*t));
+                    if freed >= need {
+                        break;
+                    }
+                }
+                at
+            };
+            drop(windows);
+            st.record(&parts, &body, 429, b.record_bodies);
+            let what = if over_requests { "requests" } else { "tokens" };
+            let mut resp = error_body(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Rate limit reached for {} in organization org-fake on {what} per min. Please try again in {}.",
+                    call.model,
+                    go_duration(wait)
+                ),
+                what,
+                Some("rate_limit_exceeded"),
+            );
+            let h = resp.headers_mut();
+            h.insert(
+                "retry-after-ms",
+                HeaderValue::from(wait.as_millis().max(1) as u64),
+            );
+            h.insert(
+                "retry-after",
+                HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+            );
+            h.insert(
+                "x-request-id",
+                HeaderValue::from_str(&format!("req_{seq}")).unwrap(),
+            );
+            return Ok(resp);
+        }
+        w.calls.push_back((now, tokens));
+        rl_headers.insert("x-ratelimit-limit-requests", limits.requests.into());
+        rl_headers.insert(
+            "x-ratelimit-remaining-requests",
+            (limits.requests - w.calls.len() as u32).into(),
+        );
+        rl_headers.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_str(&go_duration(reset_requests)).unwrap(),
+        );
+        if let Some(max) = limits.tokens {
+            rl_headers.insert("x-ratelimit-limit-tokens", max.into());
+            rl_headers.insert(
+                "x-ratelimit-remaining-tokens",
+                max.saturating_sub(used_tokens + tokens).into(),
+            );
+            rl_headers.insert(
+                "x-ratelimit-reset-tokens",
+                HeaderValue::from_str(&go_duration(reset_requests)).unwrap(),
+            );
+        }
+    }
+
+    let (lo, hi) = b.latency;
+    let latency = lo + (hi.saturating_sub(lo)).mul_f64(st.random());
+    let stream_total = if call.stream { latency } else { Duration::ZERO };
+    tokio::time::sleep(latency - stream_total).await;
+
+    if b.reset_rate > 0.0 && st.random() < b.reset_rate {
+        st.record(&parts, &body, 0, b.record_bodies);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "fake reset",
+        ));
+    }
+    if seq <= b.fail_first as u64 || (b.fail_rate > 0.0 && st.random() < b.fail_rate) {
+        let status = [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ][(seq % 3) as usize];
+        st.record(&parts, &body, status.as_u16(), b.record_bodies);
+        let code = (status == StatusCode::SERVICE_UNAVAILABLE).then_some("server_is_overloaded");
+        return Ok(error_body(
+            status,
+            "The server had an error while processing your request. Sorry about that!",
+            "server_error",
+            code,
+        ));
+    }
+    if b.insufficient_quota {
+        st.record(&parts, &body, 429, b.record_bodies);
+        return Ok(error_body(
+            StatusCode::TOO_MANY_REQUESTS,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            Some("insufficient_quota"),
+        ));
+    }
+
+    let mut resp = route(&st, &parts, &call, seq, &b, stream_total);
+    st.record(&parts, &body, resp.status().as_u16(), b.record_bodies);
+    let h = resp.headers_mut();
+    h.extend(rl_headers);
+    h.insert(
+        "x-request-id",
+        HeaderValue::from_str(&format!("req_{seq}")).unwrap(),
+    );
+    h.insert("openai-processing-ms", (latency.as_millis() as u64).into());
+    h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
+    h.insert("openai-organization", HeaderValue::from_static("org-fake"));
+    h.insert("x-fake-call", seq.into());
+    Ok(resp)
+}
+
+fn route(
+    st: &State,
+    parts: &http::request::Parts,
+    call: &Call,
+    seq: u64,
+    b: &Behaviour,
+    stream_total: Duration,
+) -> Response<Body> {
+    let path = parts.uri.path();
+    let usage = json!({
+        "input_tokens": call.input_tokens,
+        "input_tokens_details": {"text_tokens": call.input_tokens, "image_tokens": 0},
+        "output_tokens": call.output_tokens,
+        "total_tokens": call.input_tokens + call.output_tokens,
+    });
+    match (parts.method.clone(), path) {
+        (Method::POST, "/v1/images/generations" | "/v1/images/edits" | "/v1/images/variations") => {
+            let image = fake_image(&call.prompt, b.image_bytes);
+            if call.stream {
+                let prefix = if path.ends_with("edits") {
+                    "image_edit"
+                } else {
+                    "image_generation"
+                };
+                let mut events = Vec::new();
+                for i in 0..call.partial_images {
+                    events.push(format!(
+                        "event: {prefix}.partial_image\ndata: {}\n\n",
+                        json!({"type": format!("{prefix}.partial_image"), "partial_image_index": i, "b64_json": image})
+                    ));
+                }
+                events.push(format!(
+                    "event: {prefix}.completed\ndata: {}\n\n",
+                    json!({"type": format!("{prefix}.completed"), "b64_json": image, "usage": usage})
+                ));
+                let step = stream_total / events.len() as u32;
+                sse(events, step.max(b.stream_interval), b.cut_stream_after)
+            } else {
+                let data: Vec<Value> = (0..call.n)
+                    .map(|_| json!({"b64_json": image, "revised_prompt": format!("{} (call {seq})", call.prompt)}))
+                    .collect();
+                let mut v = json!({"created": 1_700_000_000u64 + seq, "data": data});
+                if call.model.starts_with("gpt-image") {
+                    v["usage"] = usage;
+                }
+                json_response(StatusCode::OK, &v)
+            }
+        }
+        (Method::POST, "/v1/chat/completions") => {
+            let words: Vec<String> = call
+                .prompt
+                .split_whitespace()
+                .take(call.output_tokens as usize)
+                .map(str::to_string)
+                .collect();
+            let usage = json!({"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens, "total_tokens": call.input_tokens + call.output_tokens});
+            let id = format!("chatcmpl-{seq}");
+            if call.stream {
+                let mut events = Vec::new();
+                for (i, w) in words.iter().enumerate() {
+                    let delta = if i == 0 {
+                        json!({"role": "assistant", "content": w})
+                    } else {
+                        json!({"content": format!(" {w}")})
+                    };
+                    events.push(format!("data: {}\n\n", json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": call.model, "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})));
+                }
+                events.push(format!("data: {}\n\n", json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": call.model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})));
+                if call.include_usage {
+                    events.push(format!("data: {}\n\n", json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": call.model, "choices": [], "usage": usage})));
+                }
+                events.push("data: [DONE]\n\n".into());
+                let step = stream_total / events.len() as u32;
+                sse(events, step.max(b.stream_interval), b.cut_stream_after)
+            } else {
+                json_response(
+                    StatusCode::OK,
+                    &json!({"id": id, "object": "chat.completion", "created": 1_700_000_000u64, "model": call.model,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": words.join(" ")}, "finish_reason": "stop"}],
+                        "usage": usage}),
+                )
+            }
+        }
+        (Method::POST, "/v1/embeddings") => {
+            let x = (seq % 100) as f64 / 100.0;
+            json_response(
+                StatusCode::OK,
+                &json!({"object": "list", "model": call.model,
+                    "data": [{"object": "embedding", "index": 0, "embedding": [x, 0.1, 0.2, 0.3]}],
+                    "usage": {"prompt_tokens": call.input_tokens, "total_tokens": call.input_tokens}}),
+            )
+        }
+        (Method::GET, "/v1/models") => {
+            let models: Vec<Value> = ["gpt-image-1", "gpt-image-1-mini", "gpt-4o-mini", "text-embedding-3-small"]
+                .iter()
+                .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": "system"}))
+                .collect();
+            json_response(StatusCode::OK, &json!({"object": "list", "data": models}))
+        }
+        _ => {
+            let _ = st;
+            error_body(
+                StatusCode::NOT_FOUND,
+                &format!("Invalid URL ({} {})", parts.method, path),
+                "invalid_request_error",
+                None,
+            )
+        }
+    }
+}
+
+fn fake_image(prompt: &str, len: usize) -> String {
+    // Deterministic bytes from the prompt, so equal prompts give equal images.
+    let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in prompt.bytes() {
+        x = (x ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    let bytes: Vec<u8> = (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> (i % 8)) as u8
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn sse(events: Vec<String>, step: Duration, cut_after: Option<u32>) -> Response<Body> {
+    let stream =
+        futures_util::stream::iter(events.into_iter().enumerate()).then(move |(i, e)| async move {
+            if i > 0 {
+                tokio::time::sleep(step).await;
+            }
+            if cut_after.is_some_and(|n| i as u32 >= n) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fake stream cut",
+                ));
+            }
+            Ok(Frame::data(Bytes::from(e)))
+        });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    resp
+}

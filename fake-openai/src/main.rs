@@ -1,0 +1,69 @@
+//! Run the fake OpenAI by hand to rehearse a penstock config without spending money:
+//! `cargo run -p fake-openai -- --listen 127.0.0.1:8081 --rps 10 --latency-ms 200-600`
+use std::time::Duration;
+
+use clap::Parser;
+use fake_openai::{Behaviour, Fake, Limits};
+
+#[derive(Parser)]
+#[command(about = "A fake OpenAI API for rehearsing penstock configs")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: std::net::SocketAddr,
+    /// Requests allowed per key and model in any window (see --window-ms).
+    #[arg(long)]
+    rps: Option<u32>,
+    /// Tokens allowed per key and model in any window.
+    #[arg(long)]
+    tokens: Option<u64>,
+    /// Length of the rate-limit window in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    window_ms: u64,
+    /// Latency of each call in milliseconds, as MIN-MAX or a single number.
+    #[arg(long, default_value = "0")]
+    latency_ms: String,
+    /// Fraction of calls that fail with 500/502/503.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Fraction of calls whose connection is reset.
+    #[arg(long, default_value_t = 0.0)]
+    reset_rate: f64,
+    /// Answer every call with 429 insufficient_quota.
+    #[arg(long)]
+    insufficient_quota: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let (lo, hi) = match args.latency_ms.split_once('-') {
+        Some((a, b)) => (a.parse().unwrap_or(0), b.parse().unwrap_or(0)),
+        None => {
+            let x = args.latency_ms.parse().unwrap_or(0);
+            (x, x)
+        }
+    };
+    let behaviour = Behaviour {
+        latency: (Duration::from_millis(lo), Duration::from_millis(hi.max(lo))),
+        fail_rate: args.fail_rate,
+        reset_rate: args.reset_rate,
+        insufficient_quota: args.insufficient_quota,
+        limits: args.rps.map(|requests| Limits {
+            requests,
+            tokens: args.tokens,
+            window: Duration::from_millis(args.window_ms),
+        }),
+        record_bodies: false,
+        ..Behaviour::default()
+    };
+    let fake = match Fake::serve(args.listen, behaviour, None).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("fake-openai: cannot listen on {}: {e}", args.listen);
+            std::process::exit(1);
+        }
+    };
+    println!("fake-openai listening on {}", fake.url());
+    let _ = tokio::signal::ctrl_c().await;
+}

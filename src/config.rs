@@ -1,0 +1,374 @@
+//! The configuration tree: serde structs with defaults, parsed from TOML and checked
+//! by [`Config::validate`] before anything binds. Every error names the file, the key
+//! and what was expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables that override the file, for containers and tests.
+pub const ENV_LISTEN: &str = "PENSTOCK_LISTEN";
+pub const ENV_ADMIN_LISTEN: &str = "PENSTOCK_ADMIN_LISTEN";
+pub const ENV_UPSTREAM_URL: &str = "PENSTOCK_UPSTREAM_BASE_URL";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: {}{message}{}", key_prefix(.key), line_suffix(*.line))]
+    Invalid {
+        file: String,
+        /// Dotted path of the offending key, when known.
+        key: Option<String>,
+        message: String,
+        line: Option<usize>,
+    },
+}
+
+fn key_prefix(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|k| format!("key `{k}`: "))
+        .unwrap_or_default()
+}
+
+fn line_suffix(line: Option<usize>) -> String {
+    line.map(|l| format!(" (line {l})")).unwrap_or_default()
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the proxy listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (health, metrics, status); never the proxy port.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Where requests go.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// How penstock serves its clients.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// The OpenAI-compatible upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Scheme, host and optional path prefix; request paths are appended as they come.
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// Sidecar mode: the name of an environment variable holding the API key penstock
+    /// sends upstream in place of whatever the client sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Sidecar mode: `OpenAI-Organization` sent upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<String>,
+    /// Sidecar mode: `OpenAI-Project` sent upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// PEM file of extra root certificates (a private CA), trusted besides webpki roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Time allowed to open a TCP+TLS connection.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time one upstream attempt may take until its response head arrives; image
+    /// generations take a minute, so this is minutes, not seconds.
+    #[serde(default = "default_attempt_timeout", with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+/// How penstock serves its clients.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Largest request body accepted; larger ones get 413 before being read.
+    #[serde(default = "default_max_body_size")]
+    pub max_body_size: ByteSize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 8080).into()
+}
+fn default_admin_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 9090).into()
+}
+fn default_base_url() -> String {
+    "https://api.openai.com".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_attempt_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_pool_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_max_body_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: default_base_url(),
+            api_key_env: None,
+            organization: None,
+            project: None,
+            ca_file: None,
+            connect_timeout: default_connect_timeout(),
+            attempt_timeout: default_attempt_timeout(),
+            pool_idle_timeout: default_pool_idle_timeout(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_size: default_max_body_size(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            upstream: UpstreamConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &file)?;
+        config.apply_env(|k| std::env::var(k).ok(), &file)?;
+        config.validate(&file)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let invalid = |key: Option<String>, e: &toml::de::Error| ConfigError::Invalid {
+            file: file.to_string(),
+            key,
+            message: e.message().to_string(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1)),
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| invalid(None, &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = (path != ".").then_some(path);
+            invalid(key, e.inner())
+        })
+    }
+
+    /// Applies `PENSTOCK_*` overrides.
+    pub fn apply_env(
+        &mut self,
+        var: impl Fn(&str) -> Option<String>,
+        file: &str,
+    ) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key: Some(key.to_string()),
+            message,
+            line: None,
+        };
+        if let Some(v) = var(ENV_LISTEN) {
+            self.listen = v.parse().map_err(|_| {
+                bad(
+                    "listen",
+                    format!("{ENV_LISTEN}={v:?} is not an address like \"127.0.0.1:8080\""),
+                )
+            })?;
+        }
+        if let Some(v) = var(ENV_ADMIN_LISTEN) {
+            self.admin_listen = v.parse().map_err(|_| {
+                bad(
+                    "admin_listen",
+                    format!("{ENV_ADMIN_LISTEN}={v:?} is not an address like \"127.0.0.1:9090\""),
+                )
+            })?;
+        }
+        if let Some(v) = var(ENV_UPSTREAM_URL) {
+            self.upstream.base_url = v;
+        }
+        Ok(())
+    }
+
+    /// Checks what the types cannot: values that parse but make no sense together.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            key: Some(key.to_string()),
+            message,
+            line: None,
+        };
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(bad(
+                "admin_listen",
+                format!("must differ from `listen` ({})", self.listen),
+            ));
+        }
+        crate::upstream::BaseUrl::parse(&self.upstream.base_url)
+            .map_err(|m| bad("upstream.base_url", m))?;
+        if self.upstream.api_key_env.as_ref().is_some_and(String::is_empty) {
+            return Err(bad(
+                "upstream.api_key_env",
+                "expected the name of an environment variable".into(),
+            ));
+        }
+        if let Some(ca) = self.upstream.ca_file.as_ref().filter(|ca| !ca.is_file()) {
+            return Err(bad(
+                "upstream.ca_file",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.attempt_timeout", self.upstream.attempt_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(
+                    key,
+                    "expected a duration above zero, like \"30s\"".into(),
+                ));
+            }
+        }
+        if self.server.max_body_size.as_u64() == 0 {
+            return Err(bad(
+                "server.max_body_size",
+                "expected a size above zero, like \"64MiB\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, for `penstock check`. It holds no secret: keys
+    /// are only ever named (`api_key_env`), and credentials in the URL are redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.upstream.base_url = crate::upstream::BaseUrl::redact(&copy.upstream.base_url);
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "x.toml")
+            .and_then(|c| c.validate("x.toml").map(|_| c))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_working_defaults() {
+        let c = Config::parse("", "x.toml").unwrap();
+        c.validate("x.toml").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_size, ByteSize::mib(64));
+        assert_eq!(c.upstream.attempt_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn human_units_parse() {
+        let c = Config::parse(
+            "[upstream]\nconnect_timeout = \"2s\"\nattempt_timeout = \"10m\"\n[server]\nmax_body_size = \"1MiB\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream.attempt_timeout, Duration::from_secs(600));
+        assert_eq!(c.server.max_body_size.as_u64(), 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_expectation() {
+        let e = err("[upstream]\nconnect_timeout = \"5 parsecs\"\n");
+        assert!(
+            e.starts_with("x.toml: key `upstream.connect_timeout`: "),
+            "{e}"
+        );
+        let e = err("[upstream]\nbase_urll = \"http://x\"\n");
+        assert!(
+            e.contains("upstream.base_urll") && e.contains("unknown field"),
+            "{e}"
+        );
+        let e = err("listen = 8080\n");
+        assert!(e.contains("key `listen`"), "{e}");
+        let e = err("[upstream]\nbase_url = \"ftp://x\"\n");
+        assert!(
+            e.contains("key `upstream.base_url`") && e.contains("http"),
+            "{e}"
+        );
+        let e = err("[server]\nmax_body_size = \"0B\"\n");
+        assert!(e.contains("server.max_body_size"), "{e}");
+        let e = err("listen = \n");
+        assert!(e.starts_with("x.toml: ") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_addresses_and_url() {
+        let mut c = Config::default();
+        c.apply_env(
+            |k| match k {
+                ENV_LISTEN => Some("127.0.0.1:0".into()),
+                ENV_UPSTREAM_URL => Some("http://127.0.0.1:1".into()),
+                _ => None,
+            },
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.upstream.base_url, "http://127.0.0.1:1");
+        let e = c
+            .apply_env(|k| (k == ENV_ADMIN_LISTEN).then(|| "nope".into()), "x.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("admin_listen"));
+    }
+
+    #[test]
+    fn check_output_redacts_url_credentials() {
+        let mut c = Config::default();
+        c.upstream.base_url = "https://user:sk-secret@example.com/openai".into();
+        let out = c.to_redacted_toml();
+        assert!(!out.contains("sk-secret"), "{out}");
+        assert!(out.contains("example.com/openai"), "{out}");
+    }
+}

@@ -1,0 +1,15 @@
+//! penstock: a rate-limiting, retrying, coalescing reverse proxy for the OpenAI API.
+//! [`stack::build`] assembles the request path; [`server::start`] serves it.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod request;
+pub mod server;
+pub mod stack;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{Running, start};

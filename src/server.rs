@@ -1,0 +1,153 @@
+//! Listeners: the proxy (HTTP/1.1 and h2c) and the admin port, with graceful
+//! shutdown that stops accepting, then lets in-flight requests finish within the
+//! grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin;
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] crate::upstream::BuildError),
+}
+
+/// A running penstock; [`Running::shutdown`] drains it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting and waits for in-flight requests (up to the grace period).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Binds both listeners and starts serving. Every part of the stack is built
+/// first: a part that cannot be built stops startup rather than being skipped.
+pub async fn start(
+    config: &Config,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Running, StartError> {
+    let stack = crate::stack::build::<Incoming>(config, env)?;
+    let bind = |addr: SocketAddr, what: &'static str| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, what, source })
+    };
+    let proxy = bind(config.listen, "listen").await?;
+    let admin_listener = bind(config.admin_listen, "admin_listen").await?;
+    let addr = proxy.local_addr().expect("bound socket has an address");
+    let admin_addr = admin_listener
+        .local_addr()
+        .expect("bound socket has an address");
+
+    let state = Arc::new(admin::State::default());
+    let (stop, stopped) = watch::channel(false);
+    let grace = config.server.shutdown_grace;
+
+    let proxy_task = tokio::spawn(serve(
+        proxy,
+        TowerToHyperService::new(stack),
+        stopped.clone(),
+        grace,
+        Some(state.clone()),
+    ));
+    let admin_state = state.clone();
+    let admin_svc = service_fn(move |req| admin::handle(admin_state.clone(), req));
+    let admin_task = tokio::spawn(serve(admin_listener, admin_svc, stopped, grace, None));
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%addr, %admin_addr, upstream = %crate::upstream::BaseUrl::redact(&config.upstream.base_url), "penstock listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        stop,
+        tasks: vec![proxy_task, admin_task],
+    })
+}
+
+async fn serve<S>(
+    listener: TcpListener,
+    svc: S,
+    mut stopped: watch::Receiver<bool>,
+    grace: Duration,
+    readiness: Option<Arc<admin::State>>,
+) where
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<crate::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = builder.serve_connection(TokioIo::new(stream), svc.clone()).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stopped_signal(&mut stopped) => break,
+        }
+    }
+    if let Some(state) = readiness {
+        state.ready.store(false, Ordering::Release);
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace = %humantime::format_duration(grace), "grace period over; closing remaining connections");
+        }
+    }
+}
+
+async fn stopped_signal(stopped: &mut watch::Receiver<bool>) {
+    // A closed channel means the owner is gone: stop too.
+    let _ = stopped.wait_for(|s| *s).await;
+}

@@ -1,0 +1,392 @@
+//! The call to the upstream: a pooled hyper-util client over rustls (HTTP/1.1 and
+//! HTTP/2 by ALPN), the URL rewrite, hop-by-hop header removal, sidecar credentials
+//! and the per-attempt timeout. Response bodies are handed on as they stream in.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::body::Body;
+use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
+
+/// `base_url` split once at startup so each request only appends its path.
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without a trailing slash ("" for none).
+    prefix: String,
+}
+
+impl BaseUrl {
+    pub fn parse(s: &str) -> Result<BaseUrl, String> {
+        let uri: Uri = s.parse().map_err(|e| {
+            format!("{s:?} is not a URL ({e}); expected like \"https://api.openai.com\"")
+        })?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => return Err(format!("{s:?}: expected an http:// or https:// URL")),
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{s:?}: expected a host"))?;
+        if uri.query().is_some() {
+            return Err(format!("{s:?}: a query string cannot be a base URL"));
+        }
+        Ok(BaseUrl {
+            scheme,
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The URL with any `user:password@` removed, for display.
+    pub fn redact(s: &str) -> String {
+        match s.split_once("://") {
+            Some((scheme, rest)) => {
+                let host_end = rest.find('/').unwrap_or(rest.len());
+                match rest[..host_end].rfind('@') {
+                    Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
+                    None => s.to_string(),
+                }
+            }
+            None => s.to_string(),
+        }
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = pq.map_or("/", PathAndQuery::as_str);
+        let path_and_query = if self.prefix.is_empty() {
+            PathAndQuery::try_from(pq)?
+        } else {
+            PathAndQuery::try_from(format!("{}{pq}", self.prefix))?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+}
+
+/// Credentials penstock sends in sidecar mode, replacing the client's.
+#[derive(Clone)]
+struct SidecarAuth {
+    authorization: HeaderValue,
+    organization: Option<HeaderValue>,
+    project: Option<HeaderValue>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("upstream.base_url: {0}")]
+    BaseUrl(String),
+    #[error("upstream.api_key_env: environment variable {0} is not set")]
+    KeyMissing(String),
+    #[error("upstream.{key}: not a valid header value")]
+    BadHeader { key: &'static str },
+    #[error("upstream.ca_file: {0}")]
+    CaFile(String),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `host`,
+/// which the client sets for the upstream's authority, and `content-length`, which
+/// it derives from the buffered body.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Drops hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The innermost service: one attempt against the upstream.
+#[derive(Clone)]
+pub struct Upstream {
+    client: HttpsClient,
+    base: Arc<BaseUrl>,
+    sidecar: Option<Arc<SidecarAuth>>,
+    attempt_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the client; `env` reads the sidecar key's variable.
+    pub fn new(
+        config: &UpstreamConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Upstream, BuildError> {
+        let base = BaseUrl::parse(&config.base_url).map_err(BuildError::BaseUrl)?;
+        let sidecar = match &config.api_key_env {
+            Some(var) => {
+                let key = env(var).filter(|k| !k.is_empty());
+                let key = key.ok_or_else(|| BuildError::KeyMissing(var.clone()))?;
+                let header = |key: &'static str, v: &str| {
+                    let mut v =
+                        HeaderValue::try_from(v).map_err(|_| BuildError::BadHeader { key })?;
+                    v.set_sensitive(true);
+                    Ok::<_, BuildError>(v)
+                };
+                Some(Arc::new(SidecarAuth {
+                    authorization: header("api_key_env", &format!("Bearer {key}"))?,
+                    organization: config
+                        .organization
+                        .as_deref()
+                        .map(|o| header("organization", o))
+                        .transpose()?,
+                    project: config
+                        .project
+                        .as_deref()
+                        .map(|p| header("project", p))
+                        .transpose()?,
+                }))
+            }
+            None => None,
+        };
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &config.ca_file {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| BuildError::CaFile(format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(BuildError::CaFile(format!(
+                    "{}: no PEM certificate found",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| BuildError::CaFile(format!("{}: {e}", path.display())))?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .build(https);
+        Ok(Upstream {
+            client,
+            base: Arc::new(base),
+            sidecar,
+            attempt_timeout: config.attempt_timeout,
+        })
+    }
+
+    fn upstream_request(&self, req: Request<Bytes>) -> Result<Request<Full<Bytes>>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        parts.uri =
+            self.base
+                .join(parts.uri.path_and_query())
+                .map_err(|e| ProxyError::InvalidRequest {
+                    message: format!("the request path cannot be forwarded: {e}"),
+                    code: "penstock_invalid_path",
+                    param: None,
+                })?;
+        // The upstream connection picks its own protocol version.
+        parts.version = http::Version::HTTP_11;
+        let h = &mut parts.headers;
+        strip_hop_by_hop(h);
+        h.remove(header::HOST);
+        h.remove(header::CONTENT_LENGTH);
+        if let Some(auth) = &self.sidecar {
+            // The client's own credentials never go upstream in sidecar mode.
+            for name in ["api-key", "openai-organization", "openai-project"] {
+                h.remove(name);
+            }
+            h.insert(header::AUTHORIZATION, auth.authorization.clone());
+            if let Some(org) = &auth.organization {
+                h.insert("openai-organization", org.clone());
+            }
+            if let Some(project) = &auth.project {
+                h.insert("openai-project", project.clone());
+            }
+        }
+        Ok(Request::from_parts(parts, Full::new(body)))
+    }
+}
+
+impl tower::Service<Request<Bytes>> for Upstream {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = AttemptFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        // The pooled client has no readiness of its own: connections are made per call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> AttemptFuture {
+        match self.upstream_request(req) {
+            Ok(req) => AttemptFuture::Sent {
+                call: Box::pin(tokio::time::timeout(
+                    self.attempt_timeout,
+                    self.client.request(req),
+                )),
+                timeout: self.attempt_timeout,
+            },
+            Err(e) => AttemptFuture::Failed(Some(e)),
+        }
+    }
+}
+
+/// One attempt in flight, or an error found before sending.
+pub enum AttemptFuture {
+    Sent {
+        // Boxed once per attempt: hyper's future plus the timer is large, and an
+        // attempt costs a connection round trip anyway.
+        call: Pin<Box<tokio::time::Timeout<ResponseFuture>>>,
+        timeout: Duration,
+    },
+    Failed(Option<ProxyError>),
+}
+
+impl Future for AttemptFuture {
+    type Output = Result<Response<Body>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            AttemptFuture::Failed(e) => Poll::Ready(Err(e.take().expect("polled after ready"))),
+            AttemptFuture::Sent { call, timeout } => {
+                Poll::Ready(match ready!(call.as_mut().poll(cx)) {
+                    Err(_) => Err(ProxyError::UpstreamTimeout(*timeout)),
+                    Ok(Err(e)) if e.is_connect() => {
+                        Err(ProxyError::UpstreamUnreachable(error_chain(&e)))
+                    }
+                    Ok(Err(e)) => Err(ProxyError::UpstreamConnection(error_chain(&e))),
+                    Ok(Ok(resp)) => {
+                        let (mut parts, body) = resp.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        Ok(Response::from_parts(
+                            parts,
+                            body.map_err(Into::into).boxed(),
+                        ))
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// "outer: inner: innermost", since hyper's top-level messages alone say little.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_joins_paths_and_prefixes() {
+        let b = BaseUrl::parse("https://api.openai.com").unwrap();
+        let pq = PathAndQuery::from_static("/v1/models?limit=2");
+        assert_eq!(
+            b.join(Some(&pq)).unwrap().to_string(),
+            "https://api.openai.com/v1/models?limit=2"
+        );
+        let b = BaseUrl::parse("http://127.0.0.1:9/openai/").unwrap();
+        assert_eq!(
+            b.join(Some(&pq)).unwrap().to_string(),
+            "http://127.0.0.1:9/openai/v1/models?limit=2"
+        );
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("/v1").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_including_named_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-request-id", HeaderValue::from_static("req_1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-request-id"));
+    }
+
+    #[test]
+    fn sidecar_without_its_key_is_a_startup_error() {
+        let config = UpstreamConfig {
+            api_key_env: Some("PENSTOCK_TEST_NO_SUCH_VAR".into()),
+            ..UpstreamConfig::default()
+        };
+        let err = Upstream::new(&config, |_| None).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "upstream.api_key_env: environment variable PENSTOCK_TEST_NO_SUCH_VAR is not set"
+        );
+    }
+}

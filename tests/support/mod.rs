@@ -1,0 +1,91 @@
+//! Shared by the integration tests: penstock in front of the fake upstream, both on
+//! `127.0.0.1:0`.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+pub use fake_openai::{Behaviour, Fake};
+use penstock::{Config, Running};
+
+pub struct Harness {
+    pub fake: Fake,
+    pub penstock: Running,
+    /// `http://127.0.0.1:PORT` of penstock's proxy listener.
+    pub url: String,
+    /// `http://127.0.0.1:PORT` of penstock's admin listener.
+    pub admin: String,
+}
+
+/// A config pointing at `upstream`, with both listeners on ephemeral ports.
+pub fn config_for(upstream: &str) -> Config {
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    c.upstream.base_url = upstream.to_string();
+    c.upstream.connect_timeout = Duration::from_secs(2);
+    c.server.shutdown_grace = Duration::from_secs(5);
+    c
+}
+
+pub async fn start(behaviour: Behaviour) -> Harness {
+    start_with(behaviour, |_| {}, |_| None).await
+}
+
+pub async fn start_with(
+    behaviour: Behaviour,
+    tune: impl FnOnce(&mut Config),
+    env: impl Fn(&str) -> Option<String>,
+) -> Harness {
+    let fake = Fake::start(behaviour).await;
+    let mut config = config_for(&fake.url());
+    tune(&mut config);
+    config.validate("test").expect("test config is valid");
+    let penstock = penstock::start(&config, env)
+        .await
+        .expect("penstock starts");
+    Harness {
+        url: format!("http://{}", penstock.addr),
+        admin: format!("http://{}", penstock.admin_addr),
+        fake,
+        penstock,
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A multipart body with a fixed boundary, built by hand so its bytes are known.
+pub fn multipart(
+    boundary: &str,
+    fields: &[(&str, &str)],
+    files: &[(&str, &str, &[u8])],
+) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    for (name, filename, bytes) in files {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+pub async fn json(resp: reqwest::Response) -> serde_json::Value {
+    resp.json().await.expect("JSON body")
+}
