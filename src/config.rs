@@ -245,7 +245,12 @@ impl Config {
         }
         crate::upstream::BaseUrl::parse(&self.upstream.base_url)
             .map_err(|m| bad("upstream.base_url", m))?;
-        if self.upstream.api_key_env.as_ref().is_some_and(String::is_empty) {
+        if self
+            .upstream
+            .api_key_env
+            .as_ref()
+            .is_some_and(String::is_empty)
+        {
             return Err(bad(
                 "upstream.api_key_env",
                 "expected the name of an environment variable".into(),

@@ -1,0 +1,93 @@
+//! A small closed-loop load generator shared by the benchmarks: `concurrency`
+//! workers on keep-alive connections send `total` requests to 127.0.0.1 and record
+//! each latency. Bounded in count, so it always stops by itself.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub struct Run {
+    pub ok: usize,
+    pub failed: usize,
+    pub wall: Duration,
+    pub latencies: Vec<Duration>,
+}
+
+impl Run {
+    pub fn throughput(&self) -> f64 {
+        (self.ok + self.failed) as f64 / self.wall.as_secs_f64()
+    }
+    pub fn percentile(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l[((l.len() as f64 * p).ceil() as usize).clamp(1, l.len()) - 1]
+    }
+}
+
+pub async fn run(url: &str, body: &'static [u8], total: usize, concurrency: usize) -> Run {
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build_http::<Full<Bytes>>();
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next, url) = (client.clone(), next.clone(), url.to_string());
+        workers.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut lat) = (0, 0, Vec::new());
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let req = http::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .header("authorization", "Bearer sk-bench")
+                    .body(Full::new(Bytes::from_static(body)))
+                    .unwrap();
+                let t = Instant::now();
+                match client.request(req).await {
+                    Ok(resp) => {
+                        let good = resp.status().is_success();
+                        let _ = resp.into_body().collect().await;
+                        if good { ok += 1 } else { failed += 1 }
+                    }
+                    Err(_) => failed += 1,
+                }
+                lat.push(t.elapsed());
+            }
+            (ok, failed, lat)
+        }));
+    }
+    let mut run = Run {
+        ok: 0,
+        failed: 0,
+        wall: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for w in workers {
+        let (ok, failed, lat) = w.await.unwrap();
+        run.ok += ok;
+        run.failed += failed;
+        run.latencies.extend(lat);
+    }
+    run.wall = started.elapsed();
+    run
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// penstock's defaults, pointed at `upstream`, listening on ephemeral ports.
+pub fn config_for(upstream: &str) -> penstock::Config {
+    let mut config = penstock::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..penstock::Config::default()
+    };
+    config.upstream.base_url = upstream.to_string();
+    config
+}

@@ -1,0 +1,192 @@
+//! The `penstock` binary: config errors, `check`, and what a served request logs.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_penstock");
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("penstock.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn broken_config_files_name_the_file_and_key_and_exit_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[upstream]\nconnect_timeout = 5\n",
+            "key `upstream.connect_timeout`",
+        ),
+        (
+            "[upstream]\nbase_url = \"http://x\"\ntimeout = \"5s\"\n",
+            "key `upstream.timeout`: unknown field",
+        ),
+        (
+            "[server]\nmax_body_size = \"lots\"\n",
+            "key `server.max_body_size`",
+        ),
+        ("[upstream\n", "line 1"),
+        (
+            "admin_listen = \"127.0.0.1:8080\"\n",
+            "key `admin_listen`: must differ from `listen`",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = write_config(&dir, text);
+        for cmd in [&["check"][..], &[][..]] {
+            let mut args = cmd.to_vec();
+            args.extend(["--config", path.to_str().unwrap()]);
+            let (code, _, stderr) = run(&args, &[]).await;
+            assert_eq!(code, 2, "{text:?} {cmd:?}: {stderr}");
+            assert!(stderr.contains(path.to_str().unwrap()), "{stderr}");
+            assert!(stderr.contains(expected), "{text:?}: {stderr}");
+        }
+    }
+    let (code, _, stderr) = run(&["--config", "/no/such/penstock.toml"], &[]).await;
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("/no/such/penstock.toml: cannot read"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn check_prints_the_effective_config_and_never_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        "[upstream]\nbase_url = \"https://user:sk-url-secret@example.com\"\napi_key_env = \"PENSTOCK_TEST_KEY\"\n",
+    );
+    let path = path.to_str().unwrap();
+    let (code, stdout, stderr) = run(
+        &["check", "--config", path],
+        &[("PENSTOCK_TEST_KEY", "sk-env-secret")],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("api_key_env = \"PENSTOCK_TEST_KEY\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("attempt_timeout = \"5m\""),
+        "defaults are shown: {stdout}"
+    );
+    assert!(
+        !stdout.contains("secret") && !stderr.contains("secret"),
+        "{stdout}"
+    );
+
+    // Sidecar mode with its variable unset cannot serve, so check fails too.
+    let (code, _, stderr) = run(&["check", "--config", path], &[]).await;
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("upstream.api_key_env: environment variable PENSTOCK_TEST_KEY is not set"),
+        "{stderr}"
+    );
+
+    // The shipped config works as it is.
+    let (code, _, stderr) = run(&["check", "--config", "config/penstock.toml"], &[]).await;
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test]
+async fn served_requests_log_one_json_line_without_keys_and_sigterm_stops_cleanly() {
+    let fake = Fake::start(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        &dir,
+        &format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\napi_key_env = \"PENSTOCK_TEST_KEY\"\n",
+            fake.url()
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+        .env("PENSTOCK_TEST_KEY", "sk-sidecar-secret")
+        .env("PENSTOCK_LOG", "debug")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("penstock starts")
+            .unwrap()
+            .expect("penstock is running");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        log.push(line);
+        if v["message"] == "penstock listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let resp = http()
+        .post(format!("http://{addr}/v1/images/generations"))
+        .header("authorization", "Bearer sk-client-secret")
+        .json(&serde_json::json!({"model": "gpt-image-1", "prompt": "a secret garden"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.push(line);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "SIGTERM is a clean exit");
+
+    let requests: Vec<serde_json::Value> = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 1, "one line per request: {log:#?}");
+    let r = &requests[0];
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["method"], "POST");
+    assert_eq!(r["path"], "/v1/images/generations");
+    assert_eq!(r["model"], "gpt-image-1");
+    assert_eq!(r["upstream_request_id"], "req_1");
+    assert!(r["latency_ms"].is_u64() && r["request_id"].as_str().unwrap().starts_with("ps-"));
+    let all = log.join("\n");
+    assert!(
+        !all.contains("secret"),
+        "no key or prompt in the logs: {all}"
+    );
+    assert!(fake.requests()[0].headers["authorization"] == "Bearer sk-sidecar-secret");
+}

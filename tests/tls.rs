@@ -1,0 +1,103 @@
+//! TLS to the upstream: the fake serves HTTPS with a certificate from a private CA
+//! (made here with rcgen), and penstock trusts it only through `ca_file`.
+
+mod support;
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use support::*;
+
+struct Pki {
+    ca_pem: String,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn private_ca() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    )
+    .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Pki {
+        ca_pem: ca.pem(),
+        server: Arc::new(server),
+    }
+}
+
+#[tokio::test]
+async fn private_ca_from_ca_file_is_trusted_and_http2_is_negotiated() {
+    let pki = private_ca();
+    let fake = Fake::start_tls(Behaviour::default(), pki.server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+
+    let mut config = config_for(&format!("https://localhost:{}", fake.addr().port()));
+    config.upstream.ca_file = Some(ca_file);
+    let p = penstock::start(&config, |_| None).await.unwrap();
+    let resp = http()
+        .post(format!("http://{}/v1/images/generations", p.addr))
+        .json(&serde_json::json!({"model": "gpt-image-1", "prompt": "over tls"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = &fake.requests()[0];
+    assert_eq!(seen.version, http::Version::HTTP_2, "ALPN picked h2");
+    assert_eq!(seen.path, "/v1/images/generations");
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_502_not_a_silent_downgrade() {
+    let pki = private_ca();
+    let fake = Fake::start_tls(Behaviour::default(), pki.server).await;
+    let config = config_for(&format!("https://localhost:{}", fake.addr().port()));
+    let p = penstock::start(&config, |_| None).await.unwrap();
+    let resp = http()
+        .get(format!("http://{}/v1/models", p.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let v = json(resp).await;
+    assert_eq!(v["error"]["code"], "penstock_upstream_unreachable");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("certificate"),
+        "{v}"
+    );
+    assert_eq!(fake.calls(), 0);
+}
+
+#[test]
+fn a_ca_file_without_certificates_stops_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("empty.pem");
+    std::fs::write(&ca_file, "not a certificate\n").unwrap();
+    let mut config = config_for("https://localhost:1");
+    config.upstream.ca_file = Some(ca_file);
+    let err = penstock::upstream::Upstream::new(&config.upstream, |_| None)
+        .err()
+        .expect("startup error");
+    assert!(err.to_string().starts_with("upstream.ca_file: "), "{err}");
+}
