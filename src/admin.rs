@@ -1,20 +1,61 @@
-//! The admin listener: health and readiness, kept off the proxy port so they are
-//! never exposed where API traffic is.
+//! The admin listener: health, readiness and status, kept off the proxy port so
+//! they are never exposed where API traffic is.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use serde_json::json;
 
 use crate::body::{Body, full};
+use crate::config::Config;
+use crate::stack::Shared;
 
 /// What the admin endpoints report on.
-#[derive(Debug, Default)]
 pub struct State {
     /// Config loaded and the proxy listener accepting; false again while draining.
     pub ready: AtomicBool,
+    started: Instant,
+    shared: Shared,
+    summary: serde_json::Value,
+}
+
+impl State {
+    pub fn new(config: &Config, shared: Shared) -> State {
+        State {
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+            shared,
+            summary: json!({
+                "listen": config.listen.to_string(),
+                "upstream": crate::upstream::BaseUrl::redact(&config.upstream.base_url),
+                "sidecar": config.upstream.api_key_env.is_some(),
+                "budgets": config.budgets.iter().map(|b| json!({
+                    "name": b.display_name(),
+                    "models": b.models,
+                    "rpm": b.rpm, "tpm": b.tpm, "ipm": b.ipm,
+                    "burst_ms": b.burst.as_millis() as u64,
+                    "max_in_flight": b.max_in_flight,
+                })).collect::<Vec<_>>(),
+                "queue": {
+                    "max_wait_ms": config.queue.max_wait.as_millis() as u64,
+                    "max_depth": config.queue.max_depth,
+                },
+            }),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "ready": self.ready.load(Ordering::Acquire),
+            "config": self.summary,
+            "pools": self.shared.budgets.status(),
+        })
+    }
 }
 
 pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Body>, Infallible> {
@@ -27,6 +68,7 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Bo
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "not ready"}),
         ),
+        "/status" => (StatusCode::OK, state.status()),
         _ => (StatusCode::NOT_FOUND, json!({"error": "not found"})),
     };
     let mut resp = Response::new(full(body.to_string()));

@@ -57,6 +57,88 @@ pub struct Config {
     /// How penstock serves its clients.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Rate budgets: a request's model picks the first budget whose globs match it.
+    #[serde(default, rename = "budget", skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetConfig>,
+    /// The wait for budget.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// How a request's cost is estimated before it is sent.
+    #[serde(default)]
+    pub estimate: EstimateConfig,
+}
+
+/// One pool of upstream capacity, counted per upstream credential.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Name in `/status`, logs and metrics; defaults to the first glob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Model globs (`*`, `?`); models sharing one budget share one pool.
+    pub models: Vec<String>,
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt plus the most the response may take).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Images per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipm: Option<u64>,
+    /// The upstream enforces a minute's limit over short windows: never send more
+    /// than this window's share at once.
+    #[serde(default = "default_burst", with = "humantime_serde")]
+    pub burst: Duration,
+    /// Added to every window, so that network jitter between penstock and the
+    /// upstream cannot make two windows' worth look like one.
+    #[serde(default = "default_safety_margin", with = "humantime_serde")]
+    pub safety_margin: Duration,
+    /// Cap on concurrent upstream calls of this pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
+}
+
+impl BudgetConfig {
+    pub fn display_name(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.models.first().map(String::as_str))
+            .unwrap_or("budget")
+    }
+}
+
+/// The wait for budget.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Longest a request may wait for budget; a request that would wait longer is
+    /// refused at once. Clients may ask for less with `x-penstock-max-wait-ms`.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Requests waiting across all pools; beyond it, new ones are refused at once.
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+}
+
+/// How a request's cost is estimated before it is sent; the response's `usage`
+/// corrects it afterwards.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstimateConfig {
+    /// Output tokens assumed for a text request that sets no `max_tokens`.
+    #[serde(default = "default_max_output_tokens")]
+    pub default_max_output_tokens: u64,
+    /// Model glob -> `o200k_base` or `cl100k_base`, before the built-in choice.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tokenizer: std::collections::BTreeMap<String, String>,
+    /// Model glob -> quality -> size -> output tokens per image, before the
+    /// built-in gpt-image-1 table.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub image_output_tokens: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    >,
 }
 
 /// The OpenAI-compatible upstream.
@@ -101,6 +183,9 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// In sidecar mode, the header that names the client (for fair queueing).
+    #[serde(default = "default_client_id_header")]
+    pub client_id_header: String,
 }
 
 fn default_listen() -> SocketAddr {
@@ -127,6 +212,33 @@ fn default_max_body_size() -> ByteSize {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
+fn default_client_id_header() -> String {
+    "x-penstock-client".into()
+}
+fn default_burst() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_safety_margin() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_max_depth() -> usize {
+    10_000
+}
+fn default_max_output_tokens() -> u64 {
+    4096
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_wait: default_max_wait(),
+            max_depth: default_max_depth(),
+        }
+    }
+}
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
@@ -148,6 +260,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_body_size: default_max_body_size(),
             shutdown_grace: default_shutdown_grace(),
+            client_id_header: default_client_id_header(),
         }
     }
 }
@@ -159,6 +272,12 @@ impl Default for Config {
             admin_listen: default_admin_listen(),
             upstream: UpstreamConfig::default(),
             server: ServerConfig::default(),
+            budgets: Vec::new(),
+            queue: QueueConfig::default(),
+            estimate: EstimateConfig {
+                default_max_output_tokens: default_max_output_tokens(),
+                ..EstimateConfig::default()
+            },
         }
     }
 }
@@ -273,6 +392,59 @@ impl Config {
                 ));
             }
         }
+        if http::HeaderName::try_from(self.server.client_id_header.as_str()).is_err() {
+            return Err(bad(
+                "server.client_id_header",
+                "expected a valid HTTP header name".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            let key = |field: &str| format!("budget[{i}].{field}");
+            if b.models.is_empty() || b.models.iter().any(String::is_empty) {
+                return Err(bad(
+                    &key("models"),
+                    "expected at least one model glob, like \"gpt-image-*\"".into(),
+                ));
+            }
+            if b.rpm.is_none() && b.tpm.is_none() && b.ipm.is_none() {
+                return Err(bad(
+                    &key("rpm"),
+                    "a budget needs at least one of rpm, tpm, ipm".into(),
+                ));
+            }
+            for (field, v) in [("rpm", b.rpm), ("tpm", b.tpm), ("ipm", b.ipm)] {
+                if v == Some(0) {
+                    return Err(bad(&key(field), "expected a number above zero".into()));
+                }
+            }
+            if b.burst.is_zero() || b.burst > Duration::from_secs(60) {
+                return Err(bad(
+                    &key("burst"),
+                    "expected a duration from above zero to \"60s\"".into(),
+                ));
+            }
+            if b.max_in_flight == Some(0) {
+                return Err(bad(
+                    &key("max_in_flight"),
+                    "expected a number above zero".into(),
+                ));
+            }
+            if !names.insert(b.display_name()) {
+                return Err(bad(
+                    &key("name"),
+                    format!("the name {:?} is used by another budget", b.display_name()),
+                ));
+            }
+        }
+        if self.queue.max_depth == 0 {
+            return Err(bad(
+                "queue.max_depth",
+                "expected a number above zero".into(),
+            ));
+        }
+        crate::budget::estimate::Estimator::new(&self.estimate)
+            .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
         if self.server.max_body_size.as_u64() == 0 {
             return Err(bad(
                 "server.max_body_size",
@@ -346,6 +518,30 @@ mod tests {
         assert!(e.contains("server.max_body_size"), "{e}");
         let e = err("listen = \n");
         assert!(e.starts_with("x.toml: ") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn budgets_parse_and_impossible_ones_are_named() {
+        let c = Config::parse(
+            "[[budget]]\nmodels = [\"gpt-image-*\"]\nrpm = 50\nipm = 5\n[queue]\nmax_wait = \"30s\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        c.validate("x.toml").unwrap();
+        assert_eq!(c.budgets[0].burst, Duration::from_secs(1));
+        assert_eq!(c.budgets[0].display_name(), "gpt-image-*");
+        assert_eq!(c.queue.max_wait, Duration::from_secs(30));
+        let e = err("[[budget]]\nmodels = [\"x\"]\n");
+        assert!(e.contains("key `budget[0].rpm`: a budget needs"), "{e}");
+        let e = err("[[budget]]\nmodels = [\"x\"]\nrpm = 5\nburst = \"2m\"\n");
+        assert!(e.contains("budget[0].burst"), "{e}");
+        let e =
+            err("[[budget]]\nmodels = [\"x\"]\nrpm = 5\n[[budget]]\nmodels = [\"x\"]\nrpm = 5\n");
+        assert!(e.contains("budget[1].name"), "{e}");
+        let e = err("[[budget]]\nmodels = [\"x\"]\nrpm = -5\n");
+        assert!(e.contains("budget[0].rpm"), "{e}");
+        let e = err("[estimate.tokenizer]\n\"my-*\" = \"p50k\"\n");
+        assert!(e.contains("estimate.tokenizer"), "{e}");
     }
 
     #[test]

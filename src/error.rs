@@ -27,7 +27,12 @@ pub enum ProxyError {
     UpstreamConnection(String),
     #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
+    #[error(transparent)]
+    Refused(#[from] crate::budget::Refusal),
 }
+
+/// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
@@ -38,6 +43,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Refused(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -50,11 +56,14 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(_) => "penstock_upstream_unreachable",
             ProxyError::UpstreamConnection(_) => "penstock_upstream_connection_error",
             ProxyError::UpstreamTimeout(_) => "penstock_upstream_timeout",
+            ProxyError::Refused(r) => r.code(),
         }
     }
 
     fn kind(&self) -> &'static str {
-        if self.status().is_client_error() {
+        if let ProxyError::Refused(_) = self {
+            "rate_limit_error"
+        } else if self.status().is_client_error() {
             "invalid_request_error"
         } else {
             "penstock_error"
@@ -71,8 +80,9 @@ impl ProxyError {
     /// The response a client sees.
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
+        let message = self.to_string();
         let body = json!({"error": {
-            "message": self.to_string(),
+            "message": message,
             "type": self.kind(),
             "param": self.param(),
             "code": self.code(),
@@ -84,8 +94,19 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        // A client-side mistake will not get better by sending it again.
-        if status.is_client_error() {
+        if let ProxyError::Refused(r) = &self {
+            // Capacity returns at a known time: say when, within what SDKs obey.
+            let wait = r
+                .retry_after()
+                .clamp(Duration::from_millis(1), MAX_RETRY_AFTER);
+            h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+            h.insert(
+                "retry-after",
+                HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+            );
+            h.insert("x-should-retry", HeaderValue::from_static("true"));
+        } else if status.is_client_error() {
+            // A client-side mistake will not get better by sending it again.
             h.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         resp

@@ -4,6 +4,8 @@
 
 pub mod admin;
 pub mod body;
+pub mod budget;
+pub mod classify;
 pub mod config;
 pub mod error;
 pub mod request;

@@ -8,17 +8,22 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde::Deserialize;
+use serde_json::Value;
 use tower::{Service, ServiceExt};
 
 use crate::body::{Body, BoxError};
+use crate::budget::estimate::{self, Estimator, InputImage, MultipartSummary};
+use crate::budget::ledger::Cost;
+use crate::config::Config;
 use crate::error::ProxyError;
 
 /// The API operation a path names; Azure's `/openai/deployments/{d}/...` paths map
@@ -84,26 +89,25 @@ impl Route {
     }
 }
 
-/// Who a request belongs to, for fairness and cache separation; never the key
-/// itself, only a stable hash of it.
+/// Who a request belongs to, for fair queueing and cache separation: the client's
+/// API key (as a hash, never the key) or, in sidecar mode, its client id header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Tenant(pub String);
+pub struct Tenant(pub Arc<str>);
 
-impl Tenant {
-    fn from_headers(headers: &HeaderMap) -> Tenant {
-        let credential = headers
-            .get(header::AUTHORIZATION)
-            .or_else(|| headers.get("api-key"))
-            .map(HeaderValue::as_bytes);
-        match credential {
-            Some(c) => {
-                let hash = blake3::hash(c);
-                Tenant(format!("key:{}", &hash.to_hex()[..16]))
-            }
-            None => Tenant("anonymous".into()),
-        }
+/// A stable, non-reversible name for the credential a request carries.
+fn key_id(headers: &HeaderMap) -> Arc<str> {
+    let credential = headers
+        .get(header::AUTHORIZATION)
+        .or_else(|| headers.get("api-key"))
+        .map(HeaderValue::as_bytes);
+    match credential {
+        Some(c) => format!("key:{}", &blake3::hash(c).to_hex()[..16]).into(),
+        None => "anonymous".into(),
     }
 }
+
+/// The longest client id kept from the client id header.
+const MAX_CLIENT_ID: usize = 64;
 
 /// Everything later layers need to know about a request, parsed once.
 #[derive(Debug, Clone)]
@@ -116,16 +120,46 @@ pub struct RequestContext {
     /// The client asked for a streamed response.
     pub stream: bool,
     pub tenant: Tenant,
+    /// The upstream credential whose budget pays: a key hash, or "sidecar".
+    pub credential: Arc<str>,
+    /// Estimated cost, before the call.
+    pub cost: Cost,
+    /// The client's own limit on waiting for budget (`x-penstock-max-wait-ms`).
+    pub max_wait: Option<Duration>,
     pub received: Instant,
 }
 
-/// The fields of a request body penstock reads; all else is carried untouched.
-#[derive(Debug, Default, Deserialize)]
-struct BodyFields {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    stream: Option<bool>,
+/// A body as penstock understood it; dropped once the context is built.
+enum Parsed {
+    Json(Value),
+    Multipart(MultipartSummary),
+    None,
+}
+
+impl Parsed {
+    fn view(&self) -> estimate::Body<'_> {
+        match self {
+            Parsed::Json(v) => estimate::Body::Json(v),
+            Parsed::Multipart(m) => estimate::Body::Multipart(m),
+            Parsed::None => estimate::Body::None,
+        }
+    }
+
+    fn model(&self) -> Option<&str> {
+        match self {
+            Parsed::Json(v) => v.get("model").and_then(Value::as_str),
+            Parsed::Multipart(m) => m.fields.get("model").map(|s| s.trim()),
+            Parsed::None => None,
+        }
+    }
+
+    fn stream(&self) -> bool {
+        match self {
+            Parsed::Json(v) => v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            Parsed::Multipart(m) => m.fields.get("stream").is_some_and(|s| s.trim() == "true"),
+            Parsed::None => false,
+        }
+    }
 }
 
 fn content_type(headers: &HeaderMap) -> &str {
@@ -135,70 +169,119 @@ fn content_type(headers: &HeaderMap) -> &str {
         .unwrap_or("")
 }
 
-/// Reads the fields penstock needs. Malformed JSON, or malformed multipart on an
-/// image route, is refused here rather than spent upstream.
-async fn parse_fields(
-    route: Route,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<BodyFields, ProxyError> {
+/// Parses the body once. Malformed JSON, or malformed multipart on an image
+/// route, is refused here rather than spent upstream.
+async fn parse_body(route: Route, headers: &HeaderMap, body: &Bytes) -> Result<Parsed, ProxyError> {
     let ct = content_type(headers);
     let mime = ct.split(';').next().unwrap_or("").trim();
     if body.is_empty() {
-        return Ok(BodyFields::default());
+        return Ok(Parsed::None);
     }
     if mime.eq_ignore_ascii_case("application/json") {
-        return match serde_json::from_slice::<BodyFields>(body) {
-            Ok(f) => Ok(f),
-            // Valid JSON of an unexpected shape is the upstream's to judge.
-            Err(e) if e.is_data() => Ok(BodyFields::default()),
-            Err(e) => Err(ProxyError::InvalidRequest {
+        return serde_json::from_slice::<Value>(body)
+            .map(Parsed::Json)
+            .map_err(|e| ProxyError::InvalidRequest {
                 message: format!("the request body is not valid JSON: {e}"),
                 code: "penstock_invalid_json",
                 param: None,
-            }),
-        };
+            });
     }
     if mime.eq_ignore_ascii_case("multipart/form-data") && route.is_image() {
-        return multipart_fields(ct, body)
+        return multipart_summary(ct, body)
             .await
+            .map(Parsed::Multipart)
             .map_err(|e| ProxyError::InvalidRequest {
                 message: format!("the request body is not valid multipart/form-data: {e}"),
                 code: "penstock_invalid_multipart",
                 param: None,
             });
     }
-    Ok(BodyFields::default())
+    Ok(Parsed::None)
 }
 
-async fn multipart_fields(content_type: &str, body: &Bytes) -> Result<BodyFields, multer::Error> {
+/// Text fields and image sizes of a multipart body. Walking every part also
+/// checks the framing.
+async fn multipart_summary(
+    content_type: &str,
+    body: &Bytes,
+) -> Result<MultipartSummary, multer::Error> {
     let boundary = multer::parse_boundary(content_type)?;
     let chunk = body.clone();
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(chunk) });
     let mut multipart = multer::Multipart::new(stream, boundary);
-    let mut fields = BodyFields::default();
+    let mut summary = MultipartSummary::default();
     while let Some(field) = multipart.next_field().await? {
-        match field.name() {
-            Some("model") => fields.model = Some(field.text().await?),
-            Some("stream") => fields.stream = Some(field.text().await?.trim() == "true"),
-            // Files and other fields are walked over (which checks the framing).
-            _ => {
-                field.bytes().await?;
+        let name = field.name().unwrap_or("").to_string();
+        if field.file_name().is_some() || name.starts_with("image") || name == "mask" {
+            let bytes = field.bytes().await?;
+            if name == "image" || name == "image[]" {
+                let size = imagesize::blob_size(&bytes)
+                    .ok()
+                    .map(|s| (s.width as u32, s.height as u32));
+                summary.images.push(InputImage { size });
             }
+        } else {
+            summary.fields.insert(name, field.text().await?);
         }
     }
-    Ok(fields)
+    Ok(summary)
+}
+
+/// What the edge needs to know to build a request's context.
+pub struct EdgeConfig {
+    pub max_body: u64,
+    /// Sidecar mode: one upstream credential; clients are told apart by header.
+    pub sidecar: bool,
+    pub client_id_header: HeaderName,
+    pub estimator: Estimator,
+}
+
+impl EdgeConfig {
+    pub fn new(config: &Config) -> EdgeConfig {
+        EdgeConfig {
+            max_body: config.server.max_body_size.as_u64(),
+            sidecar: config.upstream.api_key_env.is_some(),
+            client_id_header: HeaderName::try_from(config.server.client_id_header.as_str())
+                .unwrap_or_else(|_| HeaderName::from_static("x-penstock-client")),
+            // Validated with the config; an invalid table cannot get here.
+            estimator: Estimator::new(&config.estimate).unwrap_or_else(|_| {
+                Estimator::new(&crate::config::EstimateConfig::default())
+                    .expect("default estimator")
+            }),
+        }
+    }
+
+    /// Who the request belongs to, and whose budget pays for it.
+    fn identify(&self, headers: &HeaderMap) -> (Tenant, Arc<str>) {
+        if self.sidecar {
+            let client = headers
+                .get(&self.client_id_header)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty());
+            let tenant = match client {
+                Some(c) => format!("client:{}", &c[..c.floor_char_boundary(MAX_CLIENT_ID)]).into(),
+                None => "anonymous".into(),
+            };
+            (Tenant(tenant), "sidecar".into())
+        } else {
+            let key = key_id(headers);
+            (Tenant(key.clone()), key)
+        }
+    }
 }
 
 /// Builds the [`Edge`] service around the rest of the stack.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Layer {
-    max_body: u64,
+    config: Arc<EdgeConfig>,
 }
 
 impl Layer {
-    pub fn new(max_body: u64) -> Layer {
-        Layer { max_body }
+    pub fn new(config: EdgeConfig) -> Layer {
+        Layer {
+            config: Arc::new(config),
+        }
     }
 }
 
@@ -207,15 +290,15 @@ impl<S> tower::Layer<S> for Layer {
     fn layer(&self, inner: S) -> Edge<S> {
         Edge {
             inner,
-            max_body: self.max_body,
+            config: self.config.clone(),
         }
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Edge<S> {
     inner: S,
-    max_body: u64,
+    config: Arc<EdgeConfig>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -258,14 +341,14 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
-        let max_body = self.max_body;
+        let config = self.config.clone();
         Box::pin(async move {
             let received = Instant::now();
             let id = next_request_id();
             let method = req.method().clone();
             let path = req.uri().path().to_string();
             let route = Route::from_path(&path);
-            let (ctx, result) = match buffer(req, max_body, route, id.clone(), received).await {
+            let (ctx, result) = match buffer(req, &config, route, id.clone(), received).await {
                 Ok(req) => {
                     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
                     (ctx, inner.oneshot(req).await)
@@ -285,7 +368,7 @@ where
 /// Buffers the body within the limit and attaches the context.
 async fn buffer<B>(
     req: Request<B>,
-    max_body: u64,
+    config: &EdgeConfig,
     route: Route,
     id: String,
     received: Instant,
@@ -299,6 +382,7 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let max_body = config.max_body;
     if declared.is_some_and(|n| n > max_body) {
         return Err(ProxyError::BodyTooLarge { limit: max_body });
     }
@@ -311,21 +395,57 @@ where
         }
         Err(e) => return Err(ProxyError::BodyRead(e.to_string())),
     };
-    let fields = if parts.method == Method::GET || parts.method == Method::HEAD {
-        BodyFields::default()
+    let parsed = if parts.method == Method::GET || parts.method == Method::HEAD {
+        Parsed::None
     } else {
-        parse_fields(route, &parts.headers, &bytes).await?
+        parse_body(route, &parts.headers, &bytes).await?
     };
+    // Azure names the deployment in the path rather than the model in the body.
+    let model = parsed
+        .model()
+        .map(str::to_string)
+        .or_else(|| azure_deployment(parts.uri.path()));
+    let cost = config
+        .estimator
+        .estimate(route, model.as_deref(), parsed.view());
+    let (tenant, credential) = config.identify(&parts.headers);
     let ctx = RequestContext {
         id,
         route,
-        model: fields.model,
-        stream: fields.stream.unwrap_or(false),
-        tenant: Tenant::from_headers(&parts.headers),
+        stream: parsed.stream(),
+        model,
+        tenant,
+        credential,
+        cost,
+        max_wait: client_max_wait(&parts.headers),
         received,
     };
     parts.extensions.insert(Arc::new(ctx));
     Ok(Request::from_parts(parts, bytes))
+}
+
+fn azure_deployment(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    let name = rest.split('/').next()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// The client's own bound on waiting: `x-penstock-max-wait-ms`, or the SDK's
+/// whole-request timeout (`x-stainless-timeout`, seconds), whichever is shorter.
+fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
+    let num = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    let ms = num("x-penstock-max-wait-ms").map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    let sdk = num("x-stainless-timeout").map(Duration::from_secs_f64);
+    match (ms, sdk) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 fn log_line(
@@ -381,60 +501,97 @@ mod tests {
     }
 
     #[test]
-    fn tenant_is_a_hash_never_the_key() {
+    fn tenants_are_key_hashes_or_client_ids_never_keys() {
+        let mut config = EdgeConfig::new(&Config::default());
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer sk-secret"),
         );
-        let t = Tenant::from_headers(&h);
+        h.insert("x-penstock-client", HeaderValue::from_static("web"));
+        let (t, cred) = config.identify(&h);
         assert!(t.0.starts_with("key:") && !t.0.contains("secret"));
-        assert_eq!(t, Tenant::from_headers(&h));
-        assert_eq!(Tenant::from_headers(&HeaderMap::new()).0, "anonymous");
+        assert_eq!(t.0, cred, "pass-through: the key is both tenant and pool");
+        assert_eq!(config.identify(&HeaderMap::new()).0.0.as_ref(), "anonymous");
+        config.sidecar = true;
+        let (t, cred) = config.identify(&h);
+        assert_eq!((t.0.as_ref(), cred.as_ref()), ("client:web", "sidecar"));
+    }
+
+    #[test]
+    fn client_deadlines_take_the_shorter() {
+        let mut h = HeaderMap::new();
+        assert_eq!(client_max_wait(&h), None);
+        h.insert("x-stainless-timeout", HeaderValue::from_static("600"));
+        assert_eq!(client_max_wait(&h), Some(Duration::from_secs(600)));
+        h.insert("x-penstock-max-wait-ms", HeaderValue::from_static("1500"));
+        assert_eq!(client_max_wait(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            azure_deployment("/openai/deployments/img/images/generations").as_deref(),
+            Some("img")
+        );
     }
 
     #[tokio::test]
-    async fn json_fields_are_read_and_bad_json_refused() {
+    async fn json_is_parsed_once_and_bad_json_refused() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         let body = Bytes::from_static(br#"{"prompt":"x","stream":true,"model":"gpt-image-1"}"#);
-        let f = parse_fields(Route::ImagesGenerations, &h, &body)
+        let p = parse_body(Route::ImagesGenerations, &h, &body)
             .await
             .unwrap();
-        assert_eq!(f.model.as_deref(), Some("gpt-image-1"));
-        assert_eq!(f.stream, Some(true));
+        assert_eq!(p.model(), Some("gpt-image-1"));
+        assert!(p.stream());
         // Valid JSON of another shape passes on.
-        let f = parse_fields(Route::Other, &h, &Bytes::from_static(b"[1,2]"))
+        let p = parse_body(Route::Other, &h, &Bytes::from_static(b"[1,2]"))
             .await
             .unwrap();
-        assert!(f.model.is_none());
-        let e = parse_fields(Route::Other, &h, &Bytes::from_static(b"{\"model\":"))
+        assert!(p.model().is_none());
+        let e = parse_body(Route::Other, &h, &Bytes::from_static(b"{\"model\":"))
             .await
-            .unwrap_err();
+            .err()
+            .unwrap();
         assert_eq!(e.code(), "penstock_invalid_json");
     }
 
     #[tokio::test]
-    async fn multipart_fields_are_read_and_broken_framing_refused() {
+    async fn multipart_fields_and_image_sizes_are_read_and_broken_framing_refused() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("multipart/form-data; boundary=XyZ"),
         );
-        let body = Bytes::from_static(
-            b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n\x89PNG\r\n--XyZ--\r\n",
+        // A PNG header declaring 640x480.
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        png.extend_from_slice(&640u32.to_be_bytes());
+        png.extend_from_slice(&480u32.to_be_bytes());
+        png.extend_from_slice(&[8, 6, 0, 0, 0]);
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
+        body.extend_from_slice(&png);
+        body.extend_from_slice(b"\r\n--XyZ--\r\n");
+        let p = parse_body(Route::ImagesEdits, &h, &Bytes::from(body))
+            .await
+            .unwrap();
+        assert_eq!(p.model(), Some("gpt-image-1"));
+        let Parsed::Multipart(m) = p else {
+            panic!("multipart")
+        };
+        assert_eq!(
+            m.images,
+            vec![InputImage {
+                size: Some((640, 480))
+            }]
         );
-        let f = parse_fields(Route::ImagesEdits, &h, &body).await.unwrap();
-        assert_eq!(f.model.as_deref(), Some("gpt-image-1"));
         let broken = Bytes::from_static(
             b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt",
         );
-        let e = parse_fields(Route::ImagesEdits, &h, &broken)
+        let e = parse_body(Route::ImagesEdits, &h, &broken)
             .await
-            .unwrap_err();
+            .err()
+            .unwrap();
         assert_eq!(e.code(), "penstock_invalid_multipart");
     }
 }

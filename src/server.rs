@@ -56,7 +56,7 @@ pub async fn start(
     config: &Config,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Running, StartError> {
-    let stack = crate::stack::build::<Incoming>(config, env)?;
+    let (stack, shared) = crate::stack::build::<Incoming>(config, env)?;
     let bind = |addr: SocketAddr, what: &'static str| async move {
         TcpListener::bind(addr)
             .await
@@ -69,7 +69,7 @@ pub async fn start(
         .local_addr()
         .expect("bound socket has an address");
 
-    let state = Arc::new(admin::State::default());
+    let state = Arc::new(admin::State::new(config, shared));
     let (stop, stopped) = watch::channel(false);
     let grace = config.server.shutdown_grace;
 

@@ -1,28 +1,39 @@
 //! The one place the layer order lives. Reading [`build`] top to bottom is reading
 //! a request's path through penstock.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{Request, Response};
 use tower::ServiceBuilder;
 
 use crate::body::{Body, BoxError};
+use crate::budget;
 use crate::config::Config;
 use crate::request;
 use crate::upstream::{self, Upstream};
+
+/// State the stack shares with the admin endpoints.
+pub struct Shared {
+    pub budgets: Arc<budget::Registry>,
+}
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
 pub fn build<B>(
     config: &Config,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<
-    impl tower::Service<
-        Request<B>,
-        Response = Response<Body>,
-        Error = std::convert::Infallible,
-        Future: Send,
-    > + Clone
-    + Send
-    + 'static,
+    (
+        impl tower::Service<
+            Request<B>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static,
+        Shared,
+    ),
     upstream::BuildError,
 >
 where
@@ -30,10 +41,20 @@ where
     B::Error: Into<BoxError>,
 {
     let upstream = Upstream::new(&config.upstream, env)?;
-    Ok(ServiceBuilder::new()
-        // Edge: body limit and one buffered copy, the parsed context, errors turned
-        // into OpenAI-shaped responses, and the log line; outermost so it sees all.
-        .layer(request::Layer::new(config.server.max_body_size.as_u64()))
+    let budgets = Arc::new(budget::Registry::new(config));
+    let edge = request::EdgeConfig::new(config);
+    if !config.budgets.is_empty() {
+        // Token estimates need the tokenizers: load them before the first request.
+        edge.estimator.warm();
+    }
+    let stack = ServiceBuilder::new()
+        // Edge: body limit and one buffered copy, the parsed context with its cost
+        // estimate, errors turned into OpenAI-shaped responses, and the log line;
+        // outermost so it sees everything.
+        .layer(request::Layer::new(edge))
+        // Admission: each attempt waits here, fairly, until its pool can pay.
+        .layer(budget::Layer::new(budgets.clone()))
         // One attempt upstream, bounded by the per-attempt timeout.
-        .service(upstream))
+        .service(upstream);
+    Ok((stack, Shared { budgets }))
 }

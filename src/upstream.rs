@@ -2,24 +2,24 @@
 //! HTTP/2 by ALPN), the URL rewrite, hop-by-hop header removal, sidecar credentials
 //! and the per-attempt timeout. Response bodies are handed on as they stream in.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture, connect::HttpConnector};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::body::Body;
+use crate::body::{Body, full};
+use crate::classify::classify;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 
@@ -263,65 +263,60 @@ impl Upstream {
     }
 }
 
+/// Error bodies are small JSON; they are read whole so they can be classified
+/// once. Anything larger is cut here (and still forwarded whole up to this size).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 impl tower::Service<Request<Bytes>> for Upstream {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = AttemptFuture;
+    // Boxed once per attempt: an attempt is a network round trip, and the error
+    // path reads the body before answering.
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         // The pooled client has no readiness of its own: connections are made per call.
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> AttemptFuture {
-        match self.upstream_request(req) {
-            Ok(req) => AttemptFuture::Sent {
-                call: Box::pin(tokio::time::timeout(
-                    self.attempt_timeout,
-                    self.client.request(req),
-                )),
-                timeout: self.attempt_timeout,
-            },
-            Err(e) => AttemptFuture::Failed(Some(e)),
-        }
-    }
-}
-
-/// One attempt in flight, or an error found before sending.
-pub enum AttemptFuture {
-    Sent {
-        // Boxed once per attempt: hyper's future plus the timer is large, and an
-        // attempt costs a connection round trip anyway.
-        call: Pin<Box<tokio::time::Timeout<ResponseFuture>>>,
-        timeout: Duration,
-    },
-    Failed(Option<ProxyError>),
-}
-
-impl Future for AttemptFuture {
-    type Output = Result<Response<Body>, ProxyError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            AttemptFuture::Failed(e) => Poll::Ready(Err(e.take().expect("polled after ready"))),
-            AttemptFuture::Sent { call, timeout } => {
-                Poll::Ready(match ready!(call.as_mut().poll(cx)) {
-                    Err(_) => Err(ProxyError::UpstreamTimeout(*timeout)),
-                    Ok(Err(e)) if e.is_connect() => {
-                        Err(ProxyError::UpstreamUnreachable(error_chain(&e)))
-                    }
-                    Ok(Err(e)) => Err(ProxyError::UpstreamConnection(error_chain(&e))),
-                    Ok(Ok(resp)) => {
-                        let (mut parts, body) = resp.into_parts();
-                        strip_hop_by_hop(&mut parts.headers);
-                        Ok(Response::from_parts(
-                            parts,
-                            body.map_err(Into::into).boxed(),
-                        ))
-                    }
-                })
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let req = self.upstream_request(req);
+        let client = self.client.clone();
+        let timeout = self.attempt_timeout;
+        Box::pin(async move {
+            let resp = match tokio::time::timeout(timeout, client.request(req?)).await {
+                Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+                Ok(Err(e)) if e.is_connect() => {
+                    return Err(ProxyError::UpstreamUnreachable(error_chain(&e)));
+                }
+                Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(error_chain(&e))),
+                Ok(Ok(resp)) => resp,
+            };
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            if parts.status.is_success() || parts.status.is_informational() {
+                parts
+                    .extensions
+                    .insert(classify(parts.status, &parts.headers, b""));
+                return Ok(Response::from_parts(
+                    parts,
+                    body.map_err(Into::into).boxed(),
+                ));
             }
-        }
+            let bytes =
+                match tokio::time::timeout(timeout, Limited::new(body, MAX_ERROR_BODY).collect())
+                    .await
+                {
+                    Ok(Ok(b)) => b.to_bytes(),
+                    Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(e.to_string())),
+                    Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+                };
+            parts
+                .extensions
+                .insert(classify(parts.status, &parts.headers, &bytes));
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Ok(Response::from_parts(parts, full(bytes)))
+        })
     }
 }
 

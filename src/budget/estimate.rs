@@ -1,0 +1,559 @@
+//! What a request will cost before it is sent: requests, tokens (prompt by
+//! tiktoken plus the most the answer may take) and images. Where the request leaves
+//! something open (`auto` size or quality, no `max_tokens`, an unknown model) the
+//! estimate takes the expensive side; the response's `usage` settles it afterwards.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+use tiktoken_rs::CoreBPE;
+use wildmatch::WildMatch;
+
+use super::ledger::Cost;
+use crate::config::EstimateConfig;
+use crate::request::Route;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    O200k,
+    Cl100k,
+}
+
+impl Encoding {
+    fn parse(s: &str) -> Option<Encoding> {
+        match s {
+            "o200k_base" => Some(Encoding::O200k),
+            "cl100k_base" => Some(Encoding::Cl100k),
+            _ => None,
+        }
+    }
+
+    fn bpe(self) -> &'static CoreBPE {
+        match self {
+            Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
+            Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
+        }
+    }
+
+    /// The encoding OpenAI uses for a model; unknown models get o200k_base.
+    fn for_model(model: &str) -> Encoding {
+        let cl100k = ["gpt-4-", "gpt-3.5", "text-embedding-", "davinci", "babbage"];
+        if model == "gpt-4"
+            || cl100k.iter().any(|p| model.starts_with(p)) && !model.starts_with("gpt-4o")
+        {
+            Encoding::Cl100k
+        } else {
+            Encoding::O200k
+        }
+    }
+}
+
+/// quality -> size -> output tokens per image.
+type ImageTable = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// gpt-image-1, -1-mini and -1.5 output tokens per image (see the OpenAI contract).
+fn builtin_image_table() -> ImageTable {
+    let row = |a, b, c| {
+        BTreeMap::from([
+            ("1024x1024".to_string(), a),
+            ("1024x1536".to_string(), b),
+            ("1536x1024".to_string(), c),
+        ])
+    };
+    BTreeMap::from([
+        ("low".to_string(), row(272, 408, 400)),
+        ("medium".to_string(), row(1056, 1584, 1568)),
+        ("high".to_string(), row(4160, 6240, 6208)),
+    ])
+}
+
+/// Tokens each partial image adds.
+const PARTIAL_IMAGE_TOKENS: u64 = 100;
+/// An image part of a chat message whose size is unknown (a high-detail 1024 square).
+const CHAT_IMAGE_TOKENS: u64 = 765;
+/// Output tokens of a legacy completion without `max_tokens` (the API's default).
+const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
+
+/// An image given to an edit: its pixel size when penstock could read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputImage {
+    pub size: Option<(u32, u32)>,
+}
+
+/// The parts of a multipart body that pricing needs: text fields and the images.
+#[derive(Debug, Default, Clone)]
+pub struct MultipartSummary {
+    pub fields: HashMap<String, String>,
+    pub images: Vec<InputImage>,
+}
+
+/// A parsed body, as the estimator sees it.
+pub enum Body<'a> {
+    Json(&'a Value),
+    Multipart(&'a MultipartSummary),
+    None,
+}
+
+#[derive(Debug)]
+pub struct Estimator {
+    default_max_output_tokens: u64,
+    tokenizers: Vec<(WildMatch, Encoding)>,
+    image_tables: Vec<(WildMatch, ImageTable)>,
+    builtin_images: ImageTable,
+}
+
+impl Estimator {
+    /// Errors name the offending key below `estimate.` and what was expected.
+    pub fn new(config: &EstimateConfig) -> Result<Estimator, (String, String)> {
+        let mut tokenizers = Vec::new();
+        for (glob, enc) in &config.tokenizer {
+            let e = Encoding::parse(enc).ok_or_else(|| {
+                (
+                    format!("tokenizer.{glob:?}"),
+                    format!(
+                        "{enc:?} is not a tokenizer; expected \"o200k_base\" or \"cl100k_base\""
+                    ),
+                )
+            })?;
+            tokenizers.push((WildMatch::new(glob), e));
+        }
+        let mut image_tables = Vec::new();
+        for (glob, table) in &config.image_output_tokens {
+            for (quality, sizes) in table {
+                for size in sizes.keys() {
+                    if parse_size(size).is_none() {
+                        return Err((
+                            format!("image_output_tokens.{glob:?}.{quality}.{size:?}"),
+                            "expected a size like \"1024x1024\"".into(),
+                        ));
+                    }
+                }
+            }
+            image_tables.push((WildMatch::new(glob), table.clone()));
+        }
+        Ok(Estimator {
+            default_max_output_tokens: config.default_max_output_tokens,
+            tokenizers,
+            image_tables,
+            builtin_images: builtin_image_table(),
+        })
+    }
+
+    /// Loads the tokenizers now, so the first request does not pay for it.
+    pub fn warm(&self) {
+        Encoding::O200k.bpe();
+        Encoding::Cl100k.bpe();
+    }
+
+    fn encoding(&self, model: &str) -> Encoding {
+        self.tokenizers
+            .iter()
+            .find(|(g, _)| g.matches(model))
+            .map(|(_, e)| *e)
+            .unwrap_or_else(|| Encoding::for_model(model))
+    }
+
+    pub fn count_tokens(&self, model: &str, text: &str) -> u64 {
+        if text.is_empty() {
+            return 0;
+        }
+        self.encoding(model).bpe().encode_ordinary(text).len() as u64
+    }
+
+    pub fn estimate(&self, route: Route, model: Option<&str>, body: Body<'_>) -> Cost {
+        let model = model.unwrap_or("");
+        let mut cost = Cost {
+            requests: 1,
+            tokens: 0,
+            images: 0,
+        };
+        match (route, body) {
+            (r, Body::Json(v)) if r.is_image() => {
+                self.image_cost(model, &ImageParams::from_json(v), &mut cost)
+            }
+            (r, Body::Multipart(m)) if r.is_image() => {
+                self.image_cost(model, &ImageParams::from_multipart(m), &mut cost)
+            }
+            (Route::ChatCompletions, Body::Json(v)) => {
+                let mut tokens = 2;
+                for m in v
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    tokens += 4 + self.content_tokens(model, m.get("content"));
+                }
+                if let Some(tools) = v.get("tools").or(v.get("functions")) {
+                    tokens += self.count_tokens(model, &tools.to_string());
+                }
+                let max = uint(v, "max_completion_tokens")
+                    .or(uint(v, "max_tokens"))
+                    .unwrap_or(self.default_max_output_tokens);
+                cost.tokens = tokens + uint(v, "n").unwrap_or(1).max(1) * max;
+            }
+            (Route::Completions, Body::Json(v)) => {
+                let prompt = self.strings_tokens(model, v.get("prompt"));
+                let max = uint(v, "max_tokens").unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
+                cost.tokens = prompt + uint(v, "n").unwrap_or(1).max(1) * max;
+            }
+            (Route::Responses, Body::Json(v)) => {
+                let input = self.strings_tokens(model, v.get("input"))
+                    + self.strings_tokens(model, v.get("instructions"));
+                let max = uint(v, "max_output_tokens").unwrap_or(self.default_max_output_tokens);
+                cost.tokens = input + max;
+            }
+            (Route::Embeddings, Body::Json(v)) => {
+                cost.tokens = self.strings_tokens(model, v.get("input"));
+            }
+            (_, Body::Json(v)) => {
+                // An operation penstock has no rule for: every string it carries,
+                // plus the default answer size.
+                cost.tokens = self.strings_tokens(model, Some(v)) + self.default_max_output_tokens;
+            }
+            _ => {}
+        }
+        cost
+    }
+
+    /// Tokens of a chat message's `content`: a string, or parts of text and images.
+    fn content_tokens(&self, model: &str, content: Option<&Value>) -> u64 {
+        match content {
+            Some(Value::String(s)) => self.count_tokens(model, s),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(|p| match p.get("type").and_then(Value::as_str) {
+                    Some("text") => self
+                        .count_tokens(model, p.get("text").and_then(Value::as_str).unwrap_or("")),
+                    Some("image_url" | "input_image") => CHAT_IMAGE_TOKENS,
+                    _ => self.strings_tokens(model, Some(p)),
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    /// Tokens of every string inside a value (prompts given as strings, arrays of
+    /// strings, token arrays or nested input items).
+    fn strings_tokens(&self, model: &str, v: Option<&Value>) -> u64 {
+        match v {
+            Some(Value::String(s)) => self.count_tokens(model, s),
+            Some(Value::Number(_)) => 1,
+            Some(Value::Array(a)) => a.iter().map(|x| self.strings_tokens(model, Some(x))).sum(),
+            Some(Value::Object(o)) => o
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "type" | "role" | "model" | "id"))
+                .map(|(_, x)| self.strings_tokens(model, Some(x)))
+                .sum(),
+            _ => 0,
+        }
+    }
+
+    fn image_cost(&self, model: &str, p: &ImageParams, cost: &mut Cost) {
+        let table = self
+            .image_tables
+            .iter()
+            .find(|(g, _)| g.matches(model))
+            .map_or(&self.builtin_images, |(_, t)| t);
+        let per_image = image_output_tokens(table, p.quality.as_deref(), p.size.as_deref());
+        let partials = if p.stream {
+            p.partial_images * PARTIAL_IMAGE_TOKENS
+        } else {
+            0
+        };
+        let inputs: u64 = p
+            .images
+            .iter()
+            .map(|i| input_image_tokens(*i, p.high_fidelity))
+            .sum();
+        cost.images = p.n;
+        cost.tokens = self.count_tokens(model, &p.prompt) + inputs + p.n * (per_image + partials);
+    }
+}
+
+fn uint(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+fn parse_size(s: &str) -> Option<(u64, u64)> {
+    let (w, h) = s.split_once('x')?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
+}
+
+/// Output tokens of one image. An open or unknown quality takes the dearest row;
+/// an open size the dearest column; a size not in the table scales the row's
+/// smallest entry by pixel area.
+fn image_output_tokens(table: &ImageTable, quality: Option<&str>, size: Option<&str>) -> u64 {
+    let quality = match quality {
+        Some("standard") => Some("medium"),
+        Some("hd") => Some("high"),
+        q => q,
+    };
+    let dearest_row = || {
+        table
+            .values()
+            .max_by_key(|row| row.values().max().copied().unwrap_or(0))
+    };
+    let Some(row) = quality.and_then(|q| table.get(q)).or_else(dearest_row) else {
+        return 0;
+    };
+    let dearest = row.values().max().copied().unwrap_or(0);
+    match size.filter(|s| *s != "auto") {
+        Some(s) => match (row.get(s), parse_size(s)) {
+            (Some(t), _) => *t,
+            (None, Some((w, h))) => {
+                let (base_px, base_tokens) = row
+                    .iter()
+                    .filter_map(|(k, t)| parse_size(k).map(|(bw, bh)| (bw * bh, *t)))
+                    .min_by_key(|(px, _)| *px)
+                    .unwrap_or((1024 * 1024, dearest));
+                (base_tokens * w * h)
+                    .div_ceil(base_px.max(1))
+                    .max(base_tokens)
+            }
+            (None, None) => dearest,
+        },
+        None => dearest,
+    }
+}
+
+/// Input tokens of an edit's image: 65 + 129 per 512-px tile once its short side is
+/// scaled to 512; high fidelity adds 4160 (square) or 6240. An image whose size
+/// could not be read is priced as a long 1:2 one.
+fn input_image_tokens(image: InputImage, high_fidelity: bool) -> u64 {
+    let (w, h) = image
+        .size
+        .map_or((512.0, 1024.0), |(w, h)| (w.max(1) as f64, h.max(1) as f64));
+    let scale = 512.0 / w.min(h);
+    let tiles = ((w * scale) / 512.0).ceil() as u64 * ((h * scale) / 512.0).ceil() as u64;
+    let base = 65 + 129 * tiles;
+    let fidelity = match (high_fidelity, (w - h).abs() < 1.0) {
+        (false, _) => 0,
+        (true, true) => 4160,
+        (true, false) => 6240,
+    };
+    base + fidelity
+}
+
+/// The fields of an image request that set its price, from JSON or multipart.
+struct ImageParams {
+    prompt: String,
+    n: u64,
+    size: Option<String>,
+    quality: Option<String>,
+    stream: bool,
+    partial_images: u64,
+    high_fidelity: bool,
+    images: Vec<InputImage>,
+}
+
+impl ImageParams {
+    fn from_json(v: &Value) -> ImageParams {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let images = match v.get("images") {
+            Some(Value::Array(a)) => a.iter().map(|_| InputImage { size: None }).collect(),
+            Some(_) => vec![InputImage { size: None }],
+            None => Vec::new(),
+        };
+        ImageParams {
+            prompt: s("prompt").unwrap_or_default(),
+            n: uint(v, "n").unwrap_or(1).clamp(1, 10),
+            size: s("size"),
+            quality: s("quality"),
+            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            partial_images: uint(v, "partial_images").unwrap_or(0),
+            high_fidelity: s("input_fidelity").as_deref() == Some("high"),
+            images,
+        }
+    }
+
+    fn from_multipart(m: &MultipartSummary) -> ImageParams {
+        let f = |k: &str| m.fields.get(k).map(|s| s.trim().to_string());
+        let num = |k: &str| f(k).and_then(|s| s.parse::<u64>().ok());
+        ImageParams {
+            prompt: f("prompt").unwrap_or_default(),
+            n: num("n").unwrap_or(1).clamp(1, 10),
+            size: f("size"),
+            quality: f("quality"),
+            stream: f("stream").as_deref() == Some("true"),
+            partial_images: num("partial_images").unwrap_or(0),
+            high_fidelity: f("input_fidelity").as_deref() == Some("high"),
+            images: m.images.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn est() -> Estimator {
+        Estimator::new(&EstimateConfig {
+            default_max_output_tokens: 4096,
+            ..EstimateConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn image(v: Value) -> Cost {
+        est().estimate(
+            Route::ImagesGenerations,
+            v["model"].as_str(),
+            Body::Json(&v),
+        )
+    }
+
+    #[test]
+    fn image_generations_follow_the_output_table() {
+        let c = image(
+            json!({"model": "gpt-image-1", "prompt": "a red fox", "quality": "high", "size": "1024x1536", "n": 2}),
+        );
+        assert_eq!(c.images, 2);
+        assert_eq!(c.requests, 1);
+        assert_eq!(c.tokens, 3 + 2 * 6240, "prompt tokens plus the table");
+        let c = image(
+            json!({"model": "gpt-image-1", "prompt": "", "quality": "low", "size": "1024x1024"}),
+        );
+        assert_eq!(c.tokens, 272);
+        // Open quality and size take the dearest entry.
+        let c =
+            image(json!({"model": "gpt-image-1", "prompt": "", "quality": "auto", "size": "auto"}));
+        assert_eq!(c.tokens, 6240);
+        // Partial images add 100 each, when streamed.
+        let c = image(
+            json!({"model": "gpt-image-1", "prompt": "", "quality": "low", "size": "1024x1024", "stream": true, "partial_images": 3}),
+        );
+        assert_eq!(c.tokens, 572);
+        // A size beyond the table scales by area.
+        let c = image(
+            json!({"model": "gpt-image-2", "prompt": "", "quality": "medium", "size": "2048x2048"}),
+        );
+        assert_eq!(c.tokens, 4 * 1056);
+        // dall-e qualities map onto the table.
+        let c =
+            image(json!({"model": "dall-e-3", "prompt": "", "quality": "hd", "size": "1024x1024"}));
+        assert_eq!(c.tokens, 4160);
+    }
+
+    #[test]
+    fn config_tables_override_per_model() {
+        let mut config = EstimateConfig::default();
+        config.image_output_tokens.insert(
+            "gpt-image-2*".into(),
+            BTreeMap::from([("high".into(), BTreeMap::from([("1024x1024".into(), 9000)]))]),
+        );
+        let e = Estimator::new(&config).unwrap();
+        let v = json!({"prompt": "", "quality": "high", "size": "1024x1024"});
+        let c = e.estimate(
+            Route::ImagesGenerations,
+            Some("gpt-image-2"),
+            Body::Json(&v),
+        );
+        assert_eq!(c.tokens, 9000);
+        let c = e.estimate(
+            Route::ImagesGenerations,
+            Some("gpt-image-1"),
+            Body::Json(&v),
+        );
+        assert_eq!(c.tokens, 4160);
+        let mut bad = EstimateConfig::default();
+        bad.image_output_tokens.insert(
+            "m".into(),
+            BTreeMap::from([("high".into(), BTreeMap::from([("big".into(), 1)]))]),
+        );
+        assert!(
+            Estimator::new(&bad)
+                .unwrap_err()
+                .0
+                .contains("image_output_tokens")
+        );
+    }
+
+    #[test]
+    fn edits_price_their_input_images() {
+        // A 1024x1024 image: short side to 512 gives one tile.
+        assert_eq!(
+            input_image_tokens(
+                InputImage {
+                    size: Some((1024, 1024))
+                },
+                false
+            ),
+            194
+        );
+        // 1024x2048: 512x1024, two tiles.
+        assert_eq!(
+            input_image_tokens(
+                InputImage {
+                    size: Some((1024, 2048))
+                },
+                false
+            ),
+            323
+        );
+        assert_eq!(
+            input_image_tokens(
+                InputImage {
+                    size: Some((1024, 1024))
+                },
+                true
+            ),
+            194 + 4160
+        );
+        assert_eq!(input_image_tokens(InputImage { size: None }, false), 323);
+        let m = MultipartSummary {
+            fields: HashMap::from([
+                ("prompt".into(), "add a boat".into()),
+                ("quality".into(), "low".into()),
+                ("size".into(), "1024x1024".into()),
+            ]),
+            images: vec![
+                InputImage {
+                    size: Some((1024, 1024))
+                };
+                2
+            ],
+        };
+        let c = est().estimate(Route::ImagesEdits, Some("gpt-image-1"), Body::Multipart(&m));
+        assert_eq!(c.tokens, 3 + 2 * 194 + 272);
+        assert_eq!(c.images, 1);
+    }
+
+    #[test]
+    fn text_requests_count_prompt_and_the_most_the_answer_may_take() {
+        let e = est();
+        let v = json!({"model": "gpt-4o", "max_tokens": 100, "n": 2, "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hello there"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+        ]});
+        let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&v));
+        // 2 + (4 + 2) + (4 + 2 + 765) + 2 * 100
+        assert_eq!(c.tokens, 2 + 6 + 771 + 200);
+        let v = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+        let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&v));
+        assert_eq!(
+            c.tokens,
+            2 + 5 + 4096,
+            "no max_tokens: the configured default"
+        );
+        let v = json!({"model": "text-embedding-3-small", "input": ["hello world", "again"]});
+        let c = e.estimate(
+            Route::Embeddings,
+            Some("text-embedding-3-small"),
+            Body::Json(&v),
+        );
+        assert_eq!(c.tokens, 3);
+        assert_eq!(
+            Encoding::for_model("text-embedding-3-small"),
+            Encoding::Cl100k
+        );
+        assert_eq!(Encoding::for_model("gpt-4o-mini"), Encoding::O200k);
+        assert_eq!(Encoding::for_model("gpt-4-turbo"), Encoding::Cl100k);
+        assert_eq!(Encoding::for_model("some-new-model"), Encoding::O200k);
+        // An unknown operation still gets a conservative estimate.
+        let v = json!({"model": "new-thing", "question": "why"});
+        let c = e.estimate(Route::Other, Some("new-thing"), Body::Json(&v));
+        assert!(c.tokens >= 4096);
+    }
+}

@@ -1,0 +1,348 @@
+//! Admission against RPM/TPM/IPM budgets. Each attempt upstream waits here, in a
+//! fair queue, until its pool can pay its estimated cost, so penstock never sends
+//! a call the budget cannot pay for; the response's `usage` then settles the
+//! estimate, its `x-ratelimit-*` headers pull the pool down when someone else
+//! spends the same key, and an upstream rate-limit 429 pauses the whole pool.
+
+pub mod estimate;
+pub mod ledger;
+pub mod pool;
+pub mod queue;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tower::{Service, ServiceExt};
+use wildmatch::WildMatch;
+
+use crate::body::{Body, BoxError};
+use crate::classify::{Class, Classified, RateLimitHeaders};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::request::RequestContext;
+use ledger::{Cost, Limits};
+pub use pool::{Permit, Pool, PoolStatus, Refusal};
+
+/// A pause after an upstream rate limit that named no delay.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+
+struct Spec {
+    name: Arc<str>,
+    globs: Vec<WildMatch>,
+    limits: Limits,
+    max_in_flight: Option<usize>,
+}
+
+/// A pool's identity: which budget, and which upstream credential pays.
+type PoolKey = (usize, Arc<str>);
+
+/// All pools: one per (budget, upstream credential), made on first use.
+pub struct Registry {
+    specs: Vec<Spec>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    depth: Arc<AtomicUsize>,
+    max_depth: usize,
+    max_wait: Duration,
+}
+
+impl Registry {
+    pub fn new(config: &Config) -> Registry {
+        let specs = config
+            .budgets
+            .iter()
+            .map(|b| Spec {
+                name: b.display_name().into(),
+                globs: b.models.iter().map(|g| WildMatch::new(g)).collect(),
+                limits: Limits {
+                    per_minute: [b.rpm, b.tpm, b.ipm],
+                    burst: b.burst,
+                    margin: b.safety_margin,
+                },
+                max_in_flight: b.max_in_flight,
+            })
+            .collect();
+        Registry {
+            specs,
+            pools: Mutex::new(HashMap::new()),
+            depth: Arc::new(AtomicUsize::new(0)),
+            max_depth: config.queue.max_depth,
+            max_wait: config.queue.max_wait,
+        }
+    }
+
+    /// The pool that pays for `model` with `credential`, if a budget covers it.
+    pub fn pool(&self, model: &str, credential: &Arc<str>) -> Option<Arc<Pool>> {
+        let idx = self
+            .specs
+            .iter()
+            .position(|s| s.globs.iter().any(|g| g.matches(model)))?;
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
+            let spec = &self.specs[idx];
+            Pool::start(
+                spec.name.clone(),
+                credential.clone(),
+                spec.limits,
+                spec.max_in_flight,
+                self.depth.clone(),
+                self.max_depth,
+            )
+        });
+        Some(pool.clone())
+    }
+
+    pub fn status(&self) -> Vec<PoolStatus> {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<PoolStatus> = pools.iter().map(|p| p.status()).collect();
+        out.sort_by(|a, b| (&a.name, &a.credential).cmp(&(&b.name, &b.credential)));
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct Layer {
+    registry: Arc<Registry>,
+}
+
+impl Layer {
+    pub fn new(registry: Arc<Registry>) -> Layer {
+        Layer { registry }
+    }
+}
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = Budget<S>;
+    fn layer(&self, inner: S) -> Budget<S> {
+        Budget {
+            inner,
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Budget<S> {
+    inner: S,
+    registry: Arc<Registry>,
+}
+
+impl<S> Service<Request<Bytes>> for Budget<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    // Boxed: admission is a wait of its own before the inner call.
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        // Waiting happens inside the call, with a deadline, never here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let inner = self.inner.clone();
+        let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+        let pool = ctx.as_ref().and_then(|c| {
+            self.registry
+                .pool(c.model.as_deref()?, &c.credential)
+                .map(|p| (p, c.clone()))
+        });
+        let max_wait = self.registry.max_wait;
+        Box::pin(async move {
+            let Some((pool, ctx)) = pool else {
+                return inner.oneshot(req).await;
+            };
+            let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait));
+            let permit = pool
+                .acquire(&ctx.tenant.0, ctx.cost, max_wait)
+                .await
+                .map_err(ProxyError::Refused)?;
+            let mut resp = inner.oneshot(req).await?;
+            permit.observe(&RateLimitHeaders::parse(resp.headers()));
+            let classified = resp.extensions().get::<Classified>().copied();
+            let queued = HeaderValue::from(permit.queued.as_millis() as u64);
+            resp.headers_mut().insert("x-penstock-queue-ms", queued);
+            match classified.map(|c| c.class) {
+                Some(Class::Success) => Ok(resp.map(|body| Settle::wrap(body, permit))),
+                class => {
+                    if class == Some(Class::RateLimited) {
+                        let delay = classified
+                            .and_then(|c| c.retry_after)
+                            .unwrap_or(DEFAULT_PAUSE);
+                        pool.pause(tokio::time::Instant::now() + delay);
+                    }
+                    // A refused or failed call produced nothing: it counts as a
+                    // request (the upstream counts it too), not as tokens or images.
+                    permit.settle(&Cost {
+                        requests: permit.estimate().requests,
+                        ..Cost::default()
+                    });
+                    Ok(resp)
+                }
+            }
+        })
+    }
+}
+
+/// How much of a response's end is kept to find its `usage`: it closes a JSON
+/// body and rides on a stream's last event, after any image data.
+const TAIL: usize = 16 * 1024;
+
+pin_project_lite::pin_project! {
+    /// Passes a successful response through untouched, keeping only its last bytes;
+    /// at the end it settles the call's estimate with the `usage` found there, and
+    /// when dropped it ends the call's time in flight.
+    pub struct Settle {
+        #[pin]
+        inner: Body,
+        permit: Option<Permit>,
+        tail: Vec<u8>,
+    }
+}
+
+impl Settle {
+    fn wrap(inner: Body, permit: Permit) -> Body {
+        Settle {
+            inner,
+            permit: Some(permit),
+            tail: Vec::new(),
+        }
+        .boxed()
+    }
+}
+
+impl HttpBody for Settle {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    keep_tail(this.tail, data.chunk());
+                }
+            }
+            None => {
+                // The permit goes with the stream's end: the call is over.
+                let permit = this.permit.take();
+                if let (Some(permit), Some(tokens)) = (permit, usage_tokens(this.tail)) {
+                    let estimate = permit.estimate();
+                    permit.settle(&Cost { tokens, ..estimate });
+                }
+            }
+            Some(Err(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    if data.len() >= TAIL {
+        tail.clear();
+        tail.extend_from_slice(&data[data.len() - TAIL..]);
+    } else {
+        let excess = (tail.len() + data.len()).saturating_sub(TAIL);
+        tail.drain(..excess);
+        tail.extend_from_slice(data);
+    }
+}
+
+/// Total tokens of the last `"usage": {...}` object in `tail`, if any (a chat
+/// stream's earlier chunks carry `"usage": null`).
+fn usage_tokens(tail: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        total_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+    }
+    const KEY: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(pos) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = pos;
+        let rest = &tail[pos + KEY.len()..];
+        let Some(colon) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
+            continue;
+        };
+        if rest[colon] != b':' {
+            continue;
+        }
+        let mut it =
+            serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Option<Usage>>();
+        if let Some(Ok(Some(u))) = it.next() {
+            let total = u.total_tokens.or_else(|| {
+                let a = u.input_tokens.or(u.prompt_tokens)?;
+                Some(a + u.output_tokens.or(u.completion_tokens).unwrap_or(0))
+            });
+            if total.is_some() {
+                return total;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_found_at_the_end_of_json_and_streams() {
+        let json = br#"{"created":1,"data":[{"b64_json":"AAAA"}],"usage":{"input_tokens":10,"output_tokens":4160,"total_tokens":4170}}"#;
+        assert_eq!(usage_tokens(json), Some(4170));
+        let chat = b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5,\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
+        assert_eq!(usage_tokens(chat), Some(12));
+        let no_usage = b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n";
+        assert_eq!(usage_tokens(no_usage), None);
+        let parts = br#"{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}"#;
+        assert_eq!(usage_tokens(parts), Some(5));
+        // A cut stream: no usage, the estimate stands.
+        assert_eq!(usage_tokens(br#"{"usage":{"total_tok"#), None);
+    }
+
+    #[test]
+    fn the_tail_keeps_only_the_last_bytes() {
+        let mut tail = Vec::new();
+        keep_tail(&mut tail, &vec![b'a'; TAIL - 10]);
+        keep_tail(&mut tail, b"0123456789abcdef");
+        assert_eq!(tail.len(), TAIL);
+        assert!(tail.ends_with(b"0123456789abcdef"));
+        keep_tail(&mut tail, &vec![b'z'; TAIL * 2]);
+        assert_eq!(tail, vec![b'z'; TAIL]);
+    }
+}

@@ -1,0 +1,540 @@
+//! One pool of upstream capacity: its ledger, its fair queue and the task that
+//! admits queued requests as capacity returns. A request that fits and finds no
+//! one waiting is admitted in its own call; otherwise it waits inside its own
+//! future for a ticket, and leaving (a client that disconnects) takes it out of
+//! the queue, with nothing charged.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use super::ledger::{Cost, DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
+use super::queue::FairQueue;
+use crate::classify::RateLimitHeaders;
+
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("penstock's queue is full ({depth} requests are waiting for budget)")]
+    QueueFull { depth: usize, retry_after: Duration },
+    #[error(
+        "budget {pool:?} could take this request in about {}, longer than the {} it may wait",
+        humantime::format_duration(round_ms(*wait)),
+        humantime::format_duration(*max_wait)
+    )]
+    WaitTooLong {
+        pool: Arc<str>,
+        wait: Duration,
+        max_wait: Duration,
+    },
+    #[error(
+        "waited {} for budget {pool:?} without being admitted",
+        humantime::format_duration(*max_wait)
+    )]
+    TimedOut {
+        pool: Arc<str>,
+        max_wait: Duration,
+        retry_after: Duration,
+    },
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+impl Refusal {
+    /// When trying again has a chance.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Refusal::QueueFull { retry_after, .. } | Refusal::TimedOut { retry_after, .. } => {
+                *retry_after
+            }
+            Refusal::WaitTooLong { wait, max_wait, .. } => wait.saturating_sub(*max_wait),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::QueueFull { .. } => "penstock_queue_full",
+            Refusal::WaitTooLong { .. } => "penstock_wait_too_long",
+            Refusal::TimedOut { .. } => "penstock_queue_timeout",
+        }
+    }
+}
+
+struct State {
+    ledger: Ledger,
+    queue: FairQueue<oneshot::Sender<Ticket>>,
+    in_flight: usize,
+    next_id: u64,
+}
+
+pub struct Pool {
+    pub name: Arc<str>,
+    /// Which upstream credential this pool counts (a hash, never the key).
+    pub credential: Arc<str>,
+    max_in_flight: Option<usize>,
+    state: Mutex<State>,
+    wake: Notify,
+    /// Requests waiting across all pools, against `max_depth`.
+    depth: Arc<AtomicUsize>,
+    max_depth: usize,
+}
+
+/// `/status` view of a pool.
+#[derive(Debug, serde::Serialize)]
+pub struct PoolStatus {
+    pub name: Arc<str>,
+    pub credential: Arc<str>,
+    pub queue_depth: usize,
+    pub in_flight: usize,
+    pub paused_for_ms: u64,
+    pub remaining: std::collections::BTreeMap<&'static str, DimStatus>,
+}
+
+impl Pool {
+    /// Creates the pool and starts its admission task.
+    pub fn start(
+        name: Arc<str>,
+        credential: Arc<str>,
+        limits: Limits,
+        max_in_flight: Option<usize>,
+        depth: Arc<AtomicUsize>,
+        max_depth: usize,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            name,
+            credential,
+            max_in_flight,
+            state: Mutex::new(State {
+                ledger: Ledger::new(limits),
+                queue: FairQueue::default(),
+                in_flight: 0,
+                next_id: 0,
+            }),
+            wake: Notify::new(),
+            depth,
+            max_depth,
+        });
+        tokio::spawn(drive(pool.clone()));
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take admission down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn has_slot(&self, st: &State) -> bool {
+        self.max_in_flight.is_none_or(|m| st.in_flight < m)
+    }
+
+    /// Waits (fairly, up to `max_wait`) until `cost` fits, then charges it.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        client: &Arc<str>,
+        cost: Cost,
+        max_wait: Duration,
+    ) -> Result<Permit, Refusal> {
+        let start = Instant::now();
+        let (id, rx) = {
+            let mut st = self.lock();
+            if st.queue.is_empty()
+                && self.has_slot(&st)
+                && st.ledger.ready_at(start, &cost) <= start
+            {
+                let ticket = st.ledger.charge(start, &cost);
+                st.in_flight += 1;
+                return Ok(Permit {
+                    pool: self.clone(),
+                    ticket,
+                    cost,
+                    queued: Duration::ZERO,
+                });
+            }
+            let depth = self.depth.load(Ordering::Relaxed);
+            if depth >= self.max_depth {
+                let total = st.queue.total();
+                return Err(Refusal::QueueFull {
+                    depth,
+                    retry_after: st.ledger.time_to_serve(start, &total),
+                });
+            }
+            let mut ahead = st.queue.ahead_of_new(client);
+            ahead.add(&cost);
+            let wait = st.ledger.time_to_serve(start, &ahead);
+            if wait > max_wait {
+                return Err(Refusal::WaitTooLong {
+                    pool: self.name.clone(),
+                    wait,
+                    max_wait,
+                });
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            let (tx, rx) = oneshot::channel();
+            st.queue.push(client, id, cost, tx);
+            self.depth.fetch_add(1, Ordering::Relaxed);
+            (id, rx)
+        };
+        self.wake.notify_one();
+        let mut waiting = Waiting {
+            pool: self.clone(),
+            client: client.clone(),
+            id,
+            rx,
+            admitted: false,
+        };
+        match tokio::time::timeout_at(start + max_wait, &mut waiting.rx).await {
+            Ok(Ok(ticket)) => {
+                waiting.admitted = true;
+                Ok(Permit {
+                    pool: self.clone(),
+                    ticket,
+                    cost,
+                    queued: start.elapsed(),
+                })
+            }
+            // The sender is only dropped with the pool; treat it as a timeout.
+            Ok(Err(_)) | Err(_) => {
+                let retry_after = {
+                    let mut st = self.lock();
+                    let total = st.queue.total();
+                    st.ledger.time_to_serve(Instant::now(), &total)
+                };
+                Err(Refusal::TimedOut {
+                    pool: self.name.clone(),
+                    max_wait,
+                    retry_after,
+                })
+            }
+        }
+    }
+
+    /// Admits queued requests while they fit; returns when to try again (`None`:
+    /// when woken, by a finished call or a new arrival).
+    fn pump(&self) -> Option<Instant> {
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            let cost = *st.queue.front()?.0;
+            if !self.has_slot(&st) {
+                return None;
+            }
+            let at = st.ledger.ready_at(now, &cost);
+            if at > now {
+                return Some(at);
+            }
+            let tx = st.queue.pop()?;
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            let ticket = st.ledger.charge(now, &cost);
+            st.in_flight += 1;
+            if let Err(ticket) = tx.send(ticket) {
+                // Its client left between its turn and now: nothing is charged.
+                st.ledger.settle(ticket, &Cost::default());
+                st.in_flight -= 1;
+            }
+        }
+    }
+
+    /// Holds the pool until `until`: the upstream said it is rate limited.
+    pub fn pause(&self, until: Instant) {
+        self.lock().ledger.pause(until);
+        self.wake.notify_one();
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let dims = st.ledger.status(now);
+        PoolStatus {
+            name: self.name.clone(),
+            credential: self.credential.clone(),
+            queue_depth: st.queue.len(),
+            in_flight: st.in_flight,
+            paused_for_ms: st
+                .ledger
+                .paused_until()
+                .map_or(0, |p| p.saturating_duration_since(now).as_millis() as u64),
+            remaining: DIM_NAMES
+                .iter()
+                .zip(dims)
+                .filter_map(|(n, d)| Some((*n, d?)))
+                .collect(),
+        }
+    }
+}
+
+async fn drive(pool: Arc<Pool>) {
+    loop {
+        match pool.pump() {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = pool.wake.notified() => {}
+                }
+            }
+            None => pool.wake.notified().await,
+        }
+    }
+}
+
+/// A queued request's place; dropping it before admission gives the place up.
+struct Waiting {
+    pool: Arc<Pool>,
+    client: Arc<str>,
+    id: u64,
+    rx: oneshot::Receiver<Ticket>,
+    admitted: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.admitted {
+            return;
+        }
+        let mut st = self.pool.lock();
+        if st.queue.remove(&self.client, self.id).is_some() {
+            self.pool.depth.fetch_sub(1, Ordering::Relaxed);
+        } else if let Ok(ticket) = self.rx.try_recv() {
+            // Admitted just as it left: give the charge back.
+            st.ledger.settle(ticket, &Cost::default());
+            st.in_flight -= 1;
+        }
+        drop(st);
+        self.pool.wake.notify_one();
+    }
+}
+
+/// An admitted call. It counts as in flight until dropped; settle it once the
+/// upstream says what the call really cost.
+pub struct Permit {
+    pool: Arc<Pool>,
+    ticket: Ticket,
+    cost: Cost,
+    /// How long the request waited for budget.
+    pub queued: Duration,
+}
+
+impl Permit {
+    pub fn estimate(&self) -> Cost {
+        self.cost
+    }
+
+    /// Replaces the estimate with what the call really cost.
+    pub fn settle(&self, actual: &Cost) {
+        self.pool.lock().ledger.settle(self.ticket, actual);
+        self.pool.wake.notify_one();
+    }
+
+    /// Folds in the upstream's `x-ratelimit-*` from this call's response.
+    pub fn observe(&self, headers: &RateLimitHeaders) {
+        if headers == &RateLimitHeaders::default() {
+            return;
+        }
+        self.pool
+            .lock()
+            .ledger
+            .observe(Instant::now(), self.ticket.at, headers);
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.pool.lock().in_flight -= 1;
+        self.pool.wake.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(rpm: u64, max_depth: usize) -> Arc<Pool> {
+        Pool::start(
+            "test".into(),
+            "cred".into(),
+            Limits {
+                per_minute: [Some(rpm), None, None],
+                burst: Duration::from_secs(1),
+                margin: Duration::ZERO,
+            },
+            None,
+            Arc::new(AtomicUsize::new(0)),
+            max_depth,
+        )
+    }
+
+    const ONE: Cost = Cost {
+        requests: 1,
+        tokens: 0,
+        images: 0,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn fifty_requests_at_ten_per_second_all_get_through_in_four_seconds() {
+        let p = pool(600, 1000);
+        let start = Instant::now();
+        let client: Arc<str> = "c".into();
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (p, client) = (p.clone(), client.clone());
+                tokio::spawn(async move {
+                    let permit = p
+                        .acquire(&client, ONE, Duration::from_secs(120))
+                        .await
+                        .unwrap();
+                    let at = Instant::now() - start;
+                    drop(permit);
+                    at
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for t in tasks {
+            times.push(t.await.unwrap());
+        }
+        times.sort();
+        assert_eq!(times[9], Duration::ZERO);
+        assert_eq!(times[10], Duration::from_secs(1));
+        assert_eq!(times[49], Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_client_waits_at_most_one_slot_behind_a_burst() {
+        let p = pool(60, 1000); // one per second
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let _first = p.acquire(&a, ONE, Duration::from_secs(600)).await.unwrap();
+        let start = Instant::now();
+        let mut burst = Vec::new();
+        for _ in 0..100 {
+            let (p, a) = (p.clone(), a.clone());
+            burst.push(tokio::spawn(async move {
+                p.acquire(&a, ONE, Duration::from_secs(600))
+                    .await
+                    .map(|_| Instant::now())
+            }));
+        }
+        tokio::task::yield_now().await;
+        let admitted_b = p.acquire(&b, ONE, Duration::from_secs(600)).await.unwrap();
+        assert!(
+            Instant::now() - start <= Duration::from_secs(2),
+            "b waited {:?}",
+            Instant::now() - start
+        );
+        drop(admitted_b);
+        for t in burst {
+            t.abort();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leaving_the_queue_releases_the_place_and_charges_nothing() {
+        let p = pool(60, 1000);
+        let c: Arc<str> = "c".into();
+        let _first = p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        let (p2, c2) = (p.clone(), c.clone());
+        let waiter =
+            tokio::spawn(
+                async move { p2.acquire(&c2, ONE, Duration::from_secs(60)).await.is_ok() },
+            );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(p.queue_depth(), 1);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(p.queue_depth(), 0, "the place is released at once");
+        assert_eq!(p.depth.load(Ordering::Relaxed), 0);
+        // Its budget was never charged: one slot per second, the next is ours.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let t = Instant::now();
+        p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(Instant::now(), t);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hopeless_waits_and_full_queues_are_refused_at_once() {
+        let p = pool(60, 2);
+        let c: Arc<str> = "c".into();
+        let _held = p.acquire(&c, ONE, Duration::from_secs(10)).await.unwrap();
+        // At one per second, a request that may wait 100 ms cannot be served.
+        let start = Instant::now();
+        let e = p
+            .acquire(&c, ONE, Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(Instant::now(), start, "refused without waiting");
+        assert_eq!(e.code(), "penstock_wait_too_long");
+        assert!(e.retry_after() > Duration::ZERO);
+        // Fill the queue (depth 2), then the next is refused as full.
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let (p, c) = (p.clone(), c.clone());
+            waiters.push(tokio::spawn(async move {
+                p.acquire(&c, ONE, Duration::from_secs(60)).await.is_ok()
+            }));
+        }
+        tokio::task::yield_now().await;
+        let e = p
+            .acquire(&c, ONE, Duration::from_secs(60))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), "penstock_queue_full");
+        assert!(e.retry_after() >= Duration::from_secs(1));
+        for w in waiters {
+            assert!(w.await.unwrap());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_cap_admits_the_next_when_one_finishes() {
+        let p = Pool::start(
+            "t".into(),
+            "c".into(),
+            Limits {
+                per_minute: [Some(6000), None, None],
+                burst: Duration::from_secs(1),
+                margin: Duration::ZERO,
+            },
+            Some(2),
+            Arc::new(AtomicUsize::new(0)),
+            100,
+        );
+        let c: Arc<str> = "c".into();
+        let a = p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        let _b = p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        let (p2, c2) = (p.clone(), c.clone());
+        let third = tokio::spawn(async move {
+            p2.acquire(&c2, ONE, Duration::from_secs(60))
+                .await
+                .map(|_| Instant::now())
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!third.is_finished(), "two in flight: the third waits");
+        let released = Instant::now();
+        drop(a);
+        assert_eq!(third.await.unwrap().unwrap(), released);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_queued_requests() {
+        let p = pool(6000, 100);
+        let c: Arc<str> = "c".into();
+        let start = Instant::now();
+        p.pause(start + Duration::from_secs(3));
+        p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_secs(3));
+    }
+}
