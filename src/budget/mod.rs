@@ -239,23 +239,21 @@ impl HttpBody for Settle {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(data) = f.data_ref() {
-                    keep_tail(this.tail, data.chunk());
-                }
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(Ok(f)) = &frame {
+            if let Some(data) = f.data_ref() {
+                keep_tail(this.tail, data.chunk());
             }
-            None => {
-                // The permit goes with the stream's end: the call is over.
-                let permit = this.permit.take();
-                if let (Some(permit), Some(tokens)) = (permit, usage_tokens(this.tail)) {
-                    let estimate = permit.estimate();
-                    permit.settle(&Cost { tokens, ..estimate });
-                }
+        }
+        // A body of known length is not polled past its last byte: settle then.
+        if frame.is_none() || this.inner.is_end_stream() {
+            // The permit goes with the body's end: the call is over.
+            let permit = this.permit.take();
+            if let (Some(permit), Some(tokens)) = (permit, usage_tokens(this.tail)) {
+                let estimate = permit.estimate();
+                permit.settle(&Cost { tokens, ..estimate });
             }
-            Some(Err(_)) => {}
         }
         Poll::Ready(frame)
     }

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-pub use fake_openai::{Behaviour, Fake};
+#[allow(unused_imports)]
+pub use fake_openai::{Behaviour, Fake, Limits};
 use penstock::{Config, Running};
 
 pub struct Harness {

@@ -1,0 +1,425 @@
+//! Budgets: requests wait for capacity instead of failing, and the upstream never
+//! has to refuse a call. The fake enforces its limits as a strict sliding window.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use async_openai::types::images::{CreateImageRequestArgs, ImageModel, ImageQuality, ImageSize};
+use async_openai::{Client, config::OpenAIConfig};
+use penstock::config::BudgetConfig;
+use serde_json::json;
+use support::*;
+
+fn budget(models: &[&str], rpm: Option<u64>, tpm: Option<u64>, ipm: Option<u64>) -> BudgetConfig {
+    BudgetConfig {
+        name: None,
+        models: models.iter().map(|m| m.to_string()).collect(),
+        rpm,
+        tpm,
+        ipm,
+        burst: Duration::from_secs(1),
+        safety_margin: Duration::from_millis(50),
+        max_in_flight: None,
+    }
+}
+
+fn ten_per_second() -> Limits {
+    Limits {
+        requests: 10,
+        tokens: None,
+        window: Duration::from_secs(1),
+    }
+}
+
+async fn generate(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: serde_json::Value,
+) -> reqwest::Response {
+    let mut req = http()
+        .post(format!("{url}/v1/images/generations"))
+        .header("authorization", "Bearer sk-test")
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_simultaneous_generations_all_succeed_without_a_single_upstream_429() {
+    let h = start_with(
+        Behaviour {
+            limits: Some(ten_per_second()),
+            latency: (Duration::from_millis(200), Duration::from_millis(600)),
+            ..Behaviour::default()
+        },
+        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(600), None, None)],
+        |_| None,
+    )
+    .await;
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", h.url))
+            .with_api_key("sk-test"),
+    );
+    let started = Instant::now();
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let req = CreateImageRequestArgs::default()
+                    .prompt(format!("user {i}'s lighthouse"))
+                    .model(ImageModel::GptImage1Mini)
+                    .size(ImageSize::S1024x1024)
+                    .quality(ImageQuality::Low)
+                    .build()
+                    .unwrap();
+                client.images().generate(req).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for c in calls {
+        if c.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    let wall = started.elapsed();
+    assert_eq!(ok, 50, "every generation succeeds");
+    assert_eq!(h.fake.answered(429), 0, "the upstream never refused a call");
+    assert_eq!(h.fake.calls(), 50, "and was called once per generation");
+    // Ideal: 10 at once, then 10 more each second, the last taking up to 0.6 s.
+    let ideal = Duration::from_millis(4600);
+    assert!(wall <= ideal.mul_f64(1.3), "took {wall:?}, ideal {ideal:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bound_high_quality_images_wait_for_tokens_not_for_errors() {
+    // 20k tokens per second upstream: four high-quality squares (4160 + prompt).
+    let h = start_with(
+        Behaviour {
+            limits: Some(Limits {
+                requests: 100,
+                tokens: Some(20_000),
+                window: Duration::from_secs(1),
+            }),
+            ..Behaviour::default()
+        },
+        |c| c.budgets = vec![budget(&["gpt-image-1"], Some(6000), Some(1_200_000), None)],
+        |_| None,
+    )
+    .await;
+    let started = Instant::now();
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let url = h.url.clone();
+            tokio::spawn(async move {
+                let body = json!({"model": "gpt-image-1", "prompt": format!("a red fox in the snow, number {i}"), "quality": "high", "size": "1024x1024"});
+                generate(&url, &[], body).await.status().as_u16()
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let wall = started.elapsed();
+    assert_eq!(h.fake.answered(429), 0);
+    // Four per window: three more windows after the first.
+    let ideal = Duration::from_secs(3);
+    assert!(
+        wall >= Duration::from_millis(2900),
+        "the token budget paced the calls: {wall:?}"
+    );
+    assert!(wall <= ideal.mul_f64(1.3), "took {wall:?}");
+}
+
+#[tokio::test]
+async fn one_clients_burst_does_not_starve_another() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.upstream.api_key_env = Some("KEY".into());
+            // One request per 100 ms window.
+            let mut b = budget(&["gpt-image-*"], Some(600), None, None);
+            b.burst = Duration::from_millis(100);
+            c.budgets = vec![b];
+        },
+        |_| Some("sk-sidecar".into()),
+    )
+    .await;
+    let body =
+        json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let (url, body) = (h.url.clone(), body.clone());
+            tokio::spawn(async move {
+                generate(&url, &[("x-penstock-client", "batch")], body).await;
+                Instant::now()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = Instant::now();
+    let resp = generate(&h.url, &[("x-penstock-client", "web")], body).await;
+    let waited = asked.elapsed();
+    assert_eq!(resp.status(), 200);
+    let mut last_batch = asked;
+    for b in burst {
+        last_batch = last_batch.max(b.await.unwrap());
+    }
+    // The batch client needs ~3 s for its 20; the web client waits a slot or two.
+    assert!(last_batch - asked > Duration::from_secs(2));
+    assert!(
+        waited < Duration::from_millis(400),
+        "the single request waited {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_the_queue_frees_its_place_and_pays_nothing() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, None)],
+        |_| None,
+    )
+    .await;
+    let body =
+        json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
+    assert_eq!(generate(&h.url, &[], body.clone()).await.status(), 200);
+    // The next must wait ~1 s; this client gives up after 200 ms.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(format!("{}/v1/images/generations", h.url))
+        .header("authorization", "Bearer sk-test")
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let status: serde_json::Value = json(
+        http()
+            .get(format!("{}/status", h.admin))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status["pools"][0]["queue_depth"], 0, "{status}");
+    // Its slot was never spent: the next request, a second after the first, goes at once.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let resp = generate(&h.url, &[], body).await;
+    assert_eq!(resp.status(), 200);
+    let queued: u64 = resp.headers()["x-penstock-queue-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(queued < 200, "queued {queued} ms");
+    assert_eq!(
+        h.fake.calls(),
+        2,
+        "the abandoned request never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn hopeless_waits_and_a_full_queue_are_refused_at_once_with_retry_after() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, None)];
+            c.queue.max_depth = 2;
+        },
+        |_| None,
+    )
+    .await;
+    let body =
+        json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
+    assert_eq!(generate(&h.url, &[], body.clone()).await.status(), 200);
+
+    let asked = Instant::now();
+    let resp = generate(&h.url, &[("x-penstock-max-wait-ms", "100")], body.clone()).await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(100),
+        "refused at once"
+    );
+    assert_eq!(resp.status(), 429);
+    let retry_ms: u64 = resp.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (500..=60_000).contains(&retry_ms),
+        "retry-after-ms {retry_ms}"
+    );
+    assert_eq!(resp.headers()["x-should-retry"], "true");
+    let v = json(resp).await;
+    assert_eq!(v["error"]["code"], "penstock_wait_too_long");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+
+    // Two wait (the queue's depth); the third is refused as full.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, body) = (h.url.clone(), body.clone());
+            tokio::spawn(async move { generate(&url, &[], body).await.status() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let resp = generate(&h.url, &[], body).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().contains_key("retry-after-ms"));
+    assert_eq!(json(resp).await["error"]["code"], "penstock_queue_full");
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    assert_eq!(h.fake.calls(), 3, "refusals cost no upstream call");
+}
+
+#[tokio::test]
+async fn the_upstreams_headers_pull_the_pool_down_when_someone_else_spends_the_key() {
+    // penstock's budget is generous; the key is shared with another app that has
+    // already spent 8 of the upstream's 10 per second.
+    let h = start_with(
+        Behaviour {
+            limits: Some(ten_per_second()),
+            ..Behaviour::default()
+        },
+        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(6000), None, None)],
+        |_| None,
+    )
+    .await;
+    let body =
+        json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
+    for _ in 0..8 {
+        let direct = generate(&h.fake.url(), &[], body.clone()).await;
+        assert_eq!(direct.status(), 200);
+    }
+    let mut waited = Vec::new();
+    for _ in 0..4 {
+        let resp = generate(&h.url, &[], body.clone()).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        waited.push(
+            resp.headers()["x-penstock-queue-ms"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        h.fake.answered(429),
+        0,
+        "no call was sent into a spent window"
+    );
+    assert!(
+        waited[2] > 300,
+        "the third waited for the window to turn: {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_rate_limit_pauses_the_whole_pool() {
+    let h = start_with(
+        Behaviour {
+            limits: Some(ten_per_second()),
+            ..Behaviour::default()
+        },
+        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(6000), None, None)],
+        |_| None,
+    )
+    .await;
+    let body =
+        json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
+    // Another app spends the whole window with another key header... on the same key.
+    for _ in 0..10 {
+        generate(&h.fake.url(), &[], body.clone()).await;
+    }
+    let first = generate(&h.url, &[], body.clone()).await;
+    assert_eq!(first.status(), 429, "the upstream's own 429 passes through");
+    assert_eq!(json(first).await["error"]["code"], "rate_limit_exceeded");
+    // The pool now waits out the upstream's retry-after instead of stampeding.
+    let next = generate(&h.url, &[], body).await;
+    assert_eq!(next.status(), 200);
+    let queued: u64 = next.headers()["x-penstock-queue-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(queued > 500, "waited {queued} ms");
+    assert_eq!(h.fake.answered(429), 1);
+}
+
+#[tokio::test]
+async fn a_request_larger_than_the_burst_still_goes_and_status_shows_the_pool() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, Some(5))],
+        |_| None,
+    )
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024", "n": 10});
+    let resp = generate(&h.url, &[], body).await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "10 images against 5 ipm goes through on a full pool"
+    );
+    assert_eq!(json(resp).await["data"].as_array().unwrap().len(), 10);
+    let status: serde_json::Value = json(
+        http()
+            .get(format!("{}/status", h.admin))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let pool = &status["pools"][0];
+    assert_eq!(pool["name"], "gpt-image-*");
+    assert!(pool["credential"].as_str().unwrap().starts_with("key:"));
+    assert_eq!(pool["remaining"]["images"]["minute_remaining"], 0);
+    assert_eq!(pool["remaining"]["requests"]["minute_remaining"], 59);
+    assert_eq!(status["config"]["budgets"][0]["ipm"], 5);
+    assert!(!status.to_string().contains("sk-test"));
+    // Models no budget covers pass straight through.
+    let resp = http()
+        .post(format!("{}/v1/embeddings", h.url))
+        .json(&json!({"model": "text-embedding-3-small", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("x-penstock-queue-ms"));
+}
+
+#[tokio::test]
+async fn usage_settles_the_estimate() {
+    // tpm 60000: 1000 tokens per window. Each call is estimated at the worst case
+    // (quality auto: 6240+) but uses 272 + prompt: after settling, more fit.
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.budgets = vec![budget(&["gpt-image-*"], None, Some(60_000), None)],
+        |_| None,
+    )
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "p", "size": "1024x1024"});
+    let first = generate(&h.url, &[], body.clone()).await;
+    assert_eq!(first.status(), 200);
+    let _ = first.bytes().await.unwrap();
+    let status: serde_json::Value = json(
+        http()
+            .get(format!("{}/status", h.admin))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let remaining = &status["pools"][0]["remaining"]["tokens"];
+    // The fake reports 1 input + 1056 output (medium, its default for an open quality).
+    assert_eq!(remaining["minute_remaining"], 60_000 - 1057, "{status}");
+}
