@@ -241,10 +241,8 @@ impl HttpBody for Settle {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(Ok(f)) = &frame {
-            if let Some(data) = f.data_ref() {
-                keep_tail(this.tail, data.chunk());
-            }
+        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+            keep_tail(this.tail, data.chunk());
         }
         // A body of known length is not polled past its last byte: settle then.
         if frame.is_none() || this.inner.is_end_stream() {
