@@ -348,7 +348,10 @@ where
             let method = req.method().clone();
             let path = req.uri().path().to_string();
             let route = Route::from_path(&path);
-            let (ctx, result) = match buffer(req, &config, route, id.clone(), received).await {
+            // Boxed apart: parsing's state (a multipart parser) is large and done
+            // before the wait for budget; inline, every queued request would carry it.
+            let buffered = Box::pin(buffer(req, &config, route, id.clone(), received)).await;
+            let (ctx, result) = match buffered {
                 Ok(req) => {
                     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
                     (ctx, inner.oneshot(req).await)

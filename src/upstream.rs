@@ -142,12 +142,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// The innermost service: one attempt against the upstream.
+/// The innermost service: one attempt against the upstream. Cloned into every
+/// request's futures, so it is one pointer.
 #[derive(Clone)]
 pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     client: HttpsClient,
-    base: Arc<BaseUrl>,
-    sidecar: Option<Arc<SidecarAuth>>,
+    base: BaseUrl,
+    sidecar: Option<SidecarAuth>,
     attempt_timeout: Duration,
 }
 
@@ -168,7 +173,7 @@ impl Upstream {
                     v.set_sensitive(true);
                     Ok::<_, BuildError>(v)
                 };
-                Some(Arc::new(SidecarAuth {
+                Some(SidecarAuth {
                     authorization: header("api_key_env", &format!("Bearer {key}"))?,
                     organization: config
                         .organization
@@ -180,7 +185,7 @@ impl Upstream {
                         .as_deref()
                         .map(|p| header("project", p))
                         .transpose()?,
-                }))
+                })
             }
             None => None,
         };
@@ -223,30 +228,33 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .build(https);
         Ok(Upstream {
-            client,
-            base: Arc::new(base),
-            sidecar,
-            attempt_timeout: config.attempt_timeout,
+            inner: Arc::new(Inner {
+                client,
+                base,
+                sidecar,
+                attempt_timeout: config.attempt_timeout,
+            }),
         })
     }
 
     fn upstream_request(&self, req: Request<Bytes>) -> Result<Request<Full<Bytes>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        parts.uri =
-            self.base
-                .join(parts.uri.path_and_query())
-                .map_err(|e| ProxyError::InvalidRequest {
-                    message: format!("the request path cannot be forwarded: {e}"),
-                    code: "penstock_invalid_path",
-                    param: None,
-                })?;
+        parts.uri = self
+            .inner
+            .base
+            .join(parts.uri.path_and_query())
+            .map_err(|e| ProxyError::InvalidRequest {
+                message: format!("the request path cannot be forwarded: {e}"),
+                code: "penstock_invalid_path",
+                param: None,
+            })?;
         // The upstream connection picks its own protocol version.
         parts.version = http::Version::HTTP_11;
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         h.remove(header::HOST);
         h.remove(header::CONTENT_LENGTH);
-        if let Some(auth) = &self.sidecar {
+        if let Some(auth) = &self.inner.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
             for name in ["api-key", "openai-organization", "openai-project"] {
                 h.remove(name);
@@ -281,10 +289,10 @@ impl tower::Service<Request<Bytes>> for Upstream {
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let req = self.upstream_request(req);
-        let client = self.client.clone();
-        let timeout = self.attempt_timeout;
+        let inner = self.inner.clone();
         Box::pin(async move {
-            let resp = match tokio::time::timeout(timeout, client.request(req?)).await {
+            let timeout = inner.attempt_timeout;
+            let resp = match tokio::time::timeout(timeout, inner.client.request(req?)).await {
                 Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
                 Ok(Err(e)) if e.is_connect() => {
                     return Err(ProxyError::UpstreamUnreachable(error_chain(&e)));
