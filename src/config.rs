@@ -66,6 +66,75 @@ pub struct Config {
     /// How a request's cost is estimated before it is sent.
     #[serde(default)]
     pub estimate: EstimateConfig,
+    /// Retries of transient upstream failures.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// Retries of transient upstream failures (connection errors, timeouts, 408, 5xx,
+/// rate-limit 429s); never of money errors or other 4xx.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per request, the first included; 1 turns retries off.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First backoff when the upstream names no delay; doubles per attempt, with
+    /// full jitter.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retries allowed as a percentage of requests (over a 10 s window), so a
+    /// failing upstream sees a fraction more calls, not `max_attempts` times more.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: f32,
+    /// Retries allowed per second regardless of traffic.
+    #[serde(default = "default_min_retries_per_second")]
+    pub min_retries_per_second: u32,
+    /// Total time a request may take, queue waits and retries included.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+    /// After `insufficient_quota` (or another money error), the pool answers with
+    /// that error at once for this long instead of sending calls that cannot succeed.
+    #[serde(default = "default_quota_cooldown", with = "humantime_serde")]
+    pub quota_cooldown: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            budget_percent: default_budget_percent(),
+            min_retries_per_second: default_min_retries_per_second(),
+            deadline: default_deadline(),
+            quota_cooldown: default_quota_cooldown(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    4
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_budget_percent() -> f32 {
+    30.0
+}
+fn default_min_retries_per_second() -> u32 {
+    1
+}
+fn default_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_quota_cooldown() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// One pool of upstream capacity, counted per upstream credential.
@@ -278,6 +347,7 @@ impl Default for Config {
                 default_max_output_tokens: default_max_output_tokens(),
                 ..EstimateConfig::default()
             },
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -436,6 +506,37 @@ impl Config {
                     format!("the name {:?} is used by another budget", b.display_name()),
                 ));
             }
+        }
+        let r = &self.retry;
+        if r.max_attempts == 0 || r.max_attempts > 20 {
+            return Err(bad(
+                "retry.max_attempts",
+                "expected 1 (no retries) to 20".into(),
+            ));
+        }
+        if !(0.0..=1000.0).contains(&r.budget_percent) || r.budget_percent.is_nan() {
+            return Err(bad(
+                "retry.budget_percent",
+                "expected a percentage from 0 to 1000".into(),
+            ));
+        }
+        if r.min_retries_per_second > 1_000_000 {
+            return Err(bad(
+                "retry.min_retries_per_second",
+                "expected at most 1000000".into(),
+            ));
+        }
+        if r.initial_backoff > r.max_backoff {
+            return Err(bad(
+                "retry.initial_backoff",
+                "must not exceed `retry.max_backoff`".into(),
+            ));
+        }
+        if r.deadline.is_zero() {
+            return Err(bad(
+                "retry.deadline",
+                "expected a duration above zero, like \"10m\"".into(),
+            ));
         }
         if self.queue.max_depth == 0 {
             return Err(bad(

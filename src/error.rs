@@ -79,6 +79,9 @@ impl ProxyError {
 
     /// The response a client sees.
     pub fn into_response(self) -> Response<Body> {
+        if let ProxyError::Refused(crate::budget::Refusal::CircuitOpen(tripped)) = &self {
+            return tripped.response();
+        }
         let status = self.status();
         let message = self.to_string();
         let body = json!({"error": {

@@ -9,6 +9,7 @@ pub mod classify;
 pub mod config;
 pub mod error;
 pub mod request;
+pub mod retry;
 pub mod server;
 pub mod stack;
 pub mod upstream;

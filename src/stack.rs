@@ -11,6 +11,7 @@ use crate::body::{Body, BoxError};
 use crate::budget;
 use crate::config::Config;
 use crate::request;
+use crate::retry;
 use crate::upstream::{self, Upstream};
 
 /// State the stack shares with the admin endpoints.
@@ -52,6 +53,9 @@ where
         // estimate, errors turned into OpenAI-shaped responses, and the log line;
         // outermost so it sees everything.
         .layer(request::Layer::new(edge))
+        // Retries of transient failures, above admission so that every attempt
+        // waits for and pays its own budget (the upstream counts failed calls too).
+        .layer(retry::Layer::new(&config.retry))
         // Admission: each attempt waits here, fairly, until its pool can pay.
         .layer(budget::Layer::new(budgets.clone()))
         // One attempt upstream, bounded by the per-attempt timeout.

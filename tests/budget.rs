@@ -324,7 +324,7 @@ async fn the_upstreams_headers_pull_the_pool_down_when_someone_else_spends_the_k
 }
 
 #[tokio::test]
-async fn an_upstream_rate_limit_pauses_the_whole_pool() {
+async fn an_upstream_rate_limit_pauses_the_whole_pool_and_the_call_is_retried_after_it() {
     let h = start_with(
         Behaviour {
             limits: Some(ten_per_second()),
@@ -336,23 +336,35 @@ async fn an_upstream_rate_limit_pauses_the_whole_pool() {
     .await;
     let body =
         json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
-    // Another app spends the whole window with another key header... on the same key.
+    // Another app on the same key spends the upstream's whole window.
     for _ in 0..10 {
         generate(&h.fake.url(), &[], body.clone()).await;
     }
-    let first = generate(&h.url, &[], body.clone()).await;
-    assert_eq!(first.status(), 429, "the upstream's own 429 passes through");
-    assert_eq!(json(first).await["error"]["code"], "rate_limit_exceeded");
-    // The pool now waits out the upstream's retry-after instead of stampeding.
-    let next = generate(&h.url, &[], body).await;
-    assert_eq!(next.status(), 200);
-    let queued: u64 = next.headers()["x-penstock-queue-ms"]
+    let started = Instant::now();
+    let (first, second) = tokio::join!(generate(&h.url, &[], body.clone()), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        generate(&h.url, &[], body.clone()).await
+    });
+    assert_eq!(first.status(), 200, "the 429 was absorbed");
+    assert_eq!(first.headers()["x-penstock-attempts"], "2");
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        second.headers()["x-penstock-attempts"],
+        "1",
+        "the pool was held, not stampeded"
+    );
+    let queued: u64 = second.headers()["x-penstock-queue-ms"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
-    assert!(queued > 500, "waited {queued} ms");
-    assert_eq!(h.fake.answered(429), 1);
+    assert!(queued > 500, "waited {queued} ms for the pause");
+    assert!(started.elapsed() > Duration::from_millis(800));
+    assert_eq!(
+        h.fake.answered(429),
+        1,
+        "one refusal, not one per waiting request"
+    );
 }
 
 #[tokio::test]

@@ -351,11 +351,15 @@ async fn slow_upstream_is_a_504_from_penstock() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 504);
+    // The timeout is per attempt: four attempts of 200 ms, then penstock gives up.
     assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(resp.headers()["x-penstock-attempts"], "4");
+    assert_eq!(resp.headers()["x-should-retry"], "false");
     assert_eq!(
         json(resp).await["error"]["code"],
         "penstock_upstream_timeout"
     );
+    assert_eq!(h.fake.calls(), 4);
 }
 
 #[tokio::test]

@@ -49,6 +49,10 @@ pub struct Behaviour {
     pub reset_rate: f64,
     /// The first N calls fail with 503 (deterministic failures for tests).
     pub fail_first: u32,
+    /// Every Nth call fails with 500/502/503 (deterministic).
+    pub fail_every: Option<u64>,
+    /// Every Nth call has its connection reset (deterministic).
+    pub reset_every: Option<u64>,
     /// Answer every call with 429 `insufficient_quota`.
     pub insufficient_quota: bool,
     /// Enforce these limits; `None` serves everything.
@@ -69,6 +73,8 @@ impl Default for Behaviour {
             fail_rate: 0.0,
             reset_rate: 0.0,
             fail_first: 0,
+            fail_every: None,
+            reset_every: None,
             insufficient_quota: false,
             limits: None,
             cut_stream_after: None,
@@ -103,6 +109,8 @@ struct State {
     windows: Mutex<HashMap<(String, String), Window>>,
     rng: Mutex<u64>,
     seq: AtomicU64,
+    /// Calls that arrived, answered or not (a caller may give up first).
+    arrived: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -149,6 +157,7 @@ impl Fake {
             windows: Mutex::new(HashMap::new()),
             rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
             seq: AtomicU64::new(0),
+            arrived: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         });
@@ -206,9 +215,10 @@ impl Fake {
         self.state.log.lock().unwrap().clone()
     }
 
-    /// How many calls reached the fake.
+    /// How many calls reached the fake, including ones whose caller gave up
+    /// before the answer ([`Fake::requests`] holds the answered ones).
     pub fn calls(&self) -> usize {
-        self.state.log.lock().unwrap().len()
+        self.state.arrived.load(Ordering::Relaxed)
     }
 
     /// How many calls reached the fake on `path`.
@@ -240,6 +250,7 @@ impl Fake {
 
     pub fn clear(&self) {
         self.state.log.lock().unwrap().clear();
+        self.state.arrived.store(0, Ordering::Relaxed);
         self.state.windows.lock().unwrap().clear();
         self.state.max_in_flight.store(0, Ordering::Relaxed);
     }
@@ -462,6 +473,7 @@ fn go_duration(d: Duration) -> String {
 }
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    st.arrived.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),
@@ -596,14 +608,18 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     let stream_total = if call.stream { latency } else { Duration::ZERO };
     tokio::time::sleep(latency - stream_total).await;
 
-    if b.reset_rate > 0.0 && st.random() < b.reset_rate {
+    let every = |n: Option<u64>| n.is_some_and(|n| n > 0 && seq.is_multiple_of(n));
+    if every(b.reset_every) || (b.reset_rate > 0.0 && st.random() < b.reset_rate) {
         st.record(&parts, &body, 0, b.record_bodies);
         return Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
             "fake reset",
         ));
     }
-    if seq <= b.fail_first as u64 || (b.fail_rate > 0.0 && st.random() < b.fail_rate) {
+    if seq <= b.fail_first as u64
+        || every(b.fail_every)
+        || (b.fail_rate > 0.0 && st.random() < b.fail_rate)
+    {
         let status = [
             StatusCode::INTERNAL_SERVER_ERROR,
             StatusCode::BAD_GATEWAY,

@@ -250,9 +250,9 @@ impl Ledger {
             .enumerate()
         {
             let Some(r) = dim else { continue };
-            // The upstream counted at arrival: its reset runs from then, and calls
-            // admitted since are not in its figure.
-            let until = admitted + r.reset;
+            // The upstream counted at arrival: its reset runs from then (rounded,
+            // so the margin again), and calls admitted since are not in its figure.
+            let until = admitted + r.reset + self.limits.margin;
             if until <= now || self.hints[d].is_some_and(|h| h.seen_for > admitted) {
                 continue;
             }
@@ -271,8 +271,10 @@ impl Ledger {
         }
     }
 
-    /// Holds the whole pool until `until` (the upstream said it was rate limited).
+    /// Holds the whole pool until `until` (the upstream said it was rate limited),
+    /// plus the margin: the upstream's delays are rounded and measured on its side.
     pub fn pause(&mut self, until: Instant) {
+        let until = until + self.limits.margin;
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
     }
 

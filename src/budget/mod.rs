@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::request::RequestContext;
 use ledger::{Cost, Limits};
-pub use pool::{Permit, Pool, PoolStatus, Refusal};
+pub use pool::{Permit, Pool, PoolStatus, Refusal, Tripped};
 
 /// A pause after an upstream rate limit that named no delay.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
@@ -52,6 +52,7 @@ pub struct Registry {
     depth: Arc<AtomicUsize>,
     max_depth: usize,
     max_wait: Duration,
+    quota_cooldown: Duration,
 }
 
 impl Registry {
@@ -76,6 +77,7 @@ impl Registry {
             depth: Arc::new(AtomicUsize::new(0)),
             max_depth: config.queue.max_depth,
             max_wait: config.queue.max_wait,
+            quota_cooldown: config.retry.quota_cooldown,
         }
     }
 
@@ -168,6 +170,7 @@ where
                 .map(|p| (p, c.clone()))
         });
         let max_wait = self.registry.max_wait;
+        let quota_cooldown = self.registry.quota_cooldown;
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
                 return inner.oneshot(req).await;
@@ -180,10 +183,30 @@ where
             let mut resp = inner.oneshot(req).await?;
             permit.observe(&RateLimitHeaders::parse(resp.headers()));
             let classified = resp.extensions().get::<Classified>().copied();
+            if classified.is_some_and(|c| c.class != Class::RateLimited) {
+                pool.recovered();
+            }
             let queued = HeaderValue::from(permit.queued.as_millis() as u64);
             resp.headers_mut().insert("x-penstock-queue-ms", queued);
             match classified.map(|c| c.class) {
                 Some(Class::Success) => Ok(resp.map(|body| Settle::wrap(body, permit))),
+                Some(Class::QuotaExhausted) if !quota_cooldown.is_zero() => {
+                    // Error bodies arrive buffered from the upstream layer.
+                    let (parts, body) = resp.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    tracing::warn!(pool = %pool.name, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this pool's requests with it");
+                    pool.trip(Tripped {
+                        until: tokio::time::Instant::now() + quota_cooldown,
+                        status: parts.status,
+                        headers: parts.headers.clone(),
+                        body: body.clone(),
+                    });
+                    Ok(Response::from_parts(parts, crate::body::full(body)))
+                }
                 class => {
                     if class == Some(Class::RateLimited) {
                         let delay = classified

@@ -39,6 +39,32 @@ pub enum Refusal {
         max_wait: Duration,
         retry_after: Duration,
     },
+    /// The upstream said the money is gone; its answer is repeated until the
+    /// cool-down ends instead of sending calls that cannot succeed.
+    #[error("the upstream's quota is exhausted (answered by penstock until the cool-down ends)")]
+    CircuitOpen(Arc<Tripped>),
+}
+
+/// An upstream money error, kept to answer with during the cool-down.
+#[derive(Debug)]
+pub struct Tripped {
+    pub until: Instant,
+    pub status: http::StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl Tripped {
+    /// The upstream's own answer, marked as repeated by penstock.
+    pub fn response(&self) -> http::Response<crate::body::Body> {
+        let mut resp = http::Response::new(crate::body::full(self.body.clone()));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.clone();
+        let h = resp.headers_mut();
+        h.insert("x-penstock-circuit", http::HeaderValue::from_static("open"));
+        h.insert("x-should-retry", http::HeaderValue::from_static("false"));
+        resp
+    }
 }
 
 fn round_ms(d: Duration) -> Duration {
@@ -49,6 +75,7 @@ impl Refusal {
     /// When trying again has a chance.
     pub fn retry_after(&self) -> Duration {
         match self {
+            Refusal::CircuitOpen(t) => t.until.saturating_duration_since(Instant::now()),
             Refusal::QueueFull { retry_after, .. } | Refusal::TimedOut { retry_after, .. } => {
                 *retry_after
             }
@@ -61,15 +88,34 @@ impl Refusal {
             Refusal::QueueFull { .. } => "penstock_queue_full",
             Refusal::WaitTooLong { .. } => "penstock_wait_too_long",
             Refusal::TimedOut { .. } => "penstock_queue_timeout",
+            Refusal::CircuitOpen(_) => "penstock_circuit_open",
         }
     }
 }
 
+/// What a queued request is sent when its wait ends.
+type Admission = Result<(Ticket, bool), Arc<Tripped>>;
+
 struct State {
     ledger: Ledger,
-    queue: FairQueue<oneshot::Sender<Ticket>>,
+    queue: FairQueue<oneshot::Sender<Admission>>,
     in_flight: usize,
     next_id: u64,
+    tripped: Option<Arc<Tripped>>,
+    /// After an upstream rate limit: one call at a time probes whether capacity
+    /// is back, so the end of a pause is not a stampede.
+    recovering: bool,
+    probe_out: bool,
+}
+
+impl State {
+    /// The money error still in its cool-down, if any.
+    fn tripped(&mut self, now: Instant) -> Option<Arc<Tripped>> {
+        if self.tripped.as_ref().is_some_and(|t| t.until <= now) {
+            self.tripped = None;
+        }
+        self.tripped.clone()
+    }
 }
 
 pub struct Pool {
@@ -114,6 +160,9 @@ impl Pool {
                 queue: FairQueue::default(),
                 in_flight: 0,
                 next_id: 0,
+                tripped: None,
+                recovering: false,
+                probe_out: false,
             }),
             wake: Notify::new(),
             depth,
@@ -129,7 +178,16 @@ impl Pool {
     }
 
     fn has_slot(&self, st: &State) -> bool {
-        self.max_in_flight.is_none_or(|m| st.in_flight < m)
+        self.max_in_flight.is_none_or(|m| st.in_flight < m) && !(st.recovering && st.probe_out)
+    }
+
+    /// Charges an admitted call; while recovering, it is the probe.
+    fn admit(&self, st: &mut State, now: Instant, cost: &Cost) -> (Ticket, bool) {
+        let ticket = st.ledger.charge(now, cost);
+        st.in_flight += 1;
+        let probe = st.recovering;
+        st.probe_out |= probe;
+        (ticket, probe)
     }
 
     /// Waits (fairly, up to `max_wait`) until `cost` fits, then charges it.
@@ -142,16 +200,19 @@ impl Pool {
         let start = Instant::now();
         let (id, rx) = {
             let mut st = self.lock();
+            if let Some(tripped) = st.tripped(start) {
+                return Err(Refusal::CircuitOpen(tripped));
+            }
             if st.queue.is_empty()
                 && self.has_slot(&st)
                 && st.ledger.ready_at(start, &cost) <= start
             {
-                let ticket = st.ledger.charge(start, &cost);
-                st.in_flight += 1;
+                let (ticket, probe) = self.admit(&mut st, start, &cost);
                 return Ok(Permit {
                     pool: self.clone(),
                     ticket,
                     cost,
+                    probe,
                     queued: Duration::ZERO,
                 });
             }
@@ -189,12 +250,17 @@ impl Pool {
             admitted: false,
         };
         match tokio::time::timeout_at(start + max_wait, &mut waiting.rx).await {
-            Ok(Ok(ticket)) => {
+            Ok(Ok(Err(tripped))) => {
+                waiting.admitted = true;
+                Err(Refusal::CircuitOpen(tripped))
+            }
+            Ok(Ok(Ok((ticket, probe)))) => {
                 waiting.admitted = true;
                 Ok(Permit {
                     pool: self.clone(),
                     ticket,
                     cost,
+                    probe,
                     queued: start.elapsed(),
                 })
             }
@@ -218,6 +284,14 @@ impl Pool {
     /// when woken, by a finished call or a new arrival).
     fn pump(&self) -> Option<Instant> {
         let mut st = self.lock();
+        if let Some(tripped) = st.tripped(Instant::now()) {
+            // Nobody waiting can be served: answer them all now.
+            while let Some(tx) = st.queue.pop() {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(Err(tripped.clone()));
+            }
+            return None;
+        }
         loop {
             let now = Instant::now();
             let cost = *st.queue.front()?.0;
@@ -230,20 +304,39 @@ impl Pool {
             }
             let tx = st.queue.pop()?;
             self.depth.fetch_sub(1, Ordering::Relaxed);
-            let ticket = st.ledger.charge(now, &cost);
-            st.in_flight += 1;
-            if let Err(ticket) = tx.send(ticket) {
+            let admitted = self.admit(&mut st, now, &cost);
+            if let Err(Ok((ticket, probe))) = tx.send(Ok(admitted)) {
                 // Its client left between its turn and now: nothing is charged.
-                st.ledger.settle(ticket, &Cost::default());
-                st.in_flight -= 1;
+                release(&mut st, ticket, probe);
             }
         }
     }
 
-    /// Holds the pool until `until`: the upstream said it is rate limited.
-    pub fn pause(&self, until: Instant) {
-        self.lock().ledger.pause(until);
+    /// Answers this pool's queued and new requests with the upstream's money error
+    /// until the cool-down ends.
+    pub fn trip(&self, tripped: Tripped) {
+        self.lock().tripped = Some(Arc::new(tripped));
         self.wake.notify_one();
+    }
+
+    /// Holds the pool until `until`: the upstream said it is rate limited. Then
+    /// one call probes before the rest follow.
+    pub fn pause(&self, until: Instant) {
+        let mut st = self.lock();
+        st.ledger.pause(until);
+        st.recovering = true;
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// The upstream answered without a rate limit: admission runs normally again.
+    pub fn recovered(&self) {
+        let mut st = self.lock();
+        if st.recovering {
+            st.recovering = false;
+            drop(st);
+            self.wake.notify_one();
+        }
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -286,12 +379,21 @@ async fn drive(pool: Arc<Pool>) {
     }
 }
 
+/// Undoes an admission whose client is gone.
+fn release(st: &mut State, ticket: Ticket, probe: bool) {
+    st.ledger.settle(ticket, &Cost::default());
+    st.in_flight -= 1;
+    if probe {
+        st.probe_out = false;
+    }
+}
+
 /// A queued request's place; dropping it before admission gives the place up.
 struct Waiting {
     pool: Arc<Pool>,
     client: Arc<str>,
     id: u64,
-    rx: oneshot::Receiver<Ticket>,
+    rx: oneshot::Receiver<Admission>,
     admitted: bool,
 }
 
@@ -303,10 +405,9 @@ impl Drop for Waiting {
         let mut st = self.pool.lock();
         if st.queue.remove(&self.client, self.id).is_some() {
             self.pool.depth.fetch_sub(1, Ordering::Relaxed);
-        } else if let Ok(ticket) = self.rx.try_recv() {
+        } else if let Ok(Ok((ticket, probe))) = self.rx.try_recv() {
             // Admitted just as it left: give the charge back.
-            st.ledger.settle(ticket, &Cost::default());
-            st.in_flight -= 1;
+            release(&mut st, ticket, probe);
         }
         drop(st);
         self.pool.wake.notify_one();
@@ -319,6 +420,8 @@ pub struct Permit {
     pool: Arc<Pool>,
     ticket: Ticket,
     cost: Cost,
+    /// The one call let through after a rate-limit pause.
+    probe: bool,
     /// How long the request waited for budget.
     pub queued: Duration,
 }
@@ -352,7 +455,12 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.pool.lock().in_flight -= 1;
+        let mut st = self.pool.lock();
+        st.in_flight -= 1;
+        if self.probe {
+            st.probe_out = false;
+        }
+        drop(st);
         self.pool.wake.notify_one();
     }
 }
@@ -529,12 +637,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_pause_holds_queued_requests() {
+    async fn a_pause_holds_queued_requests_then_one_probes_before_the_rest() {
         let p = pool(6000, 100);
         let c: Arc<str> = "c".into();
         let start = Instant::now();
         p.pause(start + Duration::from_secs(3));
-        p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        let probe = p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
         assert_eq!(Instant::now() - start, Duration::from_secs(3));
+        let (p2, c2) = (p.clone(), c.clone());
+        let next = tokio::spawn(async move {
+            p2.acquire(&c2, ONE, Duration::from_secs(60))
+                .await
+                .map(|_| Instant::now())
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!next.is_finished(), "the rest wait for the probe's answer");
+        let answered = Instant::now();
+        p.recovered();
+        assert_eq!(next.await.unwrap().unwrap(), answered);
+        drop(probe);
     }
 }

@@ -27,6 +27,9 @@ pub fn config_for(upstream: &str) -> Config {
     c.upstream.base_url = upstream.to_string();
     c.upstream.connect_timeout = Duration::from_secs(2);
     c.server.shutdown_grace = Duration::from_secs(5);
+    // Retries as in production, only with short backoffs.
+    c.retry.initial_backoff = Duration::from_millis(10);
+    c.retry.max_backoff = Duration::from_millis(100);
     c
 }
 

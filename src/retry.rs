@@ -1,0 +1,345 @@
+//! Retries that absorb routine failures without multiplying cost. tower's retry
+//! runs a per-request [`Policy`] around the budget and the upstream, so every
+//! retry waits for and pays its budget again; what is retryable comes from the
+//! one classifier (`crate::classify`); a shared `TpsBudget` keeps retries a small
+//! fraction of traffic when the upstream fails everything. When penstock gives up,
+//! the client gets the last upstream answer unchanged with `x-should-retry: false`,
+//! so the SDK's own retries do not multiply penstock's.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderValue, Request, Response};
+use tokio::time::Instant;
+use tower::retry::budget::{Budget as _, TpsBudget};
+use tower::{Service, ServiceExt};
+
+use crate::body::Body;
+use crate::classify::{Class, Classified};
+use crate::config::RetryConfig;
+use crate::error::ProxyError;
+use crate::request::RequestContext;
+
+/// What all requests share: the settings and the retry budget.
+struct Shared {
+    max_attempts: u32,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    deadline: Duration,
+    budget: TpsBudget,
+}
+
+#[derive(Clone)]
+pub struct Layer {
+    shared: Arc<Shared>,
+}
+
+impl Layer {
+    pub fn new(config: &RetryConfig) -> Layer {
+        Layer {
+            shared: Arc::new(Shared {
+                max_attempts: config.max_attempts,
+                initial_backoff: config.initial_backoff,
+                max_backoff: config.max_backoff,
+                deadline: config.deadline,
+                // Validated: percent in 0..=1000, min_per_second small.
+                budget: TpsBudget::new(
+                    Duration::from_secs(10),
+                    config.min_retries_per_second,
+                    config.budget_percent / 100.0,
+                ),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Request<Bytes>> for Retry<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    // Boxed: a retried call is a sequence of attempts and sleeps.
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let received = req
+            .extensions()
+            .get::<Arc<RequestContext>>()
+            .map_or_else(Instant::now, |c| c.received);
+        let policy = Policy {
+            shared: self.shared.clone(),
+            attempts: Arc::new(AtomicU32::new(1)),
+            deadline: received + self.shared.deadline,
+        };
+        let attempts = policy.attempts.clone();
+        let retrying = tower::retry::Retry::new(policy, self.inner.clone());
+        self.shared.budget.deposit();
+        Box::pin(async move {
+            let result = retrying.oneshot(req).await;
+            let attempts = HeaderValue::from(attempts.load(Ordering::Relaxed));
+            let (mut resp, gave_up) = match result {
+                Ok(resp) => {
+                    let failed = !resp.status().is_success();
+                    (resp, failed)
+                }
+                // penstock's own refusals keep their own advice (retry after ...).
+                Err(e @ ProxyError::Refused(_)) => (e.into_response(), false),
+                Err(e) => (e.into_response(), true),
+            };
+            let h = resp.headers_mut();
+            h.insert("x-penstock-attempts", attempts);
+            if gave_up {
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            Ok(resp)
+        })
+    }
+}
+
+/// One request's retry state; tower clones it into the request's future.
+#[derive(Clone)]
+pub struct Policy {
+    shared: Arc<Shared>,
+    /// Attempts made so far (read back for `x-penstock-attempts`).
+    attempts: Arc<AtomicU32>,
+    deadline: Instant,
+}
+
+/// The classification of an attempt's outcome; penstock's own failures to reach
+/// the upstream are transient, its refusals final.
+fn outcome(result: &Result<Response<Body>, ProxyError>) -> Classified {
+    match result {
+        Ok(resp) => resp
+            .extensions()
+            .get::<Classified>()
+            .copied()
+            .unwrap_or(Classified {
+                class: Class::Other,
+                retry_after: None,
+            }),
+        Err(
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamConnection(_)
+            | ProxyError::UpstreamTimeout(_),
+        ) => Classified {
+            class: Class::Transient,
+            retry_after: None,
+        },
+        Err(_) => Classified {
+            class: Class::Other,
+            retry_after: None,
+        },
+    }
+}
+
+impl Policy {
+    /// The wait before attempt `attempt + 1`: the upstream's own delay when it gave
+    /// one, else exponential backoff with full jitter.
+    fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        retry_after.unwrap_or_else(|| {
+            let exp = self
+                .shared
+                .initial_backoff
+                .saturating_mul(1u32 << (attempt - 1).min(20))
+                .min(self.shared.max_backoff);
+            exp.mul_f64(fastrand::f64())
+        })
+    }
+}
+
+impl tower::retry::Policy<Request<Bytes>, Response<Body>, ProxyError> for Policy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _req: &mut Request<Bytes>,
+        result: &mut Result<Response<Body>, ProxyError>,
+    ) -> Option<Self::Future> {
+        let outcome = outcome(result);
+        if !outcome.class.is_retryable() {
+            return None;
+        }
+        let attempt = self.attempts.load(Ordering::Relaxed);
+        if attempt >= self.shared.max_attempts {
+            return None;
+        }
+        let delay = self.delay(attempt, outcome.retry_after);
+        if Instant::now() + delay > self.deadline {
+            return None;
+        }
+        // Last: a withdrawal is spent only on a retry that will happen.
+        if !self.shared.budget.withdraw() {
+            tracing::debug!(attempt, "retry budget exhausted; giving up");
+            return None;
+        }
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, req: &Request<Bytes>) -> Option<Request<Bytes>> {
+        let mut copy = Request::new(req.body().clone());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        *copy.extensions_mut() = req.extensions().clone();
+        Some(copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::full;
+    use crate::classify::classify;
+    use http::StatusCode;
+    use std::sync::atomic::AtomicUsize;
+
+    fn config() -> RetryConfig {
+        RetryConfig {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            ..RetryConfig::default()
+        }
+    }
+
+    /// A fake inner service answering from a script of statuses (and headers).
+    fn scripted(
+        script: Vec<(u16, Option<&'static str>)>,
+    ) -> (
+        impl Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError, Future: Send>
+        + Clone
+        + Send
+        + 'static,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let script = Arc::new(script);
+        let c = calls.clone();
+        let svc = tower::service_fn(move |_req: Request<Bytes>| {
+            let n = c.fetch_add(1, Ordering::Relaxed);
+            let (status, retry_after_ms) = script[n.min(script.len() - 1)];
+            async move {
+                let status = StatusCode::from_u16(status).unwrap();
+                let mut resp = Response::new(full("{}"));
+                *resp.status_mut() = status;
+                if let Some(ms) = retry_after_ms {
+                    resp.headers_mut()
+                        .insert("retry-after-ms", HeaderValue::from_static(ms));
+                }
+                let classified = classify(status, resp.headers(), b"{}");
+                resp.extensions_mut().insert(classified);
+                Ok::<_, ProxyError>(resp)
+            }
+        });
+        (svc, calls)
+    }
+
+    fn request() -> Request<Bytes> {
+        Request::new(Bytes::from_static(b"{}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstreams_retry_after_is_honoured_to_the_millisecond() {
+        let (svc, calls) = scripted(vec![(429, Some("1500")), (200, None)]);
+        let retry = tower::Layer::layer(&Layer::new(&config()), svc);
+        let start = Instant::now();
+        let resp = retry.oneshot(request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(Instant::now() - start, Duration::from_millis(1500));
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert_eq!(resp.headers()["x-penstock-attempts"], "2");
+        assert!(!resp.headers().contains_key("x-should-retry"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_with_full_jitter_within_the_cap() {
+        let (svc, calls) = scripted(vec![(503, None)]);
+        let retry = tower::Layer::layer(&Layer::new(&config()), svc);
+        let start = Instant::now();
+        let resp = retry.oneshot(request()).await.unwrap();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(calls.load(Ordering::Relaxed), 4, "max_attempts");
+        // Jittered waits of at most 100 + 200 + 400 ms.
+        assert!(Instant::now() - start <= Duration::from_millis(700));
+        assert_eq!(resp.headers()["x-penstock-attempts"], "4");
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn money_errors_and_client_errors_are_never_retried() {
+        for status in [400u16, 401, 404] {
+            let (svc, calls) = scripted(vec![(status, None)]);
+            let retry = tower::Layer::layer(&Layer::new(&config()), svc);
+            let resp = retry.oneshot(request()).await.unwrap();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(calls.load(Ordering::Relaxed), 1);
+            assert_eq!(resp.headers()["x-should-retry"], "false");
+        }
+        let h = http::HeaderMap::new();
+        let body = br#"{"error":{"message":"m","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
+        let c = classify(StatusCode::TOO_MANY_REQUESTS, &h, body);
+        assert!(!c.class.is_retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_would_outlive_the_deadline() {
+        let (svc, calls) = scripted(vec![(429, Some("5000")), (200, None)]);
+        let retry = tower::Layer::layer(
+            &Layer::new(&RetryConfig {
+                deadline: Duration::from_secs(2),
+                ..config()
+            }),
+            svc,
+        );
+        let resp = retry.oneshot(request()).await.unwrap();
+        assert_eq!(resp.status(), 429, "a 5 s wait does not fit a 2 s deadline");
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_budget_caps_retries_when_everything_fails() {
+        let (svc, calls) = scripted(vec![(500, None)]);
+        let layer = Layer::new(&RetryConfig {
+            budget_percent: 20.0,
+            min_retries_per_second: 0,
+            ..config()
+        });
+        let retry = tower::Layer::layer(&layer, svc);
+        for _ in 0..100 {
+            retry.clone().oneshot(request()).await.unwrap();
+        }
+        let calls = calls.load(Ordering::Relaxed);
+        assert!(calls <= 121, "{calls} upstream calls for 100 requests");
+    }
+}

@@ -1,0 +1,189 @@
+//! Retries: routine failures are absorbed without the client retrying, money errors
+//! are never retried, and a failing upstream does not see a retry storm.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use penstock::config::BudgetConfig;
+use serde_json::json;
+use support::*;
+
+fn image() -> serde_json::Value {
+    json!({"model": "gpt-image-1", "prompt": "a kite", "quality": "low", "size": "1024x1024"})
+}
+
+async fn post(url: &str, body: &serde_json::Value) -> reqwest::Response {
+    http()
+        .post(format!("{url}/v1/images/generations"))
+        .header("authorization", "Bearer sk-test")
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_fifth_of_calls_failing_and_some_resets_are_absorbed_at_about_one_and_a_quarter_calls_each()
+ {
+    // Every 5th call fails with 5xx, every 23rd connection is reset.
+    let h = start(Behaviour {
+        fail_every: Some(5),
+        reset_every: Some(23),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut attempts = 0;
+    for _ in 0..100 {
+        let resp = post(&h.url, &image()).await;
+        assert_eq!(resp.status(), 200, "the client never sees the failure");
+        attempts += resp.headers()["x-penstock-attempts"]
+            .to_str()
+            .unwrap()
+            .parse::<usize>()
+            .unwrap();
+    }
+    let calls = h.fake.calls();
+    assert_eq!(
+        attempts, calls,
+        "x-penstock-attempts agrees with the upstream's count"
+    );
+    let per_request = calls as f64 / 100.0;
+    assert!(
+        (1.2..=1.4).contains(&per_request),
+        "{per_request} upstream calls per request"
+    );
+    assert!(
+        h.fake.answered(0) >= 4,
+        "resets happened: {}",
+        h.fake.answered(0)
+    );
+    assert!(h.fake.answered(500) + h.fake.answered(502) + h.fake.answered(503) >= 20);
+}
+
+#[tokio::test]
+async fn an_upstream_that_fails_everything_sees_at_most_half_again_as_many_calls() {
+    let h = start(Behaviour {
+        fail_every: Some(1),
+        ..Behaviour::default()
+    })
+    .await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let url = h.url.clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..10 {
+                    let resp = post(&url, &image()).await;
+                    assert_eq!(resp.headers()["x-should-retry"], "false");
+                    statuses.push(resp.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    for t in tasks {
+        for status in t.await.unwrap() {
+            assert!(
+                [500, 502, 503].contains(&status),
+                "the last upstream error, unchanged: {status}"
+            );
+        }
+    }
+    let calls = h.fake.calls();
+    assert!(calls <= 150, "{calls} upstream calls for 100 requests");
+}
+
+#[tokio::test]
+async fn insufficient_quota_costs_one_call_then_answers_at_once_for_the_cool_down() {
+    let h = start_with(
+        Behaviour {
+            insufficient_quota: true,
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                name: None,
+                models: vec!["gpt-image-*".into()],
+                rpm: Some(60),
+                tpm: None,
+                ipm: None,
+                burst: Duration::from_secs(1),
+                safety_margin: Duration::from_millis(50),
+                max_in_flight: None,
+            }];
+        },
+        |_| None,
+    )
+    .await;
+    // Three at once: one goes, two wait for the next one-per-second slot.
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let url = h.url.clone();
+            tokio::spawn(async move { post(&url, &image()).await })
+        })
+        .collect();
+    for t in tasks {
+        let resp = t.await.unwrap();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        let v = json(resp).await;
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the queued ones were answered at once"
+    );
+    // New requests during the cool-down: answered by penstock, the same error.
+    let resp = post(&h.url, &image()).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-penstock-circuit"], "open");
+    assert_eq!(json(resp).await["error"]["type"], "insufficient_quota");
+    assert_eq!(h.fake.calls(), 1, "one upstream call in all");
+}
+
+#[tokio::test]
+async fn a_stream_that_fails_after_its_first_byte_is_not_retried() {
+    let h = start(Behaviour {
+        cut_stream_after: Some(1),
+        ..Behaviour::default()
+    })
+    .await;
+    let resp = post(
+        &h.url,
+        &json!({"model": "gpt-image-1", "prompt": "p", "stream": true, "partial_images": 2}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-penstock-attempts"], "1");
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("partial_image"));
+    let mut failed = false;
+    while let Some(chunk) = body.next().await {
+        failed |= chunk.is_err();
+    }
+    assert!(failed, "the client sees the cut");
+    assert_eq!(
+        h.fake.calls(),
+        1,
+        "bytes had reached the client: never retried"
+    );
+}
+
+#[tokio::test]
+async fn client_errors_pass_through_once_and_unchanged() {
+    let h = start(Behaviour::default()).await;
+    let resp = http()
+        .post(format!("{}/v1/no/such/thing", h.url))
+        .json(&json!({"x": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["x-penstock-attempts"], "1");
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert_eq!(h.fake.calls(), 1);
+}
