@@ -43,17 +43,27 @@ impl State {
                     "max_wait_ms": config.queue.max_wait.as_millis() as u64,
                     "max_depth": config.queue.max_depth,
                 },
+                "cache": {
+                    "enabled": config.cache.enabled,
+                    "ttl_secs": config.cache.ttl.as_secs(),
+                    "max_size": config.cache.max_size.as_u64(),
+                    "max_entry_size": config.cache.max_entry_size.as_u64(),
+                    "scope": config.cache.scope,
+                    "paths": config.cache.paths,
+                },
             }),
         }
     }
 
-    fn status(&self) -> serde_json::Value {
+    async fn status(&self) -> serde_json::Value {
+        let (entries, bytes) = self.shared.cache.usage().await;
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.started.elapsed().as_secs(),
             "ready": self.ready.load(Ordering::Acquire),
             "config": self.summary,
             "pools": self.shared.budgets.status(),
+            "cache": {"entries": entries, "bytes": bytes},
         })
     }
 }
@@ -68,7 +78,7 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Bo
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "not ready"}),
         ),
-        "/status" => (StatusCode::OK, state.status()),
+        "/status" => (StatusCode::OK, state.status().await),
         _ => (StatusCode::NOT_FOUND, json!({"error": "not found"})),
     };
     let mut resp = Response::new(full(body.to_string()));

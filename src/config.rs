@@ -69,6 +69,79 @@ pub struct Config {
     /// Retries of transient upstream failures.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Coalescing of identical requests and the response cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// Identical requests cost one upstream call: while one is in flight the others
+/// wait for it, and its successful answer is kept for a while after.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `false` turns both coalescing and the cache off.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long a successful response is kept.
+    #[serde(default = "default_cache_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Bytes the cache may hold in all.
+    #[serde(default = "default_cache_max_size")]
+    pub max_size: ByteSize,
+    /// Larger responses are shared with those waiting but not kept.
+    #[serde(default = "default_cache_max_entry_size")]
+    pub max_entry_size: ByteSize,
+    /// `"tenant"`: clients (API keys, or client ids in sidecar mode) never share an
+    /// entry; `"global"`: everyone does.
+    #[serde(default)]
+    pub scope: CacheScope,
+    /// Paths whose POSTs are coalesced and cached.
+    #[serde(default = "default_cache_paths")]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    #[default]
+    Tenant,
+    Global,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            ttl: default_cache_ttl(),
+            max_size: default_cache_max_size(),
+            max_entry_size: default_cache_max_entry_size(),
+            scope: CacheScope::Tenant,
+            paths: default_cache_paths(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_cache_max_size() -> ByteSize {
+    ByteSize::mib(512)
+}
+fn default_cache_max_entry_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_cache_paths() -> Vec<String> {
+    [
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/embeddings",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Retries of transient upstream failures (connection errors, timeouts, 408, 5xx,
@@ -348,6 +421,7 @@ impl Default for Config {
                 ..EstimateConfig::default()
             },
             retry: RetryConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -536,6 +610,24 @@ impl Config {
             return Err(bad(
                 "retry.deadline",
                 "expected a duration above zero, like \"10m\"".into(),
+            ));
+        }
+        if self.cache.max_entry_size > self.cache.max_size {
+            return Err(bad(
+                "cache.max_entry_size",
+                "must not exceed `cache.max_size`".into(),
+            ));
+        }
+        if self.cache.max_entry_size.as_u64() > u32::MAX as u64 {
+            return Err(bad(
+                "cache.max_entry_size",
+                "expected at most \"4GiB\"".into(),
+            ));
+        }
+        if let Some(p) = self.cache.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(bad(
+                "cache.paths",
+                format!("{p:?} is not a path; expected like \"/v1/embeddings\""),
             ));
         }
         if self.queue.max_depth == 0 {

@@ -126,7 +126,141 @@ pub struct RequestContext {
     pub cost: Cost,
     /// The client's own limit on waiting for budget (`x-penstock-max-wait-ms`).
     pub max_wait: Option<Duration>,
+    /// Identical requests share this key (tenant unless the cache is global,
+    /// method, path and the body's meaning); `None` when not cacheable.
+    pub cache_key: Option<CacheKey>,
+    pub cache_mode: CacheMode,
     pub received: Instant,
+}
+
+pub type CacheKey = [u8; 32];
+
+/// Who still waits for a shared call, and whether it has been sent. A call nobody
+/// waits for any more is dropped while it is still queued; once sent, it costs
+/// money and is finished (and stored) even if everyone left.
+#[derive(Debug, Default)]
+pub struct Interest {
+    watchers: std::sync::atomic::AtomicUsize,
+    sent: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Interest {
+    /// Called by the upstream layer as the call goes out.
+    pub fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn is_sent(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// Registers a caller that waits for the answer, until the guard drops.
+    pub fn watch(self: &Arc<Self>) -> Watch {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        Watch(self.clone())
+    }
+
+    /// Resolves when every caller has left before the call was sent; never once
+    /// it has been sent.
+    pub async fn abandoned(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_sent() {
+                std::future::pending::<()>().await;
+            }
+            if self.watchers() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// One caller waiting for a shared call.
+pub struct Watch(Arc<Interest>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.0.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
+
+/// What the client asked of the cache with `Cache-Control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Use a stored or in-flight answer when there is one.
+    Normal,
+    /// `no-cache`: a fresh call, whose answer is stored.
+    Refresh,
+    /// `no-store`: neither looked up nor stored.
+    Bypass,
+}
+
+impl CacheMode {
+    fn from_headers(headers: &HeaderMap) -> CacheMode {
+        let mut mode = CacheMode::Normal;
+        for v in headers.get_all(header::CACHE_CONTROL) {
+            for directive in v.to_str().unwrap_or("").split(',') {
+                match directive.trim().to_ascii_lowercase().as_str() {
+                    "no-store" => return CacheMode::Bypass,
+                    "no-cache" => mode = CacheMode::Refresh,
+                    _ => {}
+                }
+            }
+        }
+        mode
+    }
+}
+
+/// Hashes a JSON value by meaning: object keys sorted, whitespace gone.
+fn hash_json(h: &mut blake3::Hasher, v: &Value) {
+    match v {
+        Value::Null => {
+            h.update(b"n");
+        }
+        Value::Bool(b) => {
+            h.update(if *b { b"t" } else { b"f" });
+        }
+        Value::Number(n) => {
+            h.update(b"#");
+            h.update(n.to_string().as_bytes());
+            h.update(b";");
+        }
+        Value::String(s) => {
+            h.update(b"s");
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        Value::Array(a) => {
+            h.update(b"[");
+            h.update(&(a.len() as u64).to_le_bytes());
+            for x in a {
+                hash_json(h, x);
+            }
+        }
+        Value::Object(o) => {
+            h.update(b"{");
+            h.update(&(o.len() as u64).to_le_bytes());
+            let mut entries: Vec<_> = o.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for (k, x) in entries {
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k.as_bytes());
+                hash_json(h, x);
+            }
+        }
+    }
 }
 
 /// A body as penstock understood it; dropped once the context is built.
@@ -210,10 +344,14 @@ async fn multipart_summary(
     let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(chunk) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut summary = MultipartSummary::default();
+    // (name, content hash) of every part; sorted by name below (stable, so the
+    // order of repeated names like `image[]` still counts).
+    let mut parts: Vec<(String, blake3::Hash)> = Vec::new();
     while let Some(field) = multipart.next_field().await? {
         let name = field.name().unwrap_or("").to_string();
         if field.file_name().is_some() || name.starts_with("image") || name == "mask" {
             let bytes = field.bytes().await?;
+            parts.push((name.clone(), blake3::hash(&bytes)));
             if name == "image" || name == "image[]" {
                 let size = imagesize::blob_size(&bytes)
                     .ok()
@@ -221,9 +359,19 @@ async fn multipart_summary(
                 summary.images.push(InputImage { size });
             }
         } else {
-            summary.fields.insert(name, field.text().await?);
+            let text = field.text().await?;
+            parts.push((name.clone(), blake3::hash(text.as_bytes())));
+            summary.fields.insert(name, text);
         }
     }
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = blake3::Hasher::new();
+    for (name, hash) in &parts {
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(hash.as_bytes());
+    }
+    summary.digest = h.finalize().into();
     Ok(summary)
 }
 
@@ -234,6 +382,10 @@ pub struct EdgeConfig {
     pub sidecar: bool,
     pub client_id_header: HeaderName,
     pub estimator: Estimator,
+    /// Paths whose POSTs get a cache key; `None` when the cache is off.
+    pub cache_paths: Option<std::collections::HashSet<String>>,
+    /// Everyone shares cache entries, not only each tenant.
+    pub cache_global: bool,
 }
 
 impl EdgeConfig {
@@ -248,7 +400,52 @@ impl EdgeConfig {
                 Estimator::new(&crate::config::EstimateConfig::default())
                     .expect("default estimator")
             }),
+            cache_paths: config
+                .cache
+                .enabled
+                .then(|| config.cache.paths.iter().cloned().collect()),
+            cache_global: config.cache.scope == crate::config::CacheScope::Global,
         }
+    }
+
+    /// The cache key, for a cacheable, non-streamed POST.
+    fn cache_key(
+        &self,
+        parts: &http::request::Parts,
+        tenant: &Tenant,
+        parsed: &Parsed,
+        body: &Bytes,
+    ) -> Option<CacheKey> {
+        let paths = self.cache_paths.as_ref()?;
+        if parts.method != Method::POST || !paths.contains(parts.uri.path()) || parsed.stream() {
+            return None;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"penstock-cache-v1\0");
+        h.update(if self.cache_global {
+            b"*"
+        } else {
+            tenant.0.as_bytes()
+        });
+        h.update(b"\0");
+        h.update(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("", |pq| pq.as_str())
+                .as_bytes(),
+        );
+        h.update(b"\0");
+        match parsed {
+            Parsed::Json(v) => hash_json(&mut h, v),
+            Parsed::Multipart(m) => {
+                h.update(&m.digest);
+            }
+            Parsed::None => {
+                h.update(body);
+            }
+        }
+        Some(h.finalize().into())
     }
 
     /// Who the request belongs to, and whose budget pays for it.
@@ -412,6 +609,7 @@ where
         .estimator
         .estimate(route, model.as_deref(), parsed.view());
     let (tenant, credential) = config.identify(&parts.headers);
+    let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);
     let ctx = RequestContext {
         id,
         route,
@@ -421,6 +619,8 @@ where
         credential,
         cost,
         max_wait: client_max_wait(&parts.headers),
+        cache_key,
+        cache_mode: CacheMode::from_headers(&parts.headers),
         received,
     };
     parts.extensions.insert(Arc::new(ctx));
@@ -519,6 +719,93 @@ mod tests {
         config.sidecar = true;
         let (t, cred) = config.identify(&h);
         assert_eq!((t.0.as_ref(), cred.as_ref()), ("client:web", "sidecar"));
+    }
+
+    #[tokio::test]
+    async fn cache_keys_follow_meaning_not_bytes() {
+        let config = EdgeConfig::new(&Config::default());
+        let tenant = Tenant("key:a".into());
+        let key = |body: &'static str, path: &str| {
+            let parts = Request::post(path).body(()).unwrap().into_parts().0;
+            let v: Value = serde_json::from_str(body).unwrap();
+            config.cache_key(
+                &parts,
+                &tenant,
+                &Parsed::Json(v),
+                &Bytes::from_static(body.as_bytes()),
+            )
+        };
+        let a = key(
+            r#"{"model":"gpt-image-1","prompt":"a fox","n":1}"#,
+            "/v1/images/generations",
+        );
+        let b = key(
+            r#"{ "n": 1, "prompt": "a fox",  "model": "gpt-image-1" }"#,
+            "/v1/images/generations",
+        );
+        assert!(a.is_some());
+        assert_eq!(a, b, "key order and whitespace do not matter");
+        assert_ne!(
+            a,
+            key(
+                r#"{"model":"gpt-image-1","prompt":"a fox","n":2}"#,
+                "/v1/images/generations"
+            )
+        );
+        assert_eq!(
+            key(r#"{"input":"x"}"#, "/v1/chat/completions"),
+            None,
+            "not a cached path"
+        );
+        assert_eq!(
+            key(r#"{"prompt":"x","stream":true}"#, "/v1/images/generations"),
+            None
+        );
+        let other = Tenant("key:b".into());
+        let parts = Request::post("/v1/images/generations")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let v: Value =
+            serde_json::from_str(r#"{"model":"gpt-image-1","prompt":"a fox","n":1}"#).unwrap();
+        assert_ne!(
+            a,
+            config.cache_key(&parts, &other, &Parsed::Json(v), &Bytes::new()),
+            "tenants apart"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=0, No-Cache"),
+        );
+        assert_eq!(CacheMode::from_headers(&h), CacheMode::Refresh);
+        h.append(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        assert_eq!(CacheMode::from_headers(&h), CacheMode::Bypass);
+    }
+
+    #[tokio::test]
+    async fn multipart_digests_ignore_the_boundary_and_field_order() {
+        let body = |boundary: &str, swap: bool| {
+            let prompt = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nblue\r\n"
+            );
+            let image = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNGDATA\r\n"
+            );
+            let (a, b) = if swap {
+                (image, prompt)
+            } else {
+                (prompt, image)
+            };
+            Bytes::from(format!("{a}{b}--{boundary}--\r\n"))
+        };
+        let summary = |boundary: &str, swap| {
+            let ct = format!("multipart/form-data; boundary={boundary}");
+            let b = body(boundary, swap);
+            async move { multipart_summary(&ct, &b).await.unwrap().digest }
+        };
+        assert_eq!(summary("aaa", false).await, summary("zzz", true).await);
     }
 
     #[test]

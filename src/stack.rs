@@ -9,6 +9,7 @@ use tower::ServiceBuilder;
 
 use crate::body::{Body, BoxError};
 use crate::budget;
+use crate::coalesce;
 use crate::config::Config;
 use crate::request;
 use crate::retry;
@@ -17,6 +18,7 @@ use crate::upstream::{self, Upstream};
 /// State the stack shares with the admin endpoints.
 pub struct Shared {
     pub budgets: Arc<budget::Registry>,
+    pub cache: coalesce::Handle,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -48,11 +50,16 @@ where
         // Token estimates need the tokenizers: load them before the first request.
         edge.estimator.warm();
     }
+    let cache = coalesce::Layer::new(&config.cache);
+    let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()
         // Edge: body limit and one buffered copy, the parsed context with its cost
         // estimate, errors turned into OpenAI-shaped responses, and the log line;
         // outermost so it sees everything.
         .layer(request::Layer::new(edge))
+        // Coalescing and the cache: above retries and budgets, so a hit or a
+        // coalesced request costs no attempt and no budget.
+        .layer(cache)
         // Retries of transient failures, above admission so that every attempt
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry))
@@ -60,5 +67,11 @@ where
         .layer(budget::Layer::new(budgets.clone()))
         // One attempt upstream, bounded by the per-attempt timeout.
         .service(upstream);
-    Ok((stack, Shared { budgets }))
+    Ok((
+        stack,
+        Shared {
+            budgets,
+            cache: cache_handle,
+        },
+    ))
 }

@@ -22,6 +22,7 @@ use crate::body::{Body, full};
 use crate::classify::classify;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
+use crate::request::Interest;
 
 /// `base_url` split once at startup so each request only appends its path.
 #[derive(Debug, Clone)]
@@ -288,6 +289,11 @@ impl tower::Service<Request<Bytes>> for Upstream {
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        // From here the call costs money: a shared call is finished even if its
+        // callers leave.
+        if let Some(interest) = req.extensions().get::<Arc<Interest>>() {
+            interest.mark_sent();
+        }
         let req = self.upstream_request(req);
         let inner = self.inner.clone();
         Box::pin(async move {

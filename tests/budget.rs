@@ -37,9 +37,11 @@ async fn generate(
     headers: &[(&str, &str)],
     body: serde_json::Value,
 ) -> reqwest::Response {
+    // Every request here must reach the budget: none is coalesced or cached.
     let mut req = http()
         .post(format!("{url}/v1/images/generations"))
         .header("authorization", "Bearer sk-test")
+        .header("cache-control", "no-store")
         .json(&body);
     for (k, v) in headers {
         req = req.header(*k, *v);

@@ -15,9 +15,11 @@ fn image() -> serde_json::Value {
 }
 
 async fn post(url: &str, body: &serde_json::Value) -> reqwest::Response {
+    // Every request here must reach the upstream: none is coalesced or cached.
     http()
         .post(format!("{url}/v1/images/generations"))
         .header("authorization", "Bearer sk-test")
+        .header("cache-control", "no-store")
         .json(body)
         .send()
         .await

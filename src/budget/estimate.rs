@@ -80,11 +80,14 @@ pub struct InputImage {
     pub size: Option<(u32, u32)>,
 }
 
-/// The parts of a multipart body that pricing needs: text fields and the images.
+/// What penstock reads of a multipart body: text fields and images for pricing,
+/// and a digest of every part's name and content (not its boundary or part order
+/// between different names) for the cache key.
 #[derive(Debug, Default, Clone)]
 pub struct MultipartSummary {
     pub fields: HashMap<String, String>,
     pub images: Vec<InputImage>,
+    pub digest: [u8; 32],
 }
 
 /// A parsed body, as the estimator sees it.
@@ -514,6 +517,7 @@ mod tests {
                 };
                 2
             ],
+            digest: [0; 32],
         };
         let c = est().estimate(Route::ImagesEdits, Some("gpt-image-1"), Body::Multipart(&m));
         assert_eq!(c.tokens, 3 + 2 * 194 + 272);

@@ -1,0 +1,328 @@
+//! Identical requests cost one upstream call. While a call is in flight, identical
+//! requests wait for it (single flight); its successful answer is then kept in a
+//! moka cache, bounded in bytes and time. The call runs in a task of its own: if
+//! the client that started it leaves, it still finishes for the others and, being
+//! paid for, is still stored. It sits above retries and budgets, so a hit or a
+//! coalesced request costs no budget and no attempt.
+//!
+//! moka's own `get_with` coalesces too, but when its first caller is dropped a
+//! waiter runs the init again, which here would be a second paid call; so the
+//! in-flight calls live in a small map of shared futures, and moka only stores.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tower::{Service, ServiceExt};
+
+use crate::body::{Body, full};
+use crate::config::CacheConfig;
+use crate::error::ProxyError;
+use crate::request::{CacheKey, CacheMode, Interest, RequestContext, Watch};
+
+/// The most of a response penstock buffers to share it with waiting callers.
+const MAX_SHARED: usize = 512 * 1024 * 1024;
+
+/// A complete response: kept in the cache, or shared with those who waited.
+#[derive(Debug)]
+pub struct Stored {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Stored {
+    async fn from_result(result: Result<Response<Body>, ProxyError>) -> Stored {
+        let resp = result.unwrap_or_else(ProxyError::into_response);
+        let (parts, mut body) = resp.into_parts();
+        let mut buf = bytes::BytesMut::new();
+        let mut first: Option<Bytes> = None;
+        while let Some(frame) = body.frame().await {
+            let data = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                Err(e) => return Stored::from_error(ProxyError::UpstreamConnection(e.to_string())),
+            };
+            if buf.len() + first.as_ref().map_or(0, Bytes::len) + data.len() > MAX_SHARED {
+                return Stored::from_error(ProxyError::UpstreamConnection(
+                    "the response is too large to share".into(),
+                ));
+            }
+            // A body in one frame (the usual case) is kept without a copy.
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                Some(f) => {
+                    buf.extend_from_slice(&f);
+                    buf.extend_from_slice(&data);
+                }
+                None => buf.extend_from_slice(&data),
+            }
+        }
+        Stored {
+            status: parts.status,
+            headers: parts.headers,
+            body: first.unwrap_or_else(|| buf.freeze()),
+        }
+    }
+
+    fn from_error(e: ProxyError) -> Stored {
+        let resp = e.into_response();
+        let (parts, _) = resp.into_parts();
+        let body = Bytes::from(
+            serde_json::json!({"error": {"message": "the shared upstream call failed", "type": "penstock_error", "param": null, "code": "penstock_upstream_connection_error"}})
+                .to_string(),
+        );
+        Stored {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// What this response weighs in the cache.
+    fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        (self.body.len() + headers + 128).min(u32::MAX as usize) as u32
+    }
+
+    /// A response for one caller. Hits and coalesced callers made no attempt and
+    /// waited for no budget of their own.
+    fn response(&self, outcome: &'static str) -> Response<Body> {
+        let mut resp = Response::new(full(self.body.clone()));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.clone();
+        let h = resp.headers_mut();
+        h.insert("x-penstock-cache", HeaderValue::from_static(outcome));
+        if outcome != "miss" {
+            h.remove("x-penstock-queue-ms");
+            h.insert("x-penstock-attempts", HeaderValue::from_static("0"));
+        }
+        resp
+    }
+}
+
+/// A call in flight: its shared answer, and who waits for it.
+#[derive(Clone)]
+struct InFlight {
+    answer: Shared<BoxFuture<'static, Arc<Stored>>>,
+    interest: Arc<Interest>,
+}
+
+struct Inner {
+    cache: moka::future::Cache<CacheKey, Arc<Stored>>,
+    in_flight: Mutex<HashMap<CacheKey, InFlight>>,
+    max_entry_size: u64,
+}
+
+/// The cache's size, for `/status` and metrics.
+#[derive(Clone)]
+pub struct Handle(Option<Arc<Inner>>);
+
+impl Handle {
+    /// Entries and bytes held, after pending evictions have run.
+    pub async fn usage(&self) -> (u64, u64) {
+        match &self.0 {
+            Some(inner) => {
+                inner.cache.run_pending_tasks().await;
+                (inner.cache.entry_count(), inner.cache.weighted_size())
+            }
+            None => (0, 0),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Layer {
+    inner: Option<Arc<Inner>>,
+}
+
+impl Layer {
+    pub fn new(config: &CacheConfig) -> Layer {
+        let inner = config.enabled.then(|| {
+            Arc::new(Inner {
+                cache: moka::future::Cache::builder()
+                    .max_capacity(config.max_size.as_u64())
+                    .weigher(|_key: &CacheKey, v: &Arc<Stored>| v.weight())
+                    .time_to_live(config.ttl)
+                    .build(),
+                in_flight: Mutex::new(HashMap::new()),
+                max_entry_size: config.max_entry_size.as_u64(),
+            })
+        });
+        Layer { inner }
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle(self.inner.clone())
+    }
+}
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = Coalesce<S>;
+    fn layer(&self, service: S) -> Coalesce<S> {
+        Coalesce {
+            service,
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Coalesce<S> {
+    service: S,
+    inner: Option<Arc<Inner>>,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, InFlight>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the one upstream call for `key` in a task of its own, which stores a
+    /// storable answer and (when `register`ed) leaves the in-flight map. If every
+    /// caller leaves before the call is sent, the task drops it unsent. The caller
+    /// is its first watcher, registered before the task can look.
+    fn spawn_call<S>(
+        self: &Arc<Self>,
+        service: S,
+        mut req: Request<Bytes>,
+        key: CacheKey,
+        register: bool,
+    ) -> (InFlight, Watch)
+    where
+        S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
+        S::Future: Send,
+    {
+        let interest = Arc::new(Interest::default());
+        let first = interest.watch();
+        req.extensions_mut().insert(interest.clone());
+        let inner = self.clone();
+        let watching = interest.clone();
+        let task = tokio::spawn(async move {
+            let call = service.oneshot(req);
+            tokio::pin!(call);
+            let result = loop {
+                tokio::select! {
+                    result = &mut call => break Some(result),
+                    _ = watching.abandoned() => {
+                        // Re-checked under the lock callers join under.
+                        let mut in_flight = inner.lock();
+                        if watching.watchers() == 0 && !watching.is_sent() {
+                            if register {
+                                in_flight.remove(&key);
+                            }
+                            break None;
+                        }
+                    }
+                }
+            };
+            let Some(result) = result else {
+                return Arc::new(Stored::from_error(ProxyError::UpstreamConnection(
+                    "every caller left before the call was sent".into(),
+                )));
+            };
+            let stored = Arc::new(Stored::from_result(result).await);
+            if stored.status.is_success() && stored.body.len() as u64 <= inner.max_entry_size {
+                inner.cache.insert(key, stored.clone()).await;
+            }
+            // After the insert: a request that no longer finds the call in flight
+            // finds its answer in the cache.
+            if register {
+                inner.lock().remove(&key);
+            }
+            stored
+        });
+        let answer = async move {
+            task.await.unwrap_or_else(|_| {
+                Arc::new(Stored::from_error(ProxyError::UpstreamConnection(
+                    "the shared upstream call was aborted".into(),
+                )))
+            })
+        }
+        .boxed()
+        .shared();
+        (InFlight { answer, interest }, first)
+    }
+}
+
+impl<S> Service<Request<Bytes>> for Coalesce<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    // Boxed: a cache lookup and a wait on a shared call.
+    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let service = self.service.clone();
+        let ctx = req.extensions().get::<Arc<RequestContext>>();
+        let key = ctx.and_then(|c| c.cache_key);
+        let mode = ctx.map_or(CacheMode::Bypass, |c| c.cache_mode);
+        let Some((inner, key)) = self
+            .inner
+            .clone()
+            .zip(key)
+            .filter(|_| mode != CacheMode::Bypass)
+        else {
+            return Box::pin(async move {
+                let mut resp = service.oneshot(req).await?;
+                resp.headers_mut()
+                    .insert("x-penstock-cache", HeaderValue::from_static("bypass"));
+                Ok(resp)
+            });
+        };
+        Box::pin(async move {
+            if mode == CacheMode::Refresh {
+                // A fresh call, stored for the next ones; it joins nothing.
+                let (call, _watch) = inner.spawn_call(service, req, key, false);
+                return Ok(call.answer.await.response("miss"));
+            }
+            let joined = {
+                let in_flight = inner.lock();
+                in_flight
+                    .get(&key)
+                    .map(|c| (c.answer.clone(), c.interest.watch()))
+            };
+            if let Some((answer, _watch)) = joined {
+                return Ok(answer.await.response("coalesced"));
+            }
+            if let Some(stored) = inner.cache.get(&key).await {
+                return Ok(stored.response("hit"));
+            }
+            let (answer, _watch, outcome) = {
+                let mut in_flight = inner.lock();
+                match in_flight.get(&key) {
+                    Some(call) => (call.answer.clone(), call.interest.watch(), "coalesced"),
+                    None => {
+                        // Inserted under the lock the task needs to remove it, so
+                        // the removal cannot come first.
+                        let (call, watch) = inner.spawn_call(service, req, key, true);
+                        in_flight.insert(key, call.clone());
+                        (call.answer, watch, "miss")
+                    }
+                }
+            };
+            Ok(answer.await.response(outcome))
+        })
+    }
+}
