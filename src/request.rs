@@ -333,6 +333,9 @@ async fn parse_body(route: Route, headers: &HeaderMap, body: &Bytes) -> Result<P
     Ok(Parsed::None)
 }
 
+/// How much of an image file is kept to read its size (JPEG may put EXIF first).
+const IMAGE_HEAD: usize = 256 * 1024;
+
 /// Text fields and image sizes of a multipart body. Walking every part also
 /// checks the framing.
 async fn multipart_summary(
@@ -347,13 +350,21 @@ async fn multipart_summary(
     // (name, content hash) of every part; sorted by name below (stable, so the
     // order of repeated names like `image[]` still counts).
     let mut parts: Vec<(String, blake3::Hash)> = Vec::new();
-    while let Some(field) = multipart.next_field().await? {
+    while let Some(mut field) = multipart.next_field().await? {
         let name = field.name().unwrap_or("").to_string();
         if field.file_name().is_some() || name.starts_with("image") || name == "mask" {
-            let bytes = field.bytes().await?;
-            parts.push((name.clone(), blake3::hash(&bytes)));
+            // Streamed chunk by chunk: a file is hashed where it lies, and only its
+            // head (where formats keep their size) is kept.
+            let mut hash = blake3::Hasher::new();
+            let mut head = Vec::new();
+            while let Some(chunk) = field.chunk().await? {
+                hash.update(&chunk);
+                let room = IMAGE_HEAD.saturating_sub(head.len()).min(chunk.len());
+                head.extend_from_slice(&chunk[..room]);
+            }
+            parts.push((name.clone(), hash.finalize()));
             if name == "image" || name == "image[]" {
-                let size = imagesize::blob_size(&bytes)
+                let size = imagesize::blob_size(&head)
                     .ok()
                     .map(|s| (s.width as u32, s.height as u32));
                 summary.images.push(InputImage { size });
@@ -563,6 +574,18 @@ where
             Ok(resp)
         })
     }
+}
+
+/// What the edge does before the rest of the stack sees a request: buffer the
+/// body within the limit, parse it once, and attach the [`RequestContext`] (its
+/// cost estimate and cache key included). Public for benchmarks.
+pub async fn prepare<B>(req: Request<B>, config: &EdgeConfig) -> Result<Request<Bytes>, ProxyError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let route = Route::from_path(req.uri().path());
+    buffer(req, config, route, next_request_id(), Instant::now()).await
 }
 
 /// Buffers the body within the limit and attaches the context.

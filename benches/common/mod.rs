@@ -31,6 +31,17 @@ impl Run {
 }
 
 pub async fn run(url: &str, body: &'static [u8], total: usize, concurrency: usize) -> Run {
+    run_with(url, move |_| Bytes::from_static(body), total, concurrency).await
+}
+
+/// Like [`run`], with the `i`th request's body made by `body(i)`.
+pub async fn run_with(
+    url: &str,
+    body: impl Fn(usize) -> Bytes + Send + Sync + 'static,
+    total: usize,
+    concurrency: usize,
+) -> Run {
+    let body = Arc::new(body);
     let client = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
         .build_http::<Full<Bytes>>();
@@ -38,14 +49,19 @@ pub async fn run(url: &str, body: &'static [u8], total: usize, concurrency: usiz
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency {
-        let (client, next, url) = (client.clone(), next.clone(), url.to_string());
+        let (client, next, url, body) =
+            (client.clone(), next.clone(), url.to_string(), body.clone());
         workers.push(tokio::spawn(async move {
             let (mut ok, mut failed, mut lat) = (0, 0, Vec::new());
-            while next.fetch_add(1, Ordering::Relaxed) < total {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
                 let req = http::Request::post(&url)
                     .header("content-type", "application/json")
                     .header("authorization", "Bearer sk-bench")
-                    .body(Full::new(Bytes::from_static(body)))
+                    .body(Full::new(body(i)))
                     .unwrap();
                 let t = Instant::now();
                 match client.request(req).await {
