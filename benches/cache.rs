@@ -118,7 +118,9 @@ async fn multipart_key() {
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     let body = Bytes::from(body);
-    let config = penstock::request::EdgeConfig::new(&penstock::Config::default());
+    let defaults = penstock::Config::default();
+    let metrics = std::sync::Arc::new(penstock::metrics::Metrics::new(&defaults.prices));
+    let config = penstock::request::EdgeConfig::new(&defaults, metrics);
     let request = || {
         http::Request::post("/v1/images/edits")
             .header(

@@ -69,6 +69,15 @@ impl State {
 }
 
 pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/metrics" {
+        let text = state.shared.metrics.encode(&state.shared.budgets.status());
+        let mut resp = Response::new(full(text));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        return Ok(resp);
+    }
     let (status, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, json!({"status": "ok"})),
         "/readyz" if state.ready.load(Ordering::Acquire) => {

@@ -23,7 +23,8 @@ use tower::{Service, ServiceExt};
 use crate::body::{Body, full};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
-use crate::request::{CacheKey, CacheMode, Interest, RequestContext, Watch};
+use crate::metrics::Metrics;
+use crate::request::{CacheKey, CacheMode, Interest, RequestContext, Tally, Watch};
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -145,10 +146,11 @@ impl Handle {
 #[derive(Clone)]
 pub struct Layer {
     inner: Option<Arc<Inner>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Layer {
-    pub fn new(config: &CacheConfig) -> Layer {
+    pub fn new(config: &CacheConfig, metrics: Arc<Metrics>) -> Layer {
         let inner = config.enabled.then(|| {
             Arc::new(Inner {
                 cache: moka::future::Cache::builder()
@@ -160,7 +162,7 @@ impl Layer {
                 max_entry_size: config.max_entry_size.as_u64(),
             })
         });
-        Layer { inner }
+        Layer { inner, metrics }
     }
 
     pub fn handle(&self) -> Handle {
@@ -174,6 +176,7 @@ impl<S> tower::Layer<S> for Layer {
         Coalesce {
             service,
             inner: self.inner.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -182,6 +185,35 @@ impl<S> tower::Layer<S> for Layer {
 pub struct Coalesce<S> {
     service: S,
     inner: Option<Arc<Inner>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts what a hit or a coalesced request did not spend: what its answer cost
+/// the one call that made it.
+fn record_saving(
+    metrics: &Metrics,
+    ctx: Option<&RequestContext>,
+    tally: Option<&Tally>,
+    stored: &Stored,
+    reason: &'static str,
+) {
+    if !stored.status.is_success() {
+        return;
+    }
+    let tail = &stored.body[stored.body.len().saturating_sub(crate::usage::TAIL)..];
+    let usage = crate::usage::find(tail);
+    let usd = metrics.prices.cost(
+        ctx.and_then(|c| c.model.as_deref()).unwrap_or(""),
+        usage.as_ref(),
+        ctx.and_then(|c| c.image.as_ref()),
+    );
+    metrics.saved(reason, usd);
+    if let Some(t) = tally {
+        t.update(|t| {
+            t.tokens = usage.map(|u| u.total);
+            t.saved_usd += usd;
+        });
+    }
 }
 
 impl Inner {
@@ -275,9 +307,11 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let service = self.service.clone();
-        let ctx = req.extensions().get::<Arc<RequestContext>>();
-        let key = ctx.and_then(|c| c.cache_key);
-        let mode = ctx.map_or(CacheMode::Bypass, |c| c.cache_mode);
+        let metrics = self.metrics.clone();
+        let tally = req.extensions().get::<Arc<Tally>>().cloned();
+        let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+        let key = ctx.as_ref().and_then(|c| c.cache_key);
+        let mode = ctx.as_ref().map_or(CacheMode::Bypass, |c| c.cache_mode);
         let Some((inner, key)) = self
             .inner
             .clone()
@@ -303,10 +337,16 @@ where
                     .get(&key)
                     .map(|c| (c.answer.clone(), c.interest.watch()))
             };
+            let saved = |stored: &Stored, reason| {
+                record_saving(&metrics, ctx.as_deref(), tally.as_deref(), stored, reason);
+            };
             if let Some((answer, _watch)) = joined {
-                return Ok(answer.await.response("coalesced"));
+                let stored = answer.await;
+                saved(&stored, "coalesced");
+                return Ok(stored.response("coalesced"));
             }
             if let Some(stored) = inner.cache.get(&key).await {
+                saved(&stored, "cache");
                 return Ok(stored.response("hit"));
             }
             let (answer, _watch, outcome) = {
@@ -322,7 +362,11 @@ where
                     }
                 }
             };
-            Ok(answer.await.response(outcome))
+            let stored = answer.await;
+            if outcome == "coalesced" {
+                saved(&stored, "coalesced");
+            }
+            Ok(stored.response(outcome))
         })
     }
 }

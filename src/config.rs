@@ -72,6 +72,9 @@ pub struct Config {
     /// Coalescing of identical requests and the response cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Model glob -> USD prices, before the built-in list prices.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub prices: std::collections::BTreeMap<String, crate::metrics::PriceConfig>,
 }
 
 /// Identical requests cost one upstream call: while one is in flight the others
@@ -422,6 +425,7 @@ impl Default for Config {
             },
             retry: RetryConfig::default(),
             cache: CacheConfig::default(),
+            prices: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -9,11 +9,13 @@ pub mod classify;
 pub mod coalesce;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod request;
 pub mod retry;
 pub mod server;
 pub mod stack;
 pub mod upstream;
+pub mod usage;
 
 pub use config::Config;
 pub use server::{Running, start};

@@ -5,6 +5,7 @@
 //! responses, and writes the one log line per request.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -25,6 +26,7 @@ use crate::budget::estimate::{self, Estimator, InputImage, MultipartSummary};
 use crate::budget::ledger::Cost;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::metrics::{ImageAsk, Metrics};
 
 /// The API operation a path names; Azure's `/openai/deployments/{d}/...` paths map
 /// to the same operations as `/v1/...`.
@@ -130,7 +132,32 @@ pub struct RequestContext {
     /// method, path and the body's meaning); `None` when not cacheable.
     pub cache_key: Option<CacheKey>,
     pub cache_mode: CacheMode,
+    /// For image requests: what was asked, to price by the image.
+    pub image: Option<ImageAsk>,
     pub received: Instant,
+}
+
+/// What a request turned out to cost, filled in by the layers that learn it and
+/// read for the log line when the response ends.
+#[derive(Debug, Default)]
+pub struct Tally(std::sync::Mutex<Accounted>);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Accounted {
+    /// Tokens the upstream reported, if it did.
+    pub tokens: Option<u64>,
+    pub cost_usd: f64,
+    pub saved_usd: f64,
+}
+
+impl Tally {
+    pub fn update(&self, f: impl FnOnce(&mut Accounted)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn get(&self) -> Accounted {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 pub type CacheKey = [u8; 32];
@@ -397,10 +424,11 @@ pub struct EdgeConfig {
     pub cache_paths: Option<std::collections::HashSet<String>>,
     /// Everyone shares cache entries, not only each tenant.
     pub cache_global: bool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl EdgeConfig {
-    pub fn new(config: &Config) -> EdgeConfig {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> EdgeConfig {
         EdgeConfig {
             max_body: config.server.max_body_size.as_u64(),
             sidecar: config.upstream.api_key_env.is_some(),
@@ -416,6 +444,7 @@ impl EdgeConfig {
                 .enabled
                 .then(|| config.cache.paths.iter().cloned().collect()),
             cache_global: config.cache.scope == crate::config::CacheScope::Global,
+            metrics,
         }
     }
 
@@ -559,19 +588,43 @@ where
             // Boxed apart: parsing's state (a multipart parser) is large and done
             // before the wait for budget; inline, every queued request would carry it.
             let buffered = Box::pin(buffer(req, &config, route, id.clone(), received)).await;
-            let (ctx, result) = match buffered {
+            let (ctx, tally, result) = match buffered {
                 Ok(req) => {
                     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
-                    (ctx, inner.oneshot(req).await)
+                    let tally = req.extensions().get::<Arc<Tally>>().cloned();
+                    (ctx, tally, inner.oneshot(req).await)
                 }
-                Err(e) => (None, Err(e)),
+                Err(e) => (None, None, Err(e)),
             };
             let mut resp = result.unwrap_or_else(ProxyError::into_response);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
                 resp.headers_mut().insert("x-penstock-request-id", v);
             }
-            log_line(&method, &path, route, ctx.as_deref(), &id, &resp, received);
-            Ok(resp)
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let line = Line {
+                upstream_request_id: header("x-request-id"),
+                queue_ms: header("x-penstock-queue-ms"),
+                attempts: header("x-penstock-attempts"),
+                cache: header("x-penstock-cache"),
+                id,
+                method,
+                path,
+                route,
+                model: ctx.as_ref().and_then(|c| c.model.clone()),
+                stream: ctx.as_ref().is_some_and(|c| c.stream),
+                estimated_tokens: ctx.as_ref().map(|c| c.cost.tokens),
+                status: resp.status().as_u16(),
+                head_ms: received.elapsed().as_millis() as u64,
+                received,
+                tally,
+                metrics: config.metrics.clone(),
+            };
+            Ok(resp.map(|body| Logged::wrap(body, line)))
         })
     }
 }
@@ -633,6 +686,7 @@ where
         .estimate(route, model.as_deref(), parsed.view());
     let (tenant, credential) = config.identify(&parts.headers);
     let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);
+    let image = estimate::image_ask(route, parsed.view());
     let ctx = RequestContext {
         id,
         route,
@@ -644,9 +698,11 @@ where
         max_wait: client_max_wait(&parts.headers),
         cache_key,
         cache_mode: CacheMode::from_headers(&parts.headers),
+        image,
         received,
     };
     parts.extensions.insert(Arc::new(ctx));
+    parts.extensions.insert(Arc::new(Tally::default()));
     Ok(Request::from_parts(parts, bytes))
 }
 
@@ -674,38 +730,124 @@ fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
     }
 }
 
-fn log_line(
-    method: &Method,
-    path: &str,
+/// The one log line of a request, written when its response body ends (or the
+/// client leaves): by then the tokens and cost the upstream reported are known.
+struct Line {
+    id: String,
+    method: Method,
+    path: String,
     route: Route,
-    ctx: Option<&RequestContext>,
-    id: &str,
-    resp: &Response<Body>,
+    model: Option<String>,
+    stream: bool,
+    estimated_tokens: Option<u64>,
+    status: u16,
+    head_ms: u64,
+    upstream_request_id: Option<String>,
+    queue_ms: Option<String>,
+    attempts: Option<String>,
+    cache: Option<String>,
     received: Instant,
-) {
-    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
-    tracing::info!(
-        target: "penstock::access",
-        request_id = id,
-        method = %method,
-        path,
-        route = route.label(),
-        model = ctx.and_then(|c| c.model.as_deref()),
-        stream = ctx.is_some_and(|c| c.stream),
-        status = resp.status().as_u16(),
-        // Time to the response head; a streamed body may flow for longer.
-        latency_ms = received.elapsed().as_millis() as u64,
-        upstream_request_id = header("x-request-id"),
-        queue_ms = header("x-penstock-queue-ms"),
-        attempts = header("x-penstock-attempts"),
-        cache = header("x-penstock-cache"),
-        "request"
-    );
+    tally: Option<Arc<Tally>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Line {
+    fn emit(&self, complete: bool) {
+        self.metrics.request(
+            self.route.label(),
+            self.model.as_deref(),
+            self.status,
+            self.cache.as_deref().unwrap_or(""),
+        );
+        let acc = self.tally.as_ref().map(|t| t.get()).unwrap_or_default();
+        tracing::info!(
+            target: "penstock::access",
+            request_id = self.id,
+            method = %self.method,
+            path = self.path,
+            route = self.route.label(),
+            model = self.model.as_deref(),
+            stream = self.stream,
+            status = self.status,
+            // Time to the response head, and to its end.
+            latency_ms = self.head_ms,
+            duration_ms = self.received.elapsed().as_millis() as u64,
+            complete,
+            upstream_request_id = self.upstream_request_id.as_deref(),
+            queue_ms = self.queue_ms.as_deref(),
+            attempts = self.attempts.as_deref(),
+            cache = self.cache.as_deref(),
+            estimated_tokens = self.estimated_tokens,
+            tokens = acc.tokens,
+            cost_usd = acc.cost_usd,
+            saved_usd = acc.saved_usd,
+            "request"
+        );
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Passes the response body on; when it ends or is dropped, writes the line.
+    struct Logged {
+        #[pin]
+        inner: Body,
+        line: Option<Line>,
+        complete: bool,
+    }
+
+    impl PinnedDrop for Logged {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(line) = this.line.take() {
+                line.emit(*this.complete);
+            }
+        }
+    }
+}
+
+impl Logged {
+    fn wrap(inner: Body, line: Line) -> Body {
+        Logged {
+            inner,
+            line: Some(line),
+            complete: false,
+        }
+        .boxed()
+    }
+}
+
+impl HttpBody for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        if frame.is_none() || this.inner.is_end_stream() {
+            *this.complete = true;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&Default::default()))
+    }
 
     #[test]
     fn routes_from_openai_and_azure_paths() {
@@ -728,7 +870,7 @@ mod tests {
 
     #[test]
     fn tenants_are_key_hashes_or_client_ids_never_keys() {
-        let mut config = EdgeConfig::new(&Config::default());
+        let mut config = EdgeConfig::new(&Config::default(), test_metrics());
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
@@ -746,7 +888,7 @@ mod tests {
 
     #[tokio::test]
     async fn cache_keys_follow_meaning_not_bytes() {
-        let config = EdgeConfig::new(&Config::default());
+        let config = EdgeConfig::new(&Config::default(), test_metrics());
         let tenant = Tenant("key:a".into());
         let key = |body: &'static str, path: &str| {
             let parts = Request::post(path).body(()).unwrap().into_parts().0;

@@ -11,6 +11,7 @@ use crate::body::{Body, BoxError};
 use crate::budget;
 use crate::coalesce;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::request;
 use crate::retry;
 use crate::upstream::{self, Upstream};
@@ -19,6 +20,7 @@ use crate::upstream::{self, Upstream};
 pub struct Shared {
     pub budgets: Arc<budget::Registry>,
     pub cache: coalesce::Handle,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -43,14 +45,15 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let upstream = Upstream::new(&config.upstream, env)?;
+    let metrics = Arc::new(Metrics::new(&config.prices));
+    let upstream = Upstream::new(&config.upstream, env)?.with_metrics(metrics.clone());
     let budgets = Arc::new(budget::Registry::new(config));
-    let edge = request::EdgeConfig::new(config);
+    let edge = request::EdgeConfig::new(config, metrics.clone());
     if !config.budgets.is_empty() {
         // Token estimates need the tokenizers: load them before the first request.
         edge.estimator.warm();
     }
-    let cache = coalesce::Layer::new(&config.cache);
+    let cache = coalesce::Layer::new(&config.cache, metrics.clone());
     let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()
         // Edge: body limit and one buffered copy, the parsed context with its cost
@@ -64,7 +67,7 @@ where
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry))
         // Admission: each attempt waits here, fairly, until its pool can pay.
-        .layer(budget::Layer::new(budgets.clone()))
+        .layer(budget::Layer::new(budgets.clone(), metrics.clone()))
         // One attempt upstream, bounded by the per-attempt timeout.
         .service(upstream);
     Ok((
@@ -72,6 +75,7 @@ where
         Shared {
             budgets,
             cache: cache_handle,
+            metrics,
         },
     ))
 }

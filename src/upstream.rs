@@ -19,10 +19,11 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::body::{Body, full};
-use crate::classify::classify;
+use crate::classify::{Classified, classify};
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use crate::request::Interest;
+use crate::metrics::Metrics;
+use crate::request::{Interest, RequestContext};
 
 /// `base_url` split once at startup so each request only appends its path.
 #[derive(Debug, Clone)]
@@ -155,6 +156,7 @@ struct Inner {
     base: BaseUrl,
     sidecar: Option<SidecarAuth>,
     attempt_timeout: Duration,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Upstream {
@@ -234,8 +236,17 @@ impl Upstream {
                 base,
                 sidecar,
                 attempt_timeout: config.attempt_timeout,
+                metrics: None,
             }),
         })
+    }
+
+    /// Counts every attempt and its time to the response head.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Upstream {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.metrics = Some(metrics);
+        }
+        self
     }
 
     fn upstream_request(&self, req: Request<Bytes>) -> Result<Request<Full<Bytes>>, ProxyError> {
@@ -273,7 +284,7 @@ impl Upstream {
 }
 
 /// Error bodies are small JSON; they are read whole so they can be classified
-/// once. Anything larger is cut here (and still forwarded whole up to this size).
+/// once. One larger than this is treated as a broken answer.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 impl tower::Service<Request<Bytes>> for Upstream {
@@ -294,43 +305,68 @@ impl tower::Service<Request<Bytes>> for Upstream {
         if let Some(interest) = req.extensions().get::<Arc<Interest>>() {
             interest.mark_sent();
         }
+        let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
         let req = self.upstream_request(req);
         let inner = self.inner.clone();
         Box::pin(async move {
-            let timeout = inner.attempt_timeout;
-            let resp = match tokio::time::timeout(timeout, inner.client.request(req?)).await {
-                Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
-                Ok(Err(e)) if e.is_connect() => {
-                    return Err(ProxyError::UpstreamUnreachable(error_chain(&e)));
-                }
-                Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(error_chain(&e))),
-                Ok(Ok(resp)) => resp,
+            let sent = tokio::time::Instant::now();
+            let result = match req {
+                Ok(req) => inner.attempt(req).await,
+                Err(e) => return Err(e),
             };
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            if parts.status.is_success() || parts.status.is_informational() {
-                parts
-                    .extensions
-                    .insert(classify(parts.status, &parts.headers, b""));
-                return Ok(Response::from_parts(
-                    parts,
-                    body.map_err(Into::into).boxed(),
-                ));
-            }
-            let bytes =
-                match tokio::time::timeout(timeout, Limited::new(body, MAX_ERROR_BODY).collect())
-                    .await
-                {
-                    Ok(Ok(b)) => b.to_bytes(),
-                    Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(e.to_string())),
-                    Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+            if let Some(m) = &inner.metrics {
+                let outcome = match &result {
+                    Ok(resp) => resp
+                        .extensions()
+                        .get::<Classified>()
+                        .map_or("other", |c| c.class.label()),
+                    Err(ProxyError::UpstreamTimeout(_)) => "timeout",
+                    Err(ProxyError::UpstreamUnreachable(_)) => "unreachable",
+                    Err(_) => "connection_error",
                 };
+                let route = ctx.as_ref().map_or("other", |c| c.route.label());
+                let model = ctx.as_ref().and_then(|c| c.model.as_deref());
+                m.attempt(route, model, outcome, sent.elapsed().as_secs_f64());
+            }
+            result
+        })
+    }
+}
+
+impl Inner {
+    /// Sends one attempt; classifies its answer, reading an error's body whole.
+    async fn attempt(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, ProxyError> {
+        let timeout = self.attempt_timeout;
+        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(ProxyError::UpstreamUnreachable(error_chain(&e)));
+            }
+            Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(error_chain(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if parts.status.is_success() || parts.status.is_informational() {
             parts
                 .extensions
-                .insert(classify(parts.status, &parts.headers, &bytes));
-            parts.headers.remove(header::CONTENT_LENGTH);
-            Ok(Response::from_parts(parts, full(bytes)))
-        })
+                .insert(classify(parts.status, &parts.headers, b""));
+            return Ok(Response::from_parts(
+                parts,
+                body.map_err(Into::into).boxed(),
+            ));
+        }
+        let read = Limited::new(body, MAX_ERROR_BODY).collect();
+        let bytes = match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(e.to_string())),
+            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+        };
+        parts
+            .extensions
+            .insert(classify(parts.status, &parts.headers, &bytes));
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, full(bytes)))
     }
 }
 

@@ -274,6 +274,23 @@ impl Estimator {
     }
 }
 
+/// What an image request asks for (count, quality, size), for pricing by image.
+pub fn image_ask(route: Route, body: Body<'_>) -> Option<crate::metrics::ImageAsk> {
+    if !route.is_image() {
+        return None;
+    }
+    let p = match body {
+        Body::Json(v) => ImageParams::from_json(v),
+        Body::Multipart(m) => ImageParams::from_multipart(m),
+        Body::None => return None,
+    };
+    Some(crate::metrics::ImageAsk {
+        n: p.n,
+        quality: p.quality,
+        size: p.size,
+    })
+}
+
 fn uint(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
 }

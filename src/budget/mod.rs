@@ -28,7 +28,9 @@ use crate::body::{Body, BoxError};
 use crate::classify::{Class, Classified, RateLimitHeaders};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::request::RequestContext;
+use crate::metrics::Metrics;
+use crate::request::{RequestContext, Tally};
+use crate::usage::Usage;
 use ledger::{Cost, Limits};
 pub use pool::{Permit, Pool, PoolStatus, Refusal, Tripped};
 
@@ -119,11 +121,12 @@ impl Registry {
 #[derive(Clone)]
 pub struct Layer {
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl Layer {
-    pub fn new(registry: Arc<Registry>) -> Layer {
-        Layer { registry }
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Layer {
+        Layer { registry, metrics }
     }
 }
 
@@ -133,14 +136,18 @@ impl<S> tower::Layer<S> for Layer {
         Budget {
             inner,
             registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
 
+/// Admission, and the accounting of every successful answer (budgeted or not):
+/// the tokens it reported, its images and its cost.
 #[derive(Clone)]
 pub struct Budget<S> {
     inner: S,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Service<Request<Bytes>> for Budget<S>
@@ -171,15 +178,28 @@ where
         });
         let max_wait = self.registry.max_wait;
         let quota_cooldown = self.registry.quota_cooldown;
+        let account = Account {
+            metrics: self.metrics.clone(),
+            ctx: ctx.clone(),
+            tally: req.extensions().get::<Arc<Tally>>().cloned(),
+        };
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
-                return inner.oneshot(req).await;
+                let resp = inner.oneshot(req).await?;
+                return Ok(if resp.status().is_success() {
+                    resp.map(|body| Settle::wrap(body, None, account))
+                } else {
+                    resp
+                });
             };
             let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait));
             let permit = pool
                 .acquire(&ctx.tenant.0, ctx.cost, max_wait)
                 .await
                 .map_err(ProxyError::Refused)?;
+            account
+                .metrics
+                .queue_wait(&pool.name, permit.queued.as_secs_f64());
             let mut resp = inner.oneshot(req).await?;
             permit.observe(&RateLimitHeaders::parse(resp.headers()));
             let classified = resp.extensions().get::<Classified>().copied();
@@ -189,7 +209,9 @@ where
             let queued = HeaderValue::from(permit.queued.as_millis() as u64);
             resp.headers_mut().insert("x-penstock-queue-ms", queued);
             match classified.map(|c| c.class) {
-                Some(Class::Success) => Ok(resp.map(|body| Settle::wrap(body, permit))),
+                Some(Class::Success) => {
+                    Ok(resp.map(|body| Settle::wrap(body, Some(permit), account)))
+                }
                 Some(Class::QuotaExhausted) if !quota_cooldown.is_zero() => {
                     // Error bodies arrive buffered from the upstream layer.
                     let (parts, body) = resp.into_parts();
@@ -227,27 +249,61 @@ where
     }
 }
 
-/// How much of a response's end is kept to find its `usage`: it closes a JSON
-/// body and rides on a stream's last event, after any image data.
-const TAIL: usize = 16 * 1024;
+/// Where a finished answer is accounted.
+struct Account {
+    metrics: Arc<Metrics>,
+    ctx: Option<Arc<RequestContext>>,
+    tally: Option<Arc<Tally>>,
+}
+
+impl Account {
+    /// Records the answer once: tokens estimated and reported, images, cost.
+    fn record(&self, usage: Option<&Usage>) {
+        let ctx = self.ctx.as_deref();
+        let usd = self.metrics.answered(
+            ctx.and_then(|c| c.model.as_deref()),
+            ctx.map_or(0, |c| c.cost.tokens),
+            usage,
+            ctx.and_then(|c| c.image.as_ref()),
+        );
+        if let Some(tally) = &self.tally {
+            tally.update(|t| {
+                t.tokens = usage.map(|u| u.total);
+                t.cost_usd += usd;
+            });
+        }
+    }
+}
 
 pin_project_lite::pin_project! {
-    /// Passes a successful response through untouched, keeping only its last bytes;
-    /// at the end it settles the call's estimate with the `usage` found there, and
-    /// when dropped it ends the call's time in flight.
+    /// Passes a successful response through untouched, keeping only its last bytes.
+    /// At the end it settles the call's estimate with the `usage` found there and
+    /// accounts the answer; dropped early (the client left), it accounts it on
+    /// the estimate. Either way the call's time in flight ends with it.
     pub struct Settle {
         #[pin]
         inner: Body,
         permit: Option<Permit>,
+        account: Option<Account>,
         tail: Vec<u8>,
+    }
+
+    impl PinnedDrop for Settle {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(account) = this.account.take() {
+                account.record(None);
+            }
+        }
     }
 }
 
 impl Settle {
-    fn wrap(inner: Body, permit: Permit) -> Body {
+    fn wrap(inner: Body, permit: Option<Permit>, account: Account) -> Body {
         Settle {
             inner,
-            permit: Some(permit),
+            permit,
+            account: Some(account),
             tail: Vec::new(),
         }
         .boxed()
@@ -265,15 +321,21 @@ impl HttpBody for Settle {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            keep_tail(this.tail, data.chunk());
+            crate::usage::keep_tail(this.tail, data.chunk());
         }
         // A body of known length is not polled past its last byte: settle then.
-        if frame.is_none() || this.inner.is_end_stream() {
+        if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
+            let usage = crate::usage::find(this.tail);
             // The permit goes with the body's end: the call is over.
-            let permit = this.permit.take();
-            if let (Some(permit), Some(tokens)) = (permit, usage_tokens(this.tail)) {
+            if let (Some(permit), Some(usage)) = (this.permit.take(), usage) {
                 let estimate = permit.estimate();
-                permit.settle(&Cost { tokens, ..estimate });
+                permit.settle(&Cost {
+                    tokens: usage.total,
+                    ..estimate
+                });
+            }
+            if let Some(account) = this.account.take() {
+                account.record(usage.as_ref());
             }
         }
         Poll::Ready(frame)
@@ -285,83 +347,5 @@ impl HttpBody for Settle {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
-    if data.len() >= TAIL {
-        tail.clear();
-        tail.extend_from_slice(&data[data.len() - TAIL..]);
-    } else {
-        let excess = (tail.len() + data.len()).saturating_sub(TAIL);
-        tail.drain(..excess);
-        tail.extend_from_slice(data);
-    }
-}
-
-/// Total tokens of the last `"usage": {...}` object in `tail`, if any (a chat
-/// stream's earlier chunks carry `"usage": null`).
-fn usage_tokens(tail: &[u8]) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        total_tokens: Option<u64>,
-        input_tokens: Option<u64>,
-        output_tokens: Option<u64>,
-        prompt_tokens: Option<u64>,
-        completion_tokens: Option<u64>,
-    }
-    const KEY: &[u8] = b"\"usage\"";
-    let mut end = tail.len();
-    while let Some(pos) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
-        end = pos;
-        let rest = &tail[pos + KEY.len()..];
-        let Some(colon) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
-            continue;
-        };
-        if rest[colon] != b':' {
-            continue;
-        }
-        let mut it =
-            serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<Option<Usage>>();
-        if let Some(Ok(Some(u))) = it.next() {
-            let total = u.total_tokens.or_else(|| {
-                let a = u.input_tokens.or(u.prompt_tokens)?;
-                Some(a + u.output_tokens.or(u.completion_tokens).unwrap_or(0))
-            });
-            if total.is_some() {
-                return total;
-            }
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn usage_is_found_at_the_end_of_json_and_streams() {
-        let json = br#"{"created":1,"data":[{"b64_json":"AAAA"}],"usage":{"input_tokens":10,"output_tokens":4160,"total_tokens":4170}}"#;
-        assert_eq!(usage_tokens(json), Some(4170));
-        let chat = b"data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":5,\"total_tokens\":12}}\n\ndata: [DONE]\n\n";
-        assert_eq!(usage_tokens(chat), Some(12));
-        let no_usage = b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n";
-        assert_eq!(usage_tokens(no_usage), None);
-        let parts = br#"{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}"#;
-        assert_eq!(usage_tokens(parts), Some(5));
-        // A cut stream: no usage, the estimate stands.
-        assert_eq!(usage_tokens(br#"{"usage":{"total_tok"#), None);
-    }
-
-    #[test]
-    fn the_tail_keeps_only_the_last_bytes() {
-        let mut tail = Vec::new();
-        keep_tail(&mut tail, &vec![b'a'; TAIL - 10]);
-        keep_tail(&mut tail, b"0123456789abcdef");
-        assert_eq!(tail.len(), TAIL);
-        assert!(tail.ends_with(b"0123456789abcdef"));
-        keep_tail(&mut tail, &vec![b'z'; TAIL * 2]);
-        assert_eq!(tail, vec![b'z'; TAIL]);
     }
 }

@@ -1,0 +1,551 @@
+//! What penstock does and what it saves, in Prometheus form: requests, upstream
+//! attempts, cache events, queue waits, upstream latency, tokens, images, and cost
+//! in USD from a price table, with what coalescing and the cache avoided. Labels
+//! stay low in cardinality: routes, a capped set of model names, budget names.
+//! No key, prompt or image byte ever becomes a label. Each penstock instance has a
+//! registry of its own, so tests can assert exact values.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use wildmatch::WildMatch;
+
+use crate::budget::PoolStatus;
+use crate::usage::Usage;
+
+/// Seconds, up to ten minutes: image calls and queue waits are slow.
+const BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 600.0,
+];
+
+/// Distinct model names given a label of their own; later ones count as "other".
+const MAX_MODELS: usize = 64;
+
+/// USD prices of one model (or glob of models).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// USD per million input text tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_per_mtok: Option<f64>,
+    /// USD per million input image tokens (edits); text price when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_input_per_mtok: Option<f64>,
+    /// USD per million output tokens (image tokens, for image models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_per_mtok: Option<f64>,
+    /// USD per 1024x1024 image by quality, when there are no token prices or no
+    /// `usage`; other sizes scale by area.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub per_image: BTreeMap<String, f64>,
+}
+
+/// Built-in list prices; `[prices."glob"]` in the config comes first.
+fn default_prices() -> Vec<(&'static str, PriceConfig)> {
+    let per_image = |low: f64, medium: f64, high: f64| {
+        BTreeMap::from([
+            ("low".to_string(), low),
+            ("medium".to_string(), medium),
+            ("high".to_string(), high),
+        ])
+    };
+    let tokens = |input: f64, output: f64| PriceConfig {
+        input_per_mtok: Some(input),
+        output_per_mtok: Some(output),
+        ..PriceConfig::default()
+    };
+    vec![
+        (
+            "gpt-image-1-mini*",
+            PriceConfig {
+                per_image: per_image(0.005, 0.011, 0.036),
+                ..PriceConfig::default()
+            },
+        ),
+        (
+            "gpt-image-1.5*",
+            PriceConfig {
+                per_image: per_image(0.009, 0.034, 0.133),
+                ..PriceConfig::default()
+            },
+        ),
+        (
+            "gpt-image-1*",
+            PriceConfig {
+                input_per_mtok: Some(5.0),
+                image_input_per_mtok: Some(10.0),
+                output_per_mtok: Some(40.0),
+                per_image: per_image(0.011, 0.042, 0.167),
+            },
+        ),
+        (
+            "dall-e-3*",
+            PriceConfig {
+                per_image: BTreeMap::from([("standard".into(), 0.04), ("hd".into(), 0.08)]),
+                ..PriceConfig::default()
+            },
+        ),
+        (
+            "dall-e-2*",
+            PriceConfig {
+                per_image: BTreeMap::from([("standard".into(), 0.02)]),
+                ..PriceConfig::default()
+            },
+        ),
+        ("gpt-4o-mini*", tokens(0.15, 0.6)),
+        ("gpt-4o*", tokens(2.5, 10.0)),
+        ("gpt-4.1-mini*", tokens(0.4, 1.6)),
+        ("gpt-4.1*", tokens(2.0, 8.0)),
+        ("text-embedding-3-small*", tokens(0.02, 0.0)),
+        ("text-embedding-3-large*", tokens(0.13, 0.0)),
+    ]
+}
+
+/// What an image request asked for, to price it by the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageAsk {
+    pub n: u64,
+    pub quality: Option<String>,
+    pub size: Option<String>,
+}
+
+pub struct Prices(Vec<(WildMatch, PriceConfig)>);
+
+impl Prices {
+    pub fn new(config: &BTreeMap<String, PriceConfig>) -> Prices {
+        let mut all: Vec<(WildMatch, PriceConfig)> = config
+            .iter()
+            .map(|(g, p)| (WildMatch::new(g), p.clone()))
+            .collect();
+        all.extend(
+            default_prices()
+                .into_iter()
+                .map(|(g, p)| (WildMatch::new(g), p)),
+        );
+        Prices(all)
+    }
+
+    /// USD for an answer: by its tokens when the model has token prices and the
+    /// answer reported `usage`, else by the image; 0 for a model without prices.
+    pub fn cost(&self, model: &str, usage: Option<&Usage>, image: Option<&ImageAsk>) -> f64 {
+        let Some((_, p)) = self.0.iter().find(|(g, _)| g.matches(model)) else {
+            return 0.0;
+        };
+        if let (Some(u), Some(input)) = (usage, p.input_per_mtok) {
+            let text = u.input.saturating_sub(u.input_images) as f64;
+            let images = u.input_images as f64;
+            let output = u.output as f64;
+            return (text * input
+                + images * p.image_input_per_mtok.unwrap_or(input)
+                + output * p.output_per_mtok.unwrap_or(0.0))
+                / 1e6;
+        }
+        let Some(ask) = image.filter(|_| !p.per_image.is_empty()) else {
+            return 0.0;
+        };
+        let dearest = p.per_image.values().cloned().fold(0.0, f64::max);
+        let quality = match ask.quality.as_deref() {
+            Some("standard") if !p.per_image.contains_key("standard") => Some("medium"),
+            Some("hd") if !p.per_image.contains_key("hd") => Some("high"),
+            q => q,
+        };
+        let per = quality
+            .and_then(|q| p.per_image.get(q))
+            .copied()
+            .unwrap_or(dearest);
+        let area = ask
+            .size
+            .as_deref()
+            .and_then(|s| s.split_once('x'))
+            .and_then(|(w, h)| Some(w.parse::<f64>().ok()? * h.parse::<f64>().ok()?))
+            .map_or(1.0, |px| (px / (1024.0 * 1024.0)).max(1.0));
+        ask.n as f64 * per * area
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    model: String,
+    status: u16,
+    cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    route: &'static str,
+    model: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Event {
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Route {
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Pool {
+    pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolDim {
+    pool: String,
+    dimension: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Model {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelKind {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+type Usd = Counter<f64, AtomicU64>;
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    cache_events: Family<Event, Counter>,
+    queue_wait: Histograms<Pool>,
+    upstream_duration: Histograms<Route>,
+    queue_depth: Family<Pool, Gauge>,
+    remaining: Family<PoolDim, Gauge>,
+    tokens: Family<ModelKind, Counter>,
+    images: Family<Model, Counter>,
+    cost: Family<Model, Usd>,
+    saved: Family<Reason, Usd>,
+    models: Mutex<HashSet<String>>,
+    pub prices: Prices,
+}
+
+impl Metrics {
+    pub fn new(prices: &BTreeMap<String, PriceConfig>) -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            attempts: Family::default(),
+            cache_events: Family::default(),
+            queue_wait: Family::new_with_constructor(histogram),
+            upstream_duration: Family::new_with_constructor(histogram),
+            queue_depth: Family::default(),
+            remaining: Family::default(),
+            tokens: Family::default(),
+            images: Family::default(),
+            cost: Family::default(),
+            saved: Family::default(),
+            models: Mutex::new(HashSet::new()),
+            prices: Prices::new(prices),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "penstock_requests",
+            "Client requests, each counted once",
+            m.requests.clone(),
+        );
+        r.register(
+            "penstock_upstream_attempts",
+            "Calls sent upstream, retries included",
+            m.attempts.clone(),
+        );
+        r.register(
+            "penstock_cache_events",
+            "Cache outcomes of client requests",
+            m.cache_events.clone(),
+        );
+        r.register(
+            "penstock_queue_wait_seconds",
+            "Time waited for budget per attempt",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "penstock_upstream_duration_seconds",
+            "Time from sending an attempt to its response head",
+            m.upstream_duration.clone(),
+        );
+        r.register(
+            "penstock_queue_depth",
+            "Requests waiting for budget",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "penstock_budget_remaining",
+            "Least budget left in the burst window across a budget's pools",
+            m.remaining.clone(),
+        );
+        r.register(
+            "penstock_tokens",
+            "Tokens of upstream calls, estimated before and reported after",
+            m.tokens.clone(),
+        );
+        r.register(
+            "penstock_images",
+            "Images generated upstream",
+            m.images.clone(),
+        );
+        r.register(
+            "penstock_cost_usd",
+            "Spent upstream, by the price table",
+            m.cost.clone(),
+        );
+        r.register(
+            "penstock_saved_usd",
+            "Not spent thanks to coalescing and the cache",
+            m.saved.clone(),
+        );
+        m
+    }
+
+    /// The model as a label: itself for the first models seen (up to a cap, and
+    /// only plain names), "other" after.
+    pub fn model_label(&self, model: Option<&str>) -> String {
+        let Some(model) = model else {
+            return "none".into();
+        };
+        let plain = model.len() <= 64
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+        if !plain {
+            return "other".into();
+        }
+        let mut seen = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(model) || (seen.len() < MAX_MODELS && seen.insert(model.to_string())) {
+            model.to_string()
+        } else {
+            "other".into()
+        }
+    }
+
+    pub fn request(&self, route: &'static str, model: Option<&str>, status: u16, cache: &str) {
+        let model = self.model_label(model);
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                model,
+                status,
+                cache: cache.to_string(),
+            })
+            .inc();
+        if !cache.is_empty() {
+            self.cache_events
+                .get_or_create(&Event {
+                    event: cache.to_string(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn attempt(
+        &self,
+        route: &'static str,
+        model: Option<&str>,
+        outcome: &'static str,
+        seconds: f64,
+    ) {
+        let model = self.model_label(model);
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                route,
+                model,
+                outcome,
+            })
+            .inc();
+        self.upstream_duration
+            .get_or_create(&Route { route })
+            .observe(seconds);
+    }
+
+    pub fn queue_wait(&self, pool: &str, seconds: f64) {
+        self.queue_wait
+            .get_or_create(&Pool {
+                pool: pool.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// A finished upstream answer: tokens estimated and reported, images, cost.
+    /// Returns the cost in USD.
+    pub fn answered(
+        &self,
+        model: Option<&str>,
+        estimated_tokens: u64,
+        usage: Option<&Usage>,
+        image: Option<&ImageAsk>,
+    ) -> f64 {
+        let label = self.model_label(model);
+        let tokens = |kind| ModelKind {
+            model: label.clone(),
+            kind,
+        };
+        self.tokens
+            .get_or_create(&tokens("estimated"))
+            .inc_by(estimated_tokens);
+        if let Some(u) = usage {
+            self.tokens.get_or_create(&tokens("actual")).inc_by(u.total);
+        }
+        if let Some(ask) = image {
+            self.images
+                .get_or_create(&Model {
+                    model: label.clone(),
+                })
+                .inc_by(ask.n);
+        }
+        let usd = self.prices.cost(model.unwrap_or(""), usage, image);
+        self.cost.get_or_create(&Model { model: label }).inc_by(usd);
+        usd
+    }
+
+    pub fn saved(&self, reason: &'static str, usd: f64) {
+        self.saved.get_or_create(&Reason { reason }).inc_by(usd);
+    }
+
+    /// The Prometheus text, with pool gauges read now.
+    pub fn encode(&self, pools: &[PoolStatus]) -> String {
+        let mut depth: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut remaining: BTreeMap<(&str, &'static str), i64> = BTreeMap::new();
+        for p in pools {
+            *depth.entry(&p.name).or_default() += p.queue_depth as i64;
+            for (dim, s) in &p.remaining {
+                let r = remaining.entry((&p.name, dim)).or_insert(i64::MAX);
+                *r = (*r).min(s.burst_remaining as i64);
+            }
+        }
+        for (pool, d) in depth {
+            self.queue_depth
+                .get_or_create(&Pool {
+                    pool: pool.to_string(),
+                })
+                .set(d);
+        }
+        for ((pool, dimension), r) in remaining {
+            self.remaining
+                .get_or_create(&PoolDim {
+                    pool: pool.to_string(),
+                    dimension,
+                })
+                .set(r);
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_are_priced_by_tokens_when_possible_else_by_the_image() {
+        let p = Prices::new(&BTreeMap::new());
+        let usage = Usage {
+            input: 50,
+            input_images: 0,
+            output: 4160,
+            total: 4210,
+        };
+        // gpt-image-1: 50 text tokens at $5/M + 4160 image tokens at $40/M.
+        let usd = p.cost("gpt-image-1", Some(&usage), None);
+        assert!((usd - (50.0 * 5.0 + 4160.0 * 40.0) / 1e6).abs() < 1e-12);
+        let ask = |q: &str, size: &str, n| ImageAsk {
+            n,
+            quality: Some(q.into()),
+            size: Some(size.into()),
+        };
+        assert!(
+            (p.cost("gpt-image-1-mini", None, Some(&ask("low", "1024x1024", 2))) - 0.010).abs()
+                < 1e-12
+        );
+        assert!(
+            (p.cost("gpt-image-1.5", None, Some(&ask("high", "1024x1024", 1))) - 0.133).abs()
+                < 1e-12
+        );
+        // Open quality: the dearest; a larger size scales by area.
+        let auto = ImageAsk {
+            n: 1,
+            quality: None,
+            size: Some("1536x1024".into()),
+        };
+        assert!((p.cost("gpt-image-1-mini", None, Some(&auto)) - 0.036 * 1.5).abs() < 1e-12);
+        assert!((p.cost("dall-e-3", None, Some(&ask("hd", "1024x1024", 1))) - 0.08).abs() < 1e-12);
+        assert_eq!(p.cost("unknown-model", Some(&usage), None), 0.0);
+        // Config comes first.
+        let mine = BTreeMap::from([(
+            "gpt-image-1".to_string(),
+            PriceConfig {
+                per_image: BTreeMap::from([("low".into(), 1.0)]),
+                ..PriceConfig::default()
+            },
+        )]);
+        let p = Prices::new(&mine);
+        assert_eq!(
+            p.cost(
+                "gpt-image-1",
+                Some(&usage),
+                Some(&ask("low", "1024x1024", 3))
+            ),
+            3.0
+        );
+    }
+
+    #[test]
+    fn model_labels_are_capped_and_plain() {
+        let m = Metrics::new(&BTreeMap::new());
+        assert_eq!(m.model_label(Some("gpt-image-1")), "gpt-image-1");
+        assert_eq!(m.model_label(Some("a model {with} junk")), "other");
+        assert_eq!(m.model_label(None), "none");
+        for i in 0..200 {
+            m.model_label(Some(&format!("m{i}")));
+        }
+        assert_eq!(m.model_label(Some("m199")), "other");
+        assert_eq!(
+            m.model_label(Some("gpt-image-1")),
+            "gpt-image-1",
+            "already seen"
+        );
+    }
+
+    #[test]
+    fn text_comes_out_in_prometheus_form() {
+        let m = Metrics::new(&BTreeMap::new());
+        m.request("images.generations", Some("gpt-image-1"), 200, "miss");
+        m.attempt("images.generations", Some("gpt-image-1"), "success", 0.3);
+        let text = m.encode(&[]);
+        assert!(text.contains(
+            "penstock_requests_total{route=\"images.generations\",model=\"gpt-image-1\",status=\"200\",cache=\"miss\"} 1"
+        ), "{text}");
+        assert!(text.contains("penstock_cache_events_total{event=\"miss\"} 1"));
+        assert!(text.contains("penstock_upstream_duration_seconds_bucket{le=\"0.5\",route=\"images.generations\"} 1"), "{text}");
+    }
+}
