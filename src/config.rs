@@ -72,9 +72,26 @@ pub struct Config {
     /// Coalescing of identical requests and the response cache.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Per-client request caps.
+    #[serde(default, rename = "client", skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientConfig>,
     /// Model glob -> USD prices, before the built-in list prices.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, crate::metrics::PriceConfig>,
+}
+
+/// A cap on one client's requests, whatever the budgets allow.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client: its id header value in sidecar mode, or the `key:...` id that
+    /// `/status` shows for an API key.
+    pub id: String,
+    /// Requests per minute.
+    pub rpm: u64,
+    /// Requests allowed at once; by default a second's share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
 }
 
 /// Identical requests cost one upstream call: while one is in flight the others
@@ -425,6 +442,7 @@ impl Default for Config {
             },
             retry: RetryConfig::default(),
             cache: CacheConfig::default(),
+            clients: Vec::new(),
             prices: std::collections::BTreeMap::new(),
         }
     }
@@ -633,6 +651,26 @@ impl Config {
                 "cache.paths",
                 format!("{p:?} is not a path; expected like \"/v1/embeddings\""),
             ));
+        }
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.id.is_empty() {
+                return Err(bad(
+                    &format!("client[{i}].id"),
+                    "expected a client id".into(),
+                ));
+            }
+            if c.rpm == 0 || c.rpm > u32::MAX as u64 {
+                return Err(bad(
+                    &format!("client[{i}].rpm"),
+                    "expected a number from 1 to 4294967295".into(),
+                ));
+            }
+            if c.burst.is_some_and(|b| b == 0 || b > u32::MAX as u64) {
+                return Err(bad(
+                    &format!("client[{i}].burst"),
+                    "expected a number from 1 to 4294967295".into(),
+                ));
+            }
         }
         if self.queue.max_depth == 0 {
             return Err(bad(

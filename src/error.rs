@@ -29,6 +29,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error(transparent)]
     Refused(#[from] crate::budget::Refusal),
+    #[error(transparent)]
+    ClientLimited(#[from] crate::client_limit::OverLimit),
 }
 
 /// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
@@ -43,7 +45,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Refused(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Refused(_) | ProxyError::ClientLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -57,16 +59,26 @@ impl ProxyError {
             ProxyError::UpstreamConnection(_) => "penstock_upstream_connection_error",
             ProxyError::UpstreamTimeout(_) => "penstock_upstream_timeout",
             ProxyError::Refused(r) => r.code(),
+            ProxyError::ClientLimited(_) => "penstock_client_rate_limited",
         }
     }
 
     fn kind(&self) -> &'static str {
-        if let ProxyError::Refused(_) = self {
+        if self.retry_after().is_some() {
             "rate_limit_error"
         } else if self.status().is_client_error() {
             "invalid_request_error"
         } else {
             "penstock_error"
+        }
+    }
+
+    /// For penstock's own 429s: when trying again has a chance.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::Refused(r) => Some(r.retry_after()),
+            ProxyError::ClientLimited(l) => Some(l.retry_after),
+            _ => None,
         }
     }
 
@@ -97,11 +109,9 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ProxyError::Refused(r) = &self {
+        if let Some(wait) = self.retry_after() {
             // Capacity returns at a known time: say when, within what SDKs obey.
-            let wait = r
-                .retry_after()
-                .clamp(Duration::from_millis(1), MAX_RETRY_AFTER);
+            let wait = wait.clamp(Duration::from_millis(1), MAX_RETRY_AFTER);
             h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
             h.insert(
                 "retry-after",

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod body;
 pub mod budget;
 pub mod classify;
+pub mod client_limit;
 pub mod coalesce;
 pub mod config;
 pub mod error;

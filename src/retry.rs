@@ -112,7 +112,9 @@ where
                     (resp, failed)
                 }
                 // penstock's own refusals keep their own advice (retry after ...).
-                Err(e @ ProxyError::Refused(_)) => (e.into_response(), false),
+                Err(e @ (ProxyError::Refused(_) | ProxyError::ClientLimited(_))) => {
+                    (e.into_response(), false)
+                }
                 Err(e) => (e.into_response(), true),
             };
             let h = resp.headers_mut();

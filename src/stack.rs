@@ -9,6 +9,7 @@ use tower::ServiceBuilder;
 
 use crate::body::{Body, BoxError};
 use crate::budget;
+use crate::client_limit;
 use crate::coalesce;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -63,6 +64,9 @@ where
         // Coalescing and the cache: above retries and budgets, so a hit or a
         // coalesced request costs no attempt and no budget.
         .layer(cache)
+        // Per-client caps: after the cache (a hit uses no quota), before retries
+        // (a request counts once).
+        .layer(client_limit::Layer::new(&config.clients))
         // Retries of transient failures, above admission so that every attempt
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry))

@@ -437,3 +437,48 @@ async fn usage_settles_the_estimate() {
     // The fake reports 1 input + 1056 output (medium, its default for an open quality).
     assert_eq!(remaining["minute_remaining"], 60_000 - 1057, "{status}");
 }
+
+#[tokio::test]
+async fn a_client_over_its_own_cap_is_refused_at_once_and_others_are_not() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.upstream.api_key_env = Some("KEY".into());
+            c.clients = vec![penstock::config::ClientConfig {
+                id: "batch".into(),
+                rpm: 60,
+                burst: Some(2),
+            }];
+        },
+        |_| Some("sk-sidecar".into()),
+    )
+    .await;
+    let body =
+        json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
+    let batch = [("x-penstock-client", "batch")];
+    assert_eq!(generate(&h.url, &batch, body.clone()).await.status(), 200);
+    assert_eq!(generate(&h.url, &batch, body.clone()).await.status(), 200);
+    let refused = generate(&h.url, &batch, body.clone()).await;
+    assert_eq!(refused.status(), 429);
+    let retry_ms: u64 = refused.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1000).contains(&retry_ms), "{retry_ms}");
+    assert_eq!(refused.headers()["x-should-retry"], "true");
+    let v = json(refused).await;
+    assert_eq!(v["error"]["code"], "penstock_client_rate_limited");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("60 requests per minute")
+    );
+    // Another client is not held back.
+    for _ in 0..3 {
+        let web = generate(&h.url, &[("x-penstock-client", "web")], body.clone()).await;
+        assert_eq!(web.status(), 200);
+    }
+    assert_eq!(h.fake.calls(), 5, "the refusal cost no upstream call");
+}

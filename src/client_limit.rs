@@ -1,0 +1,108 @@
+//! Simple per-client request caps (`[[client]]`), with governor's GCRA. A client
+//! over its cap is refused at once with `retry-after-ms`: unlike the budgets, this
+//! is a policy limit, not upstream capacity worth waiting for. It sits below the
+//! cache (a hit costs no quota) and above retries (a request counts once).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::{Either, Ready, ready};
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::{Request, Response};
+use tower::Service;
+
+use crate::body::Body;
+use crate::config::ClientConfig;
+use crate::error::ProxyError;
+use crate::request::RequestContext;
+
+#[derive(Clone)]
+pub struct Layer {
+    limits: Arc<HashMap<String, (u32, DefaultDirectRateLimiter)>>,
+}
+
+impl Layer {
+    pub fn new(clients: &[ClientConfig]) -> Layer {
+        let limits = clients
+            .iter()
+            .filter_map(|c| {
+                let rpm = NonZeroU32::new(u32::try_from(c.rpm).ok()?)?;
+                // By default a second's share at once, like the budgets.
+                let burst = c.burst.unwrap_or_else(|| c.rpm.div_ceil(60));
+                let burst = NonZeroU32::new(u32::try_from(burst).ok()?)?;
+                let quota = Quota::per_minute(rpm).allow_burst(burst);
+                // Tenants are named as the edge names them.
+                let id = if c.id.starts_with("key:") || c.id == "anonymous" {
+                    c.id.clone()
+                } else {
+                    format!("client:{}", c.id)
+                };
+                Some((id, (rpm.get(), RateLimiter::direct(quota))))
+            })
+            .collect();
+        Layer {
+            limits: Arc::new(limits),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = ClientLimit<S>;
+    fn layer(&self, inner: S) -> ClientLimit<S> {
+        ClientLimit {
+            inner,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ClientLimit<S> {
+    inner: S,
+    limits: Arc<HashMap<String, (u32, DefaultDirectRateLimiter)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("client {client:?} is over its limit of {rpm} requests per minute")]
+pub struct OverLimit {
+    pub client: String,
+    pub rpm: u32,
+    pub retry_after: Duration,
+}
+
+impl<S> Service<Request<Bytes>> for ClientLimit<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    // A refusal is answered at once, without boxing.
+    type Future = Either<S::Future, Ready<Result<Response<Body>, ProxyError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let tenant = req
+            .extensions()
+            .get::<Arc<RequestContext>>()
+            .map(|c| c.tenant.0.clone());
+        let limited = tenant.and_then(|t| Some((self.limits.get(t.as_ref())?, t)));
+        if let Some(((rpm, limiter), tenant)) = limited {
+            if let Err(not_until) = limiter.check() {
+                return Either::Right(ready(Err(ProxyError::ClientLimited(OverLimit {
+                    client: tenant.to_string(),
+                    rpm: *rpm,
+                    retry_after: not_until.wait_time_from(limiter.clock().now()),
+                }))));
+            }
+        }
+        Either::Left(self.inner.call(req))
+    }
+}
