@@ -94,14 +94,14 @@ where
             .get::<Arc<RequestContext>>()
             .map(|c| c.tenant.0.clone());
         let limited = tenant.and_then(|t| Some((self.limits.get(t.as_ref())?, t)));
-        if let Some(((rpm, limiter), tenant)) = limited {
-            if let Err(not_until) = limiter.check() {
-                return Either::Right(ready(Err(ProxyError::ClientLimited(OverLimit {
-                    client: tenant.to_string(),
-                    rpm: *rpm,
-                    retry_after: not_until.wait_time_from(limiter.clock().now()),
-                }))));
-            }
+        if let Some(((rpm, limiter), tenant)) = limited
+            && let Err(not_until) = limiter.check()
+        {
+            return Either::Right(ready(Err(ProxyError::ClientLimited(OverLimit {
+                client: tenant.to_string(),
+                rpm: *rpm,
+                retry_after: not_until.wait_time_from(limiter.clock().now()),
+            }))));
         }
         Either::Left(self.inner.call(req))
     }
