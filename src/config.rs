@@ -780,6 +780,42 @@ mod tests {
     }
 
     #[test]
+    fn clients_prices_cache_and_retry_parse_as_documented() {
+        let c = Config::parse(
+            r#"
+[[client]]
+id = "batch-jobs"
+rpm = 60
+[prices."gpt-image-2*"]
+per_image = { low = 0.01, medium = 0.04, high = 0.16 }
+[prices."my-finetune-*"]
+input_per_mtok = 3.0
+output_per_mtok = 12.0
+[cache]
+scope = "global"
+ttl = "10m"
+[retry]
+max_attempts = 2
+"#,
+            "x.toml",
+        )
+        .unwrap();
+        c.validate("x.toml").unwrap();
+        assert_eq!(c.clients[0].rpm, 60);
+        assert_eq!(c.prices["gpt-image-2*"].per_image["high"], 0.16);
+        assert_eq!(c.cache.scope, CacheScope::Global);
+        assert_eq!(c.retry.max_attempts, 2);
+        let e = err("[[client]]\nid = \"x\"\nrpm = 0\n");
+        assert!(e.contains("client[0].rpm"), "{e}");
+        let e = err("[cache]\nscope = \"everyone\"\n");
+        assert!(e.contains("cache.scope"), "{e}");
+        let e = err("[retry]\nmax_attempts = 0\n");
+        assert!(e.contains("retry.max_attempts"), "{e}");
+        let e = err("[prices.\"x\"]\nper_imag = {}\n");
+        assert!(e.contains("per_imag"), "{e}");
+    }
+
+    #[test]
     fn env_overrides_addresses_and_url() {
         let mut c = Config::default();
         c.apply_env(
