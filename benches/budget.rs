@@ -215,12 +215,7 @@ async fn queued_memory() {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::block_on(async {
         scenario().await;
         queued_memory().await;
     });

@@ -161,12 +161,7 @@ async fn multipart_key() {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::block_on(async {
         hit_vs_miss().await;
         multipart_key().await;
     });

@@ -18,15 +18,14 @@ fn env(name: &str, default: usize) -> usize {
 
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::block_on(async {
         let total = env("BENCH_REQUESTS", 20_000);
         let concurrency = env("BENCH_CONCURRENCY", 32);
-        let fake = Fake::start(Behaviour { record_bodies: false, ..Behaviour::default() }).await;
+        let fake = Fake::start(Behaviour {
+            record_bodies: false,
+            ..Behaviour::default()
+        })
+        .await;
         let config = common::config_for(&fake.url());
         let p = penstock::start(&config, |_| None).await.unwrap();
 
@@ -38,15 +37,34 @@ fn main() {
         fake.clear();
         let direct = common::run(&direct_url, BODY, total, concurrency).await;
         let proxied = common::run(&proxy_url, BODY, total, concurrency).await;
-        assert_eq!(direct.failed + proxied.failed, 0, "every request must succeed");
+        assert_eq!(
+            direct.failed + proxied.failed,
+            0,
+            "every request must succeed"
+        );
 
-        println!("overhead: {total} requests, {concurrency} concurrent, POST /v1/chat/completions, fake upstream without latency");
+        println!(
+            "overhead: {total} requests, {concurrency} concurrent, POST /v1/chat/completions, fake upstream without latency"
+        );
         println!("{:<10} {:>12} {:>12} {:>12}", "path", "req/s", "p50", "p99");
         for (name, r) in [("direct", &direct), ("penstock", &proxied)] {
-            println!("{:<10} {:>12.0} {:>12} {:>12}", name, r.throughput(), common::ms(r.percentile(0.5)), common::ms(r.percentile(0.99)));
+            println!(
+                "{:<10} {:>12.0} {:>12} {:>12}",
+                name,
+                r.throughput(),
+                common::ms(r.percentile(0.5)),
+                common::ms(r.percentile(0.99))
+            );
         }
         let added = |p: f64| proxied.percentile(p).saturating_sub(direct.percentile(p));
-        println!("throughput ratio (penstock / direct): {:.2}", proxied.throughput() / direct.throughput());
-        println!("added latency: p50 {}, p99 {}", common::ms(added(0.5)), common::ms(added(0.99)));
+        println!(
+            "throughput ratio (penstock / direct): {:.2}",
+            proxied.throughput() / direct.throughput()
+        );
+        println!(
+            "added latency: p50 {}, p99 {}",
+            common::ms(added(0.5)),
+            common::ms(added(0.99))
+        );
     });
 }

@@ -233,8 +233,7 @@ impl Inner {
         register: bool,
     ) -> (InFlight, Watch)
     where
-        S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError> + Send + 'static,
-        S::Future: Send,
+        S: crate::Inner,
     {
         let interest = Arc::new(Interest::default());
         let first = interest.watch();
@@ -288,14 +287,7 @@ impl Inner {
     }
 }
 
-impl<S> Service<Request<Bytes>> for Coalesce<S>
-where
-    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
+impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a cache lookup and a wait on a shared call.

@@ -19,4 +19,31 @@ pub mod upstream;
 pub mod usage;
 
 pub use config::Config;
+
+/// A service inside the stack, below the edge: a request with its body buffered
+/// in, a response or penstock's own error out. Every layer asks this of the one
+/// it wraps; cloned into each request's future, so cheap to clone.
+pub trait Inner:
+    tower::Service<
+        http::Request<bytes::Bytes>,
+        Response = http::Response<body::Body>,
+        Error = error::ProxyError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<
+            http::Request<bytes::Bytes>,
+            Response = http::Response<body::Body>,
+            Error = error::ProxyError,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static
+{
+}
 pub use server::{Running, start};

@@ -557,11 +557,7 @@ fn next_request_id() -> String {
 
 impl<S, B> Service<Request<B>> for Edge<S>
 where
-    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: crate::Inner,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {

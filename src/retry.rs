@@ -73,14 +73,7 @@ pub struct Retry<S> {
     shared: Arc<Shared>,
 }
 
-impl<S> Service<Request<Bytes>> for Retry<S>
-where
-    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
+impl<S: crate::Inner> Service<Request<Bytes>> for Retry<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a retried call is a sequence of attempts and sleeps.

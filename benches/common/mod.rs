@@ -107,3 +107,13 @@ pub fn config_for(upstream: &str) -> penstock::Config {
     config.upstream.base_url = upstream.to_string();
     config
 }
+
+/// Runs a benchmark on the two-worker runtime every benchmark uses.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}

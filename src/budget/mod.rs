@@ -150,14 +150,7 @@ pub struct Budget<S> {
     metrics: Arc<Metrics>,
 }
 
-impl<S> Service<Request<Bytes>> for Budget<S>
-where
-    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
+impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: admission is a wait of its own before the inner call.
