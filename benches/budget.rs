@@ -175,6 +175,8 @@ async fn queued_memory() {
             .header("content-type", "application/json")
             .header("authorization", "Bearer sk-bench")
             .header("user-agent", "OpenAI/Python 3.0.0")
+            // Identical requests would be coalesced: this measures the budget queue.
+            .header("cache-control", "no-store")
             .body(Full::new(Bytes::from_static(body)))
             .unwrap()
     };

@@ -120,7 +120,7 @@ async fn multipart_key() {
     let body = Bytes::from(body);
     let defaults = penstock::Config::default();
     let metrics = std::sync::Arc::new(penstock::metrics::Metrics::new(&defaults.prices));
-    let config = penstock::request::EdgeConfig::new(&defaults, metrics);
+    let config = std::sync::Arc::new(penstock::request::EdgeConfig::new(&defaults, metrics));
     let request = || {
         http::Request::post("/v1/images/edits")
             .header(
@@ -132,7 +132,7 @@ async fn multipart_key() {
             .unwrap()
     };
     // Once to warm the tokenizer, then measured.
-    penstock::request::prepare(request(), &config)
+    penstock::request::prepare(request(), config.clone())
         .await
         .unwrap();
     let runs = 10;
@@ -141,7 +141,7 @@ async fn multipart_key() {
     for _ in 0..runs {
         let before = ALLOCATED.load(Ordering::Relaxed);
         let t = Instant::now();
-        let prepared = penstock::request::prepare(request(), &config)
+        let prepared = penstock::request::prepare(request(), config.clone())
             .await
             .unwrap();
         best = best.min(t.elapsed().as_secs_f64());

@@ -24,7 +24,7 @@ use crate::body::{Body, full};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{CacheKey, CacheMode, Interest, RequestContext, Tally, Watch};
+use crate::request::{CacheKey, CacheMode, Interest, RequestContext, Watch};
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -193,7 +193,6 @@ pub struct Coalesce<S> {
 fn record_saving(
     metrics: &Metrics,
     ctx: Option<&RequestContext>,
-    tally: Option<&Tally>,
     stored: &Stored,
     reason: &'static str,
 ) {
@@ -208,8 +207,8 @@ fn record_saving(
         ctx.and_then(|c| c.image.as_ref()),
     );
     metrics.saved(reason, usd);
-    if let Some(t) = tally {
-        t.update(|t| {
+    if let Some(c) = ctx {
+        c.tally.update(|t| {
             t.tokens = usage.map(|u| u.total);
             t.saved_usd += usd;
         });
@@ -300,7 +299,6 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let service = self.service.clone();
         let metrics = self.metrics.clone();
-        let tally = req.extensions().get::<Arc<Tally>>().cloned();
         let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
         let key = ctx.as_ref().and_then(|c| c.cache_key);
         let mode = ctx.as_ref().map_or(CacheMode::Bypass, |c| c.cache_mode);
@@ -330,7 +328,7 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
                     .map(|c| (c.answer.clone(), c.interest.watch()))
             };
             let saved = |stored: &Stored, reason| {
-                record_saving(&metrics, ctx.as_deref(), tally.as_deref(), stored, reason);
+                record_saving(&metrics, ctx.as_deref(), stored, reason);
             };
             if let Some((answer, _watch)) = joined {
                 let stored = answer.await;

@@ -112,7 +112,7 @@ fn key_id(headers: &HeaderMap) -> Arc<str> {
 const MAX_CLIENT_ID: usize = 64;
 
 /// Everything later layers need to know about a request, parsed once.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RequestContext {
     /// penstock's id for the request, returned as `x-penstock-request-id`.
     pub id: String,
@@ -134,6 +134,8 @@ pub struct RequestContext {
     pub cache_mode: CacheMode,
     /// For image requests: what was asked, to price by the image.
     pub image: Option<ImageAsk>,
+    /// What the request turned out to cost, filled in as it is learned.
+    pub tally: Tally,
     pub received: Instant,
 }
 
@@ -575,22 +577,22 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let inner = self.inner.clone();
         let config = self.config.clone();
+        let received = Instant::now();
+        let id = next_request_id();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let route = Route::from_path(&path);
+        // Started here, outside the future below, and boxed apart: parsing's
+        // state (the request, a multipart parser) is large and done before the
+        // wait for budget; inside, every queued request would carry it.
+        let buffered = Box::pin(buffer(req, config.clone(), route, id.clone(), received));
         Box::pin(async move {
-            let received = Instant::now();
-            let id = next_request_id();
-            let method = req.method().clone();
-            let path = req.uri().path().to_string();
-            let route = Route::from_path(&path);
-            // Boxed apart: parsing's state (a multipart parser) is large and done
-            // before the wait for budget; inline, every queued request would carry it.
-            let buffered = Box::pin(buffer(req, &config, route, id.clone(), received)).await;
-            let (ctx, tally, result) = match buffered {
+            let (ctx, result) = match buffered.await {
                 Ok(req) => {
                     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
-                    let tally = req.extensions().get::<Arc<Tally>>().cloned();
-                    (ctx, tally, inner.oneshot(req).await)
+                    (ctx, inner.oneshot(req).await)
                 }
-                Err(e) => (None, None, Err(e)),
+                Err(e) => (None, Err(e)),
             };
             let mut resp = result.unwrap_or_else(ProxyError::into_response);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
@@ -617,7 +619,7 @@ where
                 status: resp.status().as_u16(),
                 head_ms: received.elapsed().as_millis() as u64,
                 received,
-                tally,
+                ctx,
                 metrics: config.metrics.clone(),
             };
             Ok(resp.map(|body| Logged::wrap(body, line)))
@@ -628,7 +630,10 @@ where
 /// What the edge does before the rest of the stack sees a request: buffer the
 /// body within the limit, parse it once, and attach the [`RequestContext`] (its
 /// cost estimate and cache key included). Public for benchmarks.
-pub async fn prepare<B>(req: Request<B>, config: &EdgeConfig) -> Result<Request<Bytes>, ProxyError>
+pub async fn prepare<B>(
+    req: Request<B>,
+    config: Arc<EdgeConfig>,
+) -> Result<Request<Bytes>, ProxyError>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -640,7 +645,7 @@ where
 /// Buffers the body within the limit and attaches the context.
 async fn buffer<B>(
     req: Request<B>,
-    config: &EdgeConfig,
+    config: Arc<EdgeConfig>,
     route: Route,
     id: String,
     received: Instant,
@@ -695,10 +700,10 @@ where
         cache_key,
         cache_mode: CacheMode::from_headers(&parts.headers),
         image,
+        tally: Tally::default(),
         received,
     };
     parts.extensions.insert(Arc::new(ctx));
-    parts.extensions.insert(Arc::new(Tally::default()));
     Ok(Request::from_parts(parts, bytes))
 }
 
@@ -743,7 +748,7 @@ struct Line {
     attempts: Option<String>,
     cache: Option<String>,
     received: Instant,
-    tally: Option<Arc<Tally>>,
+    ctx: Option<Arc<RequestContext>>,
     metrics: Arc<Metrics>,
 }
 
@@ -755,7 +760,7 @@ impl Line {
             self.status,
             self.cache.as_deref().unwrap_or(""),
         );
-        let acc = self.tally.as_ref().map(|t| t.get()).unwrap_or_default();
+        let acc = self.ctx.as_ref().map(|c| c.tally.get()).unwrap_or_default();
         tracing::info!(
             target: "penstock::access",
             request_id = self.id,

@@ -29,7 +29,7 @@ use crate::classify::{Class, Classified, RateLimitHeaders};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{RequestContext, Tally};
+use crate::request::RequestContext;
 use crate::usage::Usage;
 use ledger::{Cost, Limits};
 pub use pool::{Permit, Pool, PoolStatus, Refusal, Tripped};
@@ -174,7 +174,6 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
         let account = Account {
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
-            tally: req.extensions().get::<Arc<Tally>>().cloned(),
         };
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
@@ -246,7 +245,6 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
 struct Account {
     metrics: Arc<Metrics>,
     ctx: Option<Arc<RequestContext>>,
-    tally: Option<Arc<Tally>>,
 }
 
 impl Account {
@@ -259,8 +257,8 @@ impl Account {
             usage,
             ctx.and_then(|c| c.image.as_ref()),
         );
-        if let Some(tally) = &self.tally {
-            tally.update(|t| {
+        if let Some(ctx) = ctx {
+            ctx.tally.update(|t| {
                 t.tokens = usage.map(|u| u.total);
                 t.cost_usd += usd;
             });
