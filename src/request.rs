@@ -150,6 +150,8 @@ pub struct Accounted {
     pub tokens: Option<u64>,
     pub cost_usd: f64,
     pub saved_usd: f64,
+    /// Time waited for budget, over all attempts.
+    pub queued: Duration,
 }
 
 impl Tally {

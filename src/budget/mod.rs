@@ -198,7 +198,13 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
                 pool.recovered();
             }
-            let queued = HeaderValue::from(permit.queued.as_millis() as u64);
+            // Over all attempts of the request: what the client waited in all.
+            let mut queued = permit.queued;
+            if let Some(ctx) = &account.ctx {
+                ctx.tally.update(|t| t.queued += permit.queued);
+                queued = ctx.tally.get().queued;
+            }
+            let queued = HeaderValue::from(queued.as_millis() as u64);
             resp.headers_mut().insert("x-penstock-queue-ms", queued);
             match classified.map(|c| c.class) {
                 Some(Class::Success) => {
