@@ -349,7 +349,6 @@ async fn an_upstream_rate_limit_pauses_the_whole_pool_and_the_call_is_retried_af
     });
     assert_eq!(first.status(), 200, "the 429 was absorbed");
     assert_eq!(first.headers()["x-penstock-attempts"], "2");
-    );
     assert_eq!(second.status(), 200);
     assert_eq!(
         second.headers()["x-penstock-attempts"],
