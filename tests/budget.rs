@@ -203,14 +203,7 @@ async fn a_client_that_leaves_the_queue_frees_its_place_and_pays_nothing() {
         .await;
     assert!(gave_up.unwrap_err().is_timeout());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let status: serde_json::Value = json(
-        http()
-            .get(format!("{}/status", h.admin))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status: serde_json::Value = h.status().await;
     assert_eq!(status["pools"][0]["queue_depth"], 0, "{status}");
     // Its slot was never spent: the next request, a second after the first, goes at once.
     tokio::time::sleep(Duration::from_millis(900)).await;
@@ -385,14 +378,7 @@ async fn a_request_larger_than_the_burst_still_goes_and_status_shows_the_pool() 
         "10 images against 5 ipm goes through on a full pool"
     );
     assert_eq!(json(resp).await["data"].as_array().unwrap().len(), 10);
-    let status: serde_json::Value = json(
-        http()
-            .get(format!("{}/status", h.admin))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status: serde_json::Value = h.status().await;
     let pool = &status["pools"][0];
     assert_eq!(pool["name"], "gpt-image-*");
     assert!(pool["credential"].as_str().unwrap().starts_with("key:"));
@@ -425,14 +411,7 @@ async fn usage_settles_the_estimate() {
     let first = generate(&h.url, &[], body.clone()).await;
     assert_eq!(first.status(), 200);
     let _ = first.bytes().await.unwrap();
-    let status: serde_json::Value = json(
-        http()
-            .get(format!("{}/status", h.admin))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status: serde_json::Value = h.status().await;
     let remaining = &status["pools"][0]["remaining"]["tokens"];
     // The fake reports 1 input + 1056 output (medium, its default for an open quality).
     assert_eq!(remaining["minute_remaining"], 60_000 - 1057, "{status}");

@@ -234,14 +234,7 @@ async fn the_cache_stays_within_its_byte_bound_and_skips_large_entries() {
     for i in 0..30 {
         assert_eq!(post(&h.url, &image(&format!("p{i}"))).await.status(), 200);
     }
-    let status: serde_json::Value = json(
-        http()
-            .get(format!("{}/status", h.admin))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let status: serde_json::Value = h.status().await;
     let bytes = status["cache"]["bytes"].as_u64().unwrap();
     let entries = status["cache"]["entries"].as_u64().unwrap();
     assert!(bytes <= 400 * 1024, "{bytes} bytes held");

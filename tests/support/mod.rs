@@ -90,6 +90,14 @@ pub fn multipart(
     body
 }
 
+impl Harness {
+    /// `GET /status` on the admin listener.
+    pub async fn status(&self) -> serde_json::Value {
+        let url = format!("{}/status", self.admin);
+        json(http().get(url).send().await.unwrap()).await
+    }
+}
+
 pub async fn json(resp: reqwest::Response) -> serde_json::Value {
     resp.json().await.expect("JSON body")
 }
