@@ -18,7 +18,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::body::{Body, full};
 use crate::config::CacheConfig;
@@ -239,8 +239,9 @@ impl Inner {
         req.extensions_mut().insert(interest.clone());
         let inner = self.clone();
         let watching = interest.clone();
+        let mut service = service;
         let task = tokio::spawn(async move {
-            let call = service.oneshot(req);
+            let call = crate::call_now(&mut service, req);
             tokio::pin!(call);
             let result = loop {
                 tokio::select! {
@@ -297,7 +298,7 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let service = self.service.clone();
+        let mut service = self.service.clone();
         let metrics = self.metrics.clone();
         let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
         let key = ctx.as_ref().and_then(|c| c.cache_key);
@@ -308,8 +309,9 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
             .zip(key)
             .filter(|_| mode != CacheMode::Bypass)
         else {
+            let call = crate::call_now(&mut service, req);
             return Box::pin(async move {
-                let mut resp = service.oneshot(req).await?;
+                let mut resp = call.await?;
                 resp.headers_mut()
                     .insert("x-penstock-cache", HeaderValue::from_static("bypass"));
                 Ok(resp)

@@ -47,3 +47,18 @@ impl<S> Inner for S where
 {
 }
 pub use server::{Running, start};
+
+/// Calls an inner service at once. Every layer of this stack is ready at once
+/// (waiting happens inside calls, never in `poll_ready`), so a future need not
+/// keep the service and the request aside while readiness is awaited, as
+/// `oneshot` does: a queued request then carries one pointer per layer, not a
+/// service and a request per layer.
+pub(crate) fn call_now<S: tower::Service<R>, R>(service: &mut S, req: R) -> S::Future {
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    let ready = service.poll_ready(&mut cx);
+    debug_assert!(
+        matches!(ready, std::task::Poll::Ready(Ok(()))),
+        "penstock's layers are ready at once"
+    );
+    service.call(req)
+}

@@ -19,7 +19,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header
 use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::Value;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use crate::body::{Body, BoxError};
 use crate::budget::estimate::{self, Estimator, InputImage, MultipartSummary};
@@ -577,7 +577,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let inner = self.inner.clone();
+        let mut inner = self.inner.clone();
         let config = self.config.clone();
         let received = Instant::now();
         let id = next_request_id();
@@ -592,7 +592,7 @@ where
             let (ctx, result) = match buffered.await {
                 Ok(req) => {
                     let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
-                    (ctx, inner.oneshot(req).await)
+                    (ctx, crate::call_now(&mut inner, req).await)
                 }
                 Err(e) => (None, Err(e)),
             };

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
+use tower::Service;
 use tower::retry::budget::{Budget as _, TpsBudget};
-use tower::{Service, ServiceExt};
 
 use crate::body::Body;
 use crate::classify::{Class, Classified};
@@ -94,10 +94,11 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Retry<S> {
             deadline: received + self.shared.deadline,
         };
         let attempts = policy.attempts.clone();
-        let retrying = tower::retry::Retry::new(policy, self.inner.clone());
+        let mut retrying = tower::retry::Retry::new(policy, self.inner.clone());
         self.shared.budget.deposit();
+        let call = crate::call_now(&mut retrying, req);
         Box::pin(async move {
-            let result = retrying.oneshot(req).await;
+            let result = call.await;
             let attempts = HeaderValue::from(attempts.load(Ordering::Relaxed));
             let (mut resp, gave_up) = match result {
                 Ok(resp) => {
@@ -218,6 +219,7 @@ mod tests {
     use crate::classify::classify;
     use http::StatusCode;
     use std::sync::atomic::AtomicUsize;
+    use tower::ServiceExt;
 
     fn config() -> RetryConfig {
         RetryConfig {

@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tower::{Service, ServiceExt};
+use tower::Service;
 use wildmatch::WildMatch;
 
 use crate::body::{Body, BoxError};
@@ -162,7 +162,7 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let inner = self.inner.clone();
+        let mut inner = self.inner.clone();
         let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
         let pool = ctx.as_ref().and_then(|c| {
             self.registry
@@ -177,7 +177,7 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
         };
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
-                let resp = inner.oneshot(req).await?;
+                let resp = crate::call_now(&mut inner, req).await?;
                 return Ok(if resp.status().is_success() {
                     resp.map(|body| Settle::wrap(body, None, account))
                 } else {
@@ -192,7 +192,7 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
             account
                 .metrics
                 .queue_wait(&pool.name, permit.queued.as_secs_f64());
-            let mut resp = inner.oneshot(req).await?;
+            let mut resp = crate::call_now(&mut inner, req).await?;
             permit.observe(&RateLimitHeaders::parse(resp.headers()));
             let classified = resp.extensions().get::<Classified>().copied();
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
