@@ -136,6 +136,10 @@ pub struct RequestContext {
     pub image: Option<ImageAsk>,
     /// What the request turned out to cost, filled in as it is learned.
     pub tally: Tally,
+    /// The client's headers. They travel here, shared, rather than in the
+    /// request, so the copy the retry layer keeps for a replay costs nothing;
+    /// the upstream layer builds each attempt's headers from them.
+    pub headers: HeaderMap,
     pub received: Instant,
 }
 
@@ -703,6 +707,7 @@ where
         cache_mode: CacheMode::from_headers(&parts.headers),
         image,
         tally: Tally::default(),
+        headers: std::mem::take(&mut parts.headers),
         received,
     };
     parts.extensions.insert(Arc::new(ctx));

@@ -262,6 +262,11 @@ impl Upstream {
             })?;
         // The upstream connection picks its own protocol version.
         parts.version = http::Version::HTTP_11;
+        // The client's headers come from the request's context, where they are
+        // shared by every attempt.
+        if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
+            parts.headers = ctx.headers.clone();
+        }
         let h = &mut parts.headers;
         strip_hop_by_hop(h);
         h.remove(header::HOST);
