@@ -707,11 +707,22 @@ where
         cache_mode: CacheMode::from_headers(&parts.headers),
         image,
         tally: Tally::default(),
-        headers: std::mem::take(&mut parts.headers),
+        headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
         received,
     };
     parts.extensions.insert(Arc::new(ctx));
     Ok(Request::from_parts(parts, bytes))
+}
+
+/// Marks credential headers sensitive: their `Debug` prints nothing, and HTTP/2
+/// never indexes them. Nothing logs them; this keeps it so.
+fn credentials_marked_sensitive(mut headers: HeaderMap) -> HeaderMap {
+    for name in [header::AUTHORIZATION, HeaderName::from_static("api-key")] {
+        if let http::header::Entry::Occupied(mut values) = headers.entry(name) {
+            values.iter_mut().for_each(|v| v.set_sensitive(true));
+        }
+    }
+    headers
 }
 
 fn azure_deployment(path: &str) -> Option<String> {
@@ -979,6 +990,33 @@ mod tests {
             async move { multipart_summary(&ct, &b).await.unwrap().digest }
         };
         assert_eq!(summary("aaa", false).await, summary("zzz", true).await);
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-secret"),
+        );
+        h.insert("api-key", HeaderValue::from_static("azure-secret"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-other-secret"),
+        );
+        let h = credentials_marked_sensitive(h);
+        let shown = format!("{h:?}");
+        assert_eq!(
+            h.get_all(header::AUTHORIZATION).iter().count(),
+            2,
+            "every value kept"
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(
+            h[header::AUTHORIZATION],
+            "Bearer sk-secret",
+            "still sent as it came"
+        );
     }
 
     #[test]
