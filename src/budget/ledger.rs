@@ -282,6 +282,15 @@ impl Ledger {
         self.paused_until
     }
 
+    /// Nothing counted in any window, no pause, no hint: forgetting this ledger
+    /// changes nothing.
+    pub fn is_idle(&mut self, now: Instant) -> bool {
+        self.expire(now);
+        self.entries.is_empty()
+            && self.paused_until.is_none()
+            && self.hints.iter().all(Option::is_none)
+    }
+
     /// Roughly how long until everything in `total` could have been admitted, for
     /// refusing early: whole burst windows for what exceeds the room left now.
     pub fn time_to_serve(&mut self, now: Instant, total: &Cost) -> Duration {

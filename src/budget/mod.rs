@@ -44,6 +44,9 @@ struct Spec {
     max_in_flight: Option<usize>,
 }
 
+/// How often idle pools are looked for.
+const EVICT_EVERY: Duration = Duration::from_secs(60);
+
 /// A pool's identity: which budget, and which upstream credential pays.
 type PoolKey = (usize, Arc<str>);
 
@@ -55,6 +58,7 @@ pub struct Registry {
     max_depth: usize,
     max_wait: Duration,
     quota_cooldown: Duration,
+    last_eviction: Mutex<tokio::time::Instant>,
 }
 
 impl Registry {
@@ -80,6 +84,7 @@ impl Registry {
             max_depth: config.queue.max_depth,
             max_wait: config.queue.max_wait,
             quota_cooldown: config.retry.quota_cooldown,
+            last_eviction: Mutex::new(tokio::time::Instant::now()),
         }
     }
 
@@ -90,6 +95,7 @@ impl Registry {
             .iter()
             .position(|s| s.globs.iter().any(|g| g.matches(model)))?;
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        self.evict_idle(&mut pools);
         let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
             let spec = &self.specs[idx];
             Pool::start(
@@ -102,6 +108,35 @@ impl Registry {
             )
         });
         Some(pool.clone())
+    }
+
+    /// Drops pools nobody uses any more (in pass-through mode every API key has
+    /// its own), at most once per [`EVICT_EVERY`]. Under the map's lock, a pool
+    /// held only by the map and its own admission task cannot be picked up by a
+    /// request meanwhile.
+    fn evict_idle(&self, pools: &mut HashMap<PoolKey, Arc<Pool>>) {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last_eviction.lock().unwrap_or_else(|e| e.into_inner());
+        if now.duration_since(*last) < EVICT_EVERY {
+            return;
+        }
+        *last = now;
+        pools.retain(|_, pool| {
+            let unused = Arc::strong_count(pool) <= 2 && pool.is_idle();
+            if unused {
+                pool.close();
+            }
+            !unused
+        });
+    }
+
+    /// How many pools exist.
+    pub fn len(&self) -> usize {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn status(&self) -> Vec<PoolStatus> {
@@ -344,5 +379,78 @@ impl HttpBody for Settle {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BudgetConfig, Config};
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_pools_of_departed_keys_are_evicted_and_busy_ones_kept() {
+        let mut config = Config::default();
+        config.budgets = vec![BudgetConfig {
+            name: None,
+            models: vec!["m".into()],
+            rpm: Some(60),
+            tpm: None,
+            ipm: None,
+            burst: Duration::from_secs(1),
+            safety_margin: Duration::ZERO,
+            max_in_flight: None,
+        }];
+        let registry = Registry::new(&config);
+        let one = Cost {
+            requests: 1,
+            tokens: 0,
+            images: 0,
+        };
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) =
+            ("key:a".into(), "key:b".into(), "key:c".into());
+        let credentials = || {
+            let mut v: Vec<String> = registry
+                .status()
+                .iter()
+                .map(|p| p.credential.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        let pool_a = registry.pool("m", &a).unwrap();
+        drop(
+            pool_a
+                .acquire(&a, one, Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+        let gone = Arc::downgrade(&pool_a);
+        drop(pool_a);
+        // b stays in use: its permit is held throughout.
+        let pool_b = registry.pool("m", &b).unwrap();
+        let held = pool_b
+            .acquire(&b, one, Duration::from_secs(1))
+            .await
+            .unwrap();
+        drop(pool_b);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        registry.pool("m", &c).unwrap();
+        assert_eq!(
+            credentials(),
+            ["key:a", "key:b", "key:c"],
+            "no sweep within a minute"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        registry.pool("m", &c).unwrap();
+        // a's call has left its windows and nobody holds it; b's permit is held.
+        assert_eq!(credentials(), ["key:b", "key:c"]);
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            gone.upgrade().is_none(),
+            "the evicted pool's task ended and freed it"
+        );
+        drop(held);
     }
 }

@@ -125,6 +125,8 @@ pub struct Pool {
     max_in_flight: Option<usize>,
     state: Mutex<State>,
     wake: Notify,
+    /// Set when the pool is evicted: its admission task ends.
+    closed: std::sync::atomic::AtomicBool,
     /// Requests waiting across all pools, against `max_depth`.
     depth: Arc<AtomicUsize>,
     max_depth: usize,
@@ -165,6 +167,7 @@ impl Pool {
                 probe_out: false,
             }),
             wake: Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             depth,
             max_depth,
         });
@@ -339,6 +342,23 @@ impl Pool {
         }
     }
 
+    /// Nothing waits, nothing is in flight, and nothing is left in its windows.
+    pub fn is_idle(&self) -> bool {
+        let mut st = self.lock();
+        let now = Instant::now();
+        st.queue.is_empty()
+            && st.in_flight == 0
+            && st.tripped(now).is_none()
+            && !st.recovering
+            && st.ledger.is_idle(now)
+    }
+
+    /// Ends the admission task; the pool must no longer be reachable.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.lock().queue.len()
     }
@@ -366,7 +386,7 @@ impl Pool {
 }
 
 async fn drive(pool: Arc<Pool>) {
-    loop {
+    while !pool.closed.load(Ordering::Acquire) {
         match pool.pump() {
             Some(at) => {
                 tokio::select! {
