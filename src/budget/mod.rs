@@ -389,17 +389,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_pools_of_departed_keys_are_evicted_and_busy_ones_kept() {
-        let mut config = Config::default();
-        config.budgets = vec![BudgetConfig {
-            name: None,
-            models: vec!["m".into()],
-            rpm: Some(60),
-            tpm: None,
-            ipm: None,
-            burst: Duration::from_secs(1),
-            safety_margin: Duration::ZERO,
-            max_in_flight: None,
-        }];
+        let config = Config {
+            budgets: vec![BudgetConfig {
+                name: None,
+                models: vec!["m".into()],
+                rpm: Some(60),
+                tpm: None,
+                ipm: None,
+                burst: Duration::from_secs(1),
+                safety_margin: Duration::ZERO,
+                max_in_flight: None,
+            }],
+            ..Config::default()
+        };
         let registry = Registry::new(&config);
         let one = Cost {
             requests: 1,
