@@ -368,6 +368,10 @@ async fn parse_body(route: Route, headers: &HeaderMap, body: &Bytes) -> Result<P
     Ok(Parsed::None)
 }
 
+/// Bodies up to this size are priced on the async worker; larger ones (long
+/// prompts take milliseconds to tokenize) on the blocking pool.
+const TOKENIZE_INLINE: usize = 64 * 1024;
+
 /// How much of an image file is kept to read its size (JPEG may put EXIF first).
 const IMAGE_HEAD: usize = 256 * 1024;
 
@@ -688,9 +692,23 @@ where
         .model()
         .map(str::to_string)
         .or_else(|| azure_deployment(parts.uri.path()));
-    let cost = config
-        .estimator
-        .estimate(route, model.as_deref(), parsed.view());
+    // Counting tokens of a large body takes milliseconds: off the async workers.
+    let (cost, parsed) = if bytes.len() > TOKENIZE_INLINE {
+        let (config, model) = (config.clone(), model.clone());
+        tokio::task::spawn_blocking(move || {
+            let cost = config
+                .estimator
+                .estimate(route, model.as_deref(), parsed.view());
+            (cost, parsed)
+        })
+        .await
+        .map_err(|e| ProxyError::BodyRead(format!("the cost estimate failed: {e}")))?
+    } else {
+        let cost = config
+            .estimator
+            .estimate(route, model.as_deref(), parsed.view());
+        (cost, parsed)
+    };
     let (tenant, credential) = config.identify(&parts.headers);
     let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);
     let image = estimate::image_ask(route, parsed.view());

@@ -1,4 +1,6 @@
 //! Metrics, cost accounting and status: a known mix of traffic gives exact counts.
+//! The only test in this binary: it captures logs through a thread-local
+//! subscriber, which other tests running beside it would disturb.
 
 mod support;
 
@@ -9,15 +11,6 @@ use std::time::Duration;
 use penstock::config::BudgetConfig;
 use serde_json::json;
 use support::*;
-
-/// The value of the sample `series` (name with labels, exactly as exposed).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
-        .parse()
-        .unwrap()
-}
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -462,3 +462,35 @@ async fn shutdown_lets_in_flight_requests_finish() {
         "no new connections after shutdown"
     );
 }
+
+#[tokio::test]
+async fn a_large_prompt_is_priced_off_the_async_workers_and_forwarded_whole() {
+    let h = start(Behaviour::default()).await;
+    // ~300 KB of prose: tokenized on the blocking pool.
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(7_000);
+    let body = serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": prompt}]});
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    let seen: serde_json::Value = serde_json::from_slice(&h.fake.requests()[0].body).unwrap();
+    assert_eq!(seen, body);
+    let text = http()
+        .get(format!("{}/metrics", h.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // 9 tokens a repeat, 7,000 repeats, plus message overhead and max_tokens.
+    let estimated = sample(
+        &text,
+        "penstock_tokens_total{model=\"gpt-4o-mini\",kind=\"estimated\"}",
+    );
+    assert!((62_000.0..=64_000.0).contains(&estimated), "{estimated}");
+}

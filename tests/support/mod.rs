@@ -101,3 +101,12 @@ impl Harness {
 pub async fn json(resp: reqwest::Response) -> serde_json::Value {
     resp.json().await.expect("JSON body")
 }
+
+/// The value of the Prometheus sample `series` (name with labels, as exposed).
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
