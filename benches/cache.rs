@@ -146,10 +146,7 @@ async fn multipart_key() {
             .unwrap();
         best = best.min(t.elapsed().as_secs_f64());
         allocated = ALLOCATED.load(Ordering::Relaxed) - before;
-        let ctx = prepared
-            .extensions()
-            .get::<std::sync::Arc<penstock::request::RequestContext>>()
-            .unwrap();
+        let ctx = prepared.body().ctx.clone().unwrap();
         assert!(ctx.cache_key.is_some());
     }
     println!(

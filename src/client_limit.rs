@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::{Either, Ready, ready};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -19,7 +18,7 @@ use tower::Service;
 use crate::body::Body;
 use crate::config::ClientConfig;
 use crate::error::ProxyError;
-use crate::request::RequestContext;
+use crate::request::Payload;
 
 #[derive(Clone)]
 pub struct Layer {
@@ -75,9 +74,9 @@ pub struct OverLimit {
     pub retry_after: Duration,
 }
 
-impl<S> Service<Request<Bytes>> for ClientLimit<S>
+impl<S> Service<Request<Payload>> for ClientLimit<S>
 where
-    S: Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError>,
+    S: Service<Request<Payload>, Response = Response<Body>, Error = ProxyError>,
 {
     type Response = Response<Body>;
     type Error = ProxyError;
@@ -88,11 +87,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let tenant = req
-            .extensions()
-            .get::<Arc<RequestContext>>()
-            .map(|c| c.tenant.0.clone());
+    fn call(&mut self, req: Request<Payload>) -> Self::Future {
+        let tenant = req.body().ctx.as_ref().map(|c| c.tenant.0.clone());
         let limited = tenant.and_then(|t| Some((self.limits.get(t.as_ref())?, t)));
         if let Some(((rpm, limiter), tenant)) = limited
             && let Err(not_until) = limiter.check()

@@ -24,7 +24,7 @@ use crate::body::{Body, full};
 use crate::config::CacheConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{CacheKey, CacheMode, Interest, RequestContext, Watch};
+use crate::request::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -227,7 +227,7 @@ impl Inner {
     fn spawn_call<S>(
         self: &Arc<Self>,
         service: S,
-        mut req: Request<Bytes>,
+        mut req: Request<Payload>,
         key: CacheKey,
         register: bool,
     ) -> (InFlight, Watch)
@@ -236,7 +236,7 @@ impl Inner {
     {
         let interest = Arc::new(Interest::default());
         let first = interest.watch();
-        req.extensions_mut().insert(interest.clone());
+        req.body_mut().interest = Some(interest.clone());
         let inner = self.clone();
         let watching = interest.clone();
         let mut service = service;
@@ -287,7 +287,7 @@ impl Inner {
     }
 }
 
-impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
+impl<S: crate::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a cache lookup and a wait on a shared call.
@@ -297,10 +297,10 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Coalesce<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, req: Request<Payload>) -> Self::Future {
         let mut service = self.service.clone();
         let metrics = self.metrics.clone();
-        let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+        let ctx = req.body().ctx.clone();
         let key = ctx.as_ref().and_then(|c| c.cache_key);
         let mode = ctx.as_ref().map_or(CacheMode::Bypass, |c| c.cache_mode);
         let Some((inner, key)) = self

@@ -25,7 +25,7 @@ pub use config::Config;
 /// it wraps; cloned into each request's future, so cheap to clone.
 pub trait Inner:
     tower::Service<
-        http::Request<bytes::Bytes>,
+        http::Request<request::Payload>,
         Response = http::Response<body::Body>,
         Error = error::ProxyError,
         Future: Send,
@@ -37,7 +37,7 @@ pub trait Inner:
 
 impl<S> Inner for S where
     S: tower::Service<
-            http::Request<bytes::Bytes>,
+            http::Request<request::Payload>,
             Response = http::Response<body::Body>,
             Error = error::ProxyError,
             Future: Send,

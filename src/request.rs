@@ -170,6 +170,27 @@ impl Tally {
 
 pub type CacheKey = [u8; 32];
 
+/// A request's body inside the stack, with what travels with it: its context and,
+/// for a shared call, who waits for it. Carried here rather than in the
+/// extensions map, so a copy of the request (the retry layer's replay) costs
+/// reference counts, not allocations.
+#[derive(Clone, Debug, Default)]
+pub struct Payload {
+    pub bytes: Bytes,
+    /// Set by the edge for every request that reaches the stack.
+    pub ctx: Option<Arc<RequestContext>>,
+    pub interest: Option<Arc<Interest>>,
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Payload {
+        Payload {
+            bytes,
+            ..Payload::default()
+        }
+    }
+}
+
 /// Who still waits for a shared call, and whether it has been sent. A call nobody
 /// waits for any more is dropped while it is still queued; once sent, it costs
 /// money and is finished (and stored) even if everyone left.
@@ -599,7 +620,7 @@ where
         Box::pin(async move {
             let (ctx, result) = match buffered.await {
                 Ok(req) => {
-                    let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+                    let ctx = req.body().ctx.clone();
                     (ctx, crate::call_now(&mut inner, req).await)
                 }
                 Err(e) => (None, Err(e)),
@@ -643,7 +664,7 @@ where
 pub async fn prepare<B>(
     req: Request<B>,
     config: Arc<EdgeConfig>,
-) -> Result<Request<Bytes>, ProxyError>
+) -> Result<Request<Payload>, ProxyError>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -659,7 +680,7 @@ async fn buffer<B>(
     route: Route,
     id: String,
     received: Instant,
-) -> Result<Request<Bytes>, ProxyError>
+) -> Result<Request<Payload>, ProxyError>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -728,8 +749,12 @@ where
         headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
         received,
     };
-    parts.extensions.insert(Arc::new(ctx));
-    Ok(Request::from_parts(parts, bytes))
+    let payload = Payload {
+        bytes,
+        ctx: Some(Arc::new(ctx)),
+        interest: None,
+    };
+    Ok(Request::from_parts(parts, payload))
 }
 
 /// Marks credential headers sensitive: their `Debug` prints nothing, and HTTP/2

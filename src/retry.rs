@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
@@ -22,7 +21,7 @@ use crate::body::Body;
 use crate::classify::{Class, Classified};
 use crate::config::RetryConfig;
 use crate::error::ProxyError;
-use crate::request::RequestContext;
+use crate::request::Payload;
 
 /// What all requests share: the settings and the retry budget.
 struct Shared {
@@ -73,7 +72,7 @@ pub struct Retry<S> {
     shared: Arc<Shared>,
 }
 
-impl<S: crate::Inner> Service<Request<Bytes>> for Retry<S> {
+impl<S: crate::Inner> Service<Request<Payload>> for Retry<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a retried call is a sequence of attempts and sleeps.
@@ -83,10 +82,11 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Retry<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, req: Request<Payload>) -> Self::Future {
         let received = req
-            .extensions()
-            .get::<Arc<RequestContext>>()
+            .body()
+            .ctx
+            .as_ref()
             .map_or_else(Instant::now, |c| c.received);
         let policy = Policy {
             shared: self.shared.clone(),
@@ -172,12 +172,12 @@ impl Policy {
     }
 }
 
-impl tower::retry::Policy<Request<Bytes>, Response<Body>, ProxyError> for Policy {
+impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Policy {
     type Future = tokio::time::Sleep;
 
     fn retry(
         &mut self,
-        _req: &mut Request<Bytes>,
+        _req: &mut Request<Payload>,
         result: &mut Result<Response<Body>, ProxyError>,
     ) -> Option<Self::Future> {
         let outcome = outcome(result);
@@ -201,7 +201,7 @@ impl tower::retry::Policy<Request<Bytes>, Response<Body>, ProxyError> for Policy
         Some(tokio::time::sleep(delay))
     }
 
-    fn clone_request(&mut self, req: &Request<Bytes>) -> Option<Request<Bytes>> {
+    fn clone_request(&mut self, req: &Request<Payload>) -> Option<Request<Payload>> {
         let mut copy = Request::new(req.body().clone());
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();
@@ -233,7 +233,7 @@ mod tests {
     fn scripted(
         script: Vec<(u16, Option<&'static str>)>,
     ) -> (
-        impl Service<Request<Bytes>, Response = Response<Body>, Error = ProxyError, Future: Send>
+        impl Service<Request<Payload>, Response = Response<Body>, Error = ProxyError, Future: Send>
         + Clone
         + Send
         + 'static,
@@ -242,7 +242,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let script = Arc::new(script);
         let c = calls.clone();
-        let svc = tower::service_fn(move |_req: Request<Bytes>| {
+        let svc = tower::service_fn(move |_req: Request<Payload>| {
             let n = c.fetch_add(1, Ordering::Relaxed);
             let (status, retry_after_ms) = script[n.min(script.len() - 1)];
             async move {
@@ -261,8 +261,8 @@ mod tests {
         (svc, calls)
     }
 
-    fn request() -> Request<Bytes> {
-        Request::new(Bytes::from_static(b"{}"))
+    fn request() -> Request<Payload> {
+        Request::new(Payload::from(bytes::Bytes::from_static(b"{}")))
     }
 
     #[tokio::test(start_paused = true)]

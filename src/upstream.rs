@@ -23,7 +23,7 @@ use crate::classify::{Classified, classify};
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::{Interest, RequestContext};
+use crate::request::Payload;
 
 /// `base_url` split once at startup so each request only appends its path.
 #[derive(Debug, Clone)]
@@ -249,7 +249,7 @@ impl Upstream {
         self
     }
 
-    fn upstream_request(&self, req: Request<Bytes>) -> Result<Request<Full<Bytes>>, ProxyError> {
+    fn upstream_request(&self, req: Request<Payload>) -> Result<Request<Full<Bytes>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         parts.uri = self
             .inner
@@ -264,7 +264,7 @@ impl Upstream {
         parts.version = http::Version::HTTP_11;
         // The client's headers come from the request's context, where they are
         // shared by every attempt.
-        if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
+        if let Some(ctx) = &body.ctx {
             parts.headers = ctx.headers.clone();
         }
         let h = &mut parts.headers;
@@ -284,7 +284,7 @@ impl Upstream {
                 h.insert("openai-project", project.clone());
             }
         }
-        Ok(Request::from_parts(parts, Full::new(body)))
+        Ok(Request::from_parts(parts, Full::new(body.bytes)))
     }
 }
 
@@ -292,7 +292,7 @@ impl Upstream {
 /// once. One larger than this is treated as a broken answer.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-impl tower::Service<Request<Bytes>> for Upstream {
+impl tower::Service<Request<Payload>> for Upstream {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed once per attempt: an attempt is a network round trip, and the error
@@ -304,13 +304,13 @@ impl tower::Service<Request<Bytes>> for Upstream {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, req: Request<Payload>) -> Self::Future {
         // From here the call costs money: a shared call is finished even if its
         // callers leave.
-        if let Some(interest) = req.extensions().get::<Arc<Interest>>() {
+        if let Some(interest) = &req.body().interest {
             interest.mark_sent();
         }
-        let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+        let ctx = req.body().ctx.clone();
         let req = self.upstream_request(req);
         let inner = self.inner.clone();
         Box::pin(async move {

@@ -29,7 +29,7 @@ use crate::classify::{Class, Classified, RateLimitHeaders};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::request::RequestContext;
+use crate::request::{Payload, RequestContext};
 use crate::usage::Usage;
 use ledger::{Cost, Limits};
 pub use pool::{Permit, Pool, PoolStatus, Refusal, Tripped};
@@ -185,7 +185,7 @@ pub struct Budget<S> {
     metrics: Arc<Metrics>,
 }
 
-impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
+impl<S: crate::Inner> Service<Request<Payload>> for Budget<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: admission is a wait of its own before the inner call.
@@ -196,9 +196,9 @@ impl<S: crate::Inner> Service<Request<Bytes>> for Budget<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, req: Request<Payload>) -> Self::Future {
         let mut inner = self.inner.clone();
-        let ctx = req.extensions().get::<Arc<RequestContext>>().cloned();
+        let ctx = req.body().ctx.clone();
         let pool = ctx.as_ref().and_then(|c| {
             self.registry
                 .pool(c.model.as_deref()?, &c.credential)
