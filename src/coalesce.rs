@@ -309,13 +309,13 @@ impl<S: crate::Inner> Service<Request<Payload>> for Coalesce<S> {
             .zip(key)
             .filter(|_| mode != CacheMode::Bypass)
         else {
-            let call = crate::call_now(&mut service, req);
-            return Box::pin(async move {
-                let mut resp = call.await?;
+            // Mapped, not awaited in an async block, which would keep it twice.
+            return Box::pin(crate::call_now(&mut service, req).map(|result| {
+                let mut resp = result?;
                 resp.headers_mut()
                     .insert("x-penstock-cache", HeaderValue::from_static("bypass"));
                 Ok(resp)
-            });
+            }));
         };
         Box::pin(async move {
             if mode == CacheMode::Refresh {

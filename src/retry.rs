@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
@@ -96,9 +97,9 @@ impl<S: crate::Inner> Service<Request<Payload>> for Retry<S> {
         let attempts = policy.attempts.clone();
         let mut retrying = tower::retry::Retry::new(policy, self.inner.clone());
         self.shared.budget.deposit();
-        let call = crate::call_now(&mut retrying, req);
-        Box::pin(async move {
-            let result = call.await;
+        // Mapped, not awaited in an async block: a block would keep the future
+        // twice (captured, and again where it is awaited), per waiting request.
+        Box::pin(crate::call_now(&mut retrying, req).map(move |result| {
             let attempts = HeaderValue::from(attempts.load(Ordering::Relaxed));
             let (mut resp, gave_up) = match result {
                 Ok(resp) => {
@@ -117,7 +118,7 @@ impl<S: crate::Inner> Service<Request<Payload>> for Retry<S> {
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
             }
             Ok(resp)
-        })
+        }))
     }
 }
 
