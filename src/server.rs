@@ -12,7 +12,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -75,7 +74,10 @@ pub async fn start(
 
     let proxy_task = tokio::spawn(serve(
         proxy,
-        TowerToHyperService::new(stack),
+        // The edge is always ready (it waits inside calls), so each request calls
+        // it directly: no `oneshot` keeping room for a service and a request
+        // for the request's whole life.
+        service_fn(move |req| crate::call_now(&mut stack.clone(), req)),
         stopped.clone(),
         grace,
         Some(state.clone()),
