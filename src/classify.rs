@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
+
+use crate::body::Body;
+use crate::error::ProxyError;
 
 /// The meaning of one upstream attempt's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,45 @@ pub struct Classified {
     pub class: Class,
     /// `retry-after-ms` or `retry-after`, when the upstream sent one.
     pub retry_after: Option<Duration>,
+}
+
+/// The outcome of one attempt as the stack sees it: an upstream answer carries its
+/// classification; penstock's own failures to reach the upstream are transient,
+/// its refusals final. Retries decide on it, metrics count it.
+pub fn attempt(result: &Result<Response<Body>, ProxyError>) -> Classified {
+    let class = match result {
+        Ok(resp) => {
+            return resp
+                .extensions()
+                .get::<Classified>()
+                .copied()
+                .unwrap_or(Classified {
+                    class: Class::Other,
+                    retry_after: None,
+                });
+        }
+        Err(
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamConnection(_)
+            | ProxyError::UpstreamTimeout(_),
+        ) => Class::Transient,
+        Err(_) => Class::Other,
+    };
+    Classified {
+        class,
+        retry_after: None,
+    }
+}
+
+/// The metrics label of an attempt's outcome: the class of an answer, or what
+/// kept penstock from getting one.
+pub fn attempt_label(result: &Result<Response<Body>, ProxyError>) -> &'static str {
+    match result {
+        Ok(_) => attempt(result).class.label(),
+        Err(ProxyError::UpstreamTimeout(_)) => "timeout",
+        Err(ProxyError::UpstreamUnreachable(_)) => "unreachable",
+        Err(_) => "connection_error",
+    }
 }
 
 /// Codes that mean the account cannot pay; retrying them only burns attempts.

@@ -74,12 +74,7 @@ impl Stored {
     }
 
     fn from_error(e: ProxyError) -> Stored {
-        let resp = e.into_response();
-        let (parts, _) = resp.into_parts();
-        let body = Bytes::from(
-            serde_json::json!({"error": {"message": "the shared upstream call failed", "type": "penstock_error", "param": null, "code": "penstock_upstream_connection_error"}})
-                .to_string(),
-        );
+        let (parts, body) = e.into_parts();
         Stored {
             status: parts.status,
             headers: parts.headers,

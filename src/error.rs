@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use serde_json::json;
 
@@ -91,18 +92,24 @@ impl ProxyError {
 
     /// The response a client sees.
     pub fn into_response(self) -> Response<Body> {
+        let (parts, body) = self.into_parts();
+        Response::from_parts(parts, full(body))
+    }
+
+    /// The response as its head and its body's bytes, for those that keep it
+    /// (a shared call's answer).
+    pub fn into_parts(self) -> (http::response::Parts, Bytes) {
         if let ProxyError::Refused(crate::budget::Refusal::CircuitOpen(tripped)) = &self {
-            return tripped.response();
+            return tripped.parts();
         }
         let status = self.status();
-        let message = self.to_string();
         let body = json!({"error": {
-            "message": message,
+            "message": self.to_string(),
             "type": self.kind(),
             "param": self.param(),
             "code": self.code(),
         }});
-        let mut resp = Response::new(full(body.to_string()));
+        let mut resp = Response::new(());
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(
@@ -122,7 +129,7 @@ impl ProxyError {
             // A client-side mistake will not get better by sending it again.
             h.insert("x-should-retry", HeaderValue::from_static("false"));
         }
-        resp
+        (resp.into_parts().0, Bytes::from(body.to_string()))
     }
 }
 

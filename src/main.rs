@@ -63,7 +63,7 @@ fn main() -> ExitCode {
             // Build what serving would build (the sidecar key must be present, the CA
             // file must parse) without binding anything.
             if let Err(e) =
-                penstock::upstream::Upstream::new(&config.upstream, |k| std::env::var(k).ok())
+                penstock::upstream::Upstream::new(&config.upstream, |k| std::env::var(k).ok(), None)
             {
                 eprintln!("penstock: {}: {e}", cli.config.display());
                 return ExitCode::from(2);

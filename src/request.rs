@@ -644,9 +644,6 @@ where
                 method,
                 path,
                 route,
-                model: ctx.as_ref().and_then(|c| c.model.clone()),
-                stream: ctx.as_ref().is_some_and(|c| c.stream),
-                estimated_tokens: ctx.as_ref().map(|c| c.cost.tokens),
                 status: resp.status().as_u16(),
                 head_ms: received.elapsed().as_millis() as u64,
                 received,
@@ -799,9 +796,6 @@ struct Line {
     method: Method,
     path: String,
     route: Route,
-    model: Option<String>,
-    stream: bool,
-    estimated_tokens: Option<u64>,
     status: u16,
     head_ms: u64,
     upstream_request_id: Option<String>,
@@ -815,21 +809,23 @@ struct Line {
 
 impl Line {
     fn emit(&self, complete: bool) {
+        let ctx = self.ctx.as_deref();
+        let model = ctx.and_then(|c| c.model.as_deref());
         self.metrics.request(
             self.route.label(),
-            self.model.as_deref(),
+            model,
             self.status,
             self.cache.as_deref().unwrap_or(""),
         );
-        let acc = self.ctx.as_ref().map(|c| c.tally.get()).unwrap_or_default();
+        let acc = ctx.map(|c| c.tally.get()).unwrap_or_default();
         tracing::info!(
             target: "penstock::access",
             request_id = self.id,
             method = %self.method,
             path = self.path,
             route = self.route.label(),
-            model = self.model.as_deref(),
-            stream = self.stream,
+            model,
+            stream = ctx.is_some_and(|c| c.stream),
             status = self.status,
             // Time to the response head, and to its end.
             latency_ms = self.head_ms,
@@ -839,7 +835,7 @@ impl Line {
             queue_ms = self.queue_ms.as_deref(),
             attempts = self.attempts.as_deref(),
             cache = self.cache.as_deref(),
-            estimated_tokens = self.estimated_tokens,
+            estimated_tokens = ctx.map(|c| c.cost.tokens),
             tokens = acc.tokens,
             cost_usd = acc.cost_usd,
             saved_usd = acc.saved_usd,

@@ -19,7 +19,7 @@ use tower::Service;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::body::Body;
-use crate::classify::{Class, Classified};
+
 use crate::config::RetryConfig;
 use crate::error::ProxyError;
 use crate::request::Payload;
@@ -131,33 +131,6 @@ pub struct Policy {
     deadline: Instant,
 }
 
-/// The classification of an attempt's outcome; penstock's own failures to reach
-/// the upstream are transient, its refusals final.
-fn outcome(result: &Result<Response<Body>, ProxyError>) -> Classified {
-    match result {
-        Ok(resp) => resp
-            .extensions()
-            .get::<Classified>()
-            .copied()
-            .unwrap_or(Classified {
-                class: Class::Other,
-                retry_after: None,
-            }),
-        Err(
-            ProxyError::UpstreamUnreachable(_)
-            | ProxyError::UpstreamConnection(_)
-            | ProxyError::UpstreamTimeout(_),
-        ) => Classified {
-            class: Class::Transient,
-            retry_after: None,
-        },
-        Err(_) => Classified {
-            class: Class::Other,
-            retry_after: None,
-        },
-    }
-}
-
 impl Policy {
     /// The wait before attempt `attempt + 1`: the upstream's own delay when it gave
     /// one, else exponential backoff with full jitter.
@@ -181,7 +154,7 @@ impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Poli
         _req: &mut Request<Payload>,
         result: &mut Result<Response<Body>, ProxyError>,
     ) -> Option<Self::Future> {
-        let outcome = outcome(result);
+        let outcome = crate::classify::attempt(result);
         if !outcome.class.is_retryable() {
             return None;
         }

@@ -47,7 +47,7 @@ where
     B::Error: Into<BoxError>,
 {
     let metrics = Arc::new(Metrics::new(&config.prices));
-    let upstream = Upstream::new(&config.upstream, env)?.with_metrics(metrics.clone());
+    let upstream = Upstream::new(&config.upstream, env, Some(metrics.clone()))?;
     let budgets = Arc::new(budget::Registry::new(config));
     let edge = request::EdgeConfig::new(config, metrics.clone());
     if !config.budgets.is_empty() {

@@ -19,7 +19,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::body::{Body, full};
-use crate::classify::{Classified, classify};
+use crate::classify::classify;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -160,10 +160,12 @@ struct Inner {
 }
 
 impl Upstream {
-    /// Builds the client; `env` reads the sidecar key's variable.
+    /// Builds the client; `env` reads the sidecar key's variable; `metrics`, when
+    /// given, counts every attempt and its time to the response head.
     pub fn new(
         config: &UpstreamConfig,
         env: impl Fn(&str) -> Option<String>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<Upstream, BuildError> {
         let base = BaseUrl::parse(&config.base_url).map_err(BuildError::BaseUrl)?;
         let sidecar = match &config.api_key_env {
@@ -236,17 +238,9 @@ impl Upstream {
                 base,
                 sidecar,
                 attempt_timeout: config.attempt_timeout,
-                metrics: None,
+                metrics,
             }),
         })
-    }
-
-    /// Counts every attempt and its time to the response head.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Upstream {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.metrics = Some(metrics);
-        }
-        self
     }
 
     fn upstream_request(&self, req: Request<Payload>) -> Result<Request<Full<Bytes>>, ProxyError> {
@@ -320,15 +314,7 @@ impl tower::Service<Request<Payload>> for Upstream {
                 Err(e) => return Err(e),
             };
             if let Some(m) = &inner.metrics {
-                let outcome = match &result {
-                    Ok(resp) => resp
-                        .extensions()
-                        .get::<Classified>()
-                        .map_or("other", |c| c.class.label()),
-                    Err(ProxyError::UpstreamTimeout(_)) => "timeout",
-                    Err(ProxyError::UpstreamUnreachable(_)) => "unreachable",
-                    Err(_) => "connection_error",
-                };
+                let outcome = crate::classify::attempt_label(&result);
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
                 let model = ctx.as_ref().and_then(|c| c.model.as_deref());
                 m.attempt(route, model, outcome, sent.elapsed().as_secs_f64());
@@ -433,7 +419,7 @@ mod tests {
             api_key_env: Some("PENSTOCK_TEST_NO_SUCH_VAR".into()),
             ..UpstreamConfig::default()
         };
-        let err = Upstream::new(&config, |_| None).err().unwrap();
+        let err = Upstream::new(&config, |_| None, None).err().unwrap();
         assert_eq!(
             err.to_string(),
             "upstream.api_key_env: environment variable PENSTOCK_TEST_NO_SUCH_VAR is not set"

@@ -107,14 +107,7 @@ async fn a_known_mix_gives_exact_counts_costs_and_savings_and_no_key_anywhere() 
     );
     assert_eq!(h.fake.calls(), 2);
 
-    let text = http()
-        .get(format!("{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
     let requests = |status: u16, cache: &str| {
         sample(
             &text,

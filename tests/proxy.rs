@@ -479,14 +479,7 @@ async fn a_large_prompt_is_priced_off_the_async_workers_and_forwarded_whole() {
     resp.bytes().await.unwrap();
     let seen: serde_json::Value = serde_json::from_slice(&h.fake.requests()[0].body).unwrap();
     assert_eq!(seen, body);
-    let text = http()
-        .get(format!("{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
     // 9 tokens a repeat, 7,000 repeats, plus message overhead and max_tokens.
     let estimated = sample(
         &text,

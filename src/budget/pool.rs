@@ -56,14 +56,14 @@ pub struct Tripped {
 
 impl Tripped {
     /// The upstream's own answer, marked as repeated by penstock.
-    pub fn response(&self) -> http::Response<crate::body::Body> {
-        let mut resp = http::Response::new(crate::body::full(self.body.clone()));
+    pub fn parts(&self) -> (http::response::Parts, bytes::Bytes) {
+        let mut resp = http::Response::new(());
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
         let h = resp.headers_mut();
         h.insert("x-penstock-circuit", http::HeaderValue::from_static("open"));
         h.insert("x-should-retry", http::HeaderValue::from_static("false"));
-        resp
+        (resp.into_parts().0, self.body.clone())
     }
 }
 

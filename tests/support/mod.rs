@@ -96,6 +96,12 @@ impl Harness {
         let url = format!("{}/status", self.admin);
         json(http().get(url).send().await.unwrap()).await
     }
+
+    /// `GET /metrics` on the admin listener, as text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.admin);
+        http().get(url).send().await.unwrap().text().await.unwrap()
+    }
 }
 
 pub async fn json(resp: reqwest::Response) -> serde_json::Value {
