@@ -9,9 +9,9 @@ use std::time::Instant;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use serde_json::json;
 
-use crate::body::{Body, full};
 use crate::config::Config;
 use crate::stack::Shared;
+use crate::vocab::body::{Body, full};
 
 /// What the admin endpoints report on.
 pub struct State {
@@ -30,7 +30,7 @@ impl State {
             shared,
             summary: json!({
                 "listen": config.listen.to_string(),
-                "upstream": crate::upstream::BaseUrl::redact(&config.upstream.base_url),
+                "upstream": crate::vocab::url::BaseUrl::redact(&config.upstream.base_url),
                 "sidecar": config.upstream.api_key_env.is_some(),
                 "budgets": config.budgets.iter().map(|b| json!({
                     "name": b.display_name(),

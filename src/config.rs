@@ -9,6 +9,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use crate::vocab::cost::{ImageTable, check_image_tables};
+
 /// Environment variables that override the file, for containers and tests.
 pub const ENV_LISTEN: &str = "PENSTOCK_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "PENSTOCK_ADMIN_LISTEN";
@@ -77,7 +79,7 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// Model glob -> USD prices, before the built-in list prices.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub prices: std::collections::BTreeMap<String, crate::metrics::PriceConfig>,
+    pub prices: std::collections::BTreeMap<String, PriceConfig>,
 }
 
 /// A cap on one client's requests, whatever the budgets allow.
@@ -293,14 +295,39 @@ pub struct EstimateConfig {
     pub default_max_output_tokens: u64,
     /// Model glob -> `o200k_base` or `cl100k_base`, before the built-in choice.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub tokenizer: std::collections::BTreeMap<String, String>,
+    pub tokenizer: std::collections::BTreeMap<String, Tokenizer>,
     /// Model glob -> quality -> size -> output tokens per image, before the
     /// built-in gpt-image-1 table.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub image_output_tokens: std::collections::BTreeMap<
-        String,
-        std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
-    >,
+    pub image_output_tokens: std::collections::BTreeMap<String, ImageTable>,
+}
+
+/// A tiktoken encoding, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Tokenizer {
+    #[serde(rename = "o200k_base")]
+    O200k,
+    #[serde(rename = "cl100k_base")]
+    Cl100k,
+}
+
+/// USD prices of one model (or glob of models).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// USD per million input text tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_per_mtok: Option<f64>,
+    /// USD per million input image tokens (edits); text price when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_input_per_mtok: Option<f64>,
+    /// USD per million output tokens (image tokens, for image models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_per_mtok: Option<f64>,
+    /// USD per 1024x1024 image by quality, when there are no token prices or no
+    /// `usage`; other sizes scale by area.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub per_image: std::collections::BTreeMap<String, f64>,
 }
 
 /// The OpenAI-compatible upstream.
@@ -528,7 +555,7 @@ impl Config {
                 format!("must differ from `listen` ({})", self.listen),
             ));
         }
-        crate::upstream::BaseUrl::parse(&self.upstream.base_url)
+        crate::vocab::url::BaseUrl::parse(&self.upstream.base_url)
             .map_err(|m| bad("upstream.base_url", m))?;
         if self
             .upstream
@@ -678,7 +705,7 @@ impl Config {
                 "expected a number above zero".into(),
             ));
         }
-        crate::budget::estimate::Estimator::new(&self.estimate)
+        check_image_tables(&self.estimate.image_output_tokens)
             .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
         if self.server.max_body_size.as_u64() == 0 {
             return Err(bad(
@@ -693,7 +720,7 @@ impl Config {
     /// are only ever named (`api_key_env`), and credentials in the URL are redacted.
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
-        copy.upstream.base_url = crate::upstream::BaseUrl::redact(&copy.upstream.base_url);
+        copy.upstream.base_url = crate::vocab::url::BaseUrl::redact(&copy.upstream.base_url);
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

@@ -1,64 +1,29 @@
 //! penstock: a rate-limiting, retrying, coalescing reverse proxy for the OpenAI API.
 //! [`stack::build`] assembles the request path; [`server::start`] serves it.
+//!
+//! The modules stand on floors; each imports only from the floors below it:
+//! 1. [`vocab`]: what a request, a cost, an upstream header and an error are;
+//! 2. [`config`]: the configuration, as plain data, and its validation;
+//! 3. [`logic`]: estimates, prices, the classifier, admission (ledger, fair
+//!    queue, pool) and metrics;
+//! 4. [`layers`]: the services of the stack (edge, coalesce, client caps,
+//!    retry, budget, upstream);
+//! 5. wiring: [`stack`], [`admin`], [`server`] and `main`.
+//!
+//! `tests/floors.rs` fails when an import goes the other way.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod body;
-pub mod budget;
-pub mod classify;
-pub mod client_limit;
-pub mod coalesce;
+pub mod vocab;
+
 pub mod config;
-pub mod error;
-pub mod metrics;
-pub mod request;
-pub mod retry;
+
+pub mod logic;
+
+pub mod layers;
+
+pub mod admin;
 pub mod server;
 pub mod stack;
-pub mod upstream;
-pub mod usage;
 
 pub use config::Config;
-
-/// A service inside the stack, below the edge: a request with its body buffered
-/// in, a response or penstock's own error out. Every layer asks this of the one
-/// it wraps; cloned into each request's future, so cheap to clone.
-pub trait Inner:
-    tower::Service<
-        http::Request<request::Payload>,
-        Response = http::Response<body::Body>,
-        Error = error::ProxyError,
-        Future: Send,
-    > + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> Inner for S where
-    S: tower::Service<
-            http::Request<request::Payload>,
-            Response = http::Response<body::Body>,
-            Error = error::ProxyError,
-            Future: Send,
-        > + Clone
-        + Send
-        + 'static
-{
-}
 pub use server::{Running, start};
-
-/// Calls an inner service at once. Every layer of this stack is ready at once
-/// (waiting happens inside calls, never in `poll_ready`), so a future need not
-/// keep the service and the request aside while readiness is awaited, as
-/// `oneshot` does: a queued request then carries one pointer per layer, not a
-/// service and a request per layer.
-pub(crate) fn call_now<S: tower::Service<R>, R>(service: &mut S, req: R) -> S::Future {
-    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
-    let ready = service.poll_ready(&mut cx);
-    debug_assert!(
-        matches!(ready, std::task::Poll::Ready(Ok(()))),
-        "penstock's layers are ready at once"
-    );
-    service.call(req)
-}

@@ -62,9 +62,11 @@ fn main() -> ExitCode {
         Command::Check => {
             // Build what serving would build (the sidecar key must be present, the CA
             // file must parse) without binding anything.
-            if let Err(e) =
-                penstock::upstream::Upstream::new(&config.upstream, |k| std::env::var(k).ok(), None)
-            {
+            if let Err(e) = penstock::layers::upstream::Upstream::new(
+                &config.upstream,
+                |k| std::env::var(k).ok(),
+                None,
+            ) {
                 eprintln!("penstock: {}: {e}", cli.config.display());
                 return ExitCode::from(2);
             }

@@ -28,7 +28,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Build(#[from] crate::upstream::BuildError),
+    Build(#[from] crate::layers::upstream::BuildError),
 }
 
 /// A running penstock; [`Running::shutdown`] drains it.
@@ -77,7 +77,7 @@ pub async fn start(
         // The edge is always ready (it waits inside calls), so each request calls
         // it directly: no `oneshot` keeping room for a service and a request
         // for the request's whole life.
-        service_fn(move |req| crate::call_now(&mut stack.clone(), req)),
+        service_fn(move |req| crate::layers::call_now(&mut stack.clone(), req)),
         stopped.clone(),
         grace,
         Some(state.clone()),
@@ -86,7 +86,7 @@ pub async fn start(
     let admin_svc = service_fn(move |req| admin::handle(admin_state.clone(), req));
     let admin_task = tokio::spawn(serve(admin_listener, admin_svc, stopped, grace, None));
     state.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, %admin_addr, upstream = %crate::upstream::BaseUrl::redact(&config.upstream.base_url), "penstock listening");
+    tracing::info!(%addr, %admin_addr, upstream = %crate::vocab::url::BaseUrl::redact(&config.upstream.base_url), "penstock listening");
     Ok(Running {
         addr,
         admin_addr,
@@ -104,7 +104,7 @@ async fn serve<S>(
 ) where
     S: hyper::service::Service<
             hyper::Request<Incoming>,
-            Response = hyper::Response<crate::body::Body>,
+            Response = hyper::Response<crate::vocab::body::Body>,
             Error = std::convert::Infallible,
         > + Clone
         + Send

@@ -7,15 +7,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower::ServiceBuilder;
 
-use crate::body::{Body, BoxError};
-use crate::budget;
-use crate::client_limit;
-use crate::coalesce;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::request;
-use crate::retry;
-use crate::upstream::{self, Upstream};
+use crate::layers::upstream::{self, Upstream};
+use crate::layers::{budget, client_limit, coalesce, edge, retry};
+use crate::logic::metrics::Metrics;
+use crate::vocab::body::{Body, BoxError};
 
 /// State the stack shares with the admin endpoints.
 pub struct Shared {
@@ -49,7 +45,7 @@ where
     let metrics = Arc::new(Metrics::new(&config.prices));
     let upstream = Upstream::new(&config.upstream, env, Some(metrics.clone()))?;
     let budgets = Arc::new(budget::Registry::new(config));
-    let edge = request::EdgeConfig::new(config, metrics.clone());
+    let edge = edge::EdgeConfig::new(config, metrics.clone());
     if !config.budgets.is_empty() {
         // Token estimates need the tokenizers: load them before the first request.
         edge.estimator.warm();
@@ -60,7 +56,7 @@ where
         // Edge: body limit and one buffered copy, the parsed context with its cost
         // estimate, errors turned into OpenAI-shaped responses, and the log line;
         // outermost so it sees everything.
-        .layer(request::Layer::new(edge))
+        .layer(edge::Layer::new(edge))
         // Coalescing and the cache: above retries and budgets, so a hit or a
         // coalesced request costs no attempt and no budget.
         .layer(cache)

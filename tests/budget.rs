@@ -331,11 +331,12 @@ async fn an_upstream_rate_limit_pauses_the_whole_pool_and_the_call_is_retried_af
     .await;
     let body =
         json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024"});
-    // Another app on the same key spends the upstream's whole window.
+    // Another app on the same key spends the upstream's whole window, which
+    // frees a second after it began.
+    let started = Instant::now();
     for _ in 0..10 {
         generate(&h.fake.url(), &[], body.clone()).await;
     }
-    let started = Instant::now();
     let (first, second) = tokio::join!(generate(&h.url, &[], body.clone()), async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         generate(&h.url, &[], body.clone()).await

@@ -9,25 +9,14 @@ use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 use wildmatch::WildMatch;
 
-use super::ledger::Cost;
-use crate::config::EstimateConfig;
-use crate::request::Route;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    O200k,
-    Cl100k,
-}
+use crate::config::{EstimateConfig, Tokenizer as Encoding};
+use crate::vocab::cost::{
+    Cost, ImageAsk, ImageTable, check_image_tables, parse_image_size as parse_size,
+};
+use crate::vocab::route::Route;
 
 impl Encoding {
-    fn parse(s: &str) -> Option<Encoding> {
-        match s {
-            "o200k_base" => Some(Encoding::O200k),
-            "cl100k_base" => Some(Encoding::Cl100k),
-            _ => None,
-        }
-    }
-
+    /// The tokenizer, loaded once.
     fn bpe(self) -> &'static CoreBPE {
         match self {
             Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
@@ -47,9 +36,6 @@ impl Encoding {
         }
     }
 }
-
-/// quality -> size -> output tokens per image.
-type ImageTable = BTreeMap<String, BTreeMap<String, u64>>;
 
 /// gpt-image-1, -1-mini and -1.5 output tokens per image (see the OpenAI contract).
 fn builtin_image_table() -> ImageTable {
@@ -108,36 +94,19 @@ pub struct Estimator {
 impl Estimator {
     /// Errors name the offending key below `estimate.` and what was expected.
     pub fn new(config: &EstimateConfig) -> Result<Estimator, (String, String)> {
-        let mut tokenizers = Vec::new();
-        for (glob, enc) in &config.tokenizer {
-            let e = Encoding::parse(enc).ok_or_else(|| {
-                (
-                    format!("tokenizer.{glob:?}"),
-                    format!(
-                        "{enc:?} is not a tokenizer; expected \"o200k_base\" or \"cl100k_base\""
-                    ),
-                )
-            })?;
-            tokenizers.push((WildMatch::new(glob), e));
-        }
-        let mut image_tables = Vec::new();
-        for (glob, table) in &config.image_output_tokens {
-            for (quality, sizes) in table {
-                for size in sizes.keys() {
-                    if parse_size(size).is_none() {
-                        return Err((
-                            format!("image_output_tokens.{glob:?}.{quality}.{size:?}"),
-                            "expected a size like \"1024x1024\"".into(),
-                        ));
-                    }
-                }
-            }
-            image_tables.push((WildMatch::new(glob), table.clone()));
-        }
+        check_image_tables(&config.image_output_tokens)?;
         Ok(Estimator {
             default_max_output_tokens: config.default_max_output_tokens,
-            tokenizers,
-            image_tables,
+            tokenizers: config
+                .tokenizer
+                .iter()
+                .map(|(glob, enc)| (WildMatch::new(glob), *enc))
+                .collect(),
+            image_tables: config
+                .image_output_tokens
+                .iter()
+                .map(|(glob, table)| (WildMatch::new(glob), table.clone()))
+                .collect(),
             builtin_images: builtin_image_table(),
         })
     }
@@ -275,7 +244,7 @@ impl Estimator {
 }
 
 /// What an image request asks for (count, quality, size), for pricing by image.
-pub fn image_ask(route: Route, body: Body<'_>) -> Option<crate::metrics::ImageAsk> {
+pub fn image_ask(route: Route, body: Body<'_>) -> Option<ImageAsk> {
     if !route.is_image() {
         return None;
     }
@@ -284,7 +253,7 @@ pub fn image_ask(route: Route, body: Body<'_>) -> Option<crate::metrics::ImageAs
         Body::Multipart(m) => ImageParams::from_multipart(m),
         Body::None => return None,
     };
-    Some(crate::metrics::ImageAsk {
+    Some(ImageAsk {
         n: p.n,
         quality: p.quality,
         size: p.size,
@@ -293,11 +262,6 @@ pub fn image_ask(route: Route, body: Body<'_>) -> Option<crate::metrics::ImageAs
 
 fn uint(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
-}
-
-fn parse_size(s: &str) -> Option<(u64, u64)> {
-    let (w, h) = s.split_once('x')?;
-    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
 }
 
 /// Output tokens of one image. An open or unknown quality takes the dearest row;

@@ -18,11 +18,12 @@ use tokio::time::Instant;
 use tower::Service;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
-use crate::body::Body;
+use crate::vocab::body::Body;
 
+use super::edge::respond;
 use crate::config::RetryConfig;
-use crate::error::ProxyError;
-use crate::request::Payload;
+use crate::vocab::context::Payload;
+use crate::vocab::error::ProxyError;
 
 /// What all requests share: the settings and the retry budget.
 struct Shared {
@@ -73,7 +74,7 @@ pub struct Retry<S> {
     shared: Arc<Shared>,
 }
 
-impl<S: crate::Inner> Service<Request<Payload>> for Retry<S> {
+impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a retried call is a sequence of attempts and sleeps.
@@ -99,26 +100,28 @@ impl<S: crate::Inner> Service<Request<Payload>> for Retry<S> {
         self.shared.budget.deposit();
         // Mapped, not awaited in an async block: a block would keep the future
         // twice (captured, and again where it is awaited), per waiting request.
-        Box::pin(crate::call_now(&mut retrying, req).map(move |result| {
-            let attempts = HeaderValue::from(attempts.load(Ordering::Relaxed));
-            let (mut resp, gave_up) = match result {
-                Ok(resp) => {
-                    let failed = !resp.status().is_success();
-                    (resp, failed)
+        Box::pin(
+            crate::layers::call_now(&mut retrying, req).map(move |result| {
+                let attempts = HeaderValue::from(attempts.load(Ordering::Relaxed));
+                let (mut resp, gave_up) = match result {
+                    Ok(resp) => {
+                        let failed = !resp.status().is_success();
+                        (resp, failed)
+                    }
+                    // penstock's own refusals keep their own advice (retry after ...).
+                    Err(e) => {
+                        let gave_up = !e.is_refusal();
+                        (respond::into_response(e), gave_up)
+                    }
+                };
+                let h = resp.headers_mut();
+                h.insert("x-penstock-attempts", attempts);
+                if gave_up {
+                    h.insert("x-should-retry", HeaderValue::from_static("false"));
                 }
-                // penstock's own refusals keep their own advice (retry after ...).
-                Err(e @ (ProxyError::Refused(_) | ProxyError::ClientLimited(_))) => {
-                    (e.into_response(), false)
-                }
-                Err(e) => (e.into_response(), true),
-            };
-            let h = resp.headers_mut();
-            h.insert("x-penstock-attempts", attempts);
-            if gave_up {
-                h.insert("x-should-retry", HeaderValue::from_static("false"));
-            }
-            Ok(resp)
-        }))
+                Ok(resp)
+            }),
+        )
     }
 }
 
@@ -154,7 +157,7 @@ impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Poli
         _req: &mut Request<Payload>,
         result: &mut Result<Response<Body>, ProxyError>,
     ) -> Option<Self::Future> {
-        let outcome = crate::classify::attempt(result);
+        let outcome = crate::logic::classify::attempt(result);
         if !outcome.class.is_retryable() {
             return None;
         }
@@ -189,8 +192,8 @@ impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Poli
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::full;
-    use crate::classify::classify;
+    use crate::logic::classify::classify;
+    use crate::vocab::body::full;
     use http::StatusCode;
     use std::sync::atomic::AtomicUsize;
     use tower::ServiceExt;

@@ -15,10 +15,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{Request, Response};
 use tower::Service;
 
-use crate::body::Body;
 use crate::config::ClientConfig;
-use crate::error::ProxyError;
-use crate::request::Payload;
+use crate::vocab::body::Body;
+use crate::vocab::context::Payload;
+use crate::vocab::error::{Problem, ProxyError};
 
 #[derive(Clone)]
 pub struct Layer {
@@ -74,6 +74,20 @@ pub struct OverLimit {
     pub retry_after: Duration,
 }
 
+impl Problem for OverLimit {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::TOO_MANY_REQUESTS
+    }
+
+    fn code(&self) -> &'static str {
+        "penstock_client_rate_limited"
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        Some(self.retry_after)
+    }
+}
+
 impl<S> Service<Request<Payload>> for ClientLimit<S>
 where
     S: Service<Request<Payload>, Response = Response<Body>, Error = ProxyError>,
@@ -93,7 +107,7 @@ where
         if let Some(((rpm, limiter), tenant)) = limited
             && let Err(not_until) = limiter.check()
         {
-            return Either::Right(ready(Err(ProxyError::ClientLimited(OverLimit {
+            return Either::Right(ready(Err(ProxyError::from(OverLimit {
                 client: tenant.to_string(),
                 rpm: *rpm,
                 retry_after: not_until.wait_time_from(limiter.clock().now()),

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use super::ledger::Cost;
+use crate::vocab::cost::Cost;
 
 struct Item<T> {
     id: u64,

@@ -20,14 +20,43 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::Service;
 
-use crate::body::{Body, full};
+use super::edge::respond;
 use crate::config::CacheConfig;
-use crate::error::ProxyError;
-use crate::metrics::Metrics;
-use crate::request::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
+use crate::logic::metrics::Metrics;
+use crate::vocab::body::{Body, full};
+use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
+use crate::vocab::error::{Problem, ProxyError};
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
+
+/// A shared call that ended without an answer to share; its followers are
+/// told as the upstream layer tells of a broken connection.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection to the upstream failed: {0}")]
+pub struct SharedCallFailed(String);
+
+impl From<&str> for SharedCallFailed {
+    fn from(why: &str) -> SharedCallFailed {
+        SharedCallFailed(why.to_string())
+    }
+}
+
+impl From<String> for SharedCallFailed {
+    fn from(why: String) -> SharedCallFailed {
+        SharedCallFailed(why)
+    }
+}
+
+impl Problem for SharedCallFailed {
+    fn status(&self) -> StatusCode {
+        StatusCode::BAD_GATEWAY
+    }
+
+    fn code(&self) -> &'static str {
+        "penstock_upstream_connection_error"
+    }
+}
 
 /// A complete response: kept in the cache, or shared with those who waited.
 #[derive(Debug)]
@@ -39,7 +68,7 @@ pub struct Stored {
 
 impl Stored {
     async fn from_result(result: Result<Response<Body>, ProxyError>) -> Stored {
-        let resp = result.unwrap_or_else(ProxyError::into_response);
+        let resp = result.unwrap_or_else(respond::into_response);
         let (parts, mut body) = resp.into_parts();
         let mut buf = bytes::BytesMut::new();
         let mut first: Option<Bytes> = None;
@@ -49,11 +78,11 @@ impl Stored {
                     Ok(d) => d,
                     Err(_) => continue,
                 },
-                Err(e) => return Stored::from_error(ProxyError::UpstreamConnection(e.to_string())),
+                Err(e) => return Stored::from_error(SharedCallFailed::from(e.to_string())),
             };
             if buf.len() + first.as_ref().map_or(0, Bytes::len) + data.len() > MAX_SHARED {
-                return Stored::from_error(ProxyError::UpstreamConnection(
-                    "the response is too large to share".into(),
+                return Stored::from_error(SharedCallFailed::from(
+                    "the response is too large to share",
                 ));
             }
             // A body in one frame (the usual case) is kept without a copy.
@@ -73,8 +102,8 @@ impl Stored {
         }
     }
 
-    fn from_error(e: ProxyError) -> Stored {
-        let (parts, body) = e.into_parts();
+    fn from_error(e: impl Into<ProxyError>) -> Stored {
+        let (parts, body) = respond::into_parts(e.into());
         Stored {
             status: parts.status,
             headers: parts.headers,
@@ -194,8 +223,8 @@ fn record_saving(
     if !stored.status.is_success() {
         return;
     }
-    let tail = &stored.body[stored.body.len().saturating_sub(crate::usage::TAIL)..];
-    let usage = crate::usage::find(tail);
+    let tail = &stored.body[stored.body.len().saturating_sub(crate::vocab::usage::TAIL)..];
+    let usage = crate::vocab::usage::find(tail);
     let usd = metrics.prices.cost(
         ctx.and_then(|c| c.model.as_deref()).unwrap_or(""),
         usage.as_ref(),
@@ -227,7 +256,7 @@ impl Inner {
         register: bool,
     ) -> (InFlight, Watch)
     where
-        S: crate::Inner,
+        S: crate::layers::Inner,
     {
         let interest = Arc::new(Interest::default());
         let first = interest.watch();
@@ -236,7 +265,7 @@ impl Inner {
         let watching = interest.clone();
         let mut service = service;
         let task = tokio::spawn(async move {
-            let call = crate::call_now(&mut service, req);
+            let call = crate::layers::call_now(&mut service, req);
             tokio::pin!(call);
             let result = loop {
                 tokio::select! {
@@ -254,8 +283,8 @@ impl Inner {
                 }
             };
             let Some(result) = result else {
-                return Arc::new(Stored::from_error(ProxyError::UpstreamConnection(
-                    "every caller left before the call was sent".into(),
+                return Arc::new(Stored::from_error(SharedCallFailed::from(
+                    "every caller left before the call was sent",
                 )));
             };
             let stored = Arc::new(Stored::from_result(result).await);
@@ -271,8 +300,8 @@ impl Inner {
         });
         let answer = async move {
             task.await.unwrap_or_else(|_| {
-                Arc::new(Stored::from_error(ProxyError::UpstreamConnection(
-                    "the shared upstream call was aborted".into(),
+                Arc::new(Stored::from_error(SharedCallFailed::from(
+                    "the shared upstream call was aborted",
                 )))
             })
         }
@@ -282,7 +311,7 @@ impl Inner {
     }
 }
 
-impl<S: crate::Inner> Service<Request<Payload>> for Coalesce<S> {
+impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a cache lookup and a wait on a shared call.
@@ -305,7 +334,7 @@ impl<S: crate::Inner> Service<Request<Payload>> for Coalesce<S> {
             .filter(|_| mode != CacheMode::Bypass)
         else {
             // Mapped, not awaited in an async block, which would keep it twice.
-            return Box::pin(crate::call_now(&mut service, req).map(|result| {
+            return Box::pin(crate::layers::call_now(&mut service, req).map(|result| {
                 let mut resp = result?;
                 resp.headers_mut()
                     .insert("x-penstock-cache", HeaderValue::from_static("bypass"));

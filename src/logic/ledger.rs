@@ -14,27 +14,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::RateLimitHeaders;
-
-/// What one call costs, per dimension.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Cost {
-    pub requests: u64,
-    pub tokens: u64,
-    pub images: u64,
-}
-
-impl Cost {
-    fn dims(&self) -> [u64; 3] {
-        [self.requests, self.tokens, self.images]
-    }
-
-    pub fn add(&mut self, other: &Cost) {
-        self.requests += other.requests;
-        self.tokens += other.tokens;
-        self.images += other.images;
-    }
-}
+use crate::vocab::cost::Cost;
+use crate::vocab::headers::RateLimitHeaders;
 
 pub const DIM_NAMES: [&str; 3] = ["requests", "tokens", "images"];
 const MINUTE: Duration = Duration::from_secs(60);
@@ -338,7 +319,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::Remaining;
+    use crate::vocab::headers::Remaining;
 
     fn ledger(rpm: Option<u64>, tpm: Option<u64>, ipm: Option<u64>) -> Ledger {
         Ledger::new(Limits {

@@ -11,9 +11,11 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use super::ledger::{Cost, DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
+use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
-use crate::classify::RateLimitHeaders;
+use crate::vocab::cost::Cost;
+use crate::vocab::error::Problem;
+use crate::vocab::headers::RateLimitHeaders;
 
 /// Why a request was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,27 @@ impl Refusal {
             Refusal::WaitTooLong { .. } => "penstock_wait_too_long",
             Refusal::TimedOut { .. } => "penstock_queue_timeout",
             Refusal::CircuitOpen(_) => "penstock_circuit_open",
+        }
+    }
+}
+
+impl Problem for Refusal {
+    fn status(&self) -> http::StatusCode {
+        http::StatusCode::TOO_MANY_REQUESTS
+    }
+
+    fn code(&self) -> &'static str {
+        Refusal::code(self)
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        Some(Refusal::retry_after(self))
+    }
+
+    fn answer(&self) -> Option<(http::response::Parts, bytes::Bytes)> {
+        match self {
+            Refusal::CircuitOpen(tripped) => Some(tripped.parts()),
+            _ => None,
         }
     }
 }

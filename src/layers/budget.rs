@@ -4,11 +4,6 @@
 //! estimate, its `x-ratelimit-*` headers pull the pool down when someone else
 //! spends the same key, and an upstream rate-limit 429 pauses the whole pool.
 
-pub mod estimate;
-pub mod ledger;
-pub mod pool;
-pub mod queue;
-
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
@@ -24,15 +19,17 @@ use http_body_util::BodyExt;
 use tower::Service;
 use wildmatch::WildMatch;
 
-use crate::body::{Body, BoxError};
-use crate::classify::{Class, Classified, RateLimitHeaders};
 use crate::config::Config;
-use crate::error::ProxyError;
-use crate::metrics::Metrics;
-use crate::request::{Payload, RequestContext};
-use crate::usage::Usage;
-use ledger::{Cost, Limits};
-pub use pool::{Permit, Pool, PoolStatus, Refusal, Tripped};
+use crate::logic::classify::{Class, Classified};
+use crate::logic::ledger::Limits;
+use crate::logic::metrics::Metrics;
+use crate::logic::pool::{Permit, Pool, PoolStatus, Tripped};
+use crate::vocab::body::{Body, BoxError};
+use crate::vocab::context::{Payload, RequestContext};
+use crate::vocab::cost::Cost;
+use crate::vocab::error::ProxyError;
+use crate::vocab::headers::RateLimitHeaders;
+use crate::vocab::usage::Usage;
 
 /// A pause after an upstream rate limit that named no delay.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
@@ -185,7 +182,7 @@ pub struct Budget<S> {
     metrics: Arc<Metrics>,
 }
 
-impl<S: crate::Inner> Service<Request<Payload>> for Budget<S> {
+impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: admission is a wait of its own before the inner call.
@@ -212,7 +209,7 @@ impl<S: crate::Inner> Service<Request<Payload>> for Budget<S> {
         };
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
-                let resp = crate::call_now(&mut inner, req).await?;
+                let resp = crate::layers::call_now(&mut inner, req).await?;
                 return Ok(if resp.status().is_success() {
                     resp.map(|body| Settle::wrap(body, None, account))
                 } else {
@@ -223,11 +220,11 @@ impl<S: crate::Inner> Service<Request<Payload>> for Budget<S> {
             let permit = pool
                 .acquire(&ctx.tenant.0, ctx.cost, max_wait)
                 .await
-                .map_err(ProxyError::Refused)?;
+                .map_err(ProxyError::from)?;
             account
                 .metrics
                 .queue_wait(&pool.name, permit.queued.as_secs_f64());
-            let mut resp = crate::call_now(&mut inner, req).await?;
+            let mut resp = crate::layers::call_now(&mut inner, req).await?;
             permit.observe(&RateLimitHeaders::parse(resp.headers()));
             let classified = resp.extensions().get::<Classified>().copied();
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
@@ -260,7 +257,7 @@ impl<S: crate::Inner> Service<Request<Payload>> for Budget<S> {
                         headers: parts.headers.clone(),
                         body: body.clone(),
                     });
-                    Ok(Response::from_parts(parts, crate::body::full(body)))
+                    Ok(Response::from_parts(parts, crate::vocab::body::full(body)))
                 }
                 class => {
                     if class == Some(Class::RateLimited) {
@@ -353,11 +350,11 @@ impl HttpBody for Settle {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            crate::usage::keep_tail(this.tail, data.chunk());
+            crate::vocab::usage::keep_tail(this.tail, data.chunk());
         }
         // A body of known length is not polled past its last byte: settle then.
         if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
-            let usage = crate::usage::find(this.tail);
+            let usage = crate::vocab::usage::find(this.tail);
             // The permit goes with the body's end: the call is over.
             if let (Some(permit), Some(usage)) = (this.permit.take(), usage) {
                 let estimate = permit.estimate();

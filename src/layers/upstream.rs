@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -18,76 +17,52 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::body::{Body, full};
-use crate::classify::classify;
 use crate::config::UpstreamConfig;
-use crate::error::ProxyError;
-use crate::metrics::Metrics;
-use crate::request::Payload;
+use crate::logic::classify::classify;
+use crate::logic::metrics::Metrics;
+use crate::vocab::body::{Body, full};
+use crate::vocab::context::Payload;
+use crate::vocab::error::{Problem, ProxyError};
+use crate::vocab::url::BaseUrl;
 
-/// `base_url` split once at startup so each request only appends its path.
-#[derive(Debug, Clone)]
-pub struct BaseUrl {
-    scheme: Scheme,
-    authority: Authority,
-    /// Path prefix without a trailing slash ("" for none).
-    prefix: String,
+/// Why an attempt got no answer from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("the upstream could not be reached: {0}")]
+    Unreachable(String),
+    #[error("the connection to the upstream failed: {0}")]
+    Connection(String),
+    #[error("the upstream did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("the request path cannot be forwarded: {0}")]
+    InvalidPath(String),
 }
 
-impl BaseUrl {
-    pub fn parse(s: &str) -> Result<BaseUrl, String> {
-        let uri: Uri = s.parse().map_err(|e| {
-            format!("{s:?} is not a URL ({e}); expected like \"https://api.openai.com\"")
-        })?;
-        let scheme = match uri.scheme_str() {
-            Some("http") => Scheme::HTTP,
-            Some("https") => Scheme::HTTPS,
-            _ => return Err(format!("{s:?}: expected an http:// or https:// URL")),
-        };
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("{s:?}: expected a host"))?;
-        if uri.query().is_some() {
-            return Err(format!("{s:?}: a query string cannot be a base URL"));
-        }
-        Ok(BaseUrl {
-            scheme,
-            authority,
-            prefix: uri.path().trim_end_matches('/').to_string(),
-        })
-    }
-
-    /// The URL with any `user:password@` removed, for display.
-    pub fn redact(s: &str) -> String {
-        match s.split_once("://") {
-            Some((scheme, rest)) => {
-                let host_end = rest.find('/').unwrap_or(rest.len());
-                match rest[..host_end].rfind('@') {
-                    Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
-                    None => s.to_string(),
-                }
-            }
-            None => s.to_string(),
+impl Problem for Failure {
+    fn status(&self) -> http::StatusCode {
+        match self {
+            Failure::Unreachable(_) | Failure::Connection(_) => http::StatusCode::BAD_GATEWAY,
+            Failure::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
+            Failure::InvalidPath(_) => http::StatusCode::BAD_REQUEST,
         }
     }
 
-    pub fn is_https(&self) -> bool {
-        self.scheme == Scheme::HTTPS
+    fn code(&self) -> &'static str {
+        match self {
+            Failure::Unreachable(_) => "penstock_upstream_unreachable",
+            Failure::Connection(_) => "penstock_upstream_connection_error",
+            Failure::Timeout(_) => "penstock_upstream_timeout",
+            Failure::InvalidPath(_) => "penstock_invalid_path",
+        }
     }
 
-    fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let pq = pq.map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.prefix.is_empty() {
-            PathAndQuery::try_from(pq)?
-        } else {
-            PathAndQuery::try_from(format!("{}{pq}", self.prefix))?
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+    fn unanswered(&self) -> Option<&'static str> {
+        match self {
+            Failure::Unreachable(_) => Some("unreachable"),
+            Failure::Connection(_) => Some("connection_error"),
+            Failure::Timeout(_) => Some("timeout"),
+            Failure::InvalidPath(_) => None,
+        }
     }
 }
 
@@ -249,11 +224,7 @@ impl Upstream {
             .inner
             .base
             .join(parts.uri.path_and_query())
-            .map_err(|e| ProxyError::InvalidRequest {
-                message: format!("the request path cannot be forwarded: {e}"),
-                code: "penstock_invalid_path",
-                param: None,
-            })?;
+            .map_err(|e| Failure::InvalidPath(e.to_string()))?;
         // The upstream connection picks its own protocol version.
         parts.version = http::Version::HTTP_11;
         // The client's headers come from the request's context, where they are
@@ -314,7 +285,7 @@ impl tower::Service<Request<Payload>> for Upstream {
                 Err(e) => return Err(e),
             };
             if let Some(m) = &inner.metrics {
-                let outcome = crate::classify::attempt_label(&result);
+                let outcome = crate::logic::classify::attempt_label(&result);
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
                 let model = ctx.as_ref().and_then(|c| c.model.as_deref());
                 m.attempt(route, model, outcome, sent.elapsed().as_secs_f64());
@@ -329,11 +300,11 @@ impl Inner {
     async fn attempt(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, ProxyError> {
         let timeout = self.attempt_timeout;
         let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+            Err(_) => return Err(Failure::Timeout(timeout).into()),
             Ok(Err(e)) if e.is_connect() => {
-                return Err(ProxyError::UpstreamUnreachable(error_chain(&e)));
+                return Err(Failure::Unreachable(error_chain(&e)).into());
             }
-            Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(error_chain(&e))),
+            Ok(Err(e)) => return Err(Failure::Connection(error_chain(&e)).into()),
             Ok(Ok(resp)) => resp,
         };
         let (mut parts, body) = resp.into_parts();
@@ -350,8 +321,8 @@ impl Inner {
         let read = Limited::new(body, MAX_ERROR_BODY).collect();
         let bytes = match tokio::time::timeout(timeout, read).await {
             Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamConnection(e.to_string())),
-            Err(_) => return Err(ProxyError::UpstreamTimeout(timeout)),
+            Ok(Err(e)) => return Err(Failure::Connection(e.to_string()).into()),
+            Err(_) => return Err(Failure::Timeout(timeout).into()),
         };
         parts
             .extensions
@@ -376,23 +347,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base_url_joins_paths_and_prefixes() {
-        let b = BaseUrl::parse("https://api.openai.com").unwrap();
-        let pq = PathAndQuery::from_static("/v1/models?limit=2");
-        assert_eq!(
-            b.join(Some(&pq)).unwrap().to_string(),
-            "https://api.openai.com/v1/models?limit=2"
-        );
-        let b = BaseUrl::parse("http://127.0.0.1:9/openai/").unwrap();
-        assert_eq!(
-            b.join(Some(&pq)).unwrap().to_string(),
-            "http://127.0.0.1:9/openai/v1/models?limit=2"
-        );
-        assert!(BaseUrl::parse("ftp://x").is_err());
-        assert!(BaseUrl::parse("/v1").is_err());
-    }
 
     #[test]
     fn hop_by_hop_headers_go_including_named_ones() {

@@ -1,0 +1,528 @@
+//! The edge of the stack. It enforces the body limit (413 before reading when
+//! `content-length` says so), buffers the body once so later layers can price, key
+//! and replay it, parses it once ([`parse`]) into the request's
+//! [`RequestContext`], turns penstock's errors into responses ([`respond`]), and
+//! writes the one log line per request ([`log`]).
+
+pub mod log;
+pub mod parse;
+pub mod respond;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
+use http_body::Body as HttpBody;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower::Service;
+
+use crate::config::{CacheScope, Config};
+use crate::logic::estimate::{self, Estimator};
+use crate::logic::metrics::Metrics;
+use crate::vocab::body::{Body, BoxError};
+use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
+use crate::vocab::error::ProxyError;
+use crate::vocab::route::Route;
+use log::{Line, Logged};
+use parse::{Parsed, RequestError, hash_json, parse_body};
+
+/// A stable, non-reversible name for the credential a request carries.
+fn key_id(headers: &HeaderMap) -> Arc<str> {
+    let credential = headers
+        .get(header::AUTHORIZATION)
+        .or_else(|| headers.get("api-key"))
+        .map(HeaderValue::as_bytes);
+    match credential {
+        Some(c) => format!("key:{}", &blake3::hash(c).to_hex()[..16]).into(),
+        None => "anonymous".into(),
+    }
+}
+
+/// The longest client id kept from the client id header.
+const MAX_CLIENT_ID: usize = 64;
+
+/// Bodies up to this size are priced on the async worker; larger ones (long
+/// prompts take milliseconds to tokenize) on the blocking pool.
+const TOKENIZE_INLINE: usize = 64 * 1024;
+
+/// What the edge needs to know to build a request's context.
+pub struct EdgeConfig {
+    pub max_body: u64,
+    /// Sidecar mode: one upstream credential; clients are told apart by header.
+    pub sidecar: bool,
+    pub client_id_header: HeaderName,
+    pub estimator: Estimator,
+    /// Paths whose POSTs get a cache key; `None` when the cache is off.
+    pub cache_paths: Option<std::collections::HashSet<String>>,
+    /// Everyone shares cache entries, not only each tenant.
+    pub cache_global: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EdgeConfig {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> EdgeConfig {
+        EdgeConfig {
+            max_body: config.server.max_body_size.as_u64(),
+            sidecar: config.upstream.api_key_env.is_some(),
+            client_id_header: HeaderName::try_from(config.server.client_id_header.as_str())
+                .unwrap_or_else(|_| HeaderName::from_static("x-penstock-client")),
+            // Validated with the config; an invalid table cannot get here.
+            estimator: Estimator::new(&config.estimate).unwrap_or_else(|_| {
+                Estimator::new(&crate::config::EstimateConfig::default())
+                    .expect("default estimator")
+            }),
+            cache_paths: config
+                .cache
+                .enabled
+                .then(|| config.cache.paths.iter().cloned().collect()),
+            cache_global: config.cache.scope == CacheScope::Global,
+            metrics,
+        }
+    }
+
+    /// The cache key, for a cacheable, non-streamed POST.
+    fn cache_key(
+        &self,
+        parts: &http::request::Parts,
+        tenant: &Tenant,
+        parsed: &Parsed,
+        body: &Bytes,
+    ) -> Option<CacheKey> {
+        let paths = self.cache_paths.as_ref()?;
+        if parts.method != Method::POST || !paths.contains(parts.uri.path()) || parsed.stream() {
+            return None;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"penstock-cache-v1\0");
+        h.update(if self.cache_global {
+            b"*"
+        } else {
+            tenant.0.as_bytes()
+        });
+        h.update(b"\0");
+        h.update(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("", |pq| pq.as_str())
+                .as_bytes(),
+        );
+        h.update(b"\0");
+        match parsed {
+            Parsed::Json(v) => hash_json(&mut h, v),
+            Parsed::Multipart(m) => {
+                h.update(&m.digest);
+            }
+            Parsed::None => {
+                h.update(body);
+            }
+        }
+        Some(h.finalize().into())
+    }
+
+    /// Who the request belongs to, and whose budget pays for it.
+    fn identify(&self, headers: &HeaderMap) -> (Tenant, Arc<str>) {
+        if self.sidecar {
+            let client = headers
+                .get(&self.client_id_header)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty());
+            let tenant = match client {
+                Some(c) => format!("client:{}", &c[..c.floor_char_boundary(MAX_CLIENT_ID)]).into(),
+                None => "anonymous".into(),
+            };
+            (Tenant(tenant), "sidecar".into())
+        } else {
+            let key = key_id(headers);
+            (Tenant(key.clone()), key)
+        }
+    }
+}
+
+/// Builds the [`Edge`] service around the rest of the stack.
+#[derive(Clone)]
+pub struct Layer {
+    config: Arc<EdgeConfig>,
+}
+
+impl Layer {
+    pub fn new(config: EdgeConfig) -> Layer {
+        Layer {
+            config: Arc::new(config),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = Edge<S>;
+    fn layer(&self, inner: S) -> Edge<S> {
+        Edge {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    config: Arc<EdgeConfig>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn next_request_id() -> String {
+    // Unique within a process run; the start time keeps restarts apart in logs.
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() & 0xff_ffff)
+            .unwrap_or(0)
+    });
+    format!(
+        "ps-{epoch:06x}-{:x}",
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl<S, B> Service<Request<B>> for Edge<S>
+where
+    S: crate::layers::Inner,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    // Boxed: reading the body is a chain of awaits; one box per request is small
+    // next to the buffered body.
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The stack waits inside calls, never in poll_ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let config = self.config.clone();
+        let received = Instant::now();
+        let id = next_request_id();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let route = Route::from_path(&path);
+        // Started here, outside the future below, and boxed apart: parsing's
+        // state (the request, a multipart parser) is large and done before the
+        // wait for budget; inside, every queued request would carry it.
+        let buffered = Box::pin(buffer(req, config.clone(), route, id.clone(), received));
+        Box::pin(async move {
+            let (ctx, result) = match buffered.await {
+                Ok(req) => {
+                    let ctx = req.body().ctx.clone();
+                    (ctx, crate::layers::call_now(&mut inner, req).await)
+                }
+                Err(e) => (None, Err(e)),
+            };
+            let mut resp = result.unwrap_or_else(respond::into_response);
+            if let Ok(v) = HeaderValue::try_from(id.as_str()) {
+                resp.headers_mut().insert("x-penstock-request-id", v);
+            }
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let line = Line {
+                upstream_request_id: header("x-request-id"),
+                queue_ms: header("x-penstock-queue-ms"),
+                attempts: header("x-penstock-attempts"),
+                cache: header("x-penstock-cache"),
+                id,
+                method,
+                path,
+                route,
+                status: resp.status().as_u16(),
+                head_ms: received.elapsed().as_millis() as u64,
+                received,
+                ctx,
+                metrics: config.metrics.clone(),
+            };
+            Ok(resp.map(|body| Logged::wrap(body, line)))
+        })
+    }
+}
+
+/// What the edge does before the rest of the stack sees a request: buffer the
+/// body within the limit, parse it once, and attach the [`RequestContext`] (its
+/// cost estimate and cache key included). Public for benchmarks.
+pub async fn prepare<B>(
+    req: Request<B>,
+    config: Arc<EdgeConfig>,
+) -> Result<Request<Payload>, ProxyError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let route = Route::from_path(req.uri().path());
+    buffer(req, config, route, next_request_id(), Instant::now()).await
+}
+
+/// Buffers the body within the limit and attaches the context.
+async fn buffer<B>(
+    req: Request<B>,
+    config: Arc<EdgeConfig>,
+    route: Route,
+    id: String,
+    received: Instant,
+) -> Result<Request<Payload>, ProxyError>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let max_body = config.max_body;
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(RequestError::BodyTooLarge { limit: max_body }.into());
+    }
+    let (mut parts, body) = req.into_parts();
+    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Err(RequestError::BodyTooLarge { limit: max_body }.into());
+        }
+        Err(e) => return Err(RequestError::BodyRead(e.to_string()).into()),
+    };
+    let parsed = if parts.method == Method::GET || parts.method == Method::HEAD {
+        Parsed::None
+    } else {
+        parse_body(route, &parts.headers, &bytes).await?
+    };
+    // Azure names the deployment in the path rather than the model in the body.
+    let model = parsed
+        .model()
+        .map(str::to_string)
+        .or_else(|| azure_deployment(parts.uri.path()));
+    // Counting tokens of a large body takes milliseconds: off the async workers.
+    let (cost, parsed) = if bytes.len() > TOKENIZE_INLINE {
+        let (config, model) = (config.clone(), model.clone());
+        tokio::task::spawn_blocking(move || {
+            let cost = config
+                .estimator
+                .estimate(route, model.as_deref(), parsed.view());
+            (cost, parsed)
+        })
+        .await
+        .map_err(|e| RequestError::BodyRead(format!("the cost estimate failed: {e}")))?
+    } else {
+        let cost = config
+            .estimator
+            .estimate(route, model.as_deref(), parsed.view());
+        (cost, parsed)
+    };
+    let (tenant, credential) = config.identify(&parts.headers);
+    let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);
+    let image = estimate::image_ask(route, parsed.view());
+    let ctx = RequestContext {
+        id,
+        route,
+        stream: parsed.stream(),
+        model,
+        tenant,
+        credential,
+        cost,
+        max_wait: client_max_wait(&parts.headers),
+        cache_key,
+        cache_mode: CacheMode::from_headers(&parts.headers),
+        image,
+        tally: Tally::default(),
+        headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
+        received,
+    };
+    let payload = Payload {
+        bytes,
+        ctx: Some(Arc::new(ctx)),
+        interest: None,
+    };
+    Ok(Request::from_parts(parts, payload))
+}
+
+/// Marks credential headers sensitive: their `Debug` prints nothing, and HTTP/2
+/// never indexes them. Nothing logs them; this keeps it so.
+fn credentials_marked_sensitive(mut headers: HeaderMap) -> HeaderMap {
+    for name in [header::AUTHORIZATION, HeaderName::from_static("api-key")] {
+        if let http::header::Entry::Occupied(mut values) = headers.entry(name) {
+            values.iter_mut().for_each(|v| v.set_sensitive(true));
+        }
+    }
+    headers
+}
+
+fn azure_deployment(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    let name = rest.split('/').next()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// The client's own bound on waiting: `x-penstock-max-wait-ms`, or the SDK's
+/// whole-request timeout (`x-stainless-timeout`, seconds), whichever is shorter.
+fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
+    let num = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    let ms = num("x-penstock-max-wait-ms").map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    let sdk = num("x-stainless-timeout").map(Duration::from_secs_f64);
+    match (ms, sdk) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn test_metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&Default::default()))
+    }
+
+    #[test]
+    fn tenants_are_key_hashes_or_client_ids_never_keys() {
+        let mut config = EdgeConfig::new(&Config::default(), test_metrics());
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-secret"),
+        );
+        h.insert("x-penstock-client", HeaderValue::from_static("web"));
+        let (t, cred) = config.identify(&h);
+        assert!(t.0.starts_with("key:") && !t.0.contains("secret"));
+        assert_eq!(t.0, cred, "pass-through: the key is both tenant and pool");
+        assert_eq!(config.identify(&HeaderMap::new()).0.0.as_ref(), "anonymous");
+        config.sidecar = true;
+        let (t, cred) = config.identify(&h);
+        assert_eq!((t.0.as_ref(), cred.as_ref()), ("client:web", "sidecar"));
+    }
+
+    #[tokio::test]
+    async fn cache_keys_follow_meaning_not_bytes() {
+        let config = EdgeConfig::new(&Config::default(), test_metrics());
+        let tenant = Tenant("key:a".into());
+        let key = |body: &'static str, path: &str| {
+            let parts = Request::post(path).body(()).unwrap().into_parts().0;
+            let v: Value = serde_json::from_str(body).unwrap();
+            config.cache_key(
+                &parts,
+                &tenant,
+                &Parsed::Json(v),
+                &Bytes::from_static(body.as_bytes()),
+            )
+        };
+        let a = key(
+            r#"{"model":"gpt-image-1","prompt":"a fox","n":1}"#,
+            "/v1/images/generations",
+        );
+        let b = key(
+            r#"{ "n": 1, "prompt": "a fox",  "model": "gpt-image-1" }"#,
+            "/v1/images/generations",
+        );
+        assert!(a.is_some());
+        assert_eq!(a, b, "key order and whitespace do not matter");
+        assert_ne!(
+            a,
+            key(
+                r#"{"model":"gpt-image-1","prompt":"a fox","n":2}"#,
+                "/v1/images/generations"
+            )
+        );
+        assert_eq!(
+            key(r#"{"input":"x"}"#, "/v1/chat/completions"),
+            None,
+            "not a cached path"
+        );
+        assert_eq!(
+            key(r#"{"prompt":"x","stream":true}"#, "/v1/images/generations"),
+            None
+        );
+        let other = Tenant("key:b".into());
+        let parts = Request::post("/v1/images/generations")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let v: Value =
+            serde_json::from_str(r#"{"model":"gpt-image-1","prompt":"a fox","n":1}"#).unwrap();
+        assert_ne!(
+            a,
+            config.cache_key(&parts, &other, &Parsed::Json(v), &Bytes::new()),
+            "tenants apart"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=0, No-Cache"),
+        );
+        assert_eq!(CacheMode::from_headers(&h), CacheMode::Refresh);
+        h.append(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        assert_eq!(CacheMode::from_headers(&h), CacheMode::Bypass);
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_output() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-secret"),
+        );
+        h.insert("api-key", HeaderValue::from_static("azure-secret"));
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-other-secret"),
+        );
+        let h = credentials_marked_sensitive(h);
+        let shown = format!("{h:?}");
+        assert_eq!(
+            h.get_all(header::AUTHORIZATION).iter().count(),
+            2,
+            "every value kept"
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+        assert_eq!(
+            h[header::AUTHORIZATION],
+            "Bearer sk-secret",
+            "still sent as it came"
+        );
+    }
+
+    #[test]
+    fn client_deadlines_take_the_shorter() {
+        let mut h = HeaderMap::new();
+        assert_eq!(client_max_wait(&h), None);
+        h.insert("x-stainless-timeout", HeaderValue::from_static("600"));
+        assert_eq!(client_max_wait(&h), Some(Duration::from_secs(600)));
+        h.insert("x-penstock-max-wait-ms", HeaderValue::from_static("1500"));
+        assert_eq!(client_max_wait(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            azure_deployment("/openai/deployments/img/images/generations").as_deref(),
+            Some("img")
+        );
+    }
+}

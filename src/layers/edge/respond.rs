@@ -1,0 +1,91 @@
+//! The one place penstock's errors become responses: OpenAI-shaped JSON
+//! (`{"error":{"message","type","param","code"}}`) whose `code` starts with
+//! `penstock_`, so it can be told apart from an error OpenAI sent.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use serde_json::json;
+
+use crate::vocab::body::{Body, full};
+use crate::vocab::error::ProxyError;
+
+/// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The response a client sees.
+pub fn into_response(error: ProxyError) -> Response<Body> {
+    let (parts, body) = into_parts(error);
+    Response::from_parts(parts, full(body))
+}
+
+/// The `type` field.
+fn kind(error: &ProxyError) -> &'static str {
+    if error.retry_after().is_some() {
+        "rate_limit_error"
+    } else if error.status().is_client_error() {
+        "invalid_request_error"
+    } else {
+        "penstock_error"
+    }
+}
+
+/// The response as its head and its body's bytes, for those that keep it
+/// (a shared call's answer).
+pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
+    let problem = error.problem();
+    if let Some(answer) = problem.answer() {
+        return answer;
+    }
+    let status = problem.status();
+    let body = json!({"error": {
+        "message": error.to_string(),
+        "type": kind(&error),
+        "param": problem.param(),
+        "code": problem.code(),
+    }});
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(wait) = problem.retry_after() {
+        // Capacity returns at a known time: say when, within what SDKs obey.
+        let wait = wait.clamp(Duration::from_millis(1), MAX_RETRY_AFTER);
+        h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+        h.insert(
+            "retry-after",
+            HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+        );
+        h.insert("x-should-retry", HeaderValue::from_static("true"));
+    } else if status.is_client_error() {
+        // A client-side mistake will not get better by sending it again.
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    (resp.into_parts().0, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::upstream::Failure;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_are_openai_shaped_and_name_penstock() {
+        let resp = into_response(Failure::Timeout(Duration::from_secs(300)).into());
+        assert_eq!(resp.status(), 504);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "penstock_upstream_timeout");
+        assert_eq!(v["error"]["type"], "penstock_error");
+        assert_eq!(
+            v["error"]["message"],
+            "the upstream did not answer within 5m"
+        );
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,57 @@
+//! The fourth floor: the services of the stack, outermost first: the edge
+//! (buffer, parse, respond, log), coalescing and the cache, per-client caps,
+//! retries, budget admission, and the upstream call. Each is a tower layer of
+//! its own; they share the vocabulary, the config and the logic below them.
+
+pub mod budget;
+pub mod client_limit;
+pub mod coalesce;
+pub mod edge;
+pub mod retry;
+pub mod upstream;
+
+use crate::vocab::body::Body;
+use crate::vocab::context::Payload;
+use crate::vocab::error::ProxyError;
+
+/// A service inside the stack, below the edge: a request with its body buffered
+/// in, a response or penstock's own error out. Every layer asks this of the one
+/// it wraps; cloned into each request's future, so cheap to clone.
+pub trait Inner:
+    tower::Service<
+        http::Request<Payload>,
+        Response = http::Response<Body>,
+        Error = ProxyError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<
+            http::Request<Payload>,
+            Response = http::Response<Body>,
+            Error = ProxyError,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Calls an inner service at once. Every layer of this stack is ready at once
+/// (waiting happens inside calls, never in `poll_ready`), so a future need not
+/// keep the service and the request aside while readiness is awaited, as
+/// `oneshot` does: a queued request then carries one pointer per layer, not a
+/// service and a request per layer.
+pub(crate) fn call_now<S: tower::Service<R>, R>(service: &mut S, req: R) -> S::Future {
+    let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+    let ready = service.poll_ready(&mut cx);
+    debug_assert!(
+        matches!(ready, std::task::Poll::Ready(Ok(()))),
+        "penstock's layers are ready at once"
+    );
+    service.call(req)
+}

@@ -1,0 +1,12 @@
+//! The third floor: penstock's logic, without HTTP services. Cost estimates,
+//! prices, the classifier of upstream answers, and admission (a pool's ledger,
+//! its fair queue, and the pool that drives them); metrics count what happens.
+//! Imports the vocabulary and the config only.
+
+pub mod classify;
+pub mod estimate;
+pub mod ledger;
+pub mod metrics;
+pub mod pool;
+pub mod prices;
+pub mod queue;

@@ -1,0 +1,187 @@
+//! What travels with a request through the stack: its context, parsed once at
+//! the edge (route, model, tenant, credential, estimated cost, cache key), and
+//! the body type that carries it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, header};
+use tokio::time::Instant;
+
+use super::cost::{Cost, ImageAsk};
+use super::route::Route;
+
+/// Who a request belongs to, for fair queueing and cache separation: the client's
+/// API key (as a hash, never the key) or, in sidecar mode, its client id header.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant(pub Arc<str>);
+
+/// Everything later layers need to know about a request, parsed once.
+#[derive(Debug)]
+pub struct RequestContext {
+    /// penstock's id for the request, returned as `x-penstock-request-id`.
+    pub id: String,
+    pub route: Route,
+    /// The `model` field of a JSON or multipart body, when there is one.
+    pub model: Option<String>,
+    /// The client asked for a streamed response.
+    pub stream: bool,
+    pub tenant: Tenant,
+    /// The upstream credential whose budget pays: a key hash, or "sidecar".
+    pub credential: Arc<str>,
+    /// Estimated cost, before the call.
+    pub cost: Cost,
+    /// The client's own limit on waiting for budget (`x-penstock-max-wait-ms`).
+    pub max_wait: Option<Duration>,
+    /// Identical requests share this key (tenant unless the cache is global,
+    /// method, path and the body's meaning); `None` when not cacheable.
+    pub cache_key: Option<CacheKey>,
+    pub cache_mode: CacheMode,
+    /// For image requests: what was asked, to price by the image.
+    pub image: Option<ImageAsk>,
+    /// What the request turned out to cost, filled in as it is learned.
+    pub tally: Tally,
+    /// The client's headers. They travel here, shared, rather than in the
+    /// request, so the copy the retry layer keeps for a replay costs nothing;
+    /// the upstream layer builds each attempt's headers from them.
+    pub headers: HeaderMap,
+    pub received: Instant,
+}
+
+/// What a request turned out to cost, filled in by the layers that learn it and
+/// read for the log line when the response ends.
+#[derive(Debug, Default)]
+pub struct Tally(std::sync::Mutex<Accounted>);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Accounted {
+    /// Tokens the upstream reported, if it did.
+    pub tokens: Option<u64>,
+    pub cost_usd: f64,
+    pub saved_usd: f64,
+    /// Time waited for budget, over all attempts.
+    pub queued: Duration,
+}
+
+impl Tally {
+    pub fn update(&self, f: impl FnOnce(&mut Accounted)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn get(&self) -> Accounted {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub type CacheKey = [u8; 32];
+
+/// A request's body inside the stack, with what travels with it: its context and,
+/// for a shared call, who waits for it. Carried here rather than in the
+/// extensions map, so a copy of the request (the retry layer's replay) costs
+/// reference counts, not allocations.
+#[derive(Clone, Debug, Default)]
+pub struct Payload {
+    pub bytes: Bytes,
+    /// Set by the edge for every request that reaches the stack.
+    pub ctx: Option<Arc<RequestContext>>,
+    pub interest: Option<Arc<Interest>>,
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Payload {
+        Payload {
+            bytes,
+            ..Payload::default()
+        }
+    }
+}
+
+/// Who still waits for a shared call, and whether it has been sent. A call nobody
+/// waits for any more is dropped while it is still queued; once sent, it costs
+/// money and is finished (and stored) even if everyone left.
+#[derive(Debug, Default)]
+pub struct Interest {
+    watchers: std::sync::atomic::AtomicUsize,
+    sent: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Interest {
+    /// Called by the upstream layer as the call goes out.
+    pub fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn is_sent(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Acquire)
+    }
+
+    /// Registers a caller that waits for the answer, until the guard drops.
+    pub fn watch(self: &Arc<Self>) -> Watch {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        Watch(self.clone())
+    }
+
+    /// Resolves when every caller has left before the call was sent; never once
+    /// it has been sent.
+    pub async fn abandoned(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_sent() {
+                std::future::pending::<()>().await;
+            }
+            if self.watchers() == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+/// One caller waiting for a shared call.
+pub struct Watch(Arc<Interest>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.0.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_waiters();
+        }
+    }
+}
+
+/// What the client asked of the cache with `Cache-Control`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Use a stored or in-flight answer when there is one.
+    Normal,
+    /// `no-cache`: a fresh call, whose answer is stored.
+    Refresh,
+    /// `no-store`: neither looked up nor stored.
+    Bypass,
+}
+
+impl CacheMode {
+    pub fn from_headers(headers: &HeaderMap) -> CacheMode {
+        let mut mode = CacheMode::Normal;
+        for v in headers.get_all(header::CACHE_CONTROL) {
+            for directive in v.to_str().unwrap_or("").split(',') {
+                match directive.trim().to_ascii_lowercase().as_str() {
+                    "no-store" => return CacheMode::Bypass,
+                    "no-cache" => mode = CacheMode::Refresh,
+                    _ => {}
+                }
+            }
+        }
+        mode
+    }
+}

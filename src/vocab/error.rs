@@ -1,0 +1,106 @@
+//! The error type of the stack. Each module defines its own errors as data (the
+//! budget's refusals, the client cap, the upstream's failures, the edge's bad
+//! requests) and says, through [`Problem`], what a client should be told; the
+//! edge (`layers::edge::respond`) is the one place they become OpenAI-shaped
+//! responses.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+
+/// An error penstock answers itself.
+pub trait Problem: std::error::Error + Send + Sync + 'static {
+    fn status(&self) -> StatusCode;
+
+    /// The `code` field: always `penstock_*`.
+    fn code(&self) -> &'static str;
+
+    fn param(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// For penstock's own 429s: when trying again has a chance.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+
+    /// An answer to give as it is instead of penstock's own JSON (the
+    /// upstream's money error, repeated while the breaker is open).
+    fn answer(&self) -> Option<(http::response::Parts, Bytes)> {
+        None
+    }
+
+    /// For an attempt that got no answer from the upstream: what kept it
+    /// (`timeout`, `unreachable`, `connection_error`). Such attempts are
+    /// transient; every other problem is final.
+    fn unanswered(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// penstock's own advice to wait (a refusal for lack of budget or a client
+    /// cap) rather than a failure it gave up on.
+    fn is_refusal(&self) -> bool {
+        self.retry_after().is_some()
+    }
+}
+
+/// Any [`Problem`], as the stack's services return it.
+pub struct ProxyError(Box<dyn Problem>);
+
+impl<P: Problem> From<P> for ProxyError {
+    fn from(p: P) -> ProxyError {
+        ProxyError(Box::new(p))
+    }
+}
+
+impl ProxyError {
+    pub fn problem(&self) -> &dyn Problem {
+        self.0.as_ref()
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.0.status()
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.0.code()
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.0.retry_after()
+    }
+
+    pub fn unanswered(&self) -> Option<&'static str> {
+        self.0.unanswered()
+    }
+
+    pub fn is_refusal(&self) -> bool {
+        self.0.is_refusal()
+    }
+
+    /// The concrete error, for the module that raised it.
+    pub fn downcast_ref<P: Problem>(&self) -> Option<&P> {
+        let error: &(dyn std::error::Error + 'static) = self.0.as_ref();
+        error.downcast_ref::<P>()
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}

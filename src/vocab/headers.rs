@@ -1,0 +1,187 @@
+//! What the upstream's headers say about when to come back: `retry-after-ms`,
+//! `retry-after` (seconds or a date) and `x-ratelimit-*` (Go-style durations).
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+/// `retry-after-ms`, else `retry-after` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let ms = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok());
+    if let Some(ms) = ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let v = get("retry-after")?;
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate_parse(v)?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+fn httpdate_parse(v: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(v).ok().or_else(|| {
+        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT"
+        let mut it = v.split_whitespace().skip(1);
+        let day: u64 = it.next()?.parse().ok()?;
+        let month = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ]
+        .iter()
+        .position(|m| Some(*m) == it.clone().next())?
+            + 1;
+        it.next();
+        let year: u64 = it.next()?.parse().ok()?;
+        let time = it.next()?;
+        humantime::parse_rfc3339_weak(&format!("{year:04}-{month:02}-{day:02} {time}")).ok()
+    })
+}
+
+/// A Go-style duration as OpenAI sends in `x-ratelimit-reset-*`: `20ms`, `1s`,
+/// `6m0s`, `16m17.764s`, `1h2m`.
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" | "" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_end..];
+        total += value * unit;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// One dimension of `x-ratelimit-*`: what remains, and when it is full again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Remaining {
+    pub remaining: u64,
+    pub reset: Duration,
+}
+
+/// `x-ratelimit-remaining-{requests,tokens,images}` with their resets. Missing,
+/// negative ("unknown") or unparsable values are left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateLimitHeaders {
+    pub requests: Option<Remaining>,
+    pub tokens: Option<Remaining>,
+    pub images: Option<Remaining>,
+}
+
+impl RateLimitHeaders {
+    pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
+        let dim = |name: &str| {
+            let get = |prefix: &str| {
+                headers
+                    .get(format!("x-ratelimit-{prefix}-{name}"))
+                    .and_then(|v| v.to_str().ok())
+            };
+            let remaining = get("remaining")?.trim().parse::<i64>().ok()?;
+            let reset = parse_go_duration(get("reset")?)?;
+            (remaining >= 0).then_some(Remaining {
+                remaining: remaining as u64,
+                reset,
+            })
+        };
+        RateLimitHeaders {
+            requests: dim("requests"),
+            tokens: dim("tokens"),
+            images: dim("images"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn retry_after_prefers_milliseconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT"),
+        );
+        assert_eq!(
+            retry_after(&h),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn go_durations_parse() {
+        let d = |s| parse_go_duration(s);
+        assert_eq!(d("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(d("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(d("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(d("16m17.764s"), Some(Duration::from_millis(977_764)));
+        assert_eq!(d("1h2m"), Some(Duration::from_secs(3720)));
+        assert_eq!(d("0"), Some(Duration::ZERO));
+        assert_eq!(d("soon"), None);
+        assert_eq!(d(""), None);
+    }
+
+    #[test]
+    fn rate_limit_headers_skip_unknown_values() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("7"),
+        );
+        h.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("850ms"),
+        );
+        h.insert(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("-1"),
+        );
+        h.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("1s"));
+        let r = RateLimitHeaders::parse(&h);
+        assert_eq!(
+            r.requests,
+            Some(Remaining {
+                remaining: 7,
+                reset: Duration::from_millis(850)
+            })
+        );
+        assert_eq!(r.tokens, None);
+        assert_eq!(r.images, None);
+    }
+}

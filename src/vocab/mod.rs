@@ -1,0 +1,13 @@
+//! The first floor: the words every other module speaks. What a request is
+//! (route, context, cost, the body type that carries them), what the upstream's
+//! headers and answers say (rate-limit headers, `usage`), the base URL, and the
+//! error type. Nothing here imports any other penstock module.
+
+pub mod body;
+pub mod context;
+pub mod cost;
+pub mod error;
+pub mod headers;
+pub mod route;
+pub mod url;
+pub mod usage;

@@ -1,0 +1,93 @@
+//! The upstream's base URL, split once at startup so each request only appends
+//! its path; shown with any password redacted.
+
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+
+/// `base_url` split once at startup so each request only appends its path.
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without a trailing slash ("" for none).
+    prefix: String,
+}
+
+impl BaseUrl {
+    pub fn parse(s: &str) -> Result<BaseUrl, String> {
+        let uri: Uri = s.parse().map_err(|e| {
+            format!("{s:?} is not a URL ({e}); expected like \"https://api.openai.com\"")
+        })?;
+        let scheme = match uri.scheme_str() {
+            Some("http") => Scheme::HTTP,
+            Some("https") => Scheme::HTTPS,
+            _ => return Err(format!("{s:?}: expected an http:// or https:// URL")),
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{s:?}: expected a host"))?;
+        if uri.query().is_some() {
+            return Err(format!("{s:?}: a query string cannot be a base URL"));
+        }
+        Ok(BaseUrl {
+            scheme,
+            authority,
+            prefix: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The URL with any `user:password@` removed, for display.
+    pub fn redact(s: &str) -> String {
+        match s.split_once("://") {
+            Some((scheme, rest)) => {
+                let host_end = rest.find('/').unwrap_or(rest.len());
+                match rest[..host_end].rfind('@') {
+                    Some(at) => format!("{scheme}://[redacted]@{}", &rest[at + 1..]),
+                    None => s.to_string(),
+                }
+            }
+            None => s.to_string(),
+        }
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    /// The upstream URL for a request's path and query.
+    pub fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = pq.map_or("/", PathAndQuery::as_str);
+        let path_and_query = if self.prefix.is_empty() {
+            PathAndQuery::try_from(pq)?
+        } else {
+            PathAndQuery::try_from(format!("{}{pq}", self.prefix))?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_joins_paths_and_prefixes() {
+        let b = BaseUrl::parse("https://api.openai.com").unwrap();
+        let pq = PathAndQuery::from_static("/v1/models?limit=2");
+        assert_eq!(
+            b.join(Some(&pq)).unwrap().to_string(),
+            "https://api.openai.com/v1/models?limit=2"
+        );
+        let b = BaseUrl::parse("http://127.0.0.1:9/openai/").unwrap();
+        assert_eq!(
+            b.join(Some(&pq)).unwrap().to_string(),
+            "http://127.0.0.1:9/openai/v1/models?limit=2"
+        );
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("/v1").is_err());
+    }
+}
