@@ -263,6 +263,21 @@ pub struct BudgetConfig {
     pub max_in_flight: Option<usize>,
 }
 
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            name: None,
+            models: Vec::new(),
+            rpm: None,
+            tpm: None,
+            ipm: None,
+            burst: default_burst(),
+            safety_margin: default_safety_margin(),
+            max_in_flight: None,
+        }
+    }
+}
+
 impl BudgetConfig {
     pub fn display_name(&self) -> &str {
         self.name

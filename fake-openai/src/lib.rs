@@ -63,6 +63,10 @@ pub struct Behaviour {
     pub image_bytes: usize,
     /// Keep request bodies in the call log.
     pub record_bodies: bool,
+    /// Compress answers (JSON, errors and streams) when the request's
+    /// `Accept-Encoding` allows, brotli before gzip before deflate, as OpenAI's
+    /// edge does.
+    pub compress: bool,
 }
 
 impl Default for Behaviour {
@@ -80,6 +84,7 @@ impl Default for Behaviour {
             cut_stream_after: None,
             image_bytes: 64,
             record_bodies: true,
+            compress: true,
         }
     }
 }
@@ -473,6 +478,158 @@ fn go_duration(d: Duration) -> String {
 }
 
 async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    let accept = req
+        .headers()
+        .get_all(http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let resp = answer(st.clone(), req).await?;
+    let compress = st.behaviour.lock().unwrap().compress;
+    Ok(match chosen_coding(&accept).filter(|_| compress) {
+        Some(coding) => compressed(resp, coding),
+        None => resp,
+    })
+}
+
+/// The coding OpenAI's edge would pick from an `Accept-Encoding`.
+fn chosen_coding(accept: &str) -> Option<Coding> {
+    let offered: Vec<String> = accept
+        .split(',')
+        .filter(|item| {
+            !item.split(';').skip(1).any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+            })
+        })
+        .map(|item| {
+            item.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    let has = |c: &str| offered.iter().any(|o| o == c);
+    if has("br") {
+        Some(Coding::Brotli)
+    } else if has("gzip") {
+        Some(Coding::Gzip)
+    } else if has("deflate") {
+        Some(Coding::Deflate)
+    } else {
+        None
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Coding {
+    Gzip,
+    Deflate,
+    Brotli,
+}
+
+enum Encoder {
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Deflate(flate2::write::ZlibEncoder<Vec<u8>>),
+    Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+impl Encoder {
+    fn new(coding: Coding) -> Encoder {
+        match coding {
+            Coding::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
+                Vec::new(),
+                flate2::Compression::fast(),
+            )),
+            Coding::Deflate => Encoder::Deflate(flate2::write::ZlibEncoder::new(
+                Vec::new(),
+                flate2::Compression::fast(),
+            )),
+            Coding::Brotli => Encoder::Brotli(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                4,
+                22,
+            ))),
+        }
+    }
+
+    /// Compresses a chunk and flushes, so a streamed event leaves at once.
+    fn chunk(&mut self, data: &[u8]) -> Bytes {
+        use std::io::Write;
+        let out = match self {
+            Encoder::Gzip(e) => {
+                let _ = e.write_all(data);
+                let _ = e.flush();
+                e.get_mut()
+            }
+            Encoder::Deflate(e) => {
+                let _ = e.write_all(data);
+                let _ = e.flush();
+                e.get_mut()
+            }
+            Encoder::Brotli(e) => {
+                let _ = e.write_all(data);
+                let _ = e.flush();
+                e.get_mut()
+            }
+        };
+        Bytes::from(std::mem::take(out))
+    }
+
+    fn finish(self) -> Bytes {
+        Bytes::from(match self {
+            Encoder::Gzip(e) => e.finish().unwrap_or_default(),
+            Encoder::Deflate(e) => e.finish().unwrap_or_default(),
+            Encoder::Brotli(e) => e.into_inner(),
+        })
+    }
+}
+
+/// The answer compressed as it streams, with `Content-Encoding` set.
+fn compressed(resp: Response<Body>, coding: Coding) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        http::header::CONTENT_ENCODING,
+        HeaderValue::from_static(match coding {
+            Coding::Gzip => "gzip",
+            Coding::Deflate => "deflate",
+            Coding::Brotli => "br",
+        }),
+    );
+    parts.headers.insert(
+        http::header::VARY,
+        HeaderValue::from_static("Accept-Encoding"),
+    );
+    let encoder = Arc::new(Mutex::new(Some(Encoder::new(coding))));
+    let tail = encoder.clone();
+    let frames = http_body_util::BodyStream::new(body).map(move |frame| {
+        let frame = frame?;
+        Ok(match frame.into_data() {
+            Ok(data) => match encoder.lock().unwrap().as_mut() {
+                Some(e) => Frame::data(e.chunk(&data)),
+                None => Frame::data(data),
+            },
+            Err(frame) => frame,
+        })
+    });
+    let end = futures_util::stream::once(async move {
+        let last = tail
+            .lock()
+            .unwrap()
+            .take()
+            .map(Encoder::finish)
+            .unwrap_or_default();
+        Ok::<_, std::io::Error>(Frame::data(last))
+    });
+    Response::from_parts(parts, BodyExt::boxed(StreamBody::new(frames.chain(end))))
+}
+
+async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
     st.arrived.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -656,6 +813,11 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
     h.insert("openai-organization", HeaderValue::from_static("org-fake"));
     h.insert("x-fake-call", seq.into());
+    // Cloudflare in front of OpenAI sets a bot-management cookie per answer.
+    h.insert(
+        http::header::SET_COOKIE,
+        HeaderValue::from_str(&format!("__cf_bm=fake{seq}; path=/; HttpOnly; Secure")).unwrap(),
+    );
     Ok(resp)
 }
 

@@ -21,6 +21,7 @@ use wildmatch::WildMatch;
 
 use crate::config::Config;
 use crate::logic::classify::{Class, Classified};
+use crate::logic::encoding::{Encoding, Tail};
 use crate::logic::ledger::Limits;
 use crate::logic::metrics::Metrics;
 use crate::logic::pool::{Permit, Pool, PoolStatus, Tripped};
@@ -30,6 +31,10 @@ use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::RateLimitHeaders;
 use crate::vocab::usage::Usage;
+
+/// The most of an answer decoded to find its `usage`; a body that inflates past
+/// it is passed on, settled on its estimate.
+const MAX_DECODED: u64 = 1 << 30;
 
 /// A pause after an upstream rate limit that named no delay.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
@@ -211,7 +216,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             let Some((pool, ctx)) = pool else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
                 return Ok(if resp.status().is_success() {
-                    resp.map(|body| Settle::wrap(body, None, account))
+                    Settle::wrap(resp, None, account)
                 } else {
                     resp
                 });
@@ -239,9 +244,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             let queued = HeaderValue::from(queued.as_millis() as u64);
             resp.headers_mut().insert("x-penstock-queue-ms", queued);
             match classified.map(|c| c.class) {
-                Some(Class::Success) => {
-                    Ok(resp.map(|body| Settle::wrap(body, Some(permit), account)))
-                }
+                Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), account)),
                 Some(Class::QuotaExhausted) if !quota_cooldown.is_zero() => {
                     // Error bodies arrive buffered from the upstream layer.
                     let (parts, body) = resp.into_parts();
@@ -314,7 +317,7 @@ pin_project_lite::pin_project! {
         inner: Body,
         permit: Option<Permit>,
         account: Option<Account>,
-        tail: Vec<u8>,
+        tail: Tail,
     }
 
     impl PinnedDrop for Settle {
@@ -328,14 +331,17 @@ pin_project_lite::pin_project! {
 }
 
 impl Settle {
-    fn wrap(inner: Body, permit: Option<Permit>, account: Account) -> Body {
-        Settle {
-            inner,
-            permit,
-            account: Some(account),
-            tail: Vec::new(),
-        }
-        .boxed()
+    fn wrap(resp: Response<Body>, permit: Option<Permit>, account: Account) -> Response<Body> {
+        let tail = Tail::new(Encoding::of(resp.headers()), MAX_DECODED);
+        resp.map(|inner| {
+            Settle {
+                inner,
+                permit,
+                account: Some(account),
+                tail,
+            }
+            .boxed()
+        })
     }
 }
 
@@ -350,11 +356,11 @@ impl HttpBody for Settle {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            crate::vocab::usage::keep_tail(this.tail, data.chunk());
+            this.tail.push(data.chunk());
         }
         // A body of known length is not polled past its last byte: settle then.
         if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
-            let usage = crate::vocab::usage::find(this.tail);
+            let usage = this.tail.usage();
             // The permit goes with the body's end: the call is over.
             if let (Some(permit), Some(usage)) = (this.permit.take(), usage) {
                 let estimate = permit.estimate();

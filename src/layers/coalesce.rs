@@ -16,12 +16,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tower::Service;
 
 use super::edge::respond;
 use crate::config::CacheConfig;
+use crate::logic::encoding::{self, Encoding, Tail};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
@@ -121,21 +122,55 @@ impl Stored {
         (self.body.len() + headers + 128).min(u32::MAX as usize) as u32
     }
 
-    /// A response for one caller. Hits and coalesced callers made no attempt and
-    /// waited for no budget of their own.
-    fn response(&self, outcome: &'static str) -> Response<Body> {
+    /// A response for one caller, in a coding it accepts. Hits and coalesced
+    /// callers made no attempt and waited for no budget of their own, and the
+    /// headers that belonged to the one call (cookies, the rate-limit state of
+    /// that moment, its date) are not theirs.
+    fn response(&self, outcome: &'static str, caller: Option<&HeaderMap>) -> Response<Body> {
         let mut resp = Response::new(full(self.body.clone()));
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
+        let coding = Encoding::of(&self.headers);
+        let empty = HeaderMap::new();
+        if coding != Some(Encoding::Identity)
+            && !coding.is_some_and(|c| encoding::accepts(caller.unwrap_or(&empty), c))
+            && let Some(plain) = encoding::decode_all(coding, &self.body, MAX_SHARED)
+        {
+            *resp.body_mut() = full(plain);
+            resp.headers_mut().remove(header::CONTENT_ENCODING);
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         let h = resp.headers_mut();
         h.insert("x-penstock-cache", HeaderValue::from_static(outcome));
         if outcome != "miss" {
             h.remove("x-penstock-queue-ms");
             h.insert("x-penstock-attempts", HeaderValue::from_static("0"));
+            for name in PER_CALL {
+                h.remove(name);
+            }
+            let rate_limits: Vec<_> = h
+                .keys()
+                .filter(|k| k.as_str().starts_with("x-ratelimit-"))
+                .cloned()
+                .collect();
+            for name in rate_limits {
+                h.remove(name);
+            }
         }
         resp
     }
+
+    /// The `usage` the answer reported, whatever its coding.
+    fn usage(&self) -> Option<crate::vocab::usage::Usage> {
+        let mut tail = Tail::new(Encoding::of(&self.headers), MAX_SHARED as u64);
+        tail.push(&self.body);
+        tail.usage()
+    }
 }
+
+/// Headers that describe one upstream call and are not repeated to callers who
+/// did not make it; hyper gives each answer its own `date`.
+const PER_CALL: [HeaderName; 3] = [header::SET_COOKIE, header::DATE, header::AGE];
 
 /// A call in flight: its shared answer, and who waits for it.
 #[derive(Clone)]
@@ -223,8 +258,7 @@ fn record_saving(
     if !stored.status.is_success() {
         return;
     }
-    let tail = &stored.body[stored.body.len().saturating_sub(crate::vocab::usage::TAIL)..];
-    let usage = crate::vocab::usage::find(tail);
+    let usage = stored.usage();
     let usd = metrics.prices.cost(
         ctx.and_then(|c| c.model.as_deref()).unwrap_or(""),
         usage.as_ref(),
@@ -342,10 +376,11 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
             }));
         };
         Box::pin(async move {
+            let caller = ctx.as_deref().map(|c| &c.headers);
             if mode == CacheMode::Refresh {
                 // A fresh call, stored for the next ones; it joins nothing.
                 let (call, _watch) = inner.spawn_call(service, req, key, false);
-                return Ok(call.answer.await.response("miss"));
+                return Ok(call.answer.await.response("miss", caller));
             }
             let joined = {
                 let in_flight = inner.lock();
@@ -359,11 +394,11 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
             if let Some((answer, _watch)) = joined {
                 let stored = answer.await;
                 saved(&stored, "coalesced");
-                return Ok(stored.response("coalesced"));
+                return Ok(stored.response("coalesced", caller));
             }
             if let Some(stored) = inner.cache.get(&key).await {
                 saved(&stored, "cache");
-                return Ok(stored.response("hit"));
+                return Ok(stored.response("hit", caller));
             }
             let (answer, _watch, outcome) = {
                 let mut in_flight = inner.lock();
@@ -382,7 +417,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
             if outcome == "coalesced" {
                 saved(&stored, "coalesced");
             }
-            Ok(stored.response(outcome))
+            Ok(stored.response(outcome, caller))
         })
     }
 }

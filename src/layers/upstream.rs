@@ -19,6 +19,7 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::config::UpstreamConfig;
 use crate::logic::classify::classify;
+use crate::logic::encoding::{self, Encoding};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::Payload;
@@ -236,6 +237,20 @@ impl Upstream {
         strip_hop_by_hop(h);
         h.remove(header::HOST);
         h.remove(header::CONTENT_LENGTH);
+        // penstock reads what it must of every answer, so it lets the upstream
+        // compress only in codings it can decode. A shared call's answer goes to
+        // many callers, whatever they accept: it is asked for uncompressed.
+        let accept = match body.interest {
+            Some(_) => None,
+            None => encoding::readable_accept_encoding(h),
+        };
+        match accept.and_then(|a| HeaderValue::try_from(a).ok()) {
+            Some(v) => h.insert(header::ACCEPT_ENCODING, v),
+            None => h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            ),
+        };
         if let Some(auth) = &self.inner.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
             for name in ["api-key", "openai-organization", "openai-project"] {
@@ -319,11 +334,21 @@ impl Inner {
             ));
         }
         let read = Limited::new(body, MAX_ERROR_BODY).collect();
-        let bytes = match tokio::time::timeout(timeout, read).await {
+        let mut bytes = match tokio::time::timeout(timeout, read).await {
             Ok(Ok(b)) => b.to_bytes(),
             Ok(Err(e)) => return Err(Failure::Connection(e.to_string()).into()),
             Err(_) => return Err(Failure::Timeout(timeout).into()),
         };
+        // Passed on decoded: it is small, penstock must read its code, and
+        // whoever gets it later (a breaker's repeat, a coalesced caller) may
+        // not accept the upstream's coding.
+        let coding = Encoding::of(&parts.headers);
+        if coding != Some(Encoding::Identity)
+            && let Some(plain) = encoding::decode_all(coding, &bytes, MAX_ERROR_BODY)
+        {
+            bytes = Bytes::from(plain);
+            parts.headers.remove(header::CONTENT_ENCODING);
+        }
         parts
             .extensions
             .insert(classify(parts.status, &parts.headers, &bytes));

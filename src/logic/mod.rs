@@ -4,6 +4,7 @@
 //! Imports the vocabulary and the config only.
 
 pub mod classify;
+pub mod encoding;
 pub mod estimate;
 pub mod ledger;
 pub mod metrics;

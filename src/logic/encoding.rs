@@ -1,0 +1,276 @@
+//! Reading answers whatever their `Content-Encoding`. The upstream compresses
+//! (OpenAI's edge does, when the client accepts it), and penstock must still read
+//! what it needs of an answer: an error's code (whole, decoded, small) and the
+//! `usage` at the end of a body or stream (decoded as it passes, keeping only the
+//! decoded tail). What the client receives is never re-encoded here.
+
+use std::io::{Read, Write};
+
+use http::HeaderMap;
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING};
+
+use crate::vocab::usage;
+
+/// An encoding penstock can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    /// HTTP's `deflate`: zlib-wrapped.
+    Deflate,
+    Brotli,
+}
+
+impl Encoding {
+    fn parse(name: &str) -> Option<Encoding> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "" | "identity" => Some(Encoding::Identity),
+            "gzip" | "x-gzip" => Some(Encoding::Gzip),
+            "deflate" => Some(Encoding::Deflate),
+            "br" => Some(Encoding::Brotli),
+            _ => None,
+        }
+    }
+
+    /// The encoding of an answer; `None` for one penstock cannot read (an
+    /// unknown coding, or several stacked).
+    pub fn of(headers: &HeaderMap) -> Option<Encoding> {
+        let mut codings = headers
+            .get_all(CONTENT_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .filter(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"));
+        match (codings.next(), codings.next()) {
+            (None, _) => Some(Encoding::Identity),
+            (Some(c), None) => Encoding::parse(c),
+            _ => None,
+        }
+    }
+}
+
+/// The client's `Accept-Encoding` restricted to what penstock can read, so the
+/// upstream never answers in a coding penstock cannot look into. `None` when
+/// nothing remains (the upstream then answers uncompressed).
+pub fn readable_accept_encoding(headers: &HeaderMap) -> Option<String> {
+    let kept: Vec<&str> = headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|item| {
+            let name = item.split(';').next().unwrap_or("");
+            matches!(
+                Encoding::parse(name),
+                Some(Encoding::Gzip | Encoding::Deflate | Encoding::Brotli)
+            )
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(", "))
+}
+
+/// Whether a client accepts answers in `encoding` (RFC 9110 12.5.3: identity
+/// is acceptable unless refused, `*` stands for the rest, `q=0` refuses).
+pub fn accepts(headers: &HeaderMap, encoding: Encoding) -> bool {
+    let name = match encoding {
+        Encoding::Identity => "identity",
+        Encoding::Gzip => "gzip",
+        Encoding::Deflate => "deflate",
+        Encoding::Brotli => "br",
+    };
+    let mut star = None;
+    for item in headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        if coding == name || (encoding == Encoding::Gzip && coding == "x-gzip") {
+            return !refused;
+        }
+        if coding == "*" {
+            star = Some(!refused);
+        }
+    }
+    star.unwrap_or(encoding == Encoding::Identity)
+}
+
+/// Decodes a whole (small) body, up to `max` decoded bytes; `None` when it is
+/// broken, larger, or in a coding penstock cannot read.
+pub fn decode_all(encoding: Option<Encoding>, body: &[u8], max: usize) -> Option<Vec<u8>> {
+    let reader: Box<dyn Read + '_> = match encoding? {
+        Encoding::Identity => return (body.len() <= max).then(|| body.to_vec()),
+        Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Encoding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Encoding::Brotli => Box::new(brotli_decompressor::Decompressor::new(body, 4096)),
+    };
+    let mut out = Vec::new();
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    reader.take(limit).read_to_end(&mut out).ok()?;
+    (out.len() <= max).then_some(out)
+}
+
+/// The decoded bytes kept of a body: its last [`usage::TAIL`] bytes, and a count
+/// that stops the decoding of a body that inflates beyond reason.
+struct Kept {
+    tail: Vec<u8>,
+    decoded: u64,
+    max: u64,
+}
+
+impl Write for Kept {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.decoded = self.decoded.saturating_add(data.len() as u64);
+        if self.decoded > self.max {
+            return Err(std::io::Error::other("decoded body over the bound"));
+        }
+        usage::keep_tail(&mut self.tail, data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Decoder {
+    Identity(Kept),
+    Gzip(Box<flate2::write::MultiGzDecoder<Kept>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Kept>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Kept>>),
+    /// Undecodable or over the bound: nothing more is learned from this body.
+    Gone,
+}
+
+/// The decoded end of a body, fed its chunks as they pass to the client.
+pub struct Tail(Decoder);
+
+impl Tail {
+    /// Decoding stops once `max_decoded` bytes came out.
+    pub fn new(encoding: Option<Encoding>, max_decoded: u64) -> Tail {
+        let kept = Kept {
+            tail: Vec::new(),
+            decoded: 0,
+            max: max_decoded,
+        };
+        Tail(match encoding {
+            Some(Encoding::Identity) => Decoder::Identity(kept),
+            Some(Encoding::Gzip) => {
+                Decoder::Gzip(Box::new(flate2::write::MultiGzDecoder::new(kept)))
+            }
+            Some(Encoding::Deflate) => {
+                Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(kept)))
+            }
+            Some(Encoding::Brotli) => Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(kept, 4096),
+            )),
+            None => Decoder::Gone,
+        })
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        let ok = match &mut self.0 {
+            Decoder::Identity(k) => k.write_all(chunk).is_ok(),
+            Decoder::Gzip(d) => d.write_all(chunk).is_ok(),
+            Decoder::Deflate(d) => d.write_all(chunk).is_ok(),
+            Decoder::Brotli(d) => d.write_all(chunk).is_ok(),
+            Decoder::Gone => true,
+        };
+        if !ok {
+            self.0 = Decoder::Gone;
+        }
+    }
+
+    /// The decoded tail so far (a stream's usage may be read before its end).
+    pub fn decoded(&mut self) -> &[u8] {
+        let kept = match &mut self.0 {
+            Decoder::Identity(k) => Some(k),
+            Decoder::Gzip(d) => d.flush().ok().map(|_| d.get_mut()),
+            Decoder::Deflate(d) => d.flush().ok().map(|_| d.get_mut()),
+            Decoder::Brotli(d) => d.flush().ok().map(|_| d.get_mut()),
+            Decoder::Gone => None,
+        };
+        kept.map_or(&[], |k| &k.tail[..])
+    }
+
+    /// The `usage` at the decoded end, if any.
+    pub fn usage(&mut self) -> Option<usage::Usage> {
+        usage::find(self.decoded())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn headers(name: http::HeaderName, v: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(v));
+        h
+    }
+
+    #[test]
+    fn a_gzipped_stream_gives_its_usage_chunk_by_chunk() {
+        let body = br#"{"data":[{"b64_json":"AAAA"}],"usage":{"input_tokens":5,"output_tokens":272,"total_tokens":277}}"#;
+        let z = gzip(body);
+        let mut tail = Tail::new(Some(Encoding::Gzip), 1 << 20);
+        for chunk in z.chunks(7) {
+            tail.push(chunk);
+        }
+        assert_eq!(tail.usage().map(|u| u.total), Some(277));
+    }
+
+    #[test]
+    fn a_body_that_inflates_beyond_the_bound_is_given_up() {
+        let z = gzip(&vec![b'a'; 1 << 20]);
+        let mut tail = Tail::new(Some(Encoding::Gzip), 1000);
+        tail.push(&z);
+        assert!(tail.decoded().is_empty());
+        assert_eq!(decode_all(Some(Encoding::Gzip), &z, 1000), None);
+        assert_eq!(
+            decode_all(Some(Encoding::Gzip), &z, 2 << 20).map(|d| d.len()),
+            Some(1 << 20)
+        );
+        assert_eq!(decode_all(Some(Encoding::Gzip), b"not gzip", 1000), None);
+    }
+
+    #[test]
+    fn codings_are_read_from_headers() {
+        assert_eq!(Encoding::of(&HeaderMap::new()), Some(Encoding::Identity));
+        assert_eq!(
+            Encoding::of(&headers(CONTENT_ENCODING, "br")),
+            Some(Encoding::Brotli)
+        );
+        assert_eq!(Encoding::of(&headers(CONTENT_ENCODING, "zstd")), None);
+        assert_eq!(Encoding::of(&headers(CONTENT_ENCODING, "gzip, br")), None);
+        let h = headers(ACCEPT_ENCODING, "gzip, deflate, br, zstd");
+        assert_eq!(
+            readable_accept_encoding(&h).as_deref(),
+            Some("gzip, deflate, br")
+        );
+        assert_eq!(
+            readable_accept_encoding(&headers(ACCEPT_ENCODING, "zstd")),
+            None
+        );
+        assert!(accepts(&h, Encoding::Gzip) && accepts(&h, Encoding::Identity));
+        let h = headers(ACCEPT_ENCODING, "gzip;q=0, *;q=0");
+        assert!(!accepts(&h, Encoding::Gzip) && !accepts(&h, Encoding::Identity));
+        assert!(!accepts(&HeaderMap::new(), Encoding::Gzip));
+        assert!(accepts(&HeaderMap::new(), Encoding::Identity));
+    }
+}

@@ -1,0 +1,175 @@
+//! Where the real OpenAI differs from a naive fake, and penstock must still keep
+//! its promises: compressed answers, limits per organization/project, OpenAI's
+//! way of counting tokens, requests that can never fit, fairness by cost, the
+//! probe after a 429, defaults for requests without a model, coalesced callers'
+//! own limits, and retries of calls that may have been paid.
+
+mod support;
+
+use std::io::Read;
+use std::time::Duration;
+
+use penstock::config::BudgetConfig;
+use serde_json::json;
+use support::*;
+
+const SDK_ENCODINGS: &str = "gzip, deflate, br";
+
+fn image(prompt: &str) -> serde_json::Value {
+    json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})
+}
+
+fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+#[tokio::test]
+async fn a_spent_quota_is_understood_through_compression_and_not_retried() {
+    let h = start(Behaviour {
+        insufficient_quota: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let client = http();
+    let calls = (0..20).map(|i| {
+        let client = client.clone();
+        let url = format!("{}/v1/chat/completions", h.url);
+        async move {
+            client
+                .post(url)
+                .header("accept-encoding", SDK_ENCODINGS)
+                .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": format!("p{i}")}]}))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    for resp in answers {
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["x-should-retry"], "false");
+        assert!(resp.headers().get("content-encoding").is_none());
+        let v = json(resp).await;
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+    }
+    assert!(
+        h.fake.calls() <= 20,
+        "one call per request at most, none retried: {}",
+        h.fake.calls()
+    );
+    assert!(
+        h.fake
+            .requests()
+            .iter()
+            .all(|r| r.headers["accept-encoding"] == SDK_ENCODINGS),
+        "the upstream was asked as the client asked"
+    );
+}
+
+#[tokio::test]
+async fn usage_is_read_from_a_compressed_stream_passed_on_as_it_came() {
+    let h = start(Behaviour::default()).await;
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .header("accept-encoding", "gzip")
+        .json(&json!({"model": "gpt-4o-mini", "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "one two three four five"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    let body = gunzip(&resp.bytes().await.unwrap());
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let metrics = h.metrics().await;
+    assert!(
+        sample(
+            &metrics,
+            "penstock_tokens_total{model=\"gpt-4o-mini\",kind=\"actual\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_coalesced_answer_reaches_each_caller_in_a_coding_it_reads() {
+    let h = start(Behaviour {
+        latency: (Duration::from_millis(300), Duration::from_millis(300)),
+        ..Behaviour::default()
+    })
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let body = image("a lighthouse");
+    let (gzip_caller, plain_caller) = tokio::join!(
+        http()
+            .post(&url)
+            .header("accept-encoding", SDK_ENCODINGS)
+            .json(&body)
+            .send(),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            http().post(&url).json(&body).send().await
+        }
+    );
+    let (a, b) = (gzip_caller.unwrap(), plain_caller.unwrap());
+    assert_eq!(h.fake.calls(), 1);
+    assert_eq!(
+        h.fake.requests()[0].headers["accept-encoding"],
+        "identity",
+        "a shared answer is asked for uncompressed"
+    );
+    assert_eq!(b.headers()["x-penstock-cache"], "coalesced");
+    for resp in [a, b] {
+        assert_eq!(resp.status(), 200);
+        let plain = resp.headers().get("content-encoding").is_none();
+        let bytes = resp.bytes().await.unwrap();
+        let bytes = if plain {
+            bytes.to_vec()
+        } else {
+            gunzip(&bytes)
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(v["data"][0]["b64_json"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn a_hit_does_not_replay_the_headers_of_the_call_that_made_it() {
+    let h = start_with(
+        Behaviour {
+            limits: Some(Limits {
+                requests: 100,
+                tokens: None,
+                window: Duration::from_secs(60),
+            }),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-image-*".into()],
+                ipm: Some(100),
+                ..BudgetConfig::default()
+            }]
+        },
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let first = http().post(&url).json(&image("owl")).send().await.unwrap();
+    assert!(
+        first
+            .headers()
+            .contains_key("x-ratelimit-remaining-requests")
+    );
+    let hit = http().post(&url).json(&image("owl")).send().await.unwrap();
+    assert_eq!(hit.headers()["x-penstock-cache"], "hit");
+    assert!(!hit.headers().contains_key("x-ratelimit-remaining-requests"));
+    assert!(!hit.headers().contains_key("set-cookie"));
+    assert_eq!(h.fake.calls(), 1);
+}
