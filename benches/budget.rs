@@ -120,6 +120,7 @@ async fn scenario() {
             requests: 10,
             tokens: None,
             window: Duration::from_secs(1),
+            ..Limits::default()
         }),
         latency: (Duration::from_millis(200), Duration::from_millis(600)),
         record_bodies: false,

@@ -302,28 +302,37 @@ pub struct QueueConfig {
 
 /// How a request's cost is estimated before it is sent; the response's `usage`
 /// corrects it afterwards.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EstimateConfig {
     /// Output tokens assumed for a text request that sets no `max_tokens`.
     #[serde(default = "default_max_output_tokens")]
     pub default_max_output_tokens: u64,
-    /// Model glob -> `o200k_base` or `cl100k_base`, before the built-in choice.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub tokenizer: std::collections::BTreeMap<String, Tokenizer>,
+    /// Characters per token in OpenAI's rate-limit estimate of a request's
+    /// text; fewer is more cautious.
+    #[serde(default = "default_chars_per_token")]
+    pub chars_per_token: f64,
+    /// What penstock gives back to a budget after a call: `"refused"` (only a
+    /// call the upstream refused for its rate limit), `"failed"` (also calls
+    /// that failed) or `"unused"` (also the unused tokens of a call, once its
+    /// `usage` is known). OpenAI's limiter keeps what it charged at arrival, so
+    /// anything past `"refused"` may over-admit.
+    #[serde(default)]
+    pub refund: Refund,
     /// Model glob -> quality -> size -> output tokens per image, before the
     /// built-in gpt-image-1 table.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub image_output_tokens: std::collections::BTreeMap<String, ImageTable>,
 }
 
-/// A tiktoken encoding, by its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-pub enum Tokenizer {
-    #[serde(rename = "o200k_base")]
-    O200k,
-    #[serde(rename = "cl100k_base")]
-    Cl100k,
+/// See [`EstimateConfig::refund`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Refund {
+    #[default]
+    Refused,
+    Failed,
+    Unused,
 }
 
 /// USD prices of one model (or glob of models).
@@ -433,6 +442,21 @@ fn default_max_depth() -> usize {
 }
 fn default_max_output_tokens() -> u64 {
     4096
+}
+
+fn default_chars_per_token() -> f64 {
+    4.0
+}
+
+impl Default for EstimateConfig {
+    fn default() -> Self {
+        EstimateConfig {
+            default_max_output_tokens: default_max_output_tokens(),
+            chars_per_token: default_chars_per_token(),
+            refund: Refund::default(),
+            image_output_tokens: Default::default(),
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -720,6 +744,13 @@ impl Config {
                 "expected a number above zero".into(),
             ));
         }
+        let cpt = self.estimate.chars_per_token;
+        if !(0.5..=100.0).contains(&cpt) {
+            return Err(bad(
+                "estimate.chars_per_token",
+                "expected a number from 0.5 to 100".into(),
+            ));
+        }
         check_image_tables(&self.estimate.image_output_tokens)
             .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
         if self.server.max_body_size.as_u64() == 0 {
@@ -817,8 +848,8 @@ mod tests {
         assert!(e.contains("budget[1].name"), "{e}");
         let e = err("[[budget]]\nmodels = [\"x\"]\nrpm = -5\n");
         assert!(e.contains("budget[0].rpm"), "{e}");
-        let e = err("[estimate.tokenizer]\n\"my-*\" = \"p50k\"\n");
-        assert!(e.contains("estimate.tokenizer"), "{e}");
+        let e = err("[estimate]\nchars_per_token = 0\n");
+        assert!(e.contains("estimate.chars_per_token"), "{e}");
     }
 
     #[test]

@@ -46,10 +46,6 @@ where
     let upstream = Upstream::new(&config.upstream, env, Some(metrics.clone()))?;
     let budgets = Arc::new(budget::Registry::new(config));
     let edge = edge::EdgeConfig::new(config, metrics.clone());
-    if !config.budgets.is_empty() {
-        // Token estimates need the tokenizers: load them before the first request.
-        edge.estimator.warm();
-    }
     let cache = coalesce::Layer::new(&config.cache, metrics.clone());
     let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()

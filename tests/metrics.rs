@@ -178,14 +178,15 @@ async fn a_known_mix_gives_exact_counts_costs_and_savings_and_no_key_anywhere() 
         0.0
     );
 
-    // Tokens: penstock's estimate (tiktoken prompt + the low-quality square) and
-    // the fake's usage (its own prompt count + 272), for the one paid answer.
+    // Tokens: penstock's estimate (12 prompt characters at four a token, as
+    // OpenAI's limiter counts, + the low-quality square) and the fake's usage
+    // (its own prompt count + 272), for the one paid answer.
     assert_eq!(
         sample(
             &text,
             "penstock_tokens_total{model=\"gpt-image-1\",kind=\"estimated\"}"
         ),
-        2.0 + 272.0
+        3.0 + 272.0
     );
     assert_eq!(
         sample(

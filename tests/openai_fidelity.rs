@@ -147,6 +147,7 @@ async fn a_hit_does_not_replay_the_headers_of_the_call_that_made_it() {
                 requests: 100,
                 tokens: None,
                 window: Duration::from_secs(60),
+                ..Limits::default()
             }),
             ..Behaviour::default()
         },
@@ -172,4 +173,67 @@ async fn a_hit_does_not_replay_the_headers_of_the_call_that_made_it() {
     assert!(!hit.headers().contains_key("x-ratelimit-remaining-requests"));
     assert!(!hit.headers().contains_key("set-cookie"));
     assert_eq!(h.fake.calls(), 1);
+}
+
+/// Twelve chat calls that ask for up to 1,000 tokens each and use a handful,
+/// against an upstream whose limiter charges 5,000 tokens a second at arrival.
+async fn chat_wave(refund: penstock::config::Refund) -> Harness {
+    let h = start_with(
+        Behaviour {
+            limits: Some(Limits {
+                requests: 1000,
+                tokens: Some(5_000),
+                window: Duration::from_secs(1),
+                ..Limits::default()
+            }),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-4o-mini".into()],
+                tpm: Some(300_000),
+                safety_margin: Duration::from_millis(100),
+                ..BudgetConfig::default()
+            }];
+            c.estimate.refund = refund;
+        },
+        |_| None,
+    )
+    .await;
+    let calls = (0..12).map(|i| {
+        let url = format!("{}/v1/chat/completions", h.url);
+        async move {
+            http()
+                .post(url)
+                .json(&json!({"model": "gpt-4o-mini", "max_tokens": 1000,
+                    "messages": [{"role": "user", "content": format!("hi {i}")}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_charged_at_arrival_and_kept_as_openai_keeps_them() {
+    let h = chat_wave(penstock::config::Refund::Refused).await;
+    assert_eq!(h.fake.answered(429), 0, "never refused by the upstream");
+    // The pool still counts what it charged, not the few tokens used.
+    let status = h.status().await;
+    let charged = 300_000
+        - status["pools"][0]["remaining"]["tokens"]["minute_remaining"]
+            .as_u64()
+            .unwrap();
+    assert!(charged >= 12 * 1000, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn giving_back_unused_tokens_over_admits_against_such_a_limiter() {
+    // The reason it is not the default: the upstream has not given them back.
+    let h = chat_wave(penstock::config::Refund::Unused).await;
+    assert!(h.fake.answered(429) > 0);
 }

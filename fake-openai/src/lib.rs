@@ -26,14 +26,31 @@ use tokio::time::Instant;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-/// Request and token limits enforced per (API key, model), as a sliding window.
+/// Request, token and image limits, enforced as a sliding window per
+/// organization/project (the `OpenAI-Organization` and `OpenAI-Project` headers,
+/// else the key's own) and model, as OpenAI does.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Requests allowed in any `window`.
     pub requests: u32,
-    /// Tokens (as reported in `usage`) allowed in any `window`; `None` for no limit.
+    /// Tokens allowed in any `window`, charged at arrival as OpenAI's limiter
+    /// does: the request's characters at four a token plus the most the answer
+    /// may take (`max_tokens` × `n`, the image output table); `None` for no limit.
     pub tokens: Option<u64>,
+    /// Images allowed in any `window`; `None` for no limit.
+    pub images: Option<u64>,
     pub window: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            requests: 10_000,
+            tokens: None,
+            images: None,
+            window: Duration::from_secs(60),
+        }
+    }
 }
 
 /// How the fake behaves; can be changed while it runs with [`Fake::set_behaviour`].
@@ -63,6 +80,9 @@ pub struct Behaviour {
     pub image_bytes: usize,
     /// Keep request bodies in the call log.
     pub record_bodies: bool,
+    /// Keys that belong to one project: (`Authorization` value, project). Calls
+    /// with these keys spend their project's limits, shared by its keys.
+    pub key_projects: Vec<(String, String)>,
     /// Compress answers (JSON, errors and streams) when the request's
     /// `Accept-Encoding` allows, brotli before gzip before deflate, as OpenAI's
     /// edge does.
@@ -84,6 +104,7 @@ impl Default for Behaviour {
             cut_stream_after: None,
             image_bytes: 64,
             record_bodies: true,
+            key_projects: Vec::new(),
             compress: true,
         }
     }
@@ -104,8 +125,8 @@ pub struct Recorded {
 
 #[derive(Default)]
 struct Window {
-    /// (time, tokens) of each admitted call.
-    calls: VecDeque<(Instant, u64)>,
+    /// (time, tokens, images) of each admitted call.
+    calls: VecDeque<(Instant, u64, u64)>,
 }
 
 struct State {
@@ -298,6 +319,9 @@ impl State {
 struct Call {
     model: String,
     n: u64,
+    /// What OpenAI's limiter charges at arrival: characters at four a token,
+    /// plus the most the answer may take.
+    charged_tokens: u64,
     stream: bool,
     partial_images: u64,
     input_tokens: u64,
@@ -320,8 +344,29 @@ fn image_output_tokens(size: &str, quality: &str) -> u64 {
     row[col]
 }
 
+/// Whose limits a call spends: the organization/project it names, else its
+/// key's default (OpenAI: a project's keys share the project's limits).
+fn limit_scope(headers: &HeaderMap, key: &str, projects: &[(String, String)]) -> String {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let (org, project) = (get("openai-organization"), get("openai-project"));
+    let own = projects.iter().find(|(k, _)| k == key).map(|(_, p)| p);
+    if org.is_empty() && project.is_empty() {
+        match own {
+            Some(p) => format!("org:/project:{p}"),
+            None => format!("key:{key}"),
+        }
+    } else {
+        format!("org:{org}/project:{project}")
+    }
+}
+
 fn text_tokens(s: &str) -> u64 {
-    (s.len() as u64).div_ceil(4)
+    (s.chars().count() as u64).div_ceil(4)
 }
 
 async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, String> {
@@ -334,6 +379,7 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
     let mut call = Call {
         model: "unknown".into(),
         n: 1,
+        charged_tokens: 0,
         stream: false,
         partial_images: 0,
         input_tokens: 0,
@@ -437,13 +483,16 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
             } else {
                 0
             };
+        call.charged_tokens = text_tokens(&call.prompt) + images * 323 + call.output_tokens;
     } else if path == "/v1/chat/completions" {
         let max = fields
             .get("max_completion_tokens")
             .or(fields.get("max_tokens"))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(16u64);
-        call.output_tokens = (text_tokens(&call.prompt) + 2).min(max);
+            .and_then(|s| s.parse().ok());
+        call.output_tokens = (text_tokens(&call.prompt) + 2).min(max.unwrap_or(16));
+        call.charged_tokens = call.input_tokens + call.n * max.unwrap_or(4096);
+    } else {
+        call.charged_tokens = call.input_tokens;
     }
     Ok(call)
 }
@@ -663,55 +712,88 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         }
     };
 
-    // Admission against the limits happens when the call arrives, as OpenAI does.
-    let tokens = call.input_tokens + call.output_tokens;
+    // Admission against the limits happens when the call arrives, as OpenAI does,
+    // for the organization/project the call is made for.
+    let tokens = call.charged_tokens;
+    let images = if parts.uri.path().starts_with("/v1/images/") {
+        call.n
+    } else {
+        0
+    };
     let mut rl_headers = HeaderMap::new();
-    let limits = b.limits.clone().unwrap_or(Limits {
-        requests: 10_000,
-        tokens: None,
-        window: Duration::from_secs(60),
-    });
+    let limits = b.limits.clone().unwrap_or_default();
+    let scope = limit_scope(&parts.headers, &key, &b.key_projects);
     {
         let now = Instant::now();
         let mut windows = st.windows.lock().unwrap();
-        let w = windows
-            .entry((key.clone(), call.model.clone()))
-            .or_default();
+        let w = windows.entry((scope, call.model.clone())).or_default();
         while w
             .calls
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= limits.window)
+            .is_some_and(|(t, _, _)| now.duration_since(*t) >= limits.window)
         {
             w.calls.pop_front();
         }
-        let used_tokens: u64 = w.calls.iter().map(|(_, t)| t).sum();
+        let used_tokens: u64 = w.calls.iter().map(|(_, t, _)| t).sum();
+        let used_images: u64 = w.calls.iter().map(|(_, _, i)| i).sum();
+        // A request larger than a whole limit can never pass.
+        let too_large = [
+            ("tokens", limits.tokens, tokens),
+            ("images", limits.images, images),
+        ]
+        .into_iter()
+        .find(|(_, limit, asked)| limit.is_some_and(|l| *asked > l));
+        if let (Some((what, Some(limit), asked)), true) = (too_large, b.limits.is_some()) {
+            drop(windows);
+            st.record(&parts, &body, 429, b.record_bodies);
+            let mut resp = error_body(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Request too large for {} in organization org-fake on {what} per min: Limit {limit}, Requested {asked}. The input or output tokens must be reduced in order to run successfully.",
+                    call.model
+                ),
+                what,
+                Some("rate_limit_exceeded"),
+            );
+            resp.headers_mut().insert(
+                "x-request-id",
+                HeaderValue::from_str(&format!("req_{seq}")).unwrap(),
+            );
+            return Ok(resp);
+        }
         let over_requests = w.calls.len() as u32 >= limits.requests;
         let over_tokens = limits.tokens.is_some_and(|max| used_tokens + tokens > max);
+        let over_images = limits.images.is_some_and(|max| used_images + images > max);
         let reset_requests = w
             .calls
             .front()
-            .map(|(t, _)| limits.window.saturating_sub(now.duration_since(*t)))
+            .map(|(t, _, _)| limits.window.saturating_sub(now.duration_since(*t)))
             .unwrap_or(Duration::ZERO);
-        if b.limits.is_some() && (over_requests || over_tokens) {
+        if b.limits.is_some() && (over_requests || over_tokens || over_images) {
             // Wait until enough of the window has passed.
-            let wait = if over_requests {
-                reset_requests
-            } else {
-                let need = used_tokens + tokens - limits.tokens.unwrap_or(0);
+            let freed_after = |need: u64, of: fn(&(Instant, u64, u64)) -> u64| {
                 let mut freed = 0;
                 let mut at = Duration::ZERO;
-                for (t, tok) in &w.calls {
-                    freed += tok;
-                    at = limits.window.saturating_sub(now.duration_since(*t));
+                for c in &w.calls {
+                    freed += of(c);
+                    at = limits.window.saturating_sub(now.duration_since(c.0));
                     if freed >= need {
                         break;
                     }
                 }
                 at
             };
+            let (what, wait) = if over_requests {
+                ("requests", reset_requests)
+            } else if over_tokens {
+                let need = used_tokens + tokens - limits.tokens.unwrap_or(0);
+                ("tokens", freed_after(need, |c| c.1))
+            } else {
+                let need = used_images + images - limits.images.unwrap_or(0);
+                ("images", freed_after(need, |c| c.2))
+            };
             drop(windows);
             st.record(&parts, &body, 429, b.record_bodies);
-            let what = if over_requests { "requests" } else { "tokens" };
             let mut resp = error_body(
                 StatusCode::TOO_MANY_REQUESTS,
                 &format!(
@@ -737,7 +819,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             );
             return Ok(resp);
         }
-        w.calls.push_back((now, tokens));
+        w.calls.push_back((now, tokens, images));
         rl_headers.insert("x-ratelimit-limit-requests", limits.requests.into());
         rl_headers.insert(
             "x-ratelimit-remaining-requests",

@@ -11,12 +11,15 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8081")]
     listen: std::net::SocketAddr,
-    /// Requests allowed per key and model in any window (see --window-ms).
+    /// Requests allowed per organization/project and model in any window (see --window-ms).
     #[arg(long)]
     rps: Option<u32>,
-    /// Tokens allowed per key and model in any window.
+    /// Tokens allowed per organization/project and model in any window.
     #[arg(long)]
     tokens: Option<u64>,
+    /// Images allowed per window, per organization/project and model.
+    #[arg(long)]
+    ipm: Option<u64>,
     /// Length of the rate-limit window in milliseconds.
     #[arg(long, default_value_t = 1000)]
     window_ms: u64,
@@ -52,7 +55,9 @@ async fn main() {
         limits: args.rps.map(|requests| Limits {
             requests,
             tokens: args.tokens,
+            images: args.ipm,
             window: Duration::from_millis(args.window_ms),
+            ..Limits::default()
         }),
         record_bodies: false,
         ..Behaviour::default()

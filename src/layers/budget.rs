@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use tower::Service;
 use wildmatch::WildMatch;
 
-use crate::config::Config;
+use crate::config::{Config, Refund};
 use crate::logic::classify::{Class, Classified};
 use crate::logic::encoding::{Encoding, Tail};
 use crate::logic::ledger::Limits;
@@ -60,6 +60,7 @@ pub struct Registry {
     max_depth: usize,
     max_wait: Duration,
     quota_cooldown: Duration,
+    refund: Refund,
     last_eviction: Mutex<tokio::time::Instant>,
 }
 
@@ -86,6 +87,7 @@ impl Registry {
             max_depth: config.queue.max_depth,
             max_wait: config.queue.max_wait,
             quota_cooldown: config.retry.quota_cooldown,
+            refund: config.estimate.refund,
             last_eviction: Mutex::new(tokio::time::Instant::now()),
         }
     }
@@ -208,6 +210,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
         });
         let max_wait = self.registry.max_wait;
         let quota_cooldown = self.registry.quota_cooldown;
+        let refund = self.registry.refund;
         let account = Account {
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
@@ -216,7 +219,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             let Some((pool, ctx)) = pool else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
                 return Ok(if resp.status().is_success() {
-                    Settle::wrap(resp, None, account)
+                    Settle::wrap(resp, None, refund, account)
                 } else {
                     resp
                 });
@@ -244,7 +247,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             let queued = HeaderValue::from(queued.as_millis() as u64);
             resp.headers_mut().insert("x-penstock-queue-ms", queued);
             match classified.map(|c| c.class) {
-                Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), account)),
+                Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), refund, account)),
                 Some(Class::QuotaExhausted) if !quota_cooldown.is_zero() => {
                     // Error bodies arrive buffered from the upstream layer.
                     let (parts, body) = resp.into_parts();
@@ -269,12 +272,15 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                             .unwrap_or(DEFAULT_PAUSE);
                         pool.pause(tokio::time::Instant::now() + delay);
                     }
-                    // A refused or failed call produced nothing: it counts as a
-                    // request (the upstream counts it too), not as tokens or images.
-                    permit.settle(&Cost {
-                        requests: permit.estimate().requests,
-                        ..Cost::default()
-                    });
+                    // A call the upstream's limiter refused was not charged its
+                    // tokens or images, only counted as a request; what a failed
+                    // call was charged is kept unless configured otherwise.
+                    if class == Some(Class::RateLimited) || refund >= Refund::Failed {
+                        permit.settle(&Cost {
+                            requests: permit.estimate().requests,
+                            ..Cost::default()
+                        });
+                    }
                     Ok(resp)
                 }
             }
@@ -316,6 +322,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Body,
         permit: Option<Permit>,
+        refund: Refund,
         account: Option<Account>,
         tail: Tail,
     }
@@ -331,12 +338,18 @@ pin_project_lite::pin_project! {
 }
 
 impl Settle {
-    fn wrap(resp: Response<Body>, permit: Option<Permit>, account: Account) -> Response<Body> {
+    fn wrap(
+        resp: Response<Body>,
+        permit: Option<Permit>,
+        refund: Refund,
+        account: Account,
+    ) -> Response<Body> {
         let tail = Tail::new(Encoding::of(resp.headers()), MAX_DECODED);
         resp.map(|inner| {
             Settle {
                 inner,
                 permit,
+                refund,
                 account: Some(account),
                 tail,
             }
@@ -362,12 +375,15 @@ impl HttpBody for Settle {
         if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
             let usage = this.tail.usage();
             // The permit goes with the body's end: the call is over.
+            // OpenAI's limiter charged its estimate at arrival and keeps it:
+            // more use is a debt, less is given back only when configured.
             if let (Some(permit), Some(usage)) = (this.permit.take(), usage) {
                 let estimate = permit.estimate();
-                permit.settle(&Cost {
-                    tokens: usage.total,
-                    ..estimate
-                });
+                let tokens = match this.refund {
+                    Refund::Unused => usage.total,
+                    _ => usage.total.max(estimate.tokens),
+                };
+                permit.settle(&Cost { tokens, ..estimate });
             }
             if let Some(account) = this.account.take() {
                 account.record(usage.as_ref());

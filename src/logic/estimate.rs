@@ -1,41 +1,20 @@
-//! What a request will cost before it is sent: requests, tokens (prompt by
-//! tiktoken plus the most the answer may take) and images. Where the request leaves
-//! something open (`auto` size or quality, no `max_tokens`, an unknown model) the
-//! estimate takes the expensive side; the response's `usage` settles it afterwards.
+//! What a request will cost before it is sent, counted as OpenAI's rate limiter
+//! counts it at the request's arrival: tokens estimated from the request's
+//! characters (not tiktoken), plus the most the answer may take
+//! (`max_tokens` × `n`, the image output table), and images. Where the request
+//! leaves something open (`auto` size or quality, no `max_tokens`, an unknown
+//! model) the estimate takes the expensive side.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 use wildmatch::WildMatch;
 
-use crate::config::{EstimateConfig, Tokenizer as Encoding};
+use crate::config::EstimateConfig;
 use crate::vocab::cost::{
     Cost, ImageAsk, ImageTable, check_image_tables, parse_image_size as parse_size,
 };
 use crate::vocab::route::Route;
-
-impl Encoding {
-    /// The tokenizer, loaded once.
-    fn bpe(self) -> &'static CoreBPE {
-        match self {
-            Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
-            Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
-        }
-    }
-
-    /// The encoding OpenAI uses for a model; unknown models get o200k_base.
-    fn for_model(model: &str) -> Encoding {
-        let cl100k = ["gpt-4-", "gpt-3.5", "text-embedding-", "davinci", "babbage"];
-        if model == "gpt-4"
-            || cl100k.iter().any(|p| model.starts_with(p)) && !model.starts_with("gpt-4o")
-        {
-            Encoding::Cl100k
-        } else {
-            Encoding::O200k
-        }
-    }
-}
 
 /// gpt-image-1, -1-mini and -1.5 output tokens per image (see the OpenAI contract).
 fn builtin_image_table() -> ImageTable {
@@ -86,7 +65,7 @@ pub enum Body<'a> {
 #[derive(Debug)]
 pub struct Estimator {
     default_max_output_tokens: u64,
-    tokenizers: Vec<(WildMatch, Encoding)>,
+    chars_per_token: f64,
     image_tables: Vec<(WildMatch, ImageTable)>,
     builtin_images: ImageTable,
 }
@@ -97,11 +76,7 @@ impl Estimator {
         check_image_tables(&config.image_output_tokens)?;
         Ok(Estimator {
             default_max_output_tokens: config.default_max_output_tokens,
-            tokenizers: config
-                .tokenizer
-                .iter()
-                .map(|(glob, enc)| (WildMatch::new(glob), *enc))
-                .collect(),
+            chars_per_token: config.chars_per_token,
             image_tables: config
                 .image_output_tokens
                 .iter()
@@ -111,25 +86,15 @@ impl Estimator {
         })
     }
 
-    /// Loads the tokenizers now, so the first request does not pay for it.
-    pub fn warm(&self) {
-        Encoding::O200k.bpe();
-        Encoding::Cl100k.bpe();
-    }
-
-    fn encoding(&self, model: &str) -> Encoding {
-        self.tokenizers
-            .iter()
-            .find(|(g, _)| g.matches(model))
-            .map(|(_, e)| *e)
-            .unwrap_or_else(|| Encoding::for_model(model))
-    }
-
-    pub fn count_tokens(&self, model: &str, text: &str) -> u64 {
+    /// Tokens of a text as OpenAI's limiter estimates them: by its characters.
+    /// `model` is kept for when a model's ratio differs.
+    pub fn count_tokens(&self, _model: &str, text: &str) -> u64 {
         if text.is_empty() {
             return 0;
         }
-        self.encoding(model).bpe().encode_ordinary(text).len() as u64
+        let chars = text.chars().count() as f64;
+        // Saturates: a float too large for u64 becomes u64::MAX.
+        (chars / self.chars_per_token).ceil() as u64
     }
 
     pub fn estimate(&self, route: Route, model: Option<&str>, body: Body<'_>) -> Cost {
@@ -513,8 +478,9 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "hello there"}, {"type": "image_url", "image_url": {"url": "x"}}]},
         ]});
         let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&v));
-        // 2 + (4 + 2) + (4 + 2 + 765) + 2 * 100
-        assert_eq!(c.tokens, 2 + 6 + 771 + 200);
+        // 2 + (4 + 8 chars) + (4 + 11 chars + an image) + 2 * 100, four characters
+        // a token as OpenAI's limiter counts.
+        assert_eq!(c.tokens, 2 + 6 + 772 + 200);
         let v = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
         let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&v));
         assert_eq!(
@@ -528,14 +494,10 @@ mod tests {
             Some("text-embedding-3-small"),
             Body::Json(&v),
         );
-        assert_eq!(c.tokens, 3);
-        assert_eq!(
-            Encoding::for_model("text-embedding-3-small"),
-            Encoding::Cl100k
-        );
-        assert_eq!(Encoding::for_model("gpt-4o-mini"), Encoding::O200k);
-        assert_eq!(Encoding::for_model("gpt-4-turbo"), Encoding::Cl100k);
-        assert_eq!(Encoding::for_model("some-new-model"), Encoding::O200k);
+        assert_eq!(c.tokens, 3 + 2, "11 and 5 characters");
+        // Characters, not bytes; a text of one repeated letter is no cheaper.
+        assert_eq!(e.count_tokens("m", "日本語の文"), 2);
+        assert_eq!(e.count_tokens("m", &"a".repeat(4000)), 1000);
         // An unknown operation still gets a conservative estimate.
         let v = json!({"model": "new-thing", "question": "why"});
         let c = e.estimate(Route::Other, Some("new-thing"), Body::Json(&v));
