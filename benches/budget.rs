@@ -58,6 +58,7 @@ fn budget(rpm: u64) -> BudgetConfig {
         burst: Duration::from_secs(1),
         safety_margin: Duration::from_millis(50),
         max_in_flight: None,
+        shared: false,
     }
 }
 

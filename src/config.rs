@@ -77,6 +77,10 @@ pub struct Config {
     /// Per-client request caps.
     #[serde(default, rename = "client", skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientConfig>,
+    /// Keys that spend one project's limits: OpenAI counts limits per
+    /// organization/project, shared by all keys of the project.
+    #[serde(default, rename = "project", skip_serializing_if = "Vec::is_empty")]
+    pub projects: Vec<ProjectConfig>,
     /// Model glob -> USD prices, before the built-in list prices.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, PriceConfig>,
@@ -232,6 +236,20 @@ fn default_quota_cooldown() -> Duration {
     Duration::from_secs(60)
 }
 
+/// API keys that belong to one OpenAI project, so their requests share one pool.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectConfig {
+    /// Shown in `/status` and logs as `project:NAME`.
+    pub name: String,
+    /// Keys by the `key:...` id `/status` shows for them (never the key).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_ids: Vec<String>,
+    /// Keys by the environment variables that hold them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_envs: Vec<String>,
+}
+
 /// One pool of upstream capacity, counted per upstream credential.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -261,6 +279,10 @@ pub struct BudgetConfig {
     /// Cap on concurrent upstream calls of this pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<usize>,
+    /// One pool for every key and organization/project: the budget is the
+    /// whole of one organization's limit, whoever sends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 impl Default for BudgetConfig {
@@ -274,6 +296,7 @@ impl Default for BudgetConfig {
             burst: default_burst(),
             safety_margin: default_safety_margin(),
             max_in_flight: None,
+            shared: false,
         }
     }
 }
@@ -509,6 +532,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             cache: CacheConfig::default(),
             clients: Vec::new(),
+            projects: Vec::new(),
             prices: std::collections::BTreeMap::new(),
         }
     }
@@ -735,6 +759,23 @@ impl Config {
                 return Err(bad(
                     &format!("client[{i}].burst"),
                     "expected a number from 1 to 4294967295".into(),
+                ));
+            }
+        }
+        let mut projects = std::collections::HashSet::new();
+        for (i, p) in self.projects.iter().enumerate() {
+            if p.name.is_empty() || !projects.insert(&p.name) {
+                return Err(bad(
+                    &format!("project[{i}].name"),
+                    "expected a name no other project has".into(),
+                ));
+            }
+            if let Some(id) = p.key_ids.iter().find(|k| !k.starts_with("key:")) {
+                return Err(bad(
+                    &format!("project[{i}].key_ids"),
+                    format!(
+                        "{id:?} is not a key id; expected like \"key:0123456789abcdef\" as /status shows"
+                    ),
                 ));
             }
         }

@@ -28,7 +28,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Build(#[from] crate::layers::upstream::BuildError),
+    Build(#[from] crate::stack::BuildError),
 }
 
 /// A running penstock; [`Running::shutdown`] drains it.

@@ -13,6 +13,15 @@ use crate::layers::{budget, client_limit, coalesce, edge, retry};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 
+/// What keeps the stack from being built; each names the config key.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Upstream(#[from] upstream::BuildError),
+    #[error("project.key_envs: {0}")]
+    Projects(String),
+}
+
 /// State the stack shares with the admin endpoints.
 pub struct Shared {
     pub budgets: Arc<budget::Registry>,
@@ -36,16 +45,18 @@ pub fn build<B>(
         + 'static,
         Shared,
     ),
-    upstream::BuildError,
+    BuildError,
 >
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let metrics = Arc::new(Metrics::new(&config.prices));
-    let upstream = Upstream::new(&config.upstream, env, Some(metrics.clone()))?;
+    let upstream = Upstream::new(&config.upstream, &env, Some(metrics.clone()))?;
     let budgets = Arc::new(budget::Registry::new(config));
-    let edge = edge::EdgeConfig::new(config, metrics.clone());
+    let mut edge = edge::EdgeConfig::new(config, metrics.clone());
+    edge.add_projects(&config.projects, &env)
+        .map_err(BuildError::Projects)?;
     let cache = coalesce::Layer::new(&config.cache, metrics.clone());
     let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()

@@ -21,6 +21,7 @@ fn budget(models: &[&str], rpm: Option<u64>, tpm: Option<u64>, ipm: Option<u64>)
         burst: Duration::from_secs(1),
         safety_margin: Duration::from_millis(50),
         max_in_flight: None,
+        shared: false,
     }
 }
 

@@ -237,3 +237,125 @@ async fn giving_back_unused_tokens_over_admits_against_such_a_limiter() {
     let h = chat_wave(penstock::config::Refund::Unused).await;
     assert!(h.fake.answered(429) > 0);
 }
+
+fn images_budget(rpm: u64, shared: bool) -> BudgetConfig {
+    BudgetConfig {
+        models: vec!["gpt-image-*".into()],
+        rpm: Some(rpm),
+        safety_margin: Duration::from_millis(100),
+        shared,
+        ..BudgetConfig::default()
+    }
+}
+
+async fn generate_as(
+    h: &Harness,
+    key: &str,
+    headers: &[(&str, &str)],
+    body: serde_json::Value,
+) -> reqwest::Response {
+    let mut req = http()
+        .post(format!("{}/v1/images/generations", h.url))
+        .bearer_auth(key)
+        .json(&body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_organization_header_chooses_another_pool_and_another_cache_tenant() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.budgets = vec![images_budget(600, false)],
+        |_| None,
+    )
+    .await;
+    let a = [("openai-organization", "org-a")];
+    let b = [("openai-organization", "org-b")];
+    let first = generate_as(&h, "sk-user", &a, image("same prompt")).await;
+    let other = generate_as(&h, "sk-user", &b, image("same prompt")).await;
+    let again = generate_as(&h, "sk-user", &a, image("same prompt")).await;
+    assert_eq!(first.headers()["x-penstock-cache"], "miss");
+    assert_eq!(
+        other.headers()["x-penstock-cache"],
+        "miss",
+        "org B never gets what org A paid for"
+    );
+    assert_eq!(again.headers()["x-penstock-cache"], "hit");
+    assert_eq!(h.fake.calls(), 2);
+    let status = h.status().await;
+    let pools = status["pools"].as_array().unwrap();
+    assert_eq!(pools.len(), 2, "{status}");
+    assert!(
+        pools
+            .iter()
+            .any(|p| p["credential"].as_str().unwrap().ends_with("@org-b/")),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_one_project_share_its_pool() {
+    // The upstream allows the project two calls a second, whichever key sends.
+    let h = start_with(
+        Behaviour {
+            limits: Some(Limits {
+                requests: 2,
+                window: Duration::from_secs(1),
+                ..Limits::default()
+            }),
+            key_projects: vec![
+                ("Bearer sk-one".into(), "proj".into()),
+                ("Bearer sk-two".into(), "proj".into()),
+            ],
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![images_budget(120, false)];
+            c.projects = vec![penstock::config::ProjectConfig {
+                name: "proj".into(),
+                key_envs: vec!["KEY_ONE".into(), "KEY_TWO".into()],
+                ..Default::default()
+            }];
+        },
+        |var| match var {
+            "KEY_ONE" => Some("sk-one".into()),
+            "KEY_TWO" => Some("sk-two".into()),
+            _ => None,
+        },
+    )
+    .await;
+    let calls = (0..6).map(|i| {
+        let key = if i % 2 == 0 { "sk-one" } else { "sk-two" };
+        let h = &h;
+        async move {
+            generate_as(h, key, &[], image(&format!("prompt {i}")))
+                .await
+                .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(h.fake.answered(429), 0, "one pool, not one per key");
+    let status = h.status().await;
+    assert_eq!(status["pools"][0]["credential"], "project:proj", "{status}");
+    assert_eq!(status["pools"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_shared_budget_is_one_pool_for_every_key() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.budgets = vec![images_budget(600, true)],
+        |_| None,
+    )
+    .await;
+    for key in ["sk-a", "sk-b", "sk-c"] {
+        assert_eq!(generate_as(&h, key, &[], image(key)).await.status(), 200);
+    }
+    let status = h.status().await;
+    assert_eq!(status["pools"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["pools"][0]["credential"], "shared");
+}

@@ -44,7 +44,12 @@ struct Spec {
     globs: Vec<WildMatch>,
     limits: Limits,
     max_in_flight: Option<usize>,
+    /// One pool for every credential.
+    shared: bool,
 }
+
+/// The credential of a shared budget's one pool, as `/status` shows it.
+const SHARED: &str = "shared";
 
 /// How often idle pools are looked for.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
@@ -78,6 +83,7 @@ impl Registry {
                     margin: b.safety_margin,
                 },
                 max_in_flight: b.max_in_flight,
+                shared: b.shared,
             })
             .collect();
         Registry {
@@ -98,6 +104,10 @@ impl Registry {
             .specs
             .iter()
             .position(|s| s.globs.iter().any(|g| g.matches(model)))?;
+        let credential = match self.specs[idx].shared {
+            true => SHARED.into(),
+            false => credential.clone(),
+        };
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         self.evict_idle(&mut pools);
         let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
@@ -418,6 +428,7 @@ mod tests {
                 burst: Duration::from_secs(1),
                 safety_margin: Duration::ZERO,
                 max_in_flight: None,
+                shared: false,
             }],
             ..Config::default()
         };

@@ -23,7 +23,7 @@ use http_body::Body as HttpBody;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower::Service;
 
-use crate::config::{CacheScope, Config};
+use crate::config::{CacheScope, Config, ProjectConfig};
 use crate::logic::estimate::{self, Estimator};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
@@ -40,8 +40,35 @@ fn key_id(headers: &HeaderMap) -> Arc<str> {
         .or_else(|| headers.get("api-key"))
         .map(HeaderValue::as_bytes);
     match credential {
-        Some(c) => format!("key:{}", &blake3::hash(c).to_hex()[..16]).into(),
+        Some(c) => key_id_of(c).into(),
         None => "anonymous".into(),
+    }
+}
+
+/// The id of a credential header's value (`Bearer sk-...`, or Azure's key).
+pub fn key_id_of(credential: &[u8]) -> String {
+    format!("key:{}", &blake3::hash(credential).to_hex()[..16])
+}
+
+/// The longest organization or project name kept from a request's headers.
+const MAX_SCOPE: usize = 64;
+
+/// `@org/project` when the request names the organization or project whose
+/// limits (and bill) it spends, else "".
+fn org_project(headers: &HeaderMap) -> String {
+    let get = |name: &str| {
+        let v = headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .trim();
+        &v[..v.floor_char_boundary(MAX_SCOPE)]
+    };
+    let (org, project) = (get("openai-organization"), get("openai-project"));
+    if org.is_empty() && project.is_empty() {
+        String::new()
+    } else {
+        format!("@{org}/{project}")
     }
 }
 
@@ -63,6 +90,8 @@ pub struct EdgeConfig {
     pub cache_paths: Option<std::collections::HashSet<String>>,
     /// Everyone shares cache entries, not only each tenant.
     pub cache_global: bool,
+    /// Key id -> the configured project whose pool it pays into.
+    pub projects: std::collections::HashMap<Arc<str>, Arc<str>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -83,6 +112,7 @@ impl EdgeConfig {
                 .enabled
                 .then(|| config.cache.paths.iter().cloned().collect()),
             cache_global: config.cache.scope == CacheScope::Global,
+            projects: Default::default(),
             metrics,
         }
     }
@@ -141,9 +171,40 @@ impl EdgeConfig {
             };
             (Tenant(tenant), "sidecar".into())
         } else {
+            // OpenAI's limits belong to an organization/project: the headers
+            // that choose one are part of the pool and of the cache tenant, and
+            // keys of one configured project share its pool.
             let key = key_id(headers);
-            (Tenant(key.clone()), key)
+            let scope = org_project(headers);
+            let tenant: Arc<str> = format!("{key}{scope}").into();
+            let credential = match self.projects.get(&key) {
+                Some(project) => format!("project:{project}{scope}").into(),
+                None => tenant.clone(),
+            };
+            (Tenant(tenant), credential)
         }
+    }
+
+    /// Adds the keys of `[[project]]`s, by id or by the variable holding them.
+    pub fn add_projects(
+        &mut self,
+        projects: &[ProjectConfig],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), String> {
+        for p in projects {
+            for id in &p.key_ids {
+                self.projects
+                    .insert(id.as_str().into(), p.name.as_str().into());
+            }
+            for var in &p.key_envs {
+                let key = env(var)
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| format!("environment variable {var} is not set"))?;
+                let id = key_id_of(format!("Bearer {key}").as_bytes());
+                self.projects.insert(id.into(), p.name.as_str().into());
+            }
+        }
+        Ok(())
     }
 }
 
