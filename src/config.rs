@@ -198,6 +198,22 @@ pub struct RetryConfig {
     /// that error at once for this long instead of sending calls that cannot succeed.
     #[serde(default = "default_quota_cooldown", with = "humantime_serde")]
     pub quota_cooldown: Duration,
+    /// An attempt that failed after its request was sent (a reset, a timeout
+    /// waiting for the answer) may have been processed and paid for: `"never"`
+    /// retries none, `"text"` all but image calls (each a paid image), `"always"`
+    /// all. A failed connect is always retried: nothing was sent.
+    #[serde(default)]
+    pub after_send: AfterSend,
+}
+
+/// See [`RetryConfig::after_send`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSend {
+    Never,
+    #[default]
+    Text,
+    Always,
 }
 
 impl Default for RetryConfig {
@@ -210,6 +226,7 @@ impl Default for RetryConfig {
             min_retries_per_second: default_min_retries_per_second(),
             deadline: default_deadline(),
             quota_cooldown: default_quota_cooldown(),
+            after_send: AfterSend::default(),
         }
     }
 }

@@ -72,7 +72,7 @@ where
         .layer(client_limit::Layer::new(&config.clients))
         // Retries of transient failures, above admission so that every attempt
         // waits for and pays its own budget (the upstream counts failed calls too).
-        .layer(retry::Layer::new(&config.retry))
+        .layer(retry::Layer::new(&config.retry, metrics.clone()))
         // Admission: each attempt waits here, fairly, until its pool can pay.
         .layer(budget::Layer::new(budgets.clone(), metrics.clone()))
         // One attempt upstream, bounded by the per-attempt timeout.

@@ -359,3 +359,46 @@ async fn a_shared_budget_is_one_pool_for_every_key() {
     assert_eq!(status["pools"].as_array().unwrap().len(), 1, "{status}");
     assert_eq!(status["pools"][0]["credential"], "shared");
 }
+
+#[tokio::test]
+async fn an_image_call_lost_after_it_was_sent_is_not_bought_twice() {
+    let h = start(Behaviour {
+        reset_every: Some(1),
+        ..Behaviour::default()
+    })
+    .await;
+    let resp = http()
+        .post(format!("{}/v1/images/generations", h.url))
+        .json(&image("maybe paid"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    assert_eq!(resp.headers()["x-penstock-attempts"], "1");
+    assert_eq!(h.fake.calls(), 1, "not sent again");
+    // A chat call lost the same way is cheap to repeat: retried (and lost again).
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(h.fake.calls(), 1 + 4, "retried up to max_attempts");
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "penstock_failed_after_send_total{route=\"images.generations\",retried=\"false\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "penstock_failed_after_send_total{route=\"chat.completions\",retried=\"true\"}"
+        ),
+        3.0
+    );
+}

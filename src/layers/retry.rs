@@ -21,9 +21,11 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 use crate::vocab::body::Body;
 
 use super::edge::respond;
-use crate::config::RetryConfig;
+use crate::config::{AfterSend, RetryConfig};
+use crate::logic::metrics::Metrics;
 use crate::vocab::context::Payload;
 use crate::vocab::error::ProxyError;
+use crate::vocab::route::Route;
 
 /// What all requests share: the settings and the retry budget.
 struct Shared {
@@ -31,7 +33,9 @@ struct Shared {
     initial_backoff: Duration,
     max_backoff: Duration,
     deadline: Duration,
+    after_send: AfterSend,
     budget: TpsBudget,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Clone)]
@@ -40,13 +44,15 @@ pub struct Layer {
 }
 
 impl Layer {
-    pub fn new(config: &RetryConfig) -> Layer {
+    pub fn new(config: &RetryConfig, metrics: Arc<Metrics>) -> Layer {
         Layer {
             shared: Arc::new(Shared {
                 max_attempts: config.max_attempts,
                 initial_backoff: config.initial_backoff,
                 max_backoff: config.max_backoff,
                 deadline: config.deadline,
+                after_send: config.after_send,
+                metrics,
                 // Validated: percent in 0..=1000, min_per_second small.
                 budget: TpsBudget::new(
                     Duration::from_secs(10),
@@ -149,16 +155,25 @@ impl Policy {
     }
 }
 
-impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Policy {
-    type Future = tokio::time::Sleep;
-
-    fn retry(
+impl Policy {
+    /// The wait before the next attempt, or `None` to give up.
+    fn decide(
         &mut self,
-        _req: &mut Request<Payload>,
-        result: &mut Result<Response<Body>, ProxyError>,
-    ) -> Option<Self::Future> {
+        route: Route,
+        after_send: bool,
+        result: &Result<Response<Body>, ProxyError>,
+    ) -> Option<Duration> {
         let outcome = crate::logic::classify::attempt(result);
         if !outcome.class.is_retryable() {
+            return None;
+        }
+        let allowed = match self.shared.after_send {
+            _ if !after_send => true,
+            AfterSend::Never => false,
+            AfterSend::Text => !route.is_image(),
+            AfterSend::Always => true,
+        };
+        if !allowed {
             return None;
         }
         let attempt = self.attempts.load(Ordering::Relaxed);
@@ -175,7 +190,28 @@ impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Poli
             return None;
         }
         self.attempts.fetch_add(1, Ordering::Relaxed);
-        Some(tokio::time::sleep(delay))
+        Some(delay)
+    }
+}
+
+impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Policy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Request<Payload>,
+        result: &mut Result<Response<Body>, ProxyError>,
+    ) -> Option<Self::Future> {
+        let route = req.body().ctx.as_ref().map_or(Route::Other, |c| c.route);
+        let after_send = result.as_ref().err().is_some_and(|e| e.maybe_processed());
+        let delay = self.decide(route, after_send, result);
+        if after_send {
+            // Counted either way: each may have bought something.
+            self.shared
+                .metrics
+                .failed_after_send(route.label(), delay.is_some());
+        }
+        Some(tokio::time::sleep(delay?))
     }
 
     fn clone_request(&mut self, req: &Request<Payload>) -> Option<Request<Payload>> {
@@ -245,7 +281,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_upstreams_retry_after_is_honoured_to_the_millisecond() {
         let (svc, calls) = scripted(vec![(429, Some("1500")), (200, None)]);
-        let retry = tower::Layer::layer(&Layer::new(&config()), svc);
+        let retry = tower::Layer::layer(
+            &Layer::new(&config(), Arc::new(Metrics::new(&Default::default()))),
+            svc,
+        );
         let start = Instant::now();
         let resp = retry.oneshot(request()).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -258,7 +297,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_with_full_jitter_within_the_cap() {
         let (svc, calls) = scripted(vec![(503, None)]);
-        let retry = tower::Layer::layer(&Layer::new(&config()), svc);
+        let retry = tower::Layer::layer(
+            &Layer::new(&config(), Arc::new(Metrics::new(&Default::default()))),
+            svc,
+        );
         let start = Instant::now();
         let resp = retry.oneshot(request()).await.unwrap();
         assert_eq!(resp.status(), 503);
@@ -273,7 +315,10 @@ mod tests {
     async fn money_errors_and_client_errors_are_never_retried() {
         for status in [400u16, 401, 404] {
             let (svc, calls) = scripted(vec![(status, None)]);
-            let retry = tower::Layer::layer(&Layer::new(&config()), svc);
+            let retry = tower::Layer::layer(
+                &Layer::new(&config(), Arc::new(Metrics::new(&Default::default()))),
+                svc,
+            );
             let resp = retry.oneshot(request()).await.unwrap();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(calls.load(Ordering::Relaxed), 1);
@@ -289,10 +334,13 @@ mod tests {
     async fn no_retry_would_outlive_the_deadline() {
         let (svc, calls) = scripted(vec![(429, Some("5000")), (200, None)]);
         let retry = tower::Layer::layer(
-            &Layer::new(&RetryConfig {
-                deadline: Duration::from_secs(2),
-                ..config()
-            }),
+            &Layer::new(
+                &RetryConfig {
+                    deadline: Duration::from_secs(2),
+                    ..config()
+                },
+                Arc::new(Metrics::new(&Default::default())),
+            ),
             svc,
         );
         let resp = retry.oneshot(request()).await.unwrap();
@@ -304,11 +352,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_retry_budget_caps_retries_when_everything_fails() {
         let (svc, calls) = scripted(vec![(500, None)]);
-        let layer = Layer::new(&RetryConfig {
-            budget_percent: 20.0,
-            min_retries_per_second: 0,
-            ..config()
-        });
+        let layer = Layer::new(
+            &RetryConfig {
+                budget_percent: 20.0,
+                min_retries_per_second: 0,
+                ..config()
+            },
+            Arc::new(Metrics::new(&Default::default())),
+        );
         let retry = tower::Layer::layer(&layer, svc);
         for _ in 0..100 {
             retry.clone().oneshot(request()).await.unwrap();

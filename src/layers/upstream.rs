@@ -65,6 +65,10 @@ impl Problem for Failure {
             Failure::InvalidPath(_) => None,
         }
     }
+
+    fn maybe_processed(&self) -> bool {
+        matches!(self, Failure::Connection(_) | Failure::Timeout(_))
+    }
 }
 
 /// Credentials penstock sends in sidecar mode, replacing the client's.

@@ -46,6 +46,12 @@ struct AttemptLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AfterSendLabels {
+    route: &'static str,
+    retried: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Event {
     event: String,
 }
@@ -102,6 +108,7 @@ pub struct Metrics {
     images: Family<Model, Counter>,
     cost: Family<Model, Usd>,
     saved: Family<Reason, Usd>,
+    after_send: Family<AfterSendLabels, Counter>,
     models: Mutex<HashSet<String>>,
     pub prices: Prices,
 }
@@ -121,6 +128,7 @@ impl Metrics {
             images: Family::default(),
             cost: Family::default(),
             saved: Family::default(),
+            after_send: Family::default(),
             models: Mutex::new(HashSet::new()),
             prices: Prices::new(prices),
         };
@@ -180,7 +188,22 @@ impl Metrics {
             "Not spent thanks to coalescing and the cache",
             m.saved.clone(),
         );
+        r.register(
+            "penstock_failed_after_send",
+            "Attempts that failed once sent, so may have been processed, and whether they were retried",
+            m.after_send.clone(),
+        );
         m
+    }
+
+    /// An attempt that failed after it was sent, and whether it is retried.
+    pub fn failed_after_send(&self, route: &'static str, retried: bool) {
+        self.after_send
+            .get_or_create(&AfterSendLabels {
+                route,
+                retried: if retried { "true" } else { "false" },
+            })
+            .inc();
     }
 
     /// The model as a label: itself for the first models seen (up to a cap, and

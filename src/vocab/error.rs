@@ -39,6 +39,13 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
         None
     }
 
+    /// For an attempt without an answer: the request may have reached the
+    /// upstream whole and been processed (and paid for), as after a reset or a
+    /// timeout once it was sent; a failed connect was surely not.
+    fn maybe_processed(&self) -> bool {
+        false
+    }
+
     /// penstock's own advice to wait (a refusal for lack of budget or a client
     /// cap) rather than a failure it gave up on.
     fn is_refusal(&self) -> bool {
@@ -78,6 +85,10 @@ impl ProxyError {
 
     pub fn is_refusal(&self) -> bool {
         self.0.is_refusal()
+    }
+
+    pub fn maybe_processed(&self) -> bool {
+        self.0.maybe_processed()
     }
 
     /// The concrete error, for the module that raised it.
