@@ -338,6 +338,15 @@ pub struct QueueConfig {
     /// Requests waiting across all pools; beyond it, new ones are refused at once.
     #[serde(default = "default_max_depth")]
     pub max_depth: usize,
+    /// After an upstream rate limit, one call probes before the rest: once it
+    /// has been out this long without being refused, the upstream took it (a
+    /// 429 comes back at once; an image takes 15-60 s) and the rest follow.
+    #[serde(default = "default_probe_grace", with = "humantime_serde")]
+    pub probe_grace: Duration,
+}
+
+fn default_probe_grace() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// How a request's cost is estimated before it is sent; the response's `usage`
@@ -504,6 +513,7 @@ impl Default for QueueConfig {
         QueueConfig {
             max_wait: default_max_wait(),
             max_depth: default_max_depth(),
+            probe_grace: default_probe_grace(),
         }
     }
 }

@@ -66,6 +66,7 @@ pub struct Registry {
     max_wait: Duration,
     quota_cooldown: Duration,
     refund: Refund,
+    probe_grace: Duration,
     last_eviction: Mutex<tokio::time::Instant>,
 }
 
@@ -94,6 +95,7 @@ impl Registry {
             max_wait: config.queue.max_wait,
             quota_cooldown: config.retry.quota_cooldown,
             refund: config.estimate.refund,
+            probe_grace: config.queue.probe_grace,
             last_eviction: Mutex::new(tokio::time::Instant::now()),
         }
     }
@@ -117,6 +119,7 @@ impl Registry {
                 credential.clone(),
                 spec.limits,
                 spec.max_in_flight,
+                self.probe_grace,
                 self.depth.clone(),
                 self.max_depth,
             )
@@ -246,7 +249,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             permit.observe(&RateLimitHeaders::parse(resp.headers()));
             let classified = resp.extensions().get::<Classified>().copied();
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
-                pool.recovered();
+                permit.recovered();
             }
             // Over all attempts of the request: what the client waited in all.
             let mut queued = permit.queued;

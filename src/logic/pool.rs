@@ -116,8 +116,11 @@ impl Problem for Refusal {
     }
 }
 
+/// For the probe after a pause: which pause.
+type Probe = Option<u64>;
+
 /// What a queued request is sent when its wait ends.
-type Admission = Result<(Ticket, bool), Arc<Tripped>>;
+type Admission = Result<(Ticket, Probe), Arc<Tripped>>;
 
 struct State {
     ledger: Ledger,
@@ -128,7 +131,10 @@ struct State {
     /// After an upstream rate limit: one call at a time probes whether capacity
     /// is back, so the end of a pause is not a stampede.
     recovering: bool,
-    probe_out: bool,
+    /// When the probe was admitted, while it is out.
+    probe_out: Option<Instant>,
+    /// Counts pauses: a probe speaks only for the pause it was admitted in.
+    pauses: u64,
 }
 
 impl State {
@@ -146,6 +152,9 @@ pub struct Pool {
     /// Which upstream credential this pool counts (a hash, never the key).
     pub credential: Arc<str>,
     max_in_flight: Option<usize>,
+    /// A probe the upstream has not refused within this long was accepted: an
+    /// upstream's 429 comes back at once, an image takes far longer.
+    probe_grace: Duration,
     state: Mutex<State>,
     wake: Notify,
     /// Set when the pool is evicted: its admission task ends.
@@ -173,6 +182,7 @@ impl Pool {
         credential: Arc<str>,
         limits: Limits,
         max_in_flight: Option<usize>,
+        probe_grace: Duration,
         depth: Arc<AtomicUsize>,
         max_depth: usize,
     ) -> Arc<Pool> {
@@ -180,6 +190,7 @@ impl Pool {
             name,
             credential,
             max_in_flight,
+            probe_grace,
             state: Mutex::new(State {
                 ledger: Ledger::new(limits),
                 queue: FairQueue::default(),
@@ -187,7 +198,8 @@ impl Pool {
                 next_id: 0,
                 tripped: None,
                 recovering: false,
-                probe_out: false,
+                probe_out: None,
+                pauses: 0,
             }),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -203,16 +215,27 @@ impl Pool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn has_slot(&self, st: &State) -> bool {
-        self.max_in_flight.is_none_or(|m| st.in_flight < m) && !(st.recovering && st.probe_out)
+    fn has_slot(&self, st: &mut State, now: Instant) -> bool {
+        if st.recovering
+            && let Some(since) = st.probe_out
+            && now >= since + self.probe_grace
+        {
+            // Out this long without a rate limit: the upstream took it.
+            st.recovering = false;
+        }
+        self.max_in_flight.is_none_or(|m| st.in_flight < m)
+            && !(st.recovering && st.probe_out.is_some())
     }
 
-    /// Charges an admitted call; while recovering, it is the probe.
-    fn admit(&self, st: &mut State, now: Instant, cost: &Cost) -> (Ticket, bool) {
+    /// Charges an admitted call; while recovering, it is the probe (of the
+    /// pause it names).
+    fn admit(&self, st: &mut State, now: Instant, cost: &Cost) -> (Ticket, Probe) {
         let ticket = st.ledger.charge(now, cost);
         st.in_flight += 1;
-        let probe = st.recovering;
-        st.probe_out |= probe;
+        let probe = (st.recovering && st.probe_out.is_none()).then_some(st.pauses);
+        if probe.is_some() {
+            st.probe_out = Some(now);
+        }
         (ticket, probe)
     }
 
@@ -230,7 +253,7 @@ impl Pool {
                 return Err(Refusal::CircuitOpen(tripped));
             }
             if st.queue.is_empty()
-                && self.has_slot(&st)
+                && self.has_slot(&mut st, start)
                 && st.ledger.ready_at(start, &cost) <= start
             {
                 let (ticket, probe) = self.admit(&mut st, start, &cost);
@@ -321,8 +344,12 @@ impl Pool {
         loop {
             let now = Instant::now();
             let cost = *st.queue.front()?.0;
-            if !self.has_slot(&st) {
-                return None;
+            if !self.has_slot(&mut st, now) {
+                // Waiting for a call to end, or for the probe's grace to pass.
+                return st
+                    .probe_out
+                    .filter(|_| st.recovering)
+                    .map(|since| since + self.probe_grace);
             }
             let at = st.ledger.ready_at(now, &cost);
             if at > now {
@@ -351,18 +378,11 @@ impl Pool {
         let mut st = self.lock();
         st.ledger.pause(until);
         st.recovering = true;
+        // A probe still out from an earlier pause says nothing about this one.
+        st.probe_out = None;
+        st.pauses += 1;
         drop(st);
         self.wake.notify_one();
-    }
-
-    /// The upstream answered without a rate limit: admission runs normally again.
-    pub fn recovered(&self) {
-        let mut st = self.lock();
-        if st.recovering {
-            st.recovering = false;
-            drop(st);
-            self.wake.notify_one();
-        }
     }
 
     /// Nothing waits, nothing is in flight, and nothing is left in its windows.
@@ -423,11 +443,16 @@ async fn drive(pool: Arc<Pool>) {
 }
 
 /// Undoes an admission whose client is gone.
-fn release(st: &mut State, ticket: Ticket, probe: bool) {
+fn release(st: &mut State, ticket: Ticket, probe: Probe) {
     st.ledger.settle(ticket, &Cost::default());
     st.in_flight -= 1;
-    if probe {
-        st.probe_out = false;
+    probe_done(st, probe);
+}
+
+/// The probe of the current pause is back: another may go.
+fn probe_done(st: &mut State, probe: Probe) {
+    if probe.is_some() && probe == Some(st.pauses) {
+        st.probe_out = None;
     }
 }
 
@@ -464,7 +489,7 @@ pub struct Permit {
     ticket: Ticket,
     cost: Cost,
     /// The one call let through after a rate-limit pause.
-    probe: bool,
+    probe: Probe,
     /// How long the request waited for budget.
     pub queued: Duration,
 }
@@ -494,15 +519,28 @@ impl Permit {
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
+
+    /// The upstream answered this call without a rate limit. Only the probe,
+    /// admitted after the pause began, can tell that capacity is back; an
+    /// older call's answer says nothing about it.
+    pub fn recovered(&self) {
+        if self.probe.is_none() {
+            return;
+        }
+        let mut st = self.pool.lock();
+        if st.recovering && self.probe == Some(st.pauses) {
+            st.recovering = false;
+            drop(st);
+            self.pool.wake.notify_one();
+        }
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
         st.in_flight -= 1;
-        if self.probe {
-            st.probe_out = false;
-        }
+        probe_done(&mut st, self.probe);
         drop(st);
         self.pool.wake.notify_one();
     }
@@ -522,6 +560,7 @@ mod tests {
                 margin: Duration::ZERO,
             },
             None,
+            Duration::from_secs(2),
             Arc::new(AtomicUsize::new(0)),
             max_depth,
         )
@@ -660,6 +699,7 @@ mod tests {
                 margin: Duration::ZERO,
             },
             Some(2),
+            Duration::from_secs(2),
             Arc::new(AtomicUsize::new(0)),
             100,
         );
@@ -696,8 +736,34 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!next.is_finished(), "the rest wait for the probe's answer");
         let answered = Instant::now();
-        p.recovered();
+        probe.recovered();
         assert_eq!(next.await.unwrap().unwrap(), answered);
         drop(probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_not_refused_within_its_grace_lets_the_rest_go() {
+        let p = pool(6000, 100);
+        let c: Arc<str> = "c".into();
+        let start = Instant::now();
+        let older = p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        p.pause(start + Duration::from_secs(3));
+        let probe = p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
+        let (p2, c2) = (p.clone(), c.clone());
+        let next = tokio::spawn(async move {
+            p2.acquire(&c2, ONE, Duration::from_secs(60))
+                .await
+                .map(|_| Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        older.recovered();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            !next.is_finished(),
+            "a call admitted before the pause does not end it"
+        );
+        // The probe, still generating, was not refused: at 3 s + 2 s the rest go.
+        assert_eq!(next.await.unwrap().unwrap(), start + Duration::from_secs(5));
+        drop((probe, older));
     }
 }
