@@ -402,3 +402,48 @@ async fn an_image_call_lost_after_it_was_sent_is_not_bought_twice() {
         3.0
     );
 }
+
+#[tokio::test]
+async fn a_leaders_own_refusal_is_not_handed_to_those_who_waited_with_it() {
+    let h = start_with(
+        Behaviour {
+            latency: (Duration::from_millis(600), Duration::from_millis(600)),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                max_in_flight: Some(1),
+                ..images_budget(6000, false)
+            }]
+        },
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let post = |prompt: &'static str, max_wait: Option<&'static str>, after: u64| {
+        let url = url.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let mut req = http().post(url).json(&image(prompt));
+            if let Some(ms) = max_wait {
+                req = req.header("x-penstock-max-wait-ms", ms);
+            }
+            req.send().await.unwrap()
+        }
+    };
+    // One call holds the pool's only slot; the leader of "X" will not wait for
+    // it, the follower will.
+    let (_busy, leader, follower) = tokio::join!(
+        post("busy", None, 0),
+        post("X", Some("200"), 50),
+        post("X", None, 100)
+    );
+    assert_eq!(leader.status(), 429);
+    assert_eq!(
+        json(leader).await["error"]["code"],
+        "penstock_queue_timeout"
+    );
+    assert_eq!(follower.status(), 200, "the follower carried the call on");
+    assert_eq!(follower.headers()["x-penstock-cache"], "miss");
+    assert_eq!(h.fake.calls(), 2);
+}

@@ -86,6 +86,10 @@ impl Problem for OverLimit {
     fn retry_after(&self) -> Option<Duration> {
         Some(self.retry_after)
     }
+
+    fn is_personal(&self) -> bool {
+        true
+    }
 }
 
 impl<S> Service<Request<Payload>> for ClientLimit<S>

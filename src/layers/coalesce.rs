@@ -26,7 +26,7 @@ use crate::logic::encoding::{self, Encoding, Tail};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
-use crate::vocab::error::{Problem, ProxyError};
+use crate::vocab::error::{Personal, Problem, ProxyError};
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -65,10 +65,17 @@ pub struct Stored {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The leader's own refusal (its deadline, its client cap): not an answer
+    /// for those who waited with it; they carry the call on themselves.
+    pub personal: bool,
 }
 
 impl Stored {
     async fn from_result(result: Result<Response<Body>, ProxyError>) -> Stored {
+        let personal = match &result {
+            Ok(resp) => resp.extensions().get::<Personal>().is_some(),
+            Err(e) => e.is_personal(),
+        };
         let resp = result.unwrap_or_else(respond::into_response);
         let (parts, mut body) = resp.into_parts();
         let mut buf = bytes::BytesMut::new();
@@ -100,6 +107,7 @@ impl Stored {
             status: parts.status,
             headers: parts.headers,
             body: first.unwrap_or_else(|| buf.freeze()),
+            personal,
         }
     }
 
@@ -109,6 +117,7 @@ impl Stored {
             status: parts.status,
             headers: parts.headers,
             body,
+            personal: false,
         }
     }
 
@@ -382,42 +391,59 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
                 let (call, _watch) = inner.spawn_call(service, req, key, false);
                 return Ok(call.answer.await.response("miss", caller));
             }
-            let joined = {
-                let in_flight = inner.lock();
-                in_flight
-                    .get(&key)
-                    .map(|c| (c.answer.clone(), c.interest.watch()))
-            };
             let saved = |stored: &Stored, reason| {
                 record_saving(&metrics, ctx.as_deref(), stored, reason);
             };
-            if let Some((answer, _watch)) = joined {
-                let stored = answer.await;
-                saved(&stored, "coalesced");
-                return Ok(stored.response("coalesced", caller));
-            }
-            if let Some(stored) = inner.cache.get(&key).await {
-                saved(&stored, "cache");
-                return Ok(stored.response("hit", caller));
-            }
-            let (answer, _watch, outcome) = {
-                let mut in_flight = inner.lock();
-                match in_flight.get(&key) {
-                    Some(call) => (call.answer.clone(), call.interest.watch(), "coalesced"),
-                    None => {
-                        // Inserted under the lock the task needs to remove it, so
-                        // the removal cannot come first.
-                        let (call, watch) = inner.spawn_call(service, req, key, true);
-                        in_flight.insert(key, call.clone());
-                        (call.answer, watch, "miss")
+            let mut req = Some(req);
+            loop {
+                let joined = {
+                    let in_flight = inner.lock();
+                    in_flight
+                        .get(&key)
+                        .map(|c| (c.answer.clone(), c.interest.watch()))
+                };
+                if let Some((answer, _watch)) = joined {
+                    let stored = answer.await;
+                    if stored.personal {
+                        // The leader's own refusal: this caller goes on.
+                        continue;
                     }
+                    saved(&stored, "coalesced");
+                    return Ok(stored.response("coalesced", caller));
                 }
-            };
-            let stored = answer.await;
-            if outcome == "coalesced" {
-                saved(&stored, "coalesced");
+                if let Some(stored) = inner.cache.get(&key).await {
+                    saved(&stored, "cache");
+                    return Ok(stored.response("hit", caller));
+                }
+                let (answer, _watch, outcome) = {
+                    let mut in_flight = inner.lock();
+                    match (in_flight.get(&key), req.take()) {
+                        (Some(call), unsent) => {
+                            req = unsent;
+                            (call.answer.clone(), call.interest.watch(), "coalesced")
+                        }
+                        (None, Some(req)) => {
+                            // Inserted under the lock the task needs to remove it,
+                            // so the removal cannot come first.
+                            let (call, watch) = inner.spawn_call(service.clone(), req, key, true);
+                            in_flight.insert(key, call.clone());
+                            (call.answer, watch, "miss")
+                        }
+                        // Only a caller that has not sent its request loops.
+                        (None, None) => {
+                            return Err(SharedCallFailed::from("the shared call was lost").into());
+                        }
+                    }
+                };
+                let stored = answer.await;
+                if outcome == "coalesced" {
+                    if stored.personal {
+                        continue;
+                    }
+                    saved(&stored, "coalesced");
+                }
+                return Ok(stored.response(outcome, caller));
             }
-            Ok(stored.response(outcome, caller))
         })
     }
 }

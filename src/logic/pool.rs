@@ -114,6 +114,11 @@ impl Problem for Refusal {
             _ => None,
         }
     }
+
+    /// Measured against the caller's own wait limit.
+    fn is_personal(&self) -> bool {
+        matches!(self, Refusal::WaitTooLong { .. } | Refusal::TimedOut { .. })
+    }
 }
 
 /// For the probe after a pause: which pause.

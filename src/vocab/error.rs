@@ -46,12 +46,23 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
         false
     }
 
+    /// Belongs to this caller alone (its own deadline or cap): callers that
+    /// waited for the same shared call are not given it.
+    fn is_personal(&self) -> bool {
+        false
+    }
+
     /// penstock's own advice to wait (a refusal for lack of budget or a client
     /// cap) rather than a failure it gave up on.
     fn is_refusal(&self) -> bool {
         self.retry_after().is_some()
     }
 }
+
+/// Marks a response that renders a [`Problem::is_personal`] refusal, so a layer
+/// that receives it rendered still knows it belongs to one caller alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Personal;
 
 /// Any [`Problem`], as the stack's services return it.
 pub struct ProxyError(Box<dyn Problem>);
@@ -85,6 +96,10 @@ impl ProxyError {
 
     pub fn is_refusal(&self) -> bool {
         self.0.is_refusal()
+    }
+
+    pub fn is_personal(&self) -> bool {
+        self.0.is_personal()
     }
 
     pub fn maybe_processed(&self) -> bool {

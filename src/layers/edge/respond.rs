@@ -9,7 +9,7 @@ use http::{HeaderValue, Response, header};
 use serde_json::json;
 
 use crate::vocab::body::{Body, full};
-use crate::vocab::error::ProxyError;
+use crate::vocab::error::{Personal, ProxyError};
 
 /// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -47,6 +47,9 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     }});
     let mut resp = Response::new(());
     *resp.status_mut() = status;
+    if problem.is_personal() {
+        resp.extensions_mut().insert(Personal);
+    }
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
