@@ -10,6 +10,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use crate::vocab::cost::{ImageTable, check_image_tables};
+use crate::vocab::route::ROUTE_LABELS;
 
 /// Environment variables that override the file, for containers and tests.
 pub const ENV_LISTEN: &str = "PENSTOCK_LISTEN";
@@ -368,6 +369,13 @@ pub struct EstimateConfig {
     /// anything past `"refused"` may over-admit.
     #[serde(default)]
     pub refund: Refund,
+    /// Route -> the model OpenAI uses when a request names none (no `model`,
+    /// `null`, or not a string), so that request spends, and is budgeted as,
+    /// that model. Routes: `images.generations`, `images.edits`,
+    /// `images.variations`, `chat.completions`, `completions`, `responses`,
+    /// `embeddings`.
+    #[serde(default = "default_models")]
+    pub default_model: std::collections::BTreeMap<String, String>,
     /// Model glob -> quality -> size -> output tokens per image, before the
     /// built-in gpt-image-1 table.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -493,6 +501,20 @@ fn default_max_output_tokens() -> u64 {
     4096
 }
 
+/// OpenAI's defaults when `model` is left out. Its images reference named
+/// dall-e-2 for generations and edits before retiring dall-e-2 and -3; the GPT
+/// image model is the cautious guess now (it is what image budgets cover).
+fn default_models() -> std::collections::BTreeMap<String, String> {
+    [
+        ("images.generations", "gpt-image-1"),
+        ("images.edits", "gpt-image-1"),
+        ("images.variations", "dall-e-2"),
+    ]
+    .into_iter()
+    .map(|(r, m)| (r.to_string(), m.to_string()))
+    .collect()
+}
+
 fn default_chars_per_token() -> f64 {
     4.0
 }
@@ -503,6 +525,7 @@ impl Default for EstimateConfig {
             default_max_output_tokens: default_max_output_tokens(),
             chars_per_token: default_chars_per_token(),
             refund: Refund::default(),
+            default_model: default_models(),
             image_output_tokens: Default::default(),
         }
     }
@@ -817,6 +840,17 @@ impl Config {
             return Err(bad(
                 "estimate.chars_per_token",
                 "expected a number from 0.5 to 100".into(),
+            ));
+        }
+        if let Some(route) = self
+            .estimate
+            .default_model
+            .keys()
+            .find(|r| !ROUTE_LABELS.contains(&r.as_str()))
+        {
+            return Err(bad(
+                "estimate.default_model",
+                format!("{route:?} is not a route; expected one of {ROUTE_LABELS:?}"),
             ));
         }
         check_image_tables(&self.estimate.image_output_tokens)

@@ -447,3 +447,45 @@ async fn a_leaders_own_refusal_is_not_handed_to_those_who_waited_with_it() {
     assert_eq!(follower.headers()["x-penstock-cache"], "miss");
     assert_eq!(h.fake.calls(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_model_spend_the_default_models_budget() {
+    // The upstream allows gpt-image-1 two calls a second; the budget says the same.
+    let h = start_with(
+        Behaviour {
+            limits: Some(Limits {
+                requests: 2,
+                window: Duration::from_secs(1),
+                ..Limits::default()
+            }),
+            ..Behaviour::default()
+        },
+        |c| c.budgets = vec![images_budget(120, false)],
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let calls = (0..6).map(|i| {
+        let url = url.clone();
+        async move {
+            let req = match i % 3 {
+                // No model at all.
+                0 => http().post(url).json(&json!({"prompt": format!("p{i}")})),
+                // A model that is not a string.
+                1 => http()
+                    .post(url)
+                    .json(&json!({"prompt": format!("p{i}"), "model": null})),
+                // JSON under another content type.
+                _ => http()
+                    .post(url)
+                    .header("content-type", "text/plain")
+                    .body(json!({"prompt": format!("p{i}")}).to_string()),
+            };
+            req.send().await.unwrap().status()
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(h.fake.answered(429), 0, "all six waited for the budget");
+    assert_eq!(h.fake.calls(), 6);
+}

@@ -411,8 +411,11 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
                 fields.insert(name, text);
             }
         }
-        call.model = fields.get("model").cloned().unwrap_or("dall-e-2".into());
+        if let Some(m) = fields.get("model") {
+            call.model = m.clone();
+        }
     } else if !body.is_empty() {
+        // OpenAI reads a JSON body whatever its content type says.
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| format!("We could not parse the JSON body of your request: {e}"))?;
         if let Some(m) = v.get("model").and_then(Value::as_str) {
@@ -459,6 +462,14 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
             };
             call.input_tokens = text_tokens(&text);
         }
+    }
+    if call.model == "unknown" {
+        // The model OpenAI picks when a request names none (or not as a string).
+        call.model = match path {
+            "/v1/images/variations" => "dall-e-2".into(),
+            p if p.starts_with("/v1/images/") => "gpt-image-1".into(),
+            _ => call.model,
+        };
     }
     call.n = fields
         .get("n")

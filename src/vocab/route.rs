@@ -15,6 +15,18 @@ pub enum Route {
     Other,
 }
 
+/// The labels of the routes penstock knows an operation for.
+pub const ROUTE_LABELS: [&str; 8] = [
+    "images.generations",
+    "images.edits",
+    "images.variations",
+    "chat.completions",
+    "completions",
+    "responses",
+    "embeddings",
+    "models",
+];
+
 impl Route {
     pub fn from_path(path: &str) -> Route {
         let path = path.trim_end_matches('/');

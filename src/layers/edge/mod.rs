@@ -90,6 +90,8 @@ pub struct EdgeConfig {
     pub cache_paths: Option<std::collections::HashSet<String>>,
     /// Everyone shares cache entries, not only each tenant.
     pub cache_global: bool,
+    /// Route label -> the model the upstream uses when a request names none.
+    pub default_models: std::collections::BTreeMap<String, String>,
     /// Key id -> the configured project whose pool it pays into.
     pub projects: std::collections::HashMap<Arc<str>, Arc<str>>,
     pub metrics: Arc<Metrics>,
@@ -113,6 +115,7 @@ impl EdgeConfig {
                 .then(|| config.cache.paths.iter().cloned().collect()),
             cache_global: config.cache.scope == CacheScope::Global,
             projects: Default::default(),
+            default_models: config.estimate.default_model.clone(),
             metrics,
         }
     }
@@ -372,11 +375,14 @@ where
     } else {
         parse_body(route, &parts.headers, &bytes).await?
     };
-    // Azure names the deployment in the path rather than the model in the body.
+    // Azure names the deployment in the path rather than the model in the body;
+    // without either, the upstream picks its default, which spends that model's
+    // limits.
     let model = parsed
         .model()
         .map(str::to_string)
-        .or_else(|| azure_deployment(parts.uri.path()));
+        .or_else(|| azure_deployment(parts.uri.path()))
+        .or_else(|| config.default_models.get(route.label()).cloned());
     // Counting tokens of a large body takes milliseconds: off the async workers.
     let (cost, parsed) = if bytes.len() > TOKENIZE_INLINE {
         let (config, model) = (config.clone(), model.clone());

@@ -165,6 +165,14 @@ pub async fn parse_body(
                 param: None,
             });
     }
+    // JSON sent under another content type still spends the same limits; what
+    // does not parse is passed on as it is.
+    if !mime.to_ascii_lowercase().starts_with("multipart/")
+        && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+        && let Ok(v) = serde_json::from_slice::<Value>(body)
+    {
+        return Ok(Parsed::Json(v));
+    }
     Ok(Parsed::None)
 }
 
