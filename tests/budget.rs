@@ -370,16 +370,17 @@ async fn an_upstream_rate_limit_pauses_the_whole_pool_and_the_call_is_retried_af
 async fn a_request_larger_than_the_burst_still_goes_and_status_shows_the_pool() {
     let h = start_with(
         Behaviour::default(),
-        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, Some(5))],
+        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, Some(10))],
         |_| None,
     )
     .await;
+    // 10 images against 10 ipm: far more than a second's share of one image.
     let body = json!({"model": "gpt-image-1", "prompt": "p", "quality": "low", "size": "1024x1024", "n": 10});
     let resp = generate(&h.url, &[], body).await;
     assert_eq!(
         resp.status(),
         200,
-        "10 images against 5 ipm goes through on a full pool"
+        "10 images against 10 ipm goes through on a full pool"
     );
     assert_eq!(json(resp).await["data"].as_array().unwrap().len(), 10);
     let status: serde_json::Value = h.status().await;
@@ -388,7 +389,7 @@ async fn a_request_larger_than_the_burst_still_goes_and_status_shows_the_pool() 
     assert!(pool["credential"].as_str().unwrap().starts_with("key:"));
     assert_eq!(pool["remaining"]["images"]["minute_remaining"], 0);
     assert_eq!(pool["remaining"]["requests"]["minute_remaining"], 59);
-    assert_eq!(status["config"]["budgets"][0]["ipm"], 5);
+    assert_eq!(status["config"]["budgets"][0]["ipm"], 10);
     assert!(!status.to_string().contains("sk-test"));
     // Models no budget covers pass straight through.
     let resp = http()

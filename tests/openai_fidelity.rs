@@ -489,3 +489,34 @@ async fn requests_without_a_model_spend_the_default_models_budget() {
     assert_eq!(h.fake.answered(429), 0, "all six waited for the budget");
     assert_eq!(h.fake.calls(), 6);
 }
+
+#[tokio::test]
+async fn a_request_over_a_whole_minutes_limit_is_refused_at_once_and_blocks_nobody() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                ipm: Some(5),
+                ..images_budget(600, false)
+            }]
+        },
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let ten = json!({"model": "gpt-image-1", "prompt": "ten", "n": 10});
+    let resp = http().post(&url).json(&ten).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let v = json(resp).await;
+    assert_eq!(v["error"]["code"], "penstock_request_too_large");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("10 images") && message.contains("5 per minute"),
+        "{message}"
+    );
+    assert_eq!(h.fake.calls(), 0);
+    // Smaller requests of others go on at once.
+    let one = http().post(&url).json(&image("one")).send().await.unwrap();
+    assert_eq!(one.status(), 200);
+}

@@ -94,6 +94,21 @@ impl Ledger {
         }
     }
 
+    /// The first dimension in which `cost` is more than a whole minute's
+    /// limit, with that limit: such a call can never be admitted.
+    pub fn never_fits(&self, cost: &Cost) -> Option<(usize, u64)> {
+        let c = cost.dims();
+        (0..3).find_map(|d| {
+            let limit = self.limits.per_minute[d]?;
+            (c[d] > limit).then_some((d, limit))
+        })
+    }
+
+    /// What one burst window admits, per dimension (`u64::MAX`: unlimited).
+    pub fn burst_caps(&self) -> [u64; 3] {
+        self.burst_cap
+    }
+
     fn burst_window(&self) -> Duration {
         self.limits.burst + self.limits.margin
     }

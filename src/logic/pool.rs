@@ -41,6 +41,15 @@ pub enum Refusal {
         max_wait: Duration,
         retry_after: Duration,
     },
+    #[error(
+        "this request needs {asked} {dimension} of budget {pool:?}, more than its whole limit of {limit} per minute: it can never be sent"
+    )]
+    TooLarge {
+        pool: Arc<str>,
+        dimension: &'static str,
+        limit: u64,
+        asked: u64,
+    },
     /// The upstream said the money is gone; its answer is repeated until the
     /// cool-down ends instead of sending calls that cannot succeed.
     #[error("the upstream's quota is exhausted (answered by penstock until the cool-down ends)")]
@@ -82,6 +91,7 @@ impl Refusal {
                 *retry_after
             }
             Refusal::WaitTooLong { wait, max_wait, .. } => wait.saturating_sub(*max_wait),
+            Refusal::TooLarge { .. } => Duration::ZERO,
         }
     }
 
@@ -91,13 +101,18 @@ impl Refusal {
             Refusal::WaitTooLong { .. } => "penstock_wait_too_long",
             Refusal::TimedOut { .. } => "penstock_queue_timeout",
             Refusal::CircuitOpen(_) => "penstock_circuit_open",
+            Refusal::TooLarge { .. } => "penstock_request_too_large",
         }
     }
 }
 
 impl Problem for Refusal {
     fn status(&self) -> http::StatusCode {
-        http::StatusCode::TOO_MANY_REQUESTS
+        match self {
+            // Waiting cannot help: the caller must ask for less.
+            Refusal::TooLarge { .. } => http::StatusCode::BAD_REQUEST,
+            _ => http::StatusCode::TOO_MANY_REQUESTS,
+        }
     }
 
     fn code(&self) -> &'static str {
@@ -105,7 +120,10 @@ impl Problem for Refusal {
     }
 
     fn retry_after(&self) -> Option<Duration> {
-        Some(Refusal::retry_after(self))
+        match self {
+            Refusal::TooLarge { .. } => None,
+            _ => Some(Refusal::retry_after(self)),
+        }
     }
 
     fn answer(&self) -> Option<(http::response::Parts, bytes::Bytes)> {
@@ -198,7 +216,7 @@ impl Pool {
             probe_grace,
             state: Mutex::new(State {
                 ledger: Ledger::new(limits),
-                queue: FairQueue::default(),
+                queue: FairQueue::new(Ledger::new(limits).burst_caps()),
                 in_flight: 0,
                 next_id: 0,
                 tripped: None,
@@ -257,6 +275,14 @@ impl Pool {
             if let Some(tripped) = st.tripped(start) {
                 return Err(Refusal::CircuitOpen(tripped));
             }
+            if let Some((d, limit)) = st.ledger.never_fits(&cost) {
+                return Err(Refusal::TooLarge {
+                    pool: self.name.clone(),
+                    dimension: DIM_NAMES[d],
+                    limit,
+                    asked: cost.dims()[d],
+                });
+            }
             if st.queue.is_empty()
                 && self.has_slot(&mut st, start)
                 && st.ledger.ready_at(start, &cost) <= start
@@ -278,7 +304,7 @@ impl Pool {
                     retry_after: st.ledger.time_to_serve(start, &total),
                 });
             }
-            let mut ahead = st.queue.ahead_of_new(client);
+            let mut ahead = st.queue.ahead_of_new(client, &cost);
             ahead.add(&cost);
             let wait = st.ledger.time_to_serve(start, &ahead);
             if wait > max_wait {
@@ -770,5 +796,59 @@ mod tests {
         // The probe, still generating, was not refused: at 3 s + 2 s the rest go.
         assert_eq!(next.await.unwrap().unwrap(), start + Duration::from_secs(5));
         drop((probe, older));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_share_images_not_turns() {
+        // 600 images a minute: ten a second. One client asks ten at a time, the
+        // other one at a time; both keep asking.
+        let p = Pool::start(
+            "img".into(),
+            "cred".into(),
+            Limits {
+                per_minute: [None, None, Some(600)],
+                burst: Duration::from_secs(1),
+                margin: Duration::ZERO,
+            },
+            None,
+            Duration::from_secs(2),
+            Arc::new(AtomicUsize::new(0)),
+            100,
+        );
+        let images = |n| Cost {
+            requests: 1,
+            tokens: 0,
+            images: n,
+        };
+        // Fill the window so that everything below queues.
+        let x: Arc<str> = "x".into();
+        drop(
+            p.acquire(&x, images(10), Duration::from_secs(600))
+                .await
+                .unwrap(),
+        );
+        let mut waits = Vec::new();
+        for (client, n, count) in [("big", 10, 4), ("small", 1, 40)] {
+            for _ in 0..count {
+                let (p, c): (_, Arc<str>) = (p.clone(), client.into());
+                waits.push(tokio::spawn(async move {
+                    p.acquire(&c, images(n), Duration::from_secs(600))
+                        .await
+                        .map(|_| (c, Instant::now()))
+                }));
+                tokio::task::yield_now().await;
+            }
+        }
+        let start = Instant::now();
+        let mut served = std::collections::HashMap::<String, u64>::new();
+        for w in waits {
+            let (c, at) = w.await.unwrap().unwrap();
+            if at <= start + Duration::from_secs(4) {
+                *served.entry(c.to_string()).or_default() += if &*c == "big" { 10 } else { 1 };
+            }
+        }
+        // About 40 images in the first four seconds, shared about evenly.
+        let (big, small) = (served["big"], served["small"]);
+        assert!(big <= 30 && small >= 15, "big {big}, small {small}");
     }
 }

@@ -1,8 +1,12 @@
-//! The wait for budget: one FIFO lane per client, served in turns, so one client's
-//! burst cannot starve another. Each lane keeps running cost totals, so "what is
-//! ahead of a new request" is O(clients), not O(queue).
+//! The wait for budget: one FIFO lane per client, served fairly by what each
+//! request spends, not by count. Each request gets a virtual finish time (start
+//! fair queueing): its lane's last finish, or the queue's clock if later, plus
+//! its weight (its cost as a share of the pool's burst capacity in its dearest
+//! dimension); the earliest finish goes next. A client asking for ten images a
+//! call gets its turn a tenth as often as one asking for one. Each lane keeps
+//! running cost totals, so "what is ahead of a new request" is O(clients · log).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::vocab::cost::Cost;
@@ -10,6 +14,9 @@ use crate::vocab::cost::Cost;
 struct Item<T> {
     id: u64,
     cost: Cost,
+    weight: u64,
+    /// Virtual finish time.
+    tag: u64,
     /// Total cost pushed into the lane up to and including this item.
     cumulative: Cost,
     value: T,
@@ -20,6 +27,8 @@ struct Lane<T> {
     pushed: Cost,
     /// Total cost that has left the lane (served or removed).
     gone: Cost,
+    /// Virtual finish of the lane's last item.
+    last_tag: u64,
 }
 
 impl<T> Lane<T> {
@@ -35,30 +44,57 @@ impl<T> Lane<T> {
 
 fn sub(a: &Cost, b: &Cost) -> Cost {
     Cost {
-        requests: a.requests - b.requests,
-        tokens: a.tokens - b.tokens,
-        images: a.images - b.images,
+        requests: a.requests.saturating_sub(b.requests),
+        tokens: a.tokens.saturating_sub(b.tokens),
+        images: a.images.saturating_sub(b.images),
     }
+}
+
+/// A request's weight: its cost as millionths of `caps` (a pool's burst
+/// capacity per dimension), in its dearest dimension; at least 1.
+pub fn weight(cost: &Cost, caps: &[u64; 3]) -> u64 {
+    cost.dims()
+        .iter()
+        .zip(caps)
+        .filter(|(_, cap)| **cap > 0 && **cap < u64::MAX)
+        .map(|(c, cap)| {
+            let w = (u128::from(*c) * 1_000_000).div_ceil(u128::from(*cap));
+            u64::try_from(w).unwrap_or(u64::MAX)
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1)
 }
 
 pub struct FairQueue<T> {
     lanes: HashMap<Arc<str>, Lane<T>>,
-    /// Whose turn is next: front first.
-    turns: VecDeque<Arc<str>>,
+    /// The head of every lane, by (virtual finish, arrival).
+    heads: BTreeMap<(u64, u64), Arc<str>>,
+    /// Virtual time: the start of the last request served.
+    clock: u64,
+    /// Burst capacity per dimension, to weigh requests; all zero weighs each
+    /// request as one.
+    caps: [u64; 3],
     len: usize,
 }
 
 impl<T> Default for FairQueue<T> {
     fn default() -> Self {
-        FairQueue {
-            lanes: HashMap::new(),
-            turns: VecDeque::new(),
-            len: 0,
-        }
+        FairQueue::new([0; 3])
     }
 }
 
 impl<T> FairQueue<T> {
+    pub fn new(caps: [u64; 3]) -> Self {
+        FairQueue {
+            lanes: HashMap::new(),
+            heads: BTreeMap::new(),
+            clock: 0,
+            caps,
+            len: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -67,19 +103,30 @@ impl<T> FairQueue<T> {
         self.len == 0
     }
 
+    fn tag_for(&self, client: &Arc<str>, cost: &Cost) -> (u64, u64) {
+        let w = weight(cost, &self.caps);
+        let last = self.lanes.get(client).map_or(0, |l| l.last_tag);
+        (w, last.max(self.clock).saturating_add(w))
+    }
+
     pub fn push(&mut self, client: &Arc<str>, id: u64, cost: Cost, value: T) {
-        let lane = self.lanes.entry(client.clone()).or_insert_with(|| {
-            self.turns.push_back(client.clone());
-            Lane {
-                items: VecDeque::new(),
-                pushed: Cost::default(),
-                gone: Cost::default(),
-            }
+        let (weight, tag) = self.tag_for(client, &cost);
+        let lane = self.lanes.entry(client.clone()).or_insert_with(|| Lane {
+            items: VecDeque::new(),
+            pushed: Cost::default(),
+            gone: Cost::default(),
+            last_tag: 0,
         });
         lane.pushed.add(&cost);
+        lane.last_tag = tag;
+        if lane.items.is_empty() {
+            self.heads.insert((tag, id), client.clone());
+        }
         lane.items.push_back(Item {
             id,
             cost,
+            weight,
+            tag,
             cumulative: lane.pushed,
             value,
         });
@@ -88,22 +135,31 @@ impl<T> FairQueue<T> {
 
     /// The request whose turn it is.
     pub fn front(&self) -> Option<(&Cost, &T)> {
-        let lane = self.lanes.get(self.turns.front()?)?;
+        let (_, client) = self.heads.first_key_value()?;
+        let lane = self.lanes.get(client)?;
         lane.items.front().map(|i| (&i.cost, &i.value))
     }
 
-    /// Takes the request whose turn it is; its client goes to the back of the turns.
+    /// Takes the request whose turn it is.
     pub fn pop(&mut self) -> Option<T> {
-        let client = self.turns.pop_front()?;
+        let (_, client) = self.heads.pop_first()?;
         let lane = self.lanes.get_mut(&client)?;
         let item = lane.items.pop_front()?;
         lane.gone.add(&item.cost);
-        if lane.items.is_empty() {
-            self.lanes.remove(&client);
-        } else {
-            self.turns.push_back(client);
+        self.clock = self.clock.max(item.tag.saturating_sub(item.weight));
+        match lane.items.front() {
+            Some(next) => {
+                self.heads.insert((next.tag, next.id), client);
+            }
+            None => {
+                self.lanes.remove(&client);
+            }
         }
         self.len -= 1;
+        if self.len == 0 {
+            // Nothing waits: virtual time can start over.
+            self.clock = 0;
+        }
         Some(item.value)
     }
 
@@ -112,29 +168,42 @@ impl<T> FairQueue<T> {
         let lane = self.lanes.get_mut(client)?;
         let pos = lane.items.iter().position(|i| i.id == id)?;
         let item = lane.items.remove(pos)?;
-        // Later items' running totals counted it: take it out of them.
+        if pos == 0 {
+            self.heads.remove(&(item.tag, item.id));
+        }
+        // Later items counted it in their totals and finish times: take it out.
         for later in lane.items.iter_mut().skip(pos) {
             later.cumulative = sub(&later.cumulative, &item.cost);
+            later.tag = later.tag.saturating_sub(item.weight);
         }
         lane.pushed = sub(&lane.pushed, &item.cost);
-        if lane.items.is_empty() {
-            self.lanes.remove(client);
-            self.turns.retain(|c| c != client);
+        lane.last_tag = lane.last_tag.saturating_sub(item.weight);
+        match lane.items.front() {
+            Some(next) if pos == 0 => {
+                self.heads.insert((next.tag, next.id), client.clone());
+            }
+            Some(_) => {}
+            None => {
+                self.lanes.remove(client);
+            }
         }
         self.len -= 1;
+        if self.len == 0 {
+            self.clock = 0;
+        }
         Some(item.value)
     }
 
-    /// Cost served before a request that `client` would add now: its own lane, and
-    /// from every other lane as many as one more than its own lane holds.
-    pub fn ahead_of_new(&self, client: &Arc<str>) -> Cost {
-        let own = self.lanes.get(client).map_or(0, |l| l.items.len());
+    /// Cost served before a request of `cost` that `client` would add now: its
+    /// own lane, and from every other lane what finishes no later than it would.
+    pub fn ahead_of_new(&self, client: &Arc<str>, cost: &Cost) -> Cost {
+        let (_, tag) = self.tag_for(client, cost);
         let mut total = Cost::default();
         for (c, lane) in &self.lanes {
             let n = if c == client {
-                own
+                lane.items.len()
             } else {
-                lane.items.len().min(own + 1)
+                lane.items.partition_point(|i| i.tag <= tag)
             };
             total.add(&lane.prefix(n));
         }
@@ -197,14 +266,44 @@ mod tests {
             }
         );
         // a new request from b: b's 1 + two of a's (10 + 30).
-        assert_eq!(q.ahead_of_new(&b).tokens, 45);
-        assert_eq!(q.ahead_of_new(&"c".into()).tokens, 15, "one of each lane");
+        assert_eq!(q.ahead_of_new(&b, &c(1)).tokens, 45);
+        assert_eq!(
+            q.ahead_of_new(&"c".into(), &c(1)).tokens,
+            15,
+            "one of each lane"
+        );
         assert_eq!(q.remove(&b, 4), Some(4));
         assert_eq!(q.remove(&b, 4), None);
         assert_eq!(q.pop(), Some(1));
-        assert_eq!(q.ahead_of_new(&a).tokens, 30);
+        assert_eq!(q.ahead_of_new(&a, &c(1)).tokens, 30);
         assert_eq!(q.pop(), Some(3));
         assert!(q.is_empty() && q.front().is_none());
         assert_eq!(q.total(), Cost::default());
+    }
+
+    #[test]
+    fn turns_follow_what_requests_spend_not_their_count() {
+        // Burst capacity of 10 images: a ten-image request weighs ten ones.
+        let (big, small): (Arc<str>, Arc<str>) = ("big".into(), "small".into());
+        let mut q = FairQueue::new([0, 0, 10]);
+        let images = |n| Cost {
+            requests: 1,
+            tokens: 0,
+            images: n,
+        };
+        for i in 0..3 {
+            q.push(&big, i, images(10), format!("big{i}"));
+        }
+        for i in 0..20 {
+            q.push(&small, 100 + i, images(1), format!("small{i}"));
+        }
+        // In the first 21 turns: two tens and nineteen ones, about as many
+        // images for each client.
+        let order: Vec<String> = std::iter::from_fn(|| q.pop()).take(21).collect();
+        let bigs = order.iter().filter(|o| o.starts_with("big")).count();
+        assert_eq!(bigs, 2, "{order:?}");
+        assert_eq!(order[0], "small0", "a ten does not go before a one");
+        assert_eq!(weight(&images(10), &[0, 0, 10]), 1_000_000);
+        assert_eq!(weight(&images(1), &[0, 0, 0]), 1, "no caps: by count");
     }
 }
