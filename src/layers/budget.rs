@@ -34,7 +34,7 @@ use crate::vocab::usage::Usage;
 
 /// The most of an answer decoded to find its `usage`; a body that inflates past
 /// it is passed on, settled on its estimate.
-const MAX_DECODED: u64 = 1 << 30;
+const MAX_DECODED: u64 = 256 << 20;
 
 /// A pause after an upstream rate limit that named no delay.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
