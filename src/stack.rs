@@ -57,7 +57,7 @@ where
     let mut edge = edge::EdgeConfig::new(config, metrics.clone());
     edge.add_projects(&config.projects, &env)
         .map_err(BuildError::Projects)?;
-    let cache = coalesce::Layer::new(&config.cache, metrics.clone());
+    let cache = coalesce::Layer::new(&config.cache, config.retry.deadline, metrics.clone());
     let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()
         // Edge: body limit and one buffered copy, the parsed context with its cost

@@ -188,7 +188,29 @@ struct InFlight {
     interest: Arc<Interest>,
 }
 
+/// A registered call's place in the in-flight map, given up when its task
+/// ends however it ends (a panic included), so its key never hangs.
+struct Registered {
+    inner: Arc<Inner>,
+    key: CacheKey,
+    interest: Arc<Interest>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut in_flight = self.inner.lock();
+        if in_flight
+            .get(&self.key)
+            .is_some_and(|c| Arc::ptr_eq(&c.interest, &self.interest))
+        {
+            in_flight.remove(&self.key);
+        }
+    }
+}
+
 struct Inner {
+    /// The longest a shared call may take, its body included.
+    deadline: std::time::Duration,
     cache: moka::future::Cache<CacheKey, Arc<Stored>>,
     in_flight: Mutex<HashMap<CacheKey, InFlight>>,
     max_entry_size: u64,
@@ -218,9 +240,15 @@ pub struct Layer {
 }
 
 impl Layer {
-    pub fn new(config: &CacheConfig, metrics: Arc<Metrics>) -> Layer {
+    /// `deadline` bounds a shared call, its body included.
+    pub fn new(
+        config: &CacheConfig,
+        deadline: std::time::Duration,
+        metrics: Arc<Metrics>,
+    ) -> Layer {
         let inner = config.enabled.then(|| {
             Arc::new(Inner {
+                deadline,
                 cache: moka::future::Cache::builder()
                     .max_capacity(config.max_size.as_u64())
                     .weigher(|_key: &CacheKey, v: &Arc<Stored>| v.weight())
@@ -307,12 +335,26 @@ impl Inner {
         let inner = self.clone();
         let watching = interest.clone();
         let mut service = service;
+        let registered = register.then(|| Registered {
+            inner: self.clone(),
+            key,
+            interest: interest.clone(),
+        });
+        let deadline = self.deadline;
         let task = tokio::spawn(async move {
+            let _registered = registered;
+            let ends = tokio::time::Instant::now() + deadline;
             let call = crate::layers::call_now(&mut service, req);
             tokio::pin!(call);
             let result = loop {
                 tokio::select! {
                     result = &mut call => break Some(result),
+                    _ = tokio::time::sleep_until(ends) => {
+                        break Some(Err(SharedCallFailed::from(format!(
+                            "the shared call did not finish within {}",
+                            humantime::format_duration(deadline)
+                        )).into()));
+                    }
                     _ = watching.abandoned() => {
                         // Re-checked under the lock callers join under.
                         let mut in_flight = inner.lock();
@@ -330,15 +372,20 @@ impl Inner {
                     "every caller left before the call was sent",
                 )));
             };
-            let stored = Arc::new(Stored::from_result(result).await);
+            // The whole call, its body read to the end included, within the
+            // request deadline: a stalled upstream ends for every follower.
+            let stored = match tokio::time::timeout_at(ends, Stored::from_result(result)).await {
+                Ok(stored) => Arc::new(stored),
+                Err(_) => Arc::new(Stored::from_error(SharedCallFailed::from(format!(
+                    "the shared call did not finish within {}",
+                    humantime::format_duration(deadline)
+                )))),
+            };
             if stored.status.is_success() && stored.body.len() as u64 <= inner.max_entry_size {
                 inner.cache.insert(key, stored.clone()).await;
             }
-            // After the insert: a request that no longer finds the call in flight
-            // finds its answer in the cache.
-            if register {
-                inner.lock().remove(&key);
-            }
+            // `_registered` leaves the in-flight map after the insert: a request
+            // that no longer finds the call in flight finds its answer cached.
             stored
         });
         let answer = async move {

@@ -112,33 +112,37 @@ impl Estimator {
                 self.image_cost(model, &ImageParams::from_multipart(m), &mut cost)
             }
             (Route::ChatCompletions, Body::Json(v)) => {
-                let mut tokens = 2;
+                let mut tokens: u64 = 2;
                 for m in v
                     .get("messages")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
                 {
-                    tokens += 4 + self.content_tokens(model, m.get("content"));
+                    tokens = tokens
+                        .saturating_add(4)
+                        .saturating_add(self.content_tokens(model, m.get("content")));
                 }
                 if let Some(tools) = v.get("tools").or(v.get("functions")) {
-                    tokens += self.count_tokens(model, &tools.to_string());
+                    tokens = tokens.saturating_add(self.count_tokens(model, &tools.to_string()));
                 }
                 let max = uint(v, "max_completion_tokens")
                     .or(uint(v, "max_tokens"))
                     .unwrap_or(self.default_max_output_tokens);
-                cost.tokens = tokens + uint(v, "n").unwrap_or(1).max(1) * max;
+                cost.tokens =
+                    tokens.saturating_add(uint(v, "n").unwrap_or(1).max(1).saturating_mul(max));
             }
             (Route::Completions, Body::Json(v)) => {
                 let prompt = self.strings_tokens(model, v.get("prompt"));
                 let max = uint(v, "max_tokens").unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS);
-                cost.tokens = prompt + uint(v, "n").unwrap_or(1).max(1) * max;
+                cost.tokens =
+                    prompt.saturating_add(uint(v, "n").unwrap_or(1).max(1).saturating_mul(max));
             }
             (Route::Responses, Body::Json(v)) => {
                 let input = self.strings_tokens(model, v.get("input"))
                     + self.strings_tokens(model, v.get("instructions"));
                 let max = uint(v, "max_output_tokens").unwrap_or(self.default_max_output_tokens);
-                cost.tokens = input + max;
+                cost.tokens = input.saturating_add(max);
             }
             (Route::Embeddings, Body::Json(v)) => {
                 cost.tokens = self.strings_tokens(model, v.get("input"));
@@ -146,7 +150,9 @@ impl Estimator {
             (_, Body::Json(v)) => {
                 // An operation penstock has no rule for: every string it carries,
                 // plus the default answer size.
-                cost.tokens = self.strings_tokens(model, Some(v)) + self.default_max_output_tokens;
+                cost.tokens = self
+                    .strings_tokens(model, Some(v))
+                    .saturating_add(self.default_max_output_tokens);
             }
             _ => {}
         }
@@ -165,7 +171,7 @@ impl Estimator {
                     Some("image_url" | "input_image") => CHAT_IMAGE_TOKENS,
                     _ => self.strings_tokens(model, Some(p)),
                 })
-                .sum(),
+                .fold(0, u64::saturating_add),
             _ => 0,
         }
     }
@@ -176,12 +182,15 @@ impl Estimator {
         match v {
             Some(Value::String(s)) => self.count_tokens(model, s),
             Some(Value::Number(_)) => 1,
-            Some(Value::Array(a)) => a.iter().map(|x| self.strings_tokens(model, Some(x))).sum(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| self.strings_tokens(model, Some(x)))
+                .fold(0, u64::saturating_add),
             Some(Value::Object(o)) => o
                 .iter()
                 .filter(|(k, _)| !matches!(k.as_str(), "type" | "role" | "model" | "id"))
                 .map(|(_, x)| self.strings_tokens(model, Some(x)))
-                .sum(),
+                .fold(0, u64::saturating_add),
             _ => 0,
         }
     }
@@ -194,7 +203,7 @@ impl Estimator {
             .map_or(&self.builtin_images, |(_, t)| t);
         let per_image = image_output_tokens(table, p.quality.as_deref(), p.size.as_deref());
         let partials = if p.stream {
-            p.partial_images * PARTIAL_IMAGE_TOKENS
+            p.partial_images.saturating_mul(PARTIAL_IMAGE_TOKENS)
         } else {
             0
         };
@@ -202,9 +211,12 @@ impl Estimator {
             .images
             .iter()
             .map(|i| input_image_tokens(*i, p.high_fidelity))
-            .sum();
+            .fold(0, u64::saturating_add);
         cost.images = p.n;
-        cost.tokens = self.count_tokens(model, &p.prompt) + inputs + p.n * (per_image + partials);
+        cost.tokens = self
+            .count_tokens(model, &p.prompt)
+            .saturating_add(inputs)
+            .saturating_add(p.n.saturating_mul(per_image.saturating_add(partials)));
     }
 }
 
@@ -253,10 +265,10 @@ fn image_output_tokens(table: &ImageTable, quality: Option<&str>, size: Option<&
             (None, Some((w, h))) => {
                 let (base_px, base_tokens) = row
                     .iter()
-                    .filter_map(|(k, t)| parse_size(k).map(|(bw, bh)| (bw * bh, *t)))
+                    .filter_map(|(k, t)| parse_size(k).map(|(bw, bh)| (bw.saturating_mul(bh), *t)))
                     .min_by_key(|(px, _)| *px)
                     .unwrap_or((1024 * 1024, dearest));
-                (base_tokens * w * h)
+                (base_tokens.saturating_mul(w).saturating_mul(h))
                     .div_ceil(base_px.max(1))
                     .max(base_tokens)
             }
@@ -275,13 +287,13 @@ fn input_image_tokens(image: InputImage, high_fidelity: bool) -> u64 {
         .map_or((512.0, 1024.0), |(w, h)| (w.max(1) as f64, h.max(1) as f64));
     let scale = 512.0 / w.min(h);
     let tiles = ((w * scale) / 512.0).ceil() as u64 * ((h * scale) / 512.0).ceil() as u64;
-    let base = 65 + 129 * tiles;
+    let base = tiles.saturating_mul(129).saturating_add(65);
     let fidelity = match (high_fidelity, (w - h).abs() < 1.0) {
         (false, _) => 0,
         (true, true) => 4160,
         (true, false) => 6240,
     };
-    base + fidelity
+    base.saturating_add(fidelity)
 }
 
 /// The fields of an image request that set its price, from JSON or multipart.

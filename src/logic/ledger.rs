@@ -17,6 +17,15 @@ use tokio::time::Instant;
 use crate::vocab::cost::Cost;
 use crate::vocab::headers::RateLimitHeaders;
 
+/// The most one call counts for in a dimension: far above any limit (a call
+/// above a limit is refused before it is charged), and low enough that the
+/// sums of a window's entries can never overflow.
+const MAX_ENTRY: u64 = 1 << 40;
+
+fn bounded(cost: &Cost) -> [u64; 3] {
+    cost.dims().map(|c| c.min(MAX_ENTRY))
+}
+
 pub const DIM_NAMES: [&str; 3] = ["requests", "tokens", "images"];
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -180,13 +189,17 @@ impl Ledger {
                 (self.used_minute[d], per_minute, self.minute_window(), 0),
             ];
             for (used, cap, window, from) in windows {
-                if used + c[d] <= cap {
+                if used.saturating_add(c[d]) <= cap {
                     continue;
                 }
-                let need = if c[d] > cap { used } else { used + c[d] - cap };
-                let mut freed = 0;
+                let need = if c[d] > cap {
+                    used
+                } else {
+                    used.saturating_add(c[d]) - cap
+                };
+                let mut freed = 0u64;
                 for e in self.entries.iter().skip(from) {
-                    freed += e.cost[d];
+                    freed = freed.saturating_add(e.cost[d]);
                     if freed >= need {
                         at = at.max(e.at + window);
                         break;
@@ -202,7 +215,7 @@ impl Ledger {
 
     /// Records an admitted call.
     pub fn charge(&mut self, now: Instant, cost: &Cost) -> Ticket {
-        let c = cost.dims();
+        let c = bounded(cost);
         for d in 0..3 {
             self.used_burst[d] += c[d];
             self.used_minute[d] += c[d];
@@ -227,7 +240,7 @@ impl Ledger {
         let Some(e) = self.entries.get_mut(idx) else {
             return;
         };
-        let new = actual.dims();
+        let new = bounded(actual);
         for d in 0..3 {
             self.used_minute[d] = self.used_minute[d] - e.cost[d] + new[d];
             if in_burst {

@@ -5,6 +5,19 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+/// The longest delay penstock takes from a number it was sent: a day. Beyond
+/// it a client's or an upstream's figure means "a long time", and arithmetic
+/// on instants stays far from overflowing.
+pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Seconds as a duration: `None` for NaN or negative, at most [`MAX_DELAY`].
+pub fn seconds(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(MAX_DELAY, |d| d.min(MAX_DELAY)))
+}
+
 /// `retry-after-ms`, else `retry-after` as seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let get = |name: &str| {
@@ -15,16 +28,17 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     };
     let ms = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok());
     if let Some(ms) = ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return seconds(ms / 1000.0);
     }
     let v = get("retry-after")?;
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds(secs);
     }
     let at = httpdate_parse(v)?;
     Some(
         at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_DELAY),
     )
 }
 
@@ -76,7 +90,7 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         rest = &rest[unit_end..];
         total += value * unit;
     }
-    Some(Duration::from_secs_f64(total))
+    seconds(total)
 }
 
 /// One dimension of `x-ratelimit-*`: what remains, and when it is full again.
@@ -142,6 +156,13 @@ mod tests {
         );
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        // Numbers no duration holds are a long time, never a panic.
+        h.insert("retry-after-ms", HeaderValue::from_static("1e30"));
+        assert_eq!(retry_after(&h), Some(MAX_DELAY));
+        h.insert("retry-after-ms", HeaderValue::from_static("NaN"));
+        h.insert("retry-after", HeaderValue::from_static("inf"));
+        assert_eq!(retry_after(&h), Some(MAX_DELAY));
+        assert_eq!(parse_go_duration("99999999999999999999h"), Some(MAX_DELAY));
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
 use crate::vocab::error::ProxyError;
+use crate::vocab::headers::seconds;
 use crate::vocab::route::Route;
 use log::{Line, Logged};
 use parse::{Parsed, RequestError, hash_json, parse_body};
@@ -393,7 +394,7 @@ where
             (cost, parsed)
         })
         .await
-        .map_err(|e| RequestError::BodyRead(format!("the cost estimate failed: {e}")))?
+        .map_err(|_| RequestError::BodyRead("the cost estimate failed".into()))?
     } else {
         let cost = config
             .estimator
@@ -454,8 +455,8 @@ fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0)
     };
-    let ms = num("x-penstock-max-wait-ms").map(|ms| Duration::from_secs_f64(ms / 1000.0));
-    let sdk = num("x-stainless-timeout").map(Duration::from_secs_f64);
+    let ms = num("x-penstock-max-wait-ms").and_then(|ms| seconds(ms / 1000.0));
+    let sdk = num("x-stainless-timeout").and_then(seconds);
     match (ms, sdk) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -587,6 +588,13 @@ mod tests {
         assert_eq!(client_max_wait(&h), Some(Duration::from_secs(600)));
         h.insert("x-penstock-max-wait-ms", HeaderValue::from_static("1500"));
         assert_eq!(client_max_wait(&h), Some(Duration::from_millis(1500)));
+        h.insert("x-penstock-max-wait-ms", HeaderValue::from_static("1e30"));
+        h.insert("x-stainless-timeout", HeaderValue::from_static("1e20"));
+        assert_eq!(
+            client_max_wait(&h),
+            Some(crate::vocab::headers::MAX_DELAY),
+            "no panic"
+        );
         assert_eq!(
             azure_deployment("/openai/deployments/img/images/generations").as_deref(),
             Some("img")

@@ -1,0 +1,291 @@
+//! Laws, checked on generated inputs: the ledger never admits more than a limit
+//! within any window; the estimator never panics or overflows on any body; two
+//! requests get the same cache key exactly when they mean the same.
+
+use std::time::Duration;
+
+use penstock::config::EstimateConfig;
+use penstock::logic::estimate::{self, Estimator, InputImage, MultipartSummary};
+use penstock::logic::ledger::{Ledger, Limits};
+use penstock::vocab::cost::Cost;
+use penstock::vocab::headers::{RateLimitHeaders, Remaining};
+use penstock::vocab::route::Route;
+use proptest::prelude::*;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Time passes, in milliseconds.
+    Wait(u64),
+    /// A call of this cost asks to be admitted (it is, if the ledger says it fits).
+    Ask(Cost),
+    /// An admitted call (by index, modulo) turns out to have cost less.
+    Refund(usize, u8),
+    /// The upstream reports what remains, for the last admitted call.
+    Hint(u64, u64),
+    /// The upstream paused the pool for this many milliseconds.
+    Pause(u64),
+}
+
+fn cost(max: u64) -> impl Strategy<Value = Cost> {
+    (1..=3u64, 0..=max, 0..=4u64).prop_map(|(requests, tokens, images)| Cost {
+        requests,
+        tokens,
+        images,
+    })
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    let step = prop_oneof![
+        3 => (0..1500u64).prop_map(Step::Wait),
+        5 => cost(3000).prop_map(Step::Ask),
+        1 => (any::<usize>(), any::<u8>()).prop_map(|(i, f)| Step::Refund(i, f)),
+        1 => (0..5000u64, 0..2000u64).prop_map(|(r, ms)| Step::Hint(r, ms)),
+        1 => (0..3000u64).prop_map(Step::Pause),
+    ];
+    prop::collection::vec(step, 1..200)
+}
+
+/// The sums of the counted costs of the calls admitted within any `window`.
+fn worst_window(calls: &[(Instant, [u64; 3])], window: Duration) -> [u64; 3] {
+    let mut worst = [0u64; 3];
+    for (i, (start, _)) in calls.iter().enumerate() {
+        let mut sum = [0u64; 3];
+        let mut count = [0; 3];
+        for (at, c) in &calls[i..] {
+            if *at >= *start + window {
+                break;
+            }
+            for d in 0..3 {
+                sum[d] += c[d];
+                count[d] += usize::from(c[d] > 0);
+            }
+        }
+        // A lone call larger than the burst goes when the window is empty (of
+        // that dimension).
+        for d in 0..3 {
+            if count[d] > 1 {
+                worst[d] = worst[d].max(sum[d]);
+            }
+        }
+    }
+    worst
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_ledger_never_admits_more_than_a_limit_in_any_window(
+        rpm in 30..600u64,
+        tpm in 5_000..200_000u64,
+        ipm in 5..120u64,
+        steps in steps(),
+    ) {
+        let limits = Limits {
+            per_minute: [Some(rpm), Some(tpm), Some(ipm)],
+            burst: Duration::from_secs(1),
+            margin: Duration::ZERO,
+        };
+        let mut ledger = Ledger::new(limits);
+        let caps = ledger.burst_caps();
+        let mut now = Instant::now();
+        let mut calls: Vec<(Instant, [u64; 3])> = Vec::new();
+        let mut tickets = Vec::new();
+        for step in steps {
+            match step {
+                Step::Wait(ms) => now += Duration::from_millis(ms),
+                Step::Ask(c) => {
+                    let c = Cost {
+                        requests: c.requests.min(rpm),
+                        tokens: c.tokens.min(tpm),
+                        images: c.images.min(ipm),
+                    };
+                    if ledger.ready_at(now, &c) <= now {
+                        tickets.push((ledger.charge(now, &c), calls.len()));
+                        calls.push((now, c.dims()));
+                    }
+                }
+                Step::Refund(i, f) if !tickets.is_empty() => {
+                    let (ticket, idx) = tickets[i % tickets.len()];
+                    let old = calls[idx].1;
+                    let less = old.map(|v| v * u64::from(f) / 255);
+                    ledger.settle(ticket, &Cost { requests: less[0], tokens: less[1], images: less[2] });
+                    calls[idx].1 = less;
+                }
+                Step::Refund(..) => {}
+                Step::Hint(remaining, ms) => {
+                    if let Some(&(ticket, _)) = tickets.last() {
+                        let r = Some(Remaining { remaining, reset: Duration::from_millis(ms) });
+                        ledger.observe(now, ticket.at, &RateLimitHeaders { requests: r, tokens: r, images: None });
+                    }
+                }
+                Step::Pause(ms) => ledger.pause(now + Duration::from_millis(ms)),
+            }
+        }
+        let burst = worst_window(&calls, limits.burst);
+        let minute = worst_window(&calls, Duration::from_secs(60));
+        for d in 0..3 {
+            prop_assert!(burst[d] <= caps[d], "burst {d}: {} > {}", burst[d], caps[d]);
+            prop_assert!(minute[d] <= limits.per_minute[d].unwrap(), "minute {d}: {}", minute[d]);
+        }
+    }
+}
+
+/// JSON of the shapes the estimator reads, with numbers anywhere in u64, and
+/// strings of any characters.
+fn json() -> impl Strategy<Value = Value> {
+    let keys = prop::sample::select(vec![
+        "model",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "messages",
+        "content",
+        "prompt",
+        "size",
+        "quality",
+        "partial_images",
+        "stream",
+        "input",
+        "instructions",
+        "images",
+        "tools",
+        "type",
+        "text",
+        "input_fidelity",
+    ]);
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,40}".prop_map(Value::String),
+        prop::sample::select(vec![
+            "auto",
+            "high",
+            "low",
+            "1024x1024",
+            "99999999999x99999999999",
+            "x",
+            "hd"
+        ])
+        .prop_map(|s| Value::String(s.to_string())),
+    ];
+    leaf.prop_recursive(4, 64, 8, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((keys.clone(), inner), 0..8).prop_map(|kv| {
+                Value::Object(
+                    kv.into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect::<Map<_, _>>(),
+                )
+            }),
+        ]
+    })
+}
+
+const ROUTES: [Route; 9] = [
+    Route::ImagesGenerations,
+    Route::ImagesEdits,
+    Route::ImagesVariations,
+    Route::ChatCompletions,
+    Route::Completions,
+    Route::Responses,
+    Route::Embeddings,
+    Route::Models,
+    Route::Other,
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_json_body_makes_the_estimate_panic_or_wrap(v in json()) {
+        let e = Estimator::new(&EstimateConfig::default()).unwrap();
+        for route in ROUTES {
+            let c = e.estimate(route, v.get("model").and_then(Value::as_str), estimate::Body::Json(&v));
+            prop_assert!(c.requests == 1);
+            let _ = estimate::image_ask(route, estimate::Body::Json(&v));
+        }
+    }
+
+    #[test]
+    fn no_multipart_fields_make_the_estimate_panic_or_wrap(
+        fields in prop::collection::hash_map(
+            prop::sample::select(vec!["model", "n", "size", "quality", "prompt", "partial_images", "stream", "input_fidelity"]),
+            prop_oneof![".{0,20}", "[0-9]{1,25}", Just("18446744073709551615".to_string())],
+            0..8,
+        ),
+        images in prop::collection::vec(prop::option::of((any::<u32>(), any::<u32>())), 0..16),
+    ) {
+        let m = MultipartSummary {
+            fields: fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            images: images.into_iter().map(|size| InputImage { size }).collect(),
+            digest: [0; 32],
+        };
+        let e = Estimator::new(&EstimateConfig::default()).unwrap();
+        for route in [Route::ImagesEdits, Route::ImagesVariations, Route::ImagesGenerations] {
+            e.estimate(route, Some("gpt-image-1"), estimate::Body::Multipart(&m));
+        }
+    }
+
+    #[test]
+    fn equal_meaning_means_an_equal_cache_key(v in json(), indent in any::<bool>()) {
+        // The same value written twice: keys in one order and in the reverse
+        // order, with other spacing.
+        let a: Value = serde_json::from_str(&write(&v, false, false)).unwrap();
+        let b: Value = serde_json::from_str(&write(&v, true, indent)).unwrap();
+        prop_assert_eq!(key(&a), key(&b));
+    }
+
+    #[test]
+    fn a_different_meaning_means_a_different_cache_key(a in json(), b in json()) {
+        prop_assume!(a != b);
+        prop_assert_ne!(key(&a), key(&b));
+    }
+}
+
+/// JSON text with every object's keys in order or reversed, spaced or not.
+fn write(v: &Value, reverse: bool, spaced: bool) -> String {
+    let sep = if spaced { " \n  " } else { "" };
+    match v {
+        Value::Object(o) => {
+            let mut entries: Vec<_> = o.iter().collect();
+            if reverse {
+                entries.reverse();
+            }
+            let parts: Vec<String> = entries
+                .into_iter()
+                .map(|(k, x)| {
+                    format!(
+                        "{sep}{}:{sep}{}",
+                        Value::from(k.as_str()),
+                        write(x, reverse, spaced)
+                    )
+                })
+                .collect();
+            format!("{{{}{sep}}}", parts.join(","))
+        }
+        Value::Array(a) => {
+            let parts: Vec<String> = a
+                .iter()
+                .map(|x| format!("{sep}{}", write(x, reverse, spaced)))
+                .collect();
+            format!("[{}]", parts.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn key(v: &Value) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    penstock::layers::edge::parse::hash_json(&mut h, v);
+    h.finalize().into()
+}
