@@ -698,6 +698,44 @@ impl Config {
                 ));
             }
         }
+        // Upper bounds: a typo of a unit ("600h") must not turn a bound off.
+        const MINUTE: u64 = 60;
+        const HOUR: u64 = 3600;
+        for (key, d, max_secs) in [
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                5 * MINUTE,
+            ),
+            (
+                "upstream.attempt_timeout",
+                self.upstream.attempt_timeout,
+                HOUR,
+            ),
+            (
+                "upstream.pool_idle_timeout",
+                self.upstream.pool_idle_timeout,
+                HOUR,
+            ),
+            ("server.shutdown_grace", self.server.shutdown_grace, HOUR),
+            ("queue.max_wait", self.queue.max_wait, 24 * HOUR),
+            ("queue.probe_grace", self.queue.probe_grace, 5 * MINUTE),
+            ("retry.initial_backoff", self.retry.initial_backoff, HOUR),
+            ("retry.max_backoff", self.retry.max_backoff, HOUR),
+            ("retry.deadline", self.retry.deadline, 24 * HOUR),
+            ("retry.quota_cooldown", self.retry.quota_cooldown, 24 * HOUR),
+            ("cache.ttl", self.cache.ttl, 30 * 24 * HOUR),
+        ] {
+            if d > Duration::from_secs(max_secs) {
+                return Err(bad(
+                    key,
+                    format!(
+                        "expected at most {}",
+                        humantime::format_duration(Duration::from_secs(max_secs))
+                    ),
+                ));
+            }
+        }
         if http::HeaderName::try_from(self.server.client_id_header.as_str()).is_err() {
             return Err(bad(
                 "server.client_id_header",
@@ -882,6 +920,17 @@ mod tests {
             .and_then(|c| c.validate("x.toml").map(|_| c))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn durations_have_upper_bounds() {
+        let e = err("[retry]\ndeadline = \"600h\"\n");
+        assert!(
+            e.contains("retry.deadline") && e.contains("at most 1day"),
+            "{e}"
+        );
+        let e = err("[queue]\nmax_wait = \"2days\"\n");
+        assert!(e.contains("queue.max_wait"), "{e}");
     }
 
     #[test]

@@ -237,7 +237,11 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     resp
                 });
             };
-            let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait));
+            // The client's own limit, and what is left of the request's deadline.
+            let left = ctx
+                .deadline
+                .saturating_duration_since(tokio::time::Instant::now());
+            let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
             let permit = pool
                 .acquire(&ctx.tenant.0, ctx.cost, max_wait)
                 .await

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -210,7 +211,7 @@ impl Drop for Registered {
 
 struct Inner {
     /// The longest a shared call may take, its body included.
-    deadline: std::time::Duration,
+    deadline: Duration,
     cache: moka::future::Cache<CacheKey, Arc<Stored>>,
     in_flight: Mutex<HashMap<CacheKey, InFlight>>,
     max_entry_size: u64,
@@ -241,11 +242,7 @@ pub struct Layer {
 
 impl Layer {
     /// `deadline` bounds a shared call, its body included.
-    pub fn new(
-        config: &CacheConfig,
-        deadline: std::time::Duration,
-        metrics: Arc<Metrics>,
-    ) -> Layer {
+    pub fn new(config: &CacheConfig, deadline: Duration, metrics: Arc<Metrics>) -> Layer {
         let inner = config.enabled.then(|| {
             Arc::new(Inner {
                 deadline,
@@ -343,7 +340,9 @@ impl Inner {
         let deadline = self.deadline;
         let task = tokio::spawn(async move {
             let _registered = registered;
-            let ends = tokio::time::Instant::now() + deadline;
+            // A moment past the request deadline, so the call's own timeouts,
+            // which say more, come first.
+            let ends = tokio::time::Instant::now() + deadline + Duration::from_secs(1);
             let call = crate::layers::call_now(&mut service, req);
             tokio::pin!(call);
             let result = loop {

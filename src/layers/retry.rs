@@ -91,15 +91,15 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
     }
 
     fn call(&mut self, req: Request<Payload>) -> Self::Future {
-        let received = req
+        let deadline = req
             .body()
             .ctx
             .as_ref()
-            .map_or_else(Instant::now, |c| c.received);
+            .map_or_else(|| Instant::now() + self.shared.deadline, |c| c.deadline);
         let policy = Policy {
             shared: self.shared.clone(),
             attempts: Arc::new(AtomicU32::new(1)),
-            deadline: received + self.shared.deadline,
+            deadline,
         };
         let attempts = policy.attempts.clone();
         let mut retrying = tower::retry::Retry::new(policy, self.inner.clone());

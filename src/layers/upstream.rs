@@ -299,8 +299,14 @@ impl tower::Service<Request<Payload>> for Upstream {
         let inner = self.inner.clone();
         Box::pin(async move {
             let sent = tokio::time::Instant::now();
+            // No attempt outlives the request's deadline.
+            let timeout = ctx.as_ref().map_or(inner.attempt_timeout, |c| {
+                inner
+                    .attempt_timeout
+                    .min(c.deadline.saturating_duration_since(sent))
+            });
             let result = match req {
-                Ok(req) => inner.attempt(req).await,
+                Ok(req) => inner.attempt(req, timeout).await,
                 Err(e) => return Err(e),
             };
             if let Some(m) = &inner.metrics {
@@ -316,8 +322,11 @@ impl tower::Service<Request<Payload>> for Upstream {
 
 impl Inner {
     /// Sends one attempt; classifies its answer, reading an error's body whole.
-    async fn attempt(&self, req: Request<Full<Bytes>>) -> Result<Response<Body>, ProxyError> {
-        let timeout = self.attempt_timeout;
+    async fn attempt(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<Body>, ProxyError> {
         let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => return Err(Failure::Timeout(timeout).into()),
             Ok(Err(e)) if e.is_connect() => {

@@ -48,6 +48,9 @@ pub struct RequestContext {
     /// the upstream layer builds each attempt's headers from them.
     pub headers: HeaderMap,
     pub received: Instant,
+    /// When the whole request must be over (`retry.deadline` after it came):
+    /// every wait for budget and every attempt ends by then.
+    pub deadline: Instant,
 }
 
 /// What a request turned out to cost, filled in by the layers that learn it and

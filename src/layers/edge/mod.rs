@@ -91,6 +91,8 @@ pub struct EdgeConfig {
     pub cache_paths: Option<std::collections::HashSet<String>>,
     /// Everyone shares cache entries, not only each tenant.
     pub cache_global: bool,
+    /// The longest a request may take (`retry.deadline`).
+    pub deadline: Duration,
     /// Route label -> the model the upstream uses when a request names none.
     pub default_models: std::collections::BTreeMap<String, String>,
     /// Key id -> the configured project whose pool it pays into.
@@ -117,6 +119,7 @@ impl EdgeConfig {
             cache_global: config.cache.scope == CacheScope::Global,
             projects: Default::default(),
             default_models: config.estimate.default_model.clone(),
+            deadline: config.retry.deadline,
             metrics,
         }
     }
@@ -419,6 +422,7 @@ where
         tally: Tally::default(),
         headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
         received,
+        deadline: received + config.deadline,
     };
     let payload = Payload {
         bytes,
