@@ -441,6 +441,14 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection is kept.
     #[serde(default = "default_pool_idle_timeout", with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// Once an answer's head has come, the longest gap between its body's
+    /// bytes (or a stream's events) before the call counts as broken.
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// HTTP/2 pings to the upstream this often, so a dead connection is found
+    /// even while no bytes are due.
+    #[serde(default = "default_keep_alive_interval", with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
 }
 
 /// How penstock serves its clients.
@@ -456,6 +464,40 @@ pub struct ServerConfig {
     /// In sidecar mode, the header that names the client (for fair queueing).
     #[serde(default = "default_client_id_header")]
     pub client_id_header: String,
+    /// A client must send a request's head within this long, and an idle
+    /// keep-alive connection is closed after it.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// The longest gap between a request body's bytes.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Open client connections at most; more wait in the kernel's backlog. It
+    /// is lowered to fit the open-file limit, so the admin port keeps answering.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Request bodies held in memory at once, across all requests (queued,
+    /// in flight, kept for a retry); beyond it, 503 with `retry-after-ms`.
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered: ByteSize,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_buffered() -> ByteSize {
+    ByteSize::mib(512)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keep_alive_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_listen() -> SocketAddr {
@@ -552,6 +594,8 @@ impl Default for UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             attempt_timeout: default_attempt_timeout(),
             pool_idle_timeout: default_pool_idle_timeout(),
+            read_timeout: default_read_timeout(),
+            keep_alive_interval: default_keep_alive_interval(),
         }
     }
 }
@@ -562,6 +606,10 @@ impl Default for ServerConfig {
             max_body_size: default_max_body_size(),
             shutdown_grace: default_shutdown_grace(),
             client_id_header: default_client_id_header(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            max_connections: default_max_connections(),
+            max_buffered: default_max_buffered(),
         }
     }
 }
@@ -690,6 +738,16 @@ impl Config {
         for (key, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.attempt_timeout", self.upstream.attempt_timeout),
+            ("upstream.read_timeout", self.upstream.read_timeout),
+            (
+                "upstream.keep_alive_interval",
+                self.upstream.keep_alive_interval,
+            ),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
         ] {
             if d.is_zero() {
                 return Err(bad(
@@ -725,6 +783,22 @@ impl Config {
             ("retry.deadline", self.retry.deadline, 24 * HOUR),
             ("retry.quota_cooldown", self.retry.quota_cooldown, 24 * HOUR),
             ("cache.ttl", self.cache.ttl, 30 * 24 * HOUR),
+            ("upstream.read_timeout", self.upstream.read_timeout, HOUR),
+            (
+                "upstream.keep_alive_interval",
+                self.upstream.keep_alive_interval,
+                HOUR,
+            ),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+                10 * MINUTE,
+            ),
+            (
+                "server.body_read_timeout",
+                self.server.body_read_timeout,
+                10 * MINUTE,
+            ),
         ] {
             if d > Duration::from_secs(max_secs) {
                 return Err(bad(
@@ -893,6 +967,18 @@ impl Config {
         }
         check_image_tables(&self.estimate.image_output_tokens)
             .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
+        if self.server.max_connections == 0 {
+            return Err(bad(
+                "server.max_connections",
+                "expected a number above zero".into(),
+            ));
+        }
+        if self.server.max_buffered < self.server.max_body_size {
+            return Err(bad(
+                "server.max_buffered",
+                "must be at least `server.max_body_size`".into(),
+            ));
+        }
         if self.server.max_body_size.as_u64() == 0 {
             return Err(bad(
                 "server.max_body_size",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -72,8 +72,13 @@ pub async fn start(
     let (stop, stopped) = watch::channel(false);
     let grace = config.server.shutdown_grace;
 
+    let limits = Limits {
+        max_connections: connection_cap(config.server.max_connections),
+        header_read_timeout: config.server.header_read_timeout,
+    };
     let proxy_task = tokio::spawn(serve(
         proxy,
+        limits,
         // The edge is always ready (it waits inside calls), so each request calls
         // it directly: no `oneshot` keeping room for a service and a request
         // for the request's whole life.
@@ -84,7 +89,19 @@ pub async fn start(
     ));
     let admin_state = state.clone();
     let admin_svc = service_fn(move |req| admin::handle(admin_state.clone(), req));
-    let admin_task = tokio::spawn(serve(admin_listener, admin_svc, stopped, grace, None));
+    // The admin port has a few connections of its own, apart from the proxy's.
+    let admin_limits = Limits {
+        max_connections: ADMIN_CONNECTIONS,
+        header_read_timeout: config.server.header_read_timeout,
+    };
+    let admin_task = tokio::spawn(serve(
+        admin_listener,
+        admin_limits,
+        admin_svc,
+        stopped,
+        grace,
+        None,
+    ));
     state.ready.store(true, Ordering::Release);
     tracing::info!(%addr, %admin_addr, upstream = %crate::vocab::url::BaseUrl::redact(&config.upstream.base_url), "penstock listening");
     Ok(Running {
@@ -95,8 +112,46 @@ pub async fn start(
     })
 }
 
+/// Connections the admin listener serves at once.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// File descriptors kept for everything but client connections: the admin
+/// port, listeners, logs.
+const RESERVED_FDS: u64 = 128;
+
+/// What one listener allows its clients.
+#[derive(Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+/// Raises the soft open-file limit to the hard one, and caps client
+/// connections so that each, with its upstream connection, fits under it.
+fn connection_cap(configured: usize) -> usize {
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            return configured;
+        }
+    };
+    let fit = usize::try_from(soft.saturating_sub(RESERVED_FDS + ADMIN_CONNECTIONS as u64) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if fit < configured {
+        tracing::warn!(
+            open_files = soft,
+            max_connections = fit,
+            "server.max_connections lowered to fit the open-file limit"
+        );
+    }
+    configured.min(fit)
+}
+
 async fn serve<S>(
     listener: TcpListener,
+    limits: Limits,
     svc: S,
     mut stopped: watch::Receiver<bool>,
     grace: Duration,
@@ -111,9 +166,29 @@ async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's header-read timeout is off unless a timer is set; it also closes
+    // keep-alive connections idle that long.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.header_read_timeout))
+        .keep_alive_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // At the cap, stop accepting: further connections wait in the backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stopped_signal(&mut stopped) => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
@@ -132,6 +207,7 @@ async fn serve<S>(
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
             _ = stopped_signal(&mut stopped) => break,

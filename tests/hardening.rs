@@ -65,3 +65,143 @@ async fn json_code(resp: reqwest::Response) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_body_is_cut_and_a_shared_call_ends_for_all() {
+    let h = start_with(
+        Behaviour {
+            stall_after_bytes: Some(10),
+            ..Behaviour::default()
+        },
+        |c| c.upstream.read_timeout = Duration::from_millis(500),
+        |_| None,
+    )
+    .await;
+    // A client's own call: the head came, the body breaks off.
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.is_err(), "the body ends in an error");
+    // A shared call: the leader and the one waiting with it both hear.
+    let url = format!("{}/v1/images/generations", h.url);
+    let (a, b) = tokio::join!(http().post(&url).json(&image("stall")).send(), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        http().post(&url).json(&image("stall")).send().await
+    });
+    for resp in [a.unwrap(), b.unwrap()] {
+        assert_eq!(resp.status(), 502);
+        assert_eq!(
+            json(resp).await["error"]["code"],
+            "penstock_upstream_connection_error"
+        );
+    }
+    // The key is free again: the next request makes a new call.
+    h.fake.set_behaviour(|b| b.stall_after_bytes = None);
+    let again = http()
+        .post(&url)
+        .json(&image("stall"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["x-penstock-cache"], "miss");
+}
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the server closes the connection; what it sent before.
+async fn until_closed(conn: &mut TcpStream) -> String {
+    let mut seen = Vec::new();
+    // A guard against hanging for ever, not a measure of speed.
+    let read = tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "the server never closed the connection");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_the_rest_are_served() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.server.header_read_timeout = Duration::from_millis(300);
+            c.server.body_read_timeout = Duration::from_millis(300);
+        },
+        |_| None,
+    )
+    .await;
+    let addr = h.penstock.addr;
+    // Half a header, then silence: closed.
+    let mut slowloris = TcpStream::connect(addr).await.unwrap();
+    slowloris
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // A body that stops halfway: 408, with penstock's own code.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    // An idle keep-alive connection: closed too.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Meanwhile everyone else is served.
+    let ok = http()
+        .get(format!("{}/v1/models", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(until_closed(&mut slowloris).await, "");
+    let answer = until_closed(&mut stalled).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("penstock_body_timeout"), "{answer}");
+    let answer = until_closed(&mut idle).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_new_clients_wait_and_the_admin_port_answers() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.server.max_connections = 2,
+        |_| None,
+    )
+    .await;
+    let addr = h.penstock.addr;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(c);
+    }
+    // A third waits in the backlog while two are open...
+    let third = tokio::spawn({
+        let url = format!("{}/v1/models", h.url);
+        async move { http().get(url).send().await.unwrap().status() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!third.is_finished(), "over the cap, not served yet");
+    // ...the admin port still answers...
+    let health = http()
+        .get(format!("{}/healthz", h.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // ...and one closing lets it in.
+    held.pop();
+    assert_eq!(third.await.unwrap(), 200);
+}

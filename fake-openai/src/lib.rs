@@ -80,6 +80,9 @@ pub struct Behaviour {
     pub image_bytes: usize,
     /// Keep request bodies in the call log.
     pub record_bodies: bool,
+    /// Answer bodies stop after this many bytes and never finish (a stalled
+    /// upstream, the connection still open).
+    pub stall_after_bytes: Option<usize>,
     /// Keys that belong to one project: (`Authorization` value, project). Calls
     /// with these keys spend their project's limits, shared by its keys.
     pub key_projects: Vec<(String, String)>,
@@ -104,6 +107,7 @@ impl Default for Behaviour {
             cut_stream_after: None,
             image_bytes: 64,
             record_bodies: true,
+            stall_after_bytes: None,
             key_projects: Vec::new(),
             compress: true,
         }
@@ -546,11 +550,39 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         .collect::<Vec<_>>()
         .join(",");
     let resp = answer(st.clone(), req).await?;
-    let compress = st.behaviour.lock().unwrap().compress;
+    let (compress, stall) = {
+        let b = st.behaviour.lock().unwrap();
+        (b.compress, b.stall_after_bytes)
+    };
+    let resp = match stall {
+        Some(n) => stalled(resp, n),
+        None => resp,
+    };
     Ok(match chosen_coding(&accept).filter(|_| compress) {
         Some(coding) => compressed(resp, coding),
         None => resp,
     })
+}
+
+/// The answer's first `n` bytes, then nothing, for ever.
+fn stalled(resp: Response<Body>, n: usize) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let mut left = n;
+    let frames = http_body_util::BodyStream::new(body)
+        .map(move |frame| {
+            let frame = frame?;
+            Ok(match frame.into_data() {
+                Ok(mut data) => {
+                    let keep = left.min(data.len());
+                    left -= keep;
+                    Frame::data(data.split_to(keep))
+                }
+                Err(frame) => frame,
+            })
+        })
+        .chain(futures_util::stream::pending());
+    Response::from_parts(parts, BodyExt::boxed(StreamBody::new(frames)))
 }
 
 /// The coding OpenAI's edge would pick from an `Accept-Encoding`.

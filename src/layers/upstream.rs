@@ -13,7 +13,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -136,6 +136,7 @@ struct Inner {
     base: BaseUrl,
     sidecar: Option<SidecarAuth>,
     attempt_timeout: Duration,
+    read_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -211,6 +212,13 @@ impl Upstream {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            // Pings find a dead HTTP/2 connection while a long generation is
+            // due and no bytes flow; they need a timer to run at all.
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(config.keep_alive_interval)
+            .http2_keep_alive_timeout(config.keep_alive_interval.min(Duration::from_secs(20)))
+            .http2_keep_alive_while_idle(true)
             .build(https);
         Ok(Upstream {
             inner: Arc::new(Inner {
@@ -218,6 +226,7 @@ impl Upstream {
                 base,
                 sidecar,
                 attempt_timeout: config.attempt_timeout,
+                read_timeout: config.read_timeout,
                 metrics,
             }),
         })
@@ -341,10 +350,8 @@ impl Inner {
             parts
                 .extensions
                 .insert(classify(parts.status, &parts.headers, b""));
-            return Ok(Response::from_parts(
-                parts,
-                body.map_err(Into::into).boxed(),
-            ));
+            let body = Idle::wrap(body, self.read_timeout);
+            return Ok(Response::from_parts(parts, body));
         }
         let read = Limited::new(body, MAX_ERROR_BODY).collect();
         let mut bytes = match tokio::time::timeout(timeout, read).await {
@@ -367,6 +374,65 @@ impl Inner {
             .insert(classify(parts.status, &parts.headers, &bytes));
         parts.headers.remove(header::CONTENT_LENGTH);
         Ok(Response::from_parts(parts, full(bytes)))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body that fails when the upstream sends nothing for
+    /// `timeout`: a stalled body or stream ends instead of hanging its client
+    /// (and everyone waiting on a shared call) for ever.
+    struct Idle {
+        #[pin]
+        inner: hyper::body::Incoming,
+        #[pin]
+        sleep: tokio::time::Sleep,
+        timeout: Duration,
+    }
+}
+
+impl Idle {
+    fn wrap(inner: hyper::body::Incoming, timeout: Duration) -> Body {
+        Idle {
+            inner,
+            sleep: tokio::time::sleep(timeout),
+            timeout,
+        }
+        .boxed()
+    }
+}
+
+impl http_body::Body for Idle {
+    type Data = Bytes;
+    type Error = crate::vocab::body::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + *this.timeout;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the upstream sent nothing for {}",
+                    humantime::format_duration(*this.timeout)
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -90,6 +90,9 @@ pub struct Payload {
     /// Set by the edge for every request that reaches the stack.
     pub ctx: Option<Arc<RequestContext>>,
     pub interest: Option<Arc<Interest>>,
+    /// The body's share of the bound on bytes held by all requests, given
+    /// back when the last copy of the request is dropped.
+    pub held: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl From<Bytes> for Payload {

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, header};
 use http_body::Body as HttpBody;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::config::{CacheScope, Config, ProjectConfig};
@@ -93,6 +93,11 @@ pub struct EdgeConfig {
     pub cache_global: bool,
     /// The longest a request may take (`retry.deadline`).
     pub deadline: Duration,
+    /// The longest gap between a request body's bytes.
+    pub body_read_timeout: Duration,
+    /// Bytes of request bodies held at once, in [`HELD_UNIT`]s.
+    pub buffered: Arc<tokio::sync::Semaphore>,
+    pub max_buffered: u64,
     /// Route label -> the model the upstream uses when a request names none.
     pub default_models: std::collections::BTreeMap<String, String>,
     /// Key id -> the configured project whose pool it pays into.
@@ -120,6 +125,13 @@ impl EdgeConfig {
             projects: Default::default(),
             default_models: config.estimate.default_model.clone(),
             deadline: config.retry.deadline,
+            body_read_timeout: config.server.body_read_timeout,
+            buffered: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(config.server.max_buffered.as_u64().div_ceil(HELD_UNIT))
+                    .unwrap_or(usize::MAX)
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            max_buffered: config.server.max_buffered.as_u64(),
             metrics,
         }
     }
@@ -337,7 +349,7 @@ pub async fn prepare<B>(
     config: Arc<EdgeConfig>,
 ) -> Result<Request<Payload>, ProxyError>
 where
-    B: HttpBody<Data = Bytes>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let route = Route::from_path(req.uri().path());
@@ -353,7 +365,7 @@ async fn buffer<B>(
     received: Instant,
 ) -> Result<Request<Payload>, ProxyError>
 where
-    B: HttpBody<Data = Bytes>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     let declared = req
@@ -361,19 +373,8 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let max_body = config.max_body;
-    if declared.is_some_and(|n| n > max_body) {
-        return Err(RequestError::BodyTooLarge { limit: max_body }.into());
-    }
     let (mut parts, body) = req.into_parts();
-    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            return Err(RequestError::BodyTooLarge { limit: max_body }.into());
-        }
-        Err(e) => return Err(RequestError::BodyRead(e.to_string()).into()),
-    };
+    let (bytes, held) = read_body(body, declared, &config).await?;
     let parsed = if parts.method == Method::GET || parts.method == Method::HEAD {
         Parsed::None
     } else {
@@ -428,8 +429,119 @@ where
         bytes,
         ctx: Some(Arc::new(ctx)),
         interest: None,
+        held,
     };
     Ok(Request::from_parts(parts, payload))
+}
+
+/// How much of a refused body is read and thrown away, and for how long, so the
+/// client, still sending, reads the refusal instead of a reset (nginx's
+/// lingering close).
+const DRAIN_BYTES: u64 = 16 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads the rest of a refused body in the background, within bounds.
+fn drain<B>(mut body: B)
+where
+    B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut read = 0u64;
+        let until = Instant::now() + DRAIN_TIME;
+        while read < DRAIN_BYTES {
+            match tokio::time::timeout_at(until, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => break,
+            }
+        }
+    });
+}
+
+/// The bytes of memory one permit of the body budget stands for.
+const HELD_UNIT: u64 = 1024;
+
+fn units(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(HELD_UNIT)).unwrap_or(u32::MAX)
+}
+
+/// Reads a request body within the size limit, the idle timeout between its
+/// bytes and the bound on bytes held by all requests. A refused body is
+/// drained in the background so its client reads the answer.
+async fn read_body<B>(
+    body: B,
+    declared: Option<u64>,
+    config: &EdgeConfig,
+) -> Result<(Bytes, Option<Arc<tokio::sync::OwnedSemaphorePermit>>), ProxyError>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut body = Box::pin(body);
+    let max_body = config.max_body;
+    let too_large = RequestError::BodyTooLarge { limit: max_body };
+    if declared.is_some_and(|n| n > max_body) {
+        drain(body);
+        return Err(too_large.into());
+    }
+    let overloaded = || RequestError::Overloaded {
+        limit: config.max_buffered,
+    };
+    // Reserved up front when the length is known, else as bytes arrive.
+    let mut held = match declared.filter(|n| *n > 0) {
+        Some(n) => match config.buffered.clone().try_acquire_many_owned(units(n)) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                drain(body);
+                return Err(overloaded().into());
+            }
+        },
+        None => None,
+    };
+    let mut buf = bytes::BytesMut::new();
+    let mut first: Option<Bytes> = None;
+    loop {
+        let frame = match tokio::time::timeout(config.body_read_timeout, body.frame()).await {
+            Err(_) => return Err(RequestError::BodyStalled(config.body_read_timeout).into()),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(RequestError::BodyRead(e.into().to_string()).into()),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = (buf.len() + first.as_ref().map_or(0, Bytes::len)) as u64 + data.len() as u64;
+        if len > max_body {
+            drain(body);
+            return Err(too_large.into());
+        }
+        let need = units(len);
+        let have = held.as_ref().map_or(0, |p| p.num_permits() as u32);
+        if need > have {
+            match config.buffered.clone().try_acquire_many_owned(need - have) {
+                Ok(more) => match held.as_mut() {
+                    Some(p) => p.merge(more),
+                    None => held = Some(more),
+                },
+                Err(_) => {
+                    drain(body);
+                    return Err(overloaded().into());
+                }
+            }
+        }
+        // A body in one frame (the usual case) is kept without a copy.
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(f) => {
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
+        }
+    }
+    let bytes = first.unwrap_or_else(|| buf.freeze());
+    Ok((bytes, held.map(Arc::new)))
 }
 
 /// Marks credential headers sensitive: their `Debug` prints nothing, and HTTP/2

@@ -20,6 +20,10 @@ pub enum RequestError {
     BodyTooLarge { limit: u64 },
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
+    BodyStalled(std::time::Duration),
+    #[error("penstock holds as many request bodies as it may ({limit} bytes); try again shortly")]
+    Overloaded { limit: u64 },
     #[error("{message}")]
     Invalid {
         message: String,
@@ -35,6 +39,8 @@ impl Problem for RequestError {
             RequestError::BodyRead(_) | RequestError::Invalid { .. } => {
                 http::StatusCode::BAD_REQUEST
             }
+            RequestError::BodyStalled(_) => http::StatusCode::REQUEST_TIMEOUT,
+            RequestError::Overloaded { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -42,6 +48,8 @@ impl Problem for RequestError {
         match self {
             RequestError::BodyTooLarge { .. } => "penstock_body_too_large",
             RequestError::BodyRead(_) => "penstock_body_unreadable",
+            RequestError::BodyStalled(_) => "penstock_body_timeout",
+            RequestError::Overloaded { .. } => "penstock_overloaded",
             RequestError::Invalid { code, .. } => code,
         }
     }
@@ -51,6 +59,11 @@ impl Problem for RequestError {
             RequestError::Invalid { param, .. } => *param,
             _ => None,
         }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        // Bodies leave memory as their requests end: soon worth another try.
+        matches!(self, RequestError::Overloaded { .. }).then(|| std::time::Duration::from_secs(1))
     }
 }
 
