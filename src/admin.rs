@@ -64,6 +64,7 @@ impl State {
             "config": self.summary,
             "pools": self.shared.budgets.status(),
             "cache": {"entries": entries, "bytes": bytes},
+            "buffered_bytes": self.shared.buffered.bytes(),
         })
     }
 }

@@ -27,6 +27,8 @@ pub struct Shared {
     pub budgets: Arc<budget::Registry>,
     pub cache: coalesce::Handle,
     pub metrics: Arc<Metrics>,
+    /// Bytes of request bodies held now.
+    pub buffered: edge::Buffered,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -57,6 +59,7 @@ where
     let mut edge = edge::EdgeConfig::new(config, metrics.clone());
     edge.add_projects(&config.projects, &env)
         .map_err(BuildError::Projects)?;
+    let buffered = edge.buffered();
     let cache = coalesce::Layer::new(&config.cache, config.retry.deadline, metrics.clone());
     let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()
@@ -83,6 +86,7 @@ where
             budgets,
             cache: cache_handle,
             metrics,
+            buffered,
         },
     ))
 }

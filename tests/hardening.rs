@@ -205,3 +205,77 @@ async fn at_the_connection_cap_new_clients_wait_and_the_admin_port_answers() {
     held.pop();
     assert_eq!(third.await.unwrap(), 200);
 }
+
+#[tokio::test]
+async fn bodies_held_by_all_requests_are_bounded_and_freed_when_they_end() {
+    let h = start_with(
+        Behaviour {
+            latency: (Duration::from_secs(2), Duration::from_secs(2)),
+            record_bodies: false,
+            ..Behaviour::default()
+        },
+        |c| {
+            c.server.max_body_size = bytesize::ByteSize::mib(1);
+            c.server.max_buffered = bytesize::ByteSize::mib(2);
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-image-*".into()],
+                rpm: Some(60),
+                ..BudgetConfig::default()
+            }];
+        },
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let big = |tag: &str| {
+        let prompt = format!("{tag}{}", "x".repeat(900 * 1024));
+        json!({"model": "gpt-image-1", "prompt": prompt})
+    };
+    let send = |body: serde_json::Value, after: u64| {
+        let url = url.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            http().post(url).json(&body).send().await.unwrap()
+        }
+    };
+    // One in flight, one waiting for the next second's budget: 1.8 MB held.
+    // A third would pass 2 MiB: refused at once, with when to come back.
+    let (a, b, c) = tokio::join!(send(big("a"), 0), send(big("b"), 100), send(big("c"), 300));
+    assert_eq!(c.status(), 503);
+    let retry_ms: u64 = c.headers()["retry-after-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_ms > 0);
+    assert_eq!(json(c).await["error"]["code"], "penstock_overloaded");
+    assert_eq!(a.status(), 200);
+    assert_eq!(b.status(), 200);
+    // All ended: nothing held, and the next big body is taken.
+    assert_eq!(h.status().await["buffered_bytes"], 0);
+    assert_eq!(send(big("d"), 0).await.status(), 200);
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_answered_413_and_read_off_so_the_client_hears_it() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| c.server.max_body_size = bytesize::ByteSize::kib(64),
+        |_| None,
+    )
+    .await;
+    // 12 MiB announced and sent in full, as a client that does not wait for an
+    // early answer does: it reads the 413, not a reset.
+    let mut conn = TcpStream::connect(h.penstock.addr).await.unwrap();
+    let body = vec![b'a'; 12 << 20];
+    let head = format!(
+        "POST /v1/images/edits HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body).await.unwrap();
+    let mut answer = vec![0u8; 12];
+    conn.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 413");
+    assert_eq!(h.fake.calls(), 0);
+}

@@ -204,6 +204,13 @@ impl EdgeConfig {
         }
     }
 
+    pub fn buffered(&self) -> Buffered {
+        Buffered {
+            permits: self.buffered.clone(),
+            max: self.max_buffered,
+        }
+    }
+
     /// Adds the keys of `[[project]]`s, by id or by the variable holding them.
     pub fn add_projects(
         &mut self,
@@ -224,6 +231,23 @@ impl EdgeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// How many bytes of request bodies penstock holds, for `/status`.
+#[derive(Clone)]
+pub struct Buffered {
+    permits: Arc<tokio::sync::Semaphore>,
+    max: u64,
+}
+
+impl Buffered {
+    pub fn bytes(&self) -> u64 {
+        let free = self.permits.available_permits() as u64;
+        self.max
+            .div_ceil(HELD_UNIT)
+            .saturating_sub(free)
+            .saturating_mul(HELD_UNIT)
     }
 }
 
