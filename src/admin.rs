@@ -62,12 +62,16 @@ impl State {
             "uptime_secs": self.started.elapsed().as_secs(),
             "ready": self.ready.load(Ordering::Acquire),
             "config": self.summary,
-            "pools": self.shared.budgets.status(),
+            "pools": self.shared.budgets.busiest(MAX_POOLS_SHOWN),
+            "pools_total": self.shared.budgets.len(),
             "cache": {"entries": entries, "bytes": bytes},
             "buffered_bytes": self.shared.buffered.bytes(),
         })
     }
 }
+
+/// Pools `/status` lists: the busiest, so the page stays small with many keys.
+const MAX_POOLS_SHOWN: usize = 100;
 
 pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/metrics" {

@@ -56,6 +56,7 @@ where
     let metrics = Arc::new(Metrics::new(&config.prices));
     let upstream = Upstream::new(&config.upstream, &env, Some(metrics.clone()))?;
     let budgets = Arc::new(budget::Registry::new(config));
+    budgets.evict_periodically();
     let mut edge = edge::EdgeConfig::new(config, metrics.clone());
     edge.add_projects(&config.projects, &env)
         .map_err(BuildError::Projects)?;

@@ -279,3 +279,50 @@ async fn an_oversized_body_is_answered_413_and_read_off_so_the_client_hears_it()
     assert_eq!(&answer, b"HTTP/1.1 413");
     assert_eq!(h.fake.calls(), 0);
 }
+
+#[tokio::test]
+async fn tunnels_traces_own_headers_and_url_passwords_never_reach_the_upstream() {
+    let fake = Fake::start(Behaviour::default()).await;
+    let config = config_for(&format!("http://user:sk-url-secret@{}", fake.addr()));
+    config.validate("test").unwrap();
+    let p = penstock::start(&config, |_| None).await.unwrap();
+    let url = format!("http://{}", p.addr);
+    for method in ["CONNECT", "TRACE"] {
+        let mut conn = TcpStream::connect(p.addr).await.unwrap();
+        let target = if method == "CONNECT" {
+            "example.com:443"
+        } else {
+            "/v1/models"
+        };
+        conn.write_all(format!("{method} {target} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 12];
+        conn.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 405", "{method}");
+    }
+    let resp = http()
+        .get(format!("{url}/v1/models"))
+        .header("x-penstock-client", "web")
+        .header("x-penstock-max-wait-ms", "100")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = &fake.requests()[0];
+    assert_eq!(
+        fake.calls(),
+        1,
+        "the tunnel and the trace were not forwarded"
+    );
+    assert!(
+        seen.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-penstock-"))
+    );
+    let all = format!("{:?}", seen.headers);
+    assert!(
+        !all.contains("sk-url-secret") && !all.contains("user:"),
+        "{all}"
+    );
+}

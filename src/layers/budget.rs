@@ -168,6 +168,32 @@ impl Registry {
         out.sort_by(|a, b| (&a.name, &a.credential).cmp(&(&b.name, &b.credential)));
         out
     }
+
+    /// The busiest pools (waiting, then in flight), at most `n`, for `/status`:
+    /// in pass-through mode every key has pools, and a page must stay small.
+    pub fn busiest(&self, n: usize) -> Vec<PoolStatus> {
+        let mut all = self.status();
+        all.sort_by_key(|p| std::cmp::Reverse((p.queue_depth, p.in_flight)));
+        all.truncate(n);
+        all.sort_by(|a, b| (&a.name, &a.credential).cmp(&(&b.name, &b.credential)));
+        all
+    }
+
+    /// Evicts idle pools every [`EVICT_EVERY`], so departed keys' pools go
+    /// even when no request comes to trigger it. Ends with the registry.
+    pub fn evict_periodically(self: &Arc<Self>) {
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(EVICT_EVERY).await;
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                let mut pools = registry.pools.lock().unwrap_or_else(|e| e.into_inner());
+                registry.evict_idle(&mut pools);
+            }
+        });
+    }
 }
 
 #[derive(Clone)]
@@ -491,5 +517,27 @@ mod tests {
             "the evicted pool's task ended and freed it"
         );
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_pools_go_without_a_request_to_sweep_them() {
+        let config = Config {
+            budgets: vec![BudgetConfig {
+                models: vec!["m".into()],
+                rpm: Some(60),
+                ..BudgetConfig::default()
+            }],
+            ..Config::default()
+        };
+        let registry = Arc::new(Registry::new(&config));
+        registry.evict_periodically();
+        let key: Arc<str> = "key:a".into();
+        drop(registry.pool("m", &key).unwrap());
+        assert_eq!(registry.len(), 1);
+        // Two sweeps later, with no request in between, the pool is gone.
+        for _ in 0..2 {
+            tokio::time::sleep(EVICT_EVERY + Duration::from_secs(1)).await;
+        }
+        assert_eq!(registry.len(), 0);
     }
 }

@@ -149,6 +149,9 @@ impl Upstream {
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Upstream, BuildError> {
         let base = BaseUrl::parse(&config.base_url).map_err(BuildError::BaseUrl)?;
+        if base.credentials {
+            tracing::warn!("upstream.base_url names a user or password: it is not sent upstream");
+        }
         let sidecar = match &config.api_key_env {
             Some(var) => {
                 let key = env(var).filter(|k| !k.is_empty());
@@ -250,6 +253,15 @@ impl Upstream {
         strip_hop_by_hop(h);
         h.remove(header::HOST);
         h.remove(header::CONTENT_LENGTH);
+        // penstock's own request headers are for penstock, not for OpenAI.
+        let own: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| k.as_str().starts_with("x-penstock-"))
+            .cloned()
+            .collect();
+        for name in own {
+            h.remove(name);
+        }
         // penstock reads what it must of every answer, so it lets the upstream
         // compress only in codings it can decode. A shared call's answer goes to
         // many callers, whatever they accept: it is asked for uncompressed.

@@ -86,6 +86,11 @@ impl Estimator {
         })
     }
 
+    /// Output tokens assumed for a request that sets no limit of its own.
+    pub fn default_output(&self) -> u64 {
+        self.default_max_output_tokens
+    }
+
     /// Tokens of a text as OpenAI's limiter estimates them: by its characters.
     /// `model` is kept for when a model's ratio differs.
     pub fn count_tokens(&self, _model: &str, text: &str) -> u64 {

@@ -10,11 +10,15 @@ pub struct BaseUrl {
     authority: Authority,
     /// Path prefix without a trailing slash ("" for none).
     prefix: String,
+    /// The configured URL named a user or password, which penstock drops.
+    pub credentials: bool,
 }
 
 impl BaseUrl {
-    pub fn parse(s: &str) -> Result<BaseUrl, String> {
-        let uri: Uri = s.parse().map_err(|e| {
+    pub fn parse(raw: &str) -> Result<BaseUrl, String> {
+        // Errors show the URL without its password.
+        let s = &BaseUrl::redact(raw);
+        let uri: Uri = raw.parse().map_err(|e| {
             format!("{s:?} is not a URL ({e}); expected like \"https://api.openai.com\"")
         })?;
         let scheme = match uri.scheme_str() {
@@ -24,8 +28,12 @@ impl BaseUrl {
         };
         let authority = uri
             .authority()
-            .cloned()
             .ok_or_else(|| format!("{s:?}: expected a host"))?;
+        // `user:password@` is never sent nor logged: requests carry the host.
+        let credentials = authority.as_str().contains('@');
+        let host_port = authority.as_str().rsplit('@').next().unwrap_or("");
+        let authority =
+            Authority::try_from(host_port).map_err(|e| format!("{s:?}: expected a host ({e})"))?;
         if uri.query().is_some() {
             return Err(format!("{s:?}: a query string cannot be a base URL"));
         }
@@ -33,6 +41,7 @@ impl BaseUrl {
             scheme,
             authority,
             prefix: uri.path().trim_end_matches('/').to_string(),
+            credentials,
         })
     }
 
@@ -88,6 +97,10 @@ mod tests {
             "http://127.0.0.1:9/openai/v1/models?limit=2"
         );
         assert!(BaseUrl::parse("ftp://x").is_err());
+        let b = BaseUrl::parse("https://user:sk-secret@example.com/v").unwrap();
+        assert!(b.credentials);
+        let joined = b.join(Some(&pq)).unwrap().to_string();
+        assert_eq!(joined, "https://example.com/v/v1/models?limit=2");
         assert!(BaseUrl::parse("/v1").is_err());
     }
 }

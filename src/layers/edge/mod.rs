@@ -28,6 +28,7 @@ use crate::logic::estimate::{self, Estimator};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
+use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::seconds;
 use crate::vocab::route::Route;
@@ -398,6 +399,12 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let (mut parts, body) = req.into_parts();
+    // A tunnel or a trace is not an API call; their answers would not reach
+    // the client as HTTP/1.1 expects.
+    if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+        drain(Box::pin(body));
+        return Err(RequestError::MethodNotAllowed(parts.method).into());
+    }
     let (bytes, held) = read_body(body, declared, &config).await?;
     let parsed = if parts.method == Method::GET || parts.method == Method::HEAD {
         Parsed::None
@@ -412,17 +419,28 @@ where
         .map(str::to_string)
         .or_else(|| azure_deployment(parts.uri.path()))
         .or_else(|| config.default_models.get(route.label()).cloned());
-    // Counting tokens of a large body takes milliseconds: off the async workers.
+    // Pricing a large body takes milliseconds: off the async workers. It is
+    // never a reason to refuse: should it fail, the body's size prices it.
     let (cost, parsed) = if bytes.len() > TOKENIZE_INLINE {
-        let (config, model) = (config.clone(), model.clone());
+        let (priced, model) = (config.clone(), model.clone());
+        let size = bytes.len() as u64;
         tokio::task::spawn_blocking(move || {
-            let cost = config
+            let cost = priced
                 .estimator
                 .estimate(route, model.as_deref(), parsed.view());
             (cost, parsed)
         })
         .await
-        .map_err(|_| RequestError::BodyRead("the cost estimate failed".into()))?
+        .unwrap_or_else(|_| {
+            let cost = Cost {
+                requests: 1,
+                tokens: size
+                    .div_ceil(4)
+                    .saturating_add(config.estimator.default_output()),
+                images: u64::from(route.is_image()),
+            };
+            (cost, Parsed::None)
+        })
     } else {
         let cost = config
             .estimator

@@ -22,6 +22,8 @@ pub enum RequestError {
     BodyRead(String),
     #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
     BodyStalled(std::time::Duration),
+    #[error("{0} is not forwarded")]
+    MethodNotAllowed(http::Method),
     #[error("penstock holds as many request bodies as it may ({limit} bytes); try again shortly")]
     Overloaded { limit: u64 },
     #[error("{message}")]
@@ -40,6 +42,7 @@ impl Problem for RequestError {
                 http::StatusCode::BAD_REQUEST
             }
             RequestError::BodyStalled(_) => http::StatusCode::REQUEST_TIMEOUT,
+            RequestError::MethodNotAllowed(_) => http::StatusCode::METHOD_NOT_ALLOWED,
             RequestError::Overloaded { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -49,6 +52,7 @@ impl Problem for RequestError {
             RequestError::BodyTooLarge { .. } => "penstock_body_too_large",
             RequestError::BodyRead(_) => "penstock_body_unreadable",
             RequestError::BodyStalled(_) => "penstock_body_timeout",
+            RequestError::MethodNotAllowed(_) => "penstock_method_not_allowed",
             RequestError::Overloaded { .. } => "penstock_overloaded",
             RequestError::Invalid { code, .. } => code,
         }
