@@ -326,3 +326,33 @@ async fn tunnels_traces_own_headers_and_url_passwords_never_reach_the_upstream()
         "{all}"
     );
 }
+
+#[tokio::test]
+async fn pathological_prompts_are_counted_by_characters_and_never_refused() {
+    let h = start(Behaviour {
+        record_bodies: false,
+        ..Behaviour::default()
+    })
+    .await;
+    // A megabyte of spaces (it overflowed a tokenizer's stack) and 20 MB of one
+    // letter (it cost a tokenizer tens of CPU-seconds).
+    for (text, chars) in [(" ", 1 << 20), ("a", 20 << 20)] {
+        let prompt = text.repeat(chars);
+        let resp = http()
+            .post(format!("{}/v1/chat/completions", h.url))
+            .json(&json!({"model": "gpt-4o-mini", "max_tokens": 1,
+                "messages": [{"role": "user", "content": prompt}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    let text = h.metrics().await;
+    let estimated = sample(
+        &text,
+        "penstock_tokens_total{model=\"gpt-4o-mini\",kind=\"estimated\"}",
+    );
+    let expected = ((1u64 << 20) / 4 + (20u64 << 20) / 4 + 2 * (2 + 4 + 1)) as f64;
+    assert_eq!(estimated, expected);
+}
