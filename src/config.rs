@@ -78,6 +78,9 @@ pub struct Config {
     /// Per-client request caps.
     #[serde(default, rename = "client", skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientConfig>,
+    /// Limits learned from the upstream for models no budget covers.
+    #[serde(default)]
+    pub learn: LearnConfig,
     /// Keys that spend one project's limits: OpenAI counts limits per
     /// organization/project, shared by all keys of the project.
     #[serde(default, rename = "project", skip_serializing_if = "Vec::is_empty")]
@@ -252,6 +255,46 @@ fn default_deadline() -> Duration {
 }
 fn default_quota_cooldown() -> Duration {
     Duration::from_secs(60)
+}
+
+/// Pools for models no `[[budget]]` covers, with limits learned from the
+/// upstream: its `x-ratelimit-limit-*` headers, else its 429s.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The fraction of an announced limit penstock uses.
+    #[serde(default = "default_learn_safety")]
+    pub safety: f64,
+    /// Where nothing is announced, the most calls in flight learning from 429s
+    /// may reach.
+    #[serde(default = "default_learn_max_in_flight")]
+    pub max_in_flight: usize,
+    /// As `[[budget]] burst`: the window a minute's limit is enforced over.
+    #[serde(default = "default_burst", with = "humantime_serde")]
+    pub burst: Duration,
+    #[serde(default = "default_safety_margin", with = "humantime_serde")]
+    pub safety_margin: Duration,
+}
+
+fn default_learn_safety() -> f64 {
+    0.95
+}
+fn default_learn_max_in_flight() -> usize {
+    64
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        LearnConfig {
+            enabled: true,
+            safety: default_learn_safety(),
+            max_in_flight: default_learn_max_in_flight(),
+            burst: default_burst(),
+            safety_margin: default_safety_margin(),
+        }
+    }
 }
 
 /// API keys that belong to one OpenAI project, so their requests share one pool.
@@ -631,6 +674,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             clients: Vec::new(),
             projects: Vec::new(),
+            learn: LearnConfig::default(),
             prices: std::collections::BTreeMap::new(),
         }
     }
@@ -940,6 +984,24 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !(0.05..=1.0).contains(&self.learn.safety) {
+            return Err(bad(
+                "learn.safety",
+                "expected a fraction from 0.05 to 1".into(),
+            ));
+        }
+        if self.learn.max_in_flight == 0 {
+            return Err(bad(
+                "learn.max_in_flight",
+                "expected a number above zero".into(),
+            ));
+        }
+        if self.learn.burst.is_zero() || self.learn.burst > Duration::from_secs(60) {
+            return Err(bad(
+                "learn.burst",
+                "expected a duration from above zero to \"60s\"".into(),
+            ));
         }
         if self.queue.max_depth == 0 {
             return Err(bad(

@@ -370,7 +370,11 @@ async fn an_upstream_rate_limit_pauses_the_whole_pool_and_the_call_is_retried_af
 async fn a_request_larger_than_the_burst_still_goes_and_status_shows_the_pool() {
     let h = start_with(
         Behaviour::default(),
-        |c| c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, Some(10))],
+        |c| {
+            c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, Some(10))];
+            // Models no budget covers pass straight through when not learned.
+            c.learn.enabled = false;
+        },
         |_| None,
     )
     .await;

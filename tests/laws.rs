@@ -118,7 +118,7 @@ proptest! {
                 Step::Hint(remaining, ms) => {
                     if let Some(&(ticket, _)) = tickets.last() {
                         let r = Some(Remaining { remaining, reset: Duration::from_millis(ms) });
-                        ledger.observe(now, ticket.at, &RateLimitHeaders { requests: r, tokens: r, images: None });
+                        ledger.observe(now, ticket.at, &RateLimitHeaders { requests: r, tokens: r, images: None, ..RateLimitHeaders::default() });
                     }
                 }
                 Step::Pause(ms) => ledger.pause(now + Duration::from_millis(ms)),

@@ -83,6 +83,9 @@ pub struct Behaviour {
     /// Answer bodies stop after this many bytes and never finish (a stalled
     /// upstream, the connection still open).
     pub stall_after_bytes: Option<usize>,
+    /// Announce the limits in `x-ratelimit-limit-*` (per minute, as OpenAI
+    /// does); off, answers carry no rate-limit headers at all.
+    pub announce_limits: bool,
     /// Keys that belong to one project: (`Authorization` value, project). Calls
     /// with these keys spend their project's limits, shared by its keys.
     pub key_projects: Vec<(String, String)>,
@@ -109,6 +112,7 @@ impl Default for Behaviour {
             record_bodies: true,
             stall_after_bytes: None,
             key_projects: Vec::new(),
+            announce_limits: true,
             compress: true,
         }
     }
@@ -848,6 +852,26 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
                 Some("rate_limit_exceeded"),
             );
             let h = resp.headers_mut();
+            // A refusal announces the limits too (the contract: "on successful
+            // responses too"), with nothing remaining.
+            if b.announce_limits {
+                let per_minute = |n: u64| {
+                    (u128::from(n) * 60_000 / limits.window.as_millis().max(1))
+                        .min(u64::MAX as u128) as u64
+                };
+                h.insert(
+                    "x-ratelimit-limit-requests",
+                    per_minute(u64::from(limits.requests)).into(),
+                );
+                if let Some(max) = limits.tokens {
+                    h.insert("x-ratelimit-limit-tokens", per_minute(max).into());
+                }
+                h.insert("x-ratelimit-remaining-requests", 0u64.into());
+                h.insert(
+                    "x-ratelimit-reset-requests",
+                    HeaderValue::from_str(&go_duration(wait)).unwrap(),
+                );
+            }
             h.insert(
                 "retry-after-ms",
                 HeaderValue::from(wait.as_millis().max(1) as u64),
@@ -863,7 +887,14 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             return Ok(resp);
         }
         w.calls.push_back((now, tokens, images));
-        rl_headers.insert("x-ratelimit-limit-requests", limits.requests.into());
+        // Limits are announced per minute, whatever window enforces them.
+        let per_minute = |n: u64| {
+            (u128::from(n) * 60_000 / limits.window.as_millis().max(1)).min(u64::MAX as u128) as u64
+        };
+        rl_headers.insert(
+            "x-ratelimit-limit-requests",
+            per_minute(u64::from(limits.requests)).into(),
+        );
         rl_headers.insert(
             "x-ratelimit-remaining-requests",
             (limits.requests - w.calls.len() as u32).into(),
@@ -873,7 +904,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             HeaderValue::from_str(&go_duration(reset_requests)).unwrap(),
         );
         if let Some(max) = limits.tokens {
-            rl_headers.insert("x-ratelimit-limit-tokens", max.into());
+            rl_headers.insert("x-ratelimit-limit-tokens", per_minute(max).into());
             rl_headers.insert(
                 "x-ratelimit-remaining-tokens",
                 max.saturating_sub(used_tokens + tokens).into(),
@@ -929,7 +960,9 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     let mut resp = route(&st, &parts, &call, seq, &b, stream_total);
     st.record(&parts, &body, resp.status().as_u16(), b.record_bodies);
     let h = resp.headers_mut();
-    h.extend(rl_headers);
+    if b.announce_limits {
+        h.extend(rl_headers);
+    }
     h.insert(
         "x-request-id",
         HeaderValue::from_str(&format!("req_{seq}")).unwrap(),

@@ -19,12 +19,13 @@ use http_body_util::BodyExt;
 use tower::Service;
 use wildmatch::WildMatch;
 
-use crate::config::{Config, Refund};
+use crate::config::{Config, LearnConfig, Refund};
 use crate::logic::classify::{Class, Classified};
 use crate::logic::encoding::{Encoding, Tail};
+use crate::logic::learn::Learner;
 use crate::logic::ledger::Limits;
 use crate::logic::metrics::Metrics;
-use crate::logic::pool::{Permit, Pool, PoolStatus, Tripped};
+use crate::logic::pool::{Permit, Pool, PoolStatus, Settings, Tripped};
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::cost::Cost;
@@ -51,6 +52,12 @@ struct Spec {
 /// The credential of a shared budget's one pool, as `/status` shows it.
 const SHARED: &str = "shared";
 
+/// The index of learned pools in a [`PoolKey`].
+const LEARNED: usize = usize::MAX;
+
+/// Learned pools at most: model names come from clients.
+const MAX_LEARNED_POOLS: usize = 1000;
+
 /// How often idle pools are looked for.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
 
@@ -67,6 +74,8 @@ pub struct Registry {
     quota_cooldown: Duration,
     refund: Refund,
     probe_grace: Duration,
+    /// `[learn]`, when on.
+    learn: Option<LearnConfig>,
     last_eviction: Mutex<tokio::time::Instant>,
 }
 
@@ -96,35 +105,87 @@ impl Registry {
             quota_cooldown: config.retry.quota_cooldown,
             refund: config.estimate.refund,
             probe_grace: config.queue.probe_grace,
+            learn: config.learn.enabled.then(|| config.learn.clone()),
             last_eviction: Mutex::new(tokio::time::Instant::now()),
         }
     }
 
-    /// The pool that pays for `model` with `credential`, if a budget covers it.
+    /// The pool that pays for `model` with `credential`: its configured
+    /// budget's, else one that learns the upstream's limits for that model.
     pub fn pool(&self, model: &str, credential: &Arc<str>) -> Option<Arc<Pool>> {
         let idx = self
             .specs
             .iter()
-            .position(|s| s.globs.iter().any(|g| g.matches(model)))?;
+            .position(|s| s.globs.iter().any(|g| g.matches(model)));
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        self.evict_idle(&mut pools);
+        let Some(idx) = idx else {
+            return self.learned_pool(&mut pools, model, credential);
+        };
         let credential = match self.specs[idx].shared {
             true => SHARED.into(),
             false => credential.clone(),
         };
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        self.evict_idle(&mut pools);
         let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
             let spec = &self.specs[idx];
             Pool::start(
                 spec.name.clone(),
                 credential.clone(),
-                spec.limits,
-                spec.max_in_flight,
-                self.probe_grace,
+                Settings {
+                    limits: spec.limits,
+                    max_in_flight: spec.max_in_flight,
+                    probe_grace: self.probe_grace,
+                    learner: None,
+                },
                 self.depth.clone(),
                 self.max_depth,
             )
         });
         Some(pool.clone())
+    }
+
+    /// A pool for a model no budget covers, per credential and model (OpenAI's
+    /// limits are per model), while `[learn]` is on. Model names come from
+    /// clients: only plain ones, and only so many pools.
+    fn learned_pool(
+        &self,
+        pools: &mut HashMap<PoolKey, Arc<Pool>>,
+        model: &str,
+        credential: &Arc<str>,
+    ) -> Option<Arc<Pool>> {
+        let learn = self.learn.as_ref()?;
+        let plain = model.len() <= 64
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+        if !plain {
+            return None;
+        }
+        let key: PoolKey = (LEARNED, format!("{credential}#{model}").into());
+        if let Some(pool) = pools.get(&key) {
+            return Some(pool.clone());
+        }
+        if pools.keys().filter(|(i, _)| *i == LEARNED).count() >= MAX_LEARNED_POOLS {
+            return None;
+        }
+        let pool = Pool::start(
+            format!("learned:{model}").into(),
+            credential.clone(),
+            Settings {
+                limits: Limits {
+                    per_minute: [None; 3],
+                    burst: learn.burst,
+                    margin: learn.safety_margin,
+                },
+                max_in_flight: None,
+                probe_grace: self.probe_grace,
+                learner: Some(Learner::new(learn.safety, learn.max_in_flight)),
+            },
+            self.depth.clone(),
+            self.max_depth,
+        );
+        pools.insert(key, pool.clone());
+        Some(pool)
     }
 
     /// Drops pools nobody uses any more (in pass-through mode every API key has
@@ -276,8 +337,12 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .metrics
                 .queue_wait(&pool.name, permit.queued.as_secs_f64());
             let mut resp = crate::layers::call_now(&mut inner, req).await?;
-            permit.observe(&RateLimitHeaders::parse(resp.headers()));
+            let hints = RateLimitHeaders::parse(resp.headers());
+            permit.observe(&hints);
             let classified = resp.extensions().get::<Classified>().copied();
+            if let Some(c) = classified {
+                pool.learn(&hints, c.class == Class::RateLimited);
+            }
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
                 permit.recovered();
             }

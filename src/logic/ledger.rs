@@ -84,12 +84,17 @@ pub struct Ledger {
     paused_until: Option<Instant>,
 }
 
+/// What one burst window admits of each per-minute limit.
+fn burst_caps(limits: &Limits) -> [u64; 3] {
+    let share = limits.burst.as_secs_f64() / MINUTE.as_secs_f64();
+    limits
+        .per_minute
+        .map(|l| l.map_or(u64::MAX, |l| ((l as f64 * share).floor() as u64).max(1)))
+}
+
 impl Ledger {
     pub fn new(limits: Limits) -> Ledger {
-        let share = limits.burst.as_secs_f64() / MINUTE.as_secs_f64();
-        let burst_cap = limits
-            .per_minute
-            .map(|l| l.map_or(u64::MAX, |l| ((l as f64 * share).floor() as u64).max(1)));
+        let burst_cap = burst_caps(&limits);
         Ledger {
             limits,
             burst_cap,
@@ -101,6 +106,13 @@ impl Ledger {
             hints: [None; 3],
             paused_until: None,
         }
+    }
+
+    /// New per-minute limits (learned from the upstream); what was admitted
+    /// stays counted.
+    pub fn set_limits(&mut self, per_minute: [Option<u64>; 3]) {
+        self.limits.per_minute = per_minute;
+        self.burst_cap = burst_caps(&self.limits);
     }
 
     /// The first dimension in which `cost` is more than a whole minute's

@@ -6,6 +6,7 @@
 pub mod classify;
 pub mod encoding;
 pub mod estimate;
+pub mod learn;
 pub mod ledger;
 pub mod metrics;
 pub mod pool;

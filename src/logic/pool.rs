@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
+use super::learn::{Learner, Source};
 use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
 use crate::vocab::cost::Cost;
@@ -158,6 +159,9 @@ struct State {
     probe_out: Option<Instant>,
     /// Counts pauses: a probe speaks only for the pause it was admitted in.
     pauses: u64,
+    max_in_flight: Option<usize>,
+    /// For a pool no budget configures: what it learns of the upstream's limits.
+    learner: Option<Learner>,
 }
 
 impl State {
@@ -174,7 +178,6 @@ pub struct Pool {
     pub name: Arc<str>,
     /// Which upstream credential this pool counts (a hash, never the key).
     pub credential: Arc<str>,
-    max_in_flight: Option<usize>,
     /// A probe the upstream has not refused within this long was accepted: an
     /// upstream's 429 comes back at once, an image takes far longer.
     probe_grace: Duration,
@@ -192,10 +195,23 @@ pub struct Pool {
 pub struct PoolStatus {
     pub name: Arc<str>,
     pub credential: Arc<str>,
+    /// Configured, or learned (and how).
+    pub limits: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<usize>,
     pub queue_depth: usize,
     pub in_flight: usize,
     pub paused_for_ms: u64,
     pub remaining: std::collections::BTreeMap<&'static str, DimStatus>,
+}
+
+/// How a pool admits: its limits and how they may change.
+pub struct Settings {
+    pub limits: Limits,
+    pub max_in_flight: Option<usize>,
+    pub probe_grace: Duration,
+    /// Limits learned from the upstream instead of configured.
+    pub learner: Option<Learner>,
 }
 
 impl Pool {
@@ -203,16 +219,23 @@ impl Pool {
     pub fn start(
         name: Arc<str>,
         credential: Arc<str>,
-        limits: Limits,
-        max_in_flight: Option<usize>,
-        probe_grace: Duration,
+        settings: Settings,
         depth: Arc<AtomicUsize>,
         max_depth: usize,
     ) -> Arc<Pool> {
+        let Settings {
+            mut limits,
+            mut max_in_flight,
+            probe_grace,
+            learner,
+        } = settings;
+        if let Some(learned) = learner.as_ref().map(Learner::learned) {
+            limits.per_minute = learned.per_minute;
+            max_in_flight = learned.max_in_flight;
+        }
         let pool = Arc::new(Pool {
             name,
             credential,
-            max_in_flight,
             probe_grace,
             state: Mutex::new(State {
                 ledger: Ledger::new(limits),
@@ -223,6 +246,8 @@ impl Pool {
                 recovering: false,
                 probe_out: None,
                 pauses: 0,
+                max_in_flight,
+                learner,
             }),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -246,7 +271,7 @@ impl Pool {
             // Out this long without a rate limit: the upstream took it.
             st.recovering = false;
         }
-        self.max_in_flight.is_none_or(|m| st.in_flight < m)
+        st.max_in_flight.is_none_or(|m| st.in_flight < m)
             && !(st.recovering && st.probe_out.is_some())
     }
 
@@ -416,6 +441,38 @@ impl Pool {
         self.wake.notify_one();
     }
 
+    /// Learns from an answer, for a pool whose limits are learned: announced
+    /// limits, or a success or a rate limit where none are announced.
+    pub fn learn(&self, headers: &RateLimitHeaders, rate_limited: bool) {
+        let mut st = self.lock();
+        let Some(learner) = st.learner.as_mut() else {
+            return;
+        };
+        let update = learner.on_headers(headers).or_else(|| {
+            if rate_limited {
+                learner.on_rate_limited()
+            } else {
+                learner.on_success()
+            }
+        });
+        if let Some(learned) = update {
+            tracing::info!(
+                pool = %self.name,
+                source = learner.source().label(),
+                requests_per_minute = learned.per_minute[0],
+                tokens_per_minute = learned.per_minute[1],
+                max_in_flight = learned.max_in_flight,
+                "learned the upstream's limits"
+            );
+            st.ledger.set_limits(learned.per_minute);
+            let caps = st.ledger.burst_caps();
+            st.queue.set_caps(caps);
+            st.max_in_flight = learned.max_in_flight;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
     /// Nothing waits, nothing is in flight, and nothing is left in its windows.
     pub fn is_idle(&self) -> bool {
         let mut st = self.lock();
@@ -444,6 +501,12 @@ impl Pool {
         PoolStatus {
             name: self.name.clone(),
             credential: self.credential.clone(),
+            limits: st
+                .learner
+                .as_ref()
+                .map_or(Source::Configured, Learner::source)
+                .label(),
+            max_in_flight: st.max_in_flight,
             queue_depth: st.queue.len(),
             in_flight: st.in_flight,
             paused_for_ms: st
@@ -581,17 +644,27 @@ impl Drop for Permit {
 mod tests {
     use super::*;
 
+    fn settings(limits: Limits, max_in_flight: Option<usize>) -> Settings {
+        Settings {
+            limits,
+            max_in_flight,
+            probe_grace: Duration::from_secs(2),
+            learner: None,
+        }
+    }
+
     fn pool(rpm: u64, max_depth: usize) -> Arc<Pool> {
         Pool::start(
             "test".into(),
             "cred".into(),
-            Limits {
-                per_minute: [Some(rpm), None, None],
-                burst: Duration::from_secs(1),
-                margin: Duration::ZERO,
-            },
-            None,
-            Duration::from_secs(2),
+            settings(
+                Limits {
+                    per_minute: [Some(rpm), None, None],
+                    burst: Duration::from_secs(1),
+                    margin: Duration::ZERO,
+                },
+                None,
+            ),
             Arc::new(AtomicUsize::new(0)),
             max_depth,
         )
@@ -724,13 +797,14 @@ mod tests {
         let p = Pool::start(
             "t".into(),
             "c".into(),
-            Limits {
-                per_minute: [Some(6000), None, None],
-                burst: Duration::from_secs(1),
-                margin: Duration::ZERO,
-            },
-            Some(2),
-            Duration::from_secs(2),
+            settings(
+                Limits {
+                    per_minute: [Some(6000), None, None],
+                    burst: Duration::from_secs(1),
+                    margin: Duration::ZERO,
+                },
+                Some(2),
+            ),
             Arc::new(AtomicUsize::new(0)),
             100,
         );
@@ -805,13 +879,14 @@ mod tests {
         let p = Pool::start(
             "img".into(),
             "cred".into(),
-            Limits {
-                per_minute: [None, None, Some(600)],
-                burst: Duration::from_secs(1),
-                margin: Duration::ZERO,
-            },
-            None,
-            Duration::from_secs(2),
+            settings(
+                Limits {
+                    per_minute: [None, None, Some(600)],
+                    burst: Duration::from_secs(1),
+                    margin: Duration::ZERO,
+                },
+                None,
+            ),
             Arc::new(AtomicUsize::new(0)),
             100,
         );

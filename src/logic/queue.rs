@@ -99,6 +99,11 @@ impl<T> FairQueue<T> {
         self.len
     }
 
+    /// New burst capacities, for requests that arrive from now on.
+    pub fn set_caps(&mut self, caps: [u64; 3]) {
+        self.caps = caps;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

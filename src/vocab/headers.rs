@@ -107,6 +107,9 @@ pub struct RateLimitHeaders {
     pub requests: Option<Remaining>,
     pub tokens: Option<Remaining>,
     pub images: Option<Remaining>,
+    /// `x-ratelimit-limit-{requests,tokens,images}`: the per-minute limits
+    /// the upstream announces.
+    pub limits: [Option<u64>; 3],
 }
 
 impl RateLimitHeaders {
@@ -124,10 +127,17 @@ impl RateLimitHeaders {
                 reset,
             })
         };
+        let limit = |name: &str| {
+            headers
+                .get(format!("x-ratelimit-limit-{name}"))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
         RateLimitHeaders {
             requests: dim("requests"),
             tokens: dim("tokens"),
             images: dim("images"),
+            limits: [limit("requests"), limit("tokens"), limit("images")],
         }
     }
 }
