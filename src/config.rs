@@ -282,7 +282,7 @@ fn default_learn_safety() -> f64 {
     0.95
 }
 fn default_learn_max_in_flight() -> usize {
-    64
+    256
 }
 
 impl Default for LearnConfig {

@@ -83,8 +83,9 @@ pub struct Behaviour {
     /// Answer bodies stop after this many bytes and never finish (a stalled
     /// upstream, the connection still open).
     pub stall_after_bytes: Option<usize>,
-    /// Announce the limits in `x-ratelimit-limit-*` (per minute, as OpenAI
-    /// does); off, answers carry no rate-limit headers at all.
+    /// Announce the limits in `x-ratelimit-*`, per minute as OpenAI does (an
+    /// upstream without limits announces ones too high to matter); off,
+    /// answers carry no rate-limit headers at all.
     pub announce_limits: bool,
     /// Keys that belong to one project: (`Authorization` value, project). Calls
     /// with these keys spend their project's limits, shared by its keys.
@@ -768,7 +769,12 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         0
     };
     let mut rl_headers = HeaderMap::new();
-    let limits = b.limits.clone().unwrap_or_default();
+    // Without limits, OpenAI's headers still come, with limits never reached.
+    let limits = b.limits.clone().unwrap_or(Limits {
+        requests: 1_000_000_000,
+        tokens: Some(1_000_000_000_000),
+        ..Limits::default()
+    });
     let scope = limit_scope(&parts.headers, &key, &b.key_projects);
     {
         let now = Instant::now();
