@@ -165,10 +165,11 @@ async fn queued_memory() {
     const WAITING: usize = 10_000;
     let fake = Fake::start(Behaviour::default()).await;
     let mut config = common::config_for(&fake.url());
-    config.budgets = vec![budget(1)];
-    // At one request a minute, 10,000 requests need a week: allow it, or penstock
-    // rightly refuses them as hopeless.
-    config.queue.max_wait = Duration::from_secs(30 * 24 * 3600);
+    config.budgets = vec![budget(10)];
+    // At ten requests a minute, 10,000 requests need 17 hours: allow it (a day
+    // is the most a wait may be), or penstock rightly refuses them as hopeless.
+    config.queue.max_wait = Duration::from_secs(24 * 3600);
+    config.retry.deadline = Duration::from_secs(24 * 3600);
     config.queue.max_depth = WAITING + 1;
     let (stack, shared) = penstock::stack::build::<Full<Bytes>>(&config, |_| None).unwrap();
     let body: &'static [u8] = br#"{"model":"gpt-image-1","prompt":"a lighthouse at dusk","quality":"low","size":"1024x1024"}"#;
@@ -182,7 +183,7 @@ async fn queued_memory() {
             .body(Full::new(Bytes::from_static(body)))
             .unwrap()
     };
-    // Spend the pool's one request per minute so everything after it waits.
+    // Spend the pool's burst so everything after it waits.
     let first = stack.clone().oneshot(request()).await.unwrap();
     assert_eq!(first.status(), 200);
     drop(first);
