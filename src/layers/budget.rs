@@ -337,11 +337,15 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .metrics
                 .queue_wait(&pool.name, permit.queued.as_secs_f64());
             let mut resp = crate::layers::call_now(&mut inner, req).await?;
-            let hints = RateLimitHeaders::parse(resp.headers());
-            permit.observe(&hints);
             let classified = resp.extensions().get::<Classified>().copied();
-            if let Some(c) = classified {
-                pool.learn(&hints, c.class == Class::RateLimited);
+            {
+                // Scoped: nothing of it is kept across the awaits below, so it
+                // does not grow every queued request's future.
+                let hints = RateLimitHeaders::parse(resp.headers());
+                permit.observe(&hints);
+                if let Some(c) = classified {
+                    pool.learn(&hints, c.class == Class::RateLimited);
+                }
             }
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
                 permit.recovered();
