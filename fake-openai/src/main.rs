@@ -35,6 +35,12 @@ struct Args {
     /// Answer every call with 429 insufficient_quota.
     #[arg(long)]
     insufficient_quota: bool,
+    /// Send no x-ratelimit-* headers (penstock then learns from 429s).
+    #[arg(long)]
+    no_rate_limit_headers: bool,
+    /// Never compress answers, whatever the client accepts.
+    #[arg(long)]
+    no_compression: bool,
 }
 
 #[tokio::main]
@@ -52,6 +58,8 @@ async fn main() {
         fail_rate: args.fail_rate,
         reset_rate: args.reset_rate,
         insufficient_quota: args.insufficient_quota,
+        announce_limits: !args.no_rate_limit_headers,
+        compress: !args.no_compression,
         limits: args.rps.map(|requests| Limits {
             requests,
             tokens: args.tokens,
