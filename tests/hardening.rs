@@ -356,3 +356,52 @@ async fn pathological_prompts_are_counted_by_characters_and_never_refused() {
     let expected = ((1u64 << 20) / 4 + (20u64 << 20) / 4 + 2 * (2 + 4 + 1)) as f64;
     assert_eq!(estimated, expected);
 }
+
+#[tokio::test]
+async fn numbers_no_duration_or_counter_holds_are_answered_not_panicked_on() {
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-4o-mini".into()],
+                rpm: Some(600),
+                tpm: Some(1_000_000),
+                ..BudgetConfig::default()
+            }]
+        },
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/chat/completions", h.url);
+    let resp = http()
+        .post(&url)
+        .header("x-stainless-timeout", "1e20")
+        .header("x-penstock-max-wait-ms", "1e30")
+        .json(
+            &json!({"model": "gpt-4o-mini", "n": 18446744073709551615u64,
+            "max_tokens": 18446744073709551000u64,
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    // Far over the token limit: refused as too large, never wrapped into a
+    // small number that would turn the limit off.
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        json(resp).await["error"]["code"],
+        "penstock_request_too_large"
+    );
+    // The same worker pool still serves, and the budget still counts.
+    let ok = http()
+        .post(&url)
+        .json(&json!({"model": "gpt-4o-mini", "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let status = h.status().await;
+    let tokens = &status["pools"][0]["remaining"]["tokens"]["minute_remaining"];
+    assert!(tokens.as_u64().unwrap() > 999_000, "{status}");
+}
