@@ -112,32 +112,43 @@ pub struct RateLimitHeaders {
     pub limits: [Option<u64>; 3],
 }
 
+/// `x-ratelimit-{remaining,reset,limit}-{requests,tokens,images}`, by
+/// dimension: looked up by name on every answer, so never formatted.
+const NAMES: [[&str; 3]; 3] = [
+    [
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-requests",
+    ],
+    [
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "x-ratelimit-limit-tokens",
+    ],
+    [
+        "x-ratelimit-remaining-images",
+        "x-ratelimit-reset-images",
+        "x-ratelimit-limit-images",
+    ],
+];
+
 impl RateLimitHeaders {
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
-        let dim = |name: &str| {
-            let get = |prefix: &str| {
-                headers
-                    .get(format!("x-ratelimit-{prefix}-{name}"))
-                    .and_then(|v| v.to_str().ok())
-            };
-            let remaining = get("remaining")?.trim().parse::<i64>().ok()?;
-            let reset = parse_go_duration(get("reset")?)?;
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let dim = |[remaining, reset, _]: [&str; 3]| {
+            let remaining = get(remaining)?.trim().parse::<i64>().ok()?;
+            let reset = parse_go_duration(get(reset)?)?;
             (remaining >= 0).then_some(Remaining {
                 remaining: remaining as u64,
                 reset,
             })
         };
-        let limit = |name: &str| {
-            headers
-                .get(format!("x-ratelimit-limit-{name}"))
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
+        let limit = |[_, _, limit]: [&str; 3]| get(limit)?.trim().parse::<u64>().ok();
         RateLimitHeaders {
-            requests: dim("requests"),
-            tokens: dim("tokens"),
-            images: dim("images"),
-            limits: [limit("requests"), limit("tokens"), limit("images")],
+            requests: dim(NAMES[0]),
+            tokens: dim(NAMES[1]),
+            images: dim(NAMES[2]),
+            limits: NAMES.map(limit),
         }
     }
 }
