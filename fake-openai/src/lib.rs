@@ -42,6 +42,14 @@ pub struct Limits {
     pub window: Duration,
 }
 
+impl Limits {
+    /// `n` a window as OpenAI announces it: per minute.
+    fn per_minute(&self, n: u64) -> u64 {
+        let per = u128::from(n) * 60_000 / self.window.as_millis().max(1);
+        u64::try_from(per).unwrap_or(u64::MAX)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -861,10 +869,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             // A refusal announces the limits too (the contract: "on successful
             // responses too"), with nothing remaining.
             if b.announce_limits {
-                let per_minute = |n: u64| {
-                    (u128::from(n) * 60_000 / limits.window.as_millis().max(1))
-                        .min(u64::MAX as u128) as u64
-                };
+                let per_minute = |n| limits.per_minute(n);
                 h.insert(
                     "x-ratelimit-limit-requests",
                     per_minute(u64::from(limits.requests)).into(),
@@ -894,9 +899,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         }
         w.calls.push_back((now, tokens, images));
         // Limits are announced per minute, whatever window enforces them.
-        let per_minute = |n: u64| {
-            (u128::from(n) * 60_000 / limits.window.as_millis().max(1)).min(u64::MAX as u128) as u64
-        };
+        let per_minute = |n| limits.per_minute(n);
         rl_headers.insert(
             "x-ratelimit-limit-requests",
             per_minute(u64::from(limits.requests)).into(),

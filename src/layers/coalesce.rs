@@ -38,15 +38,18 @@ const MAX_SHARED: usize = 512 * 1024 * 1024;
 #[error("the connection to the upstream failed: {0}")]
 pub struct SharedCallFailed(String);
 
-impl From<&str> for SharedCallFailed {
-    fn from(why: &str) -> SharedCallFailed {
-        SharedCallFailed(why.to_string())
+impl SharedCallFailed {
+    fn too_long(deadline: Duration) -> SharedCallFailed {
+        SharedCallFailed(format!(
+            "the shared call did not finish within {}",
+            humantime::format_duration(deadline)
+        ))
     }
 }
 
-impl From<String> for SharedCallFailed {
-    fn from(why: String) -> SharedCallFailed {
-        SharedCallFailed(why)
+impl From<&str> for SharedCallFailed {
+    fn from(why: &str) -> SharedCallFailed {
+        SharedCallFailed(why.to_string())
     }
 }
 
@@ -87,7 +90,7 @@ impl Stored {
                     Ok(d) => d,
                     Err(_) => continue,
                 },
-                Err(e) => return Stored::from_error(SharedCallFailed::from(e.to_string())),
+                Err(e) => return Stored::from_error(SharedCallFailed(e.to_string())),
             };
             if buf.len() + first.as_ref().map_or(0, Bytes::len) + data.len() > MAX_SHARED {
                 return Stored::from_error(SharedCallFailed::from(
@@ -349,10 +352,7 @@ impl Inner {
                 tokio::select! {
                     result = &mut call => break Some(result),
                     _ = tokio::time::sleep_until(ends) => {
-                        break Some(Err(SharedCallFailed::from(format!(
-                            "the shared call did not finish within {}",
-                            humantime::format_duration(deadline)
-                        )).into()));
+                        break Some(Err(SharedCallFailed::too_long(deadline).into()));
                     }
                     _ = watching.abandoned() => {
                         // Re-checked under the lock callers join under.
@@ -375,10 +375,7 @@ impl Inner {
             // request deadline: a stalled upstream ends for every follower.
             let stored = match tokio::time::timeout_at(ends, Stored::from_result(result)).await {
                 Ok(stored) => Arc::new(stored),
-                Err(_) => Arc::new(Stored::from_error(SharedCallFailed::from(format!(
-                    "the shared call did not finish within {}",
-                    humantime::format_duration(deadline)
-                )))),
+                Err(_) => Arc::new(Stored::from_error(SharedCallFailed::too_long(deadline))),
             };
             if stored.status.is_success() && stored.body.len() as u64 <= inner.max_entry_size {
                 inner.cache.insert(key, stored.clone()).await;
@@ -491,5 +488,41 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
                 return Ok(stored.response(outcome, caller));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[tokio::test]
+    async fn an_answer_stored_compressed_reaches_a_caller_without_gzip_decoded() {
+        let plain = br#"{"data":[{"b64_json":"AAAA"}],"usage":{"input_tokens":1,"output_tokens":2,"total_tokens":3}}"#;
+        let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(plain).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let stored = Stored {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from(z.finish().unwrap()),
+            personal: false,
+        };
+        assert_eq!(stored.usage().map(|u| u.total), Some(3));
+        let mut gzip_caller = HeaderMap::new();
+        gzip_caller.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        let as_is = stored.response("hit", Some(&gzip_caller));
+        assert_eq!(as_is.headers()[header::CONTENT_ENCODING], "gzip");
+        let body = as_is.into_body().collect().await.unwrap().to_bytes();
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&body[..])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, plain);
+        let decoded = stored.response("hit", Some(&HeaderMap::new()));
+        assert!(!decoded.headers().contains_key(header::CONTENT_ENCODING));
+        let body = decoded.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], plain);
     }
 }

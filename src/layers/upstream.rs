@@ -265,17 +265,21 @@ impl Upstream {
         // penstock reads what it must of every answer, so it lets the upstream
         // compress only in codings it can decode. A shared call's answer goes to
         // many callers, whatever they accept: it is asked for uncompressed.
-        let accept = match body.interest {
-            Some(_) => None,
-            None => encoding::readable_accept_encoding(h),
-        };
-        match accept.and_then(|a| HeaderValue::try_from(a).ok()) {
-            Some(v) => h.insert(header::ACCEPT_ENCODING, v),
-            None => h.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            ),
-        };
+        // A header of readable codings only goes as it came.
+        let shared = body.interest.is_some();
+        if shared || !encoding::all_readable(h) {
+            let narrowed = match shared {
+                true => None,
+                false => encoding::readable_accept_encoding(h),
+            };
+            match narrowed.and_then(|a| HeaderValue::try_from(a).ok()) {
+                Some(v) => h.insert(header::ACCEPT_ENCODING, v),
+                None => h.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                ),
+            };
+        }
         if let Some(auth) = &self.inner.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
             for name in ["api-key", "openai-organization", "openai-project"] {

@@ -48,6 +48,23 @@ impl Encoding {
     }
 }
 
+/// Whether every coding the client's `Accept-Encoding` names is one penstock
+/// reads: the header then goes upstream as it came, copied nowhere.
+pub fn all_readable(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for item in headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+    {
+        any = true;
+        if Encoding::parse(item.split(';').next().unwrap_or("")).is_none() {
+            return false;
+        }
+    }
+    any
+}
+
 /// The client's `Accept-Encoding` restricted to what penstock can read, so the
 /// upstream never answers in a coding penstock cannot look into. `None` when
 /// nothing remains (the upstream then answers uncompressed).
@@ -268,6 +285,9 @@ mod tests {
             None
         );
         assert!(accepts(&h, Encoding::Gzip) && accepts(&h, Encoding::Identity));
+        assert!(!all_readable(&h), "zstd");
+        assert!(all_readable(&headers(ACCEPT_ENCODING, "gzip, deflate, br")));
+        assert!(!all_readable(&HeaderMap::new()), "nothing to pass on");
         let h = headers(ACCEPT_ENCODING, "gzip;q=0, *;q=0");
         assert!(!accepts(&h, Encoding::Gzip) && !accepts(&h, Encoding::Identity));
         assert!(!accepts(&HeaderMap::new(), Encoding::Gzip));

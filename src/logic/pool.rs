@@ -178,6 +178,8 @@ pub struct Pool {
     pub name: Arc<str>,
     /// Which upstream credential this pool counts (a hash, never the key).
     pub credential: Arc<str>,
+    /// Its limits are learned (no budget configures it): answers teach it.
+    learns: bool,
     /// A probe the upstream has not refused within this long was accepted: an
     /// upstream's 429 comes back at once, an image takes far longer.
     probe_grace: Duration,
@@ -236,6 +238,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             name,
             credential,
+            learns: learner.is_some(),
             probe_grace,
             state: Mutex::new(State {
                 ledger: Ledger::new(limits),
@@ -444,6 +447,10 @@ impl Pool {
     /// Learns from an answer, for a pool whose limits are learned: announced
     /// limits, or a success or a rate limit where none are announced.
     pub fn learn(&self, headers: &RateLimitHeaders, rate_limited: bool) {
+        if !self.learns {
+            // A configured pool: no lock taken per answer for nothing.
+            return;
+        }
         let mut st = self.lock();
         let Some(learner) = st.learner.as_mut() else {
             return;
@@ -608,10 +615,6 @@ impl Permit {
             .lock()
             .ledger
             .observe(Instant::now(), self.ticket.at, headers);
-    }
-
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
     }
 
     /// The upstream answered this call without a rate limit. Only the probe,

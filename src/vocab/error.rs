@@ -105,12 +105,6 @@ impl ProxyError {
     pub fn maybe_processed(&self) -> bool {
         self.0.maybe_processed()
     }
-
-    /// The concrete error, for the module that raised it.
-    pub fn downcast_ref<P: Problem>(&self) -> Option<&P> {
-        let error: &(dyn std::error::Error + 'static) = self.0.as_ref();
-        error.downcast_ref::<P>()
-    }
 }
 
 impl fmt::Display for ProxyError {

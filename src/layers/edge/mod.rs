@@ -196,7 +196,10 @@ impl EdgeConfig {
             // keys of one configured project share its pool.
             let key = key_id(headers);
             let scope = org_project(headers);
-            let tenant: Arc<str> = format!("{key}{scope}").into();
+            let tenant: Arc<str> = match scope.is_empty() {
+                true => key.clone(),
+                false => format!("{key}{scope}").into(),
+            };
             let credential = match self.projects.get(&key) {
                 Some(project) => format!("project:{project}{scope}").into(),
                 None => tenant.clone(),
