@@ -66,6 +66,10 @@ impl State {
             "pools_total": self.shared.budgets.len(),
             "cache": {"entries": entries, "bytes": bytes},
             "buffered_bytes": self.shared.buffered.bytes(),
+            "state": match &self.shared.redis {
+                Some(redis) => json!(redis.status()),
+                None => json!({"backend": "memory", "healthy": true}),
+            },
         })
     }
 }
@@ -75,7 +79,11 @@ const MAX_POOLS_SHOWN: usize = 100;
 
 pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/metrics" {
-        let text = state.shared.metrics.encode(&state.shared.budgets.status());
+        let degraded = state.shared.redis.as_ref().is_some_and(|r| !r.healthy());
+        let text = state
+            .shared
+            .metrics
+            .encode(&state.shared.budgets.status(), degraded);
         let mut resp = Response::new(full(text));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -88,6 +88,87 @@ pub struct Config {
     /// Model glob -> USD prices, before the built-in list prices.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, PriceConfig>,
+    /// Where budgets, the cache and the quota breaker live: in this process, or
+    /// in Redis, shared by every replica that names the same Redis and prefix.
+    #[serde(default)]
+    pub state: StateConfig,
+}
+
+/// Which state backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In this process: one binary, nothing else to start.
+    #[default]
+    Memory,
+    /// In Redis: several replicas share one budget, cache and breaker.
+    Redis,
+}
+
+/// `[state]`: shared state for several replicas.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    #[serde(default)]
+    pub backend: Backend,
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` (TLS).
+    #[serde(default = "default_redis_url")]
+    pub redis_url: String,
+    /// Every key penstock writes starts with it, so deployments can share a Redis.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_redis_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The longest one Redis command may take before penstock treats Redis as
+    /// unavailable for that request.
+    #[serde(default = "default_redis_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How often a replica says it is alive (and checks Redis's health).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Replicas sharing the limits, for the share each keeps while Redis is
+    /// unavailable (`1/replicas` of each limit). Unset: the most replicas seen
+    /// alive in Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
+    /// How long a replica leading a shared call holds its lease without renewing
+    /// it; a dead leader's call is taken over after it.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".to_string()
+}
+fn default_key_prefix() -> String {
+    "penstock".to_string()
+}
+fn default_redis_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_redis_command_timeout() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: Backend::Memory,
+            redis_url: default_redis_url(),
+            key_prefix: default_key_prefix(),
+            connect_timeout: default_redis_connect_timeout(),
+            command_timeout: default_redis_command_timeout(),
+            heartbeat: default_heartbeat(),
+            replicas: None,
+            lease: default_lease(),
+        }
+    }
 }
 
 /// A cap on one client's requests, whatever the budgets allow.
@@ -676,6 +757,7 @@ impl Default for Config {
             projects: Vec::new(),
             learn: LearnConfig::default(),
             prices: std::collections::BTreeMap::new(),
+            state: StateConfig::default(),
         }
     }
 }
@@ -792,6 +874,10 @@ impl Config {
                 self.server.header_read_timeout,
             ),
             ("server.body_read_timeout", self.server.body_read_timeout),
+            ("state.connect_timeout", self.state.connect_timeout),
+            ("state.command_timeout", self.state.command_timeout),
+            ("state.heartbeat", self.state.heartbeat),
+            ("state.lease", self.state.lease),
         ] {
             if d.is_zero() {
                 return Err(bad(
@@ -843,6 +929,10 @@ impl Config {
                 self.server.body_read_timeout,
                 10 * MINUTE,
             ),
+            ("state.connect_timeout", self.state.connect_timeout, MINUTE),
+            ("state.command_timeout", self.state.command_timeout, MINUTE),
+            ("state.heartbeat", self.state.heartbeat, MINUTE),
+            ("state.lease", self.state.lease, HOUR),
         ] {
             if d > Duration::from_secs(max_secs) {
                 return Err(bad(
@@ -852,6 +942,31 @@ impl Config {
                         humantime::format_duration(Duration::from_secs(max_secs))
                     ),
                 ));
+            }
+        }
+        if self.state.backend == Backend::Redis {
+            let url = &self.state.redis_url;
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(bad(
+                    "state.redis_url",
+                    "expected redis://host:port or rediss://host:port".into(),
+                ));
+            }
+            if self.state.key_prefix.is_empty()
+                || self.state.key_prefix.len() > 64
+                || !self
+                    .state
+                    .key_prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+            {
+                return Err(bad(
+                    "state.key_prefix",
+                    "expected 1 to 64 printable characters without braces".into(),
+                ));
+            }
+            if self.state.replicas == Some(0) {
+                return Err(bad("state.replicas", "expected at least 1".into()));
             }
         }
         if http::HeaderName::try_from(self.server.client_id_header.as_str()).is_err() {

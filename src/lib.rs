@@ -4,11 +4,12 @@
 //! The modules stand on floors; each imports only from the floors below it:
 //! 1. [`vocab`]: what a request, a cost, an upstream header and an error are;
 //! 2. [`config`]: the configuration, as plain data, and its validation;
-//! 3. [`logic`]: estimates, prices, the classifier, admission (ledger, fair
+//! 3. [`state`]: the shared state of several replicas, in Redis;
+//! 4. [`logic`]: estimates, prices, the classifier, admission (ledger, fair
 //!    queue, pool) and metrics;
-//! 4. [`layers`]: the services of the stack (edge, coalesce, client caps,
+//! 5. [`layers`]: the services of the stack (edge, coalesce, client caps,
 //!    retry, budget, upstream);
-//! 5. wiring: [`stack`], [`admin`], [`server`] and `main`.
+//! 6. wiring: [`stack`], [`admin`], [`server`] and `main`.
 //!
 //! `tests/floors.rs` fails when an import goes the other way.
 #![forbid(unsafe_code)]
@@ -16,6 +17,8 @@
 pub mod vocab;
 
 pub mod config;
+
+pub mod state;
 
 pub mod logic;
 

@@ -20,6 +20,8 @@ pub enum BuildError {
     Upstream(#[from] upstream::BuildError),
     #[error("project.key_envs: {0}")]
     Projects(String),
+    #[error("state.redis_url: {0}")]
+    Redis(String),
 }
 
 /// State the stack shares with the admin endpoints.
@@ -29,6 +31,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Bytes of request bodies held now.
     pub buffered: edge::Buffered,
+    /// The Redis backend, when configured.
+    pub redis: Option<Arc<crate::state::Redis>>,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -55,13 +59,26 @@ where
 {
     let metrics = Arc::new(Metrics::new(&config.prices));
     let upstream = Upstream::new(&config.upstream, &env, Some(metrics.clone()))?;
-    let budgets = Arc::new(budget::Registry::new(config));
+    // Shared state: with Redis, every pool's ledger, the breaker and the cache
+    // are shared by the replicas that name it.
+    let redis = match config.state.backend {
+        crate::config::Backend::Memory => None,
+        crate::config::Backend::Redis => {
+            Some(crate::state::Redis::start(&config.state).map_err(BuildError::Redis)?)
+        }
+    };
+    let budgets = Arc::new(budget::Registry::new(config, redis.clone()));
     budgets.evict_periodically();
     let mut edge = edge::EdgeConfig::new(config, metrics.clone());
     edge.add_projects(&config.projects, &env)
         .map_err(BuildError::Projects)?;
     let buffered = edge.buffered();
-    let cache = coalesce::Layer::new(&config.cache, config.retry.deadline, metrics.clone());
+    let cache = coalesce::Layer::new(
+        &config.cache,
+        config.retry.deadline,
+        metrics.clone(),
+        redis.clone(),
+    );
     let cache_handle = cache.handle();
     let stack = ServiceBuilder::new()
         // Edge: body limit and one buffered copy, the parsed context with its cost
@@ -88,6 +105,7 @@ where
             cache: cache_handle,
             metrics,
             buffered,
+            redis,
         },
     ))
 }

@@ -25,7 +25,8 @@ use crate::logic::encoding::{Encoding, Tail};
 use crate::logic::learn::Learner;
 use crate::logic::ledger::Limits;
 use crate::logic::metrics::Metrics;
-use crate::logic::pool::{Permit, Pool, PoolStatus, Settings, Tripped};
+use crate::logic::pool::{Permit, Pool, PoolStatus, Remote, Settings, Tripped};
+use crate::state::Redis;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::cost::Cost;
@@ -77,10 +78,12 @@ pub struct Registry {
     /// `[learn]`, when on.
     learn: Option<LearnConfig>,
     last_eviction: Mutex<tokio::time::Instant>,
+    /// With the Redis backend: every pool's ledger and breaker are shared.
+    redis: Option<Arc<Redis>>,
 }
 
 impl Registry {
-    pub fn new(config: &Config) -> Registry {
+    pub fn new(config: &Config, redis: Option<Arc<Redis>>) -> Registry {
         let specs = config
             .budgets
             .iter()
@@ -107,7 +110,16 @@ impl Registry {
             probe_grace: config.queue.probe_grace,
             learn: config.learn.enabled.then(|| config.learn.clone()),
             last_eviction: Mutex::new(tokio::time::Instant::now()),
+            redis,
         }
+    }
+
+    fn remote(&self, name: &str, credential: &str) -> Option<Remote> {
+        let redis = self.redis.as_ref()?;
+        Some(Remote {
+            redis: redis.clone(),
+            key: redis.pool_key(name, credential),
+        })
     }
 
     /// The pool that pays for `model` with `credential`: its configured
@@ -136,6 +148,7 @@ impl Registry {
                     max_in_flight: spec.max_in_flight,
                     probe_grace: self.probe_grace,
                     learner: None,
+                    remote: self.remote(&spec.name, &credential),
                 },
                 self.depth.clone(),
                 self.max_depth,
@@ -168,8 +181,9 @@ impl Registry {
         if pools.keys().filter(|(i, _)| *i == LEARNED).count() >= MAX_LEARNED_POOLS {
             return None;
         }
+        let name: Arc<str> = format!("learned:{model}").into();
         let pool = Pool::start(
-            format!("learned:{model}").into(),
+            name.clone(),
             credential.clone(),
             Settings {
                 limits: Limits {
@@ -180,6 +194,7 @@ impl Registry {
                 max_in_flight: None,
                 probe_grace: self.probe_grace,
                 learner: Some(Learner::new(learn.safety, learn.max_in_flight)),
+                remote: self.remote(&name, credential),
             },
             self.depth.clone(),
             self.max_depth,
@@ -534,7 +549,7 @@ mod tests {
             }],
             ..Config::default()
         };
-        let registry = Registry::new(&config);
+        let registry = Registry::new(&config, None);
         let one = Cost {
             requests: 1,
             tokens: 0,
@@ -598,7 +613,7 @@ mod tests {
             }],
             ..Config::default()
         };
-        let registry = Arc::new(Registry::new(&config));
+        let registry = Arc::new(Registry::new(&config, None));
         registry.evict_periodically();
         let key: Arc<str> = "key:a".into();
         drop(registry.pool("m", &key).unwrap());

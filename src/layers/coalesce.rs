@@ -25,6 +25,7 @@ use super::edge::respond;
 use crate::config::CacheConfig;
 use crate::logic::encoding::{self, Encoding, Tail};
 use crate::logic::metrics::Metrics;
+use crate::state::{Answer, Kind, Lease, Redis};
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
 use crate::vocab::error::{Personal, Problem, ProxyError};
@@ -72,6 +73,9 @@ pub struct Stored {
     /// The leader's own refusal (its deadline, its client cap): not an answer
     /// for those who waited with it; they carry the call on themselves.
     pub personal: bool,
+    /// Made by another replica: found in the shared cache (`hit`) or shared by
+    /// its leader (`coalesced`).
+    pub elsewhere: Option<&'static str>,
 }
 
 impl Stored {
@@ -112,6 +116,7 @@ impl Stored {
             headers: parts.headers,
             body: first.unwrap_or_else(|| buf.freeze()),
             personal,
+            elsewhere: None,
         }
     }
 
@@ -122,6 +127,25 @@ impl Stored {
             headers: parts.headers,
             body,
             personal: false,
+            elsewhere: None,
+        }
+    }
+
+    fn from_answer(answer: Answer, elsewhere: &'static str) -> Stored {
+        Stored {
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+            personal: false,
+            elsewhere: Some(elsewhere),
+        }
+    }
+
+    fn answer(&self) -> Answer {
+        Answer {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
         }
     }
 
@@ -218,6 +242,10 @@ struct Inner {
     cache: moka::future::Cache<CacheKey, Arc<Stored>>,
     in_flight: Mutex<HashMap<CacheKey, InFlight>>,
     max_entry_size: u64,
+    ttl: Duration,
+    /// With the Redis backend: the cache and the in-flight calls are shared
+    /// by every replica.
+    redis: Option<Arc<Redis>>,
 }
 
 /// The cache's size, for `/status` and metrics.
@@ -245,7 +273,12 @@ pub struct Layer {
 
 impl Layer {
     /// `deadline` bounds a shared call, its body included.
-    pub fn new(config: &CacheConfig, deadline: Duration, metrics: Arc<Metrics>) -> Layer {
+    pub fn new(
+        config: &CacheConfig,
+        deadline: Duration,
+        metrics: Arc<Metrics>,
+        redis: Option<Arc<Redis>>,
+    ) -> Layer {
         let inner = config.enabled.then(|| {
             Arc::new(Inner {
                 deadline,
@@ -256,6 +289,8 @@ impl Layer {
                     .build(),
                 in_flight: Mutex::new(HashMap::new()),
                 max_entry_size: config.max_entry_size.as_u64(),
+                ttl: config.ttl,
+                redis,
             })
         });
         Layer { inner, metrics }
@@ -341,18 +376,35 @@ impl Inner {
             interest: interest.clone(),
         });
         let deadline = self.deadline;
+        let redis = self.redis.clone();
         let task = tokio::spawn(async move {
             let _registered = registered;
             // A moment past the request deadline, so the call's own timeouts,
             // which say more, come first.
             let ends = tokio::time::Instant::now() + deadline + Duration::from_secs(1);
-            let call = crate::layers::call_now(&mut service, req);
+            let hex = redis.as_ref().map(|_| hex(&key));
+            // Set when this replica leads the call across replicas.
+            let lease: Mutex<Option<Held>> = Mutex::new(None);
+            let call = async {
+                // Another replica may have the answer, or be making it.
+                if let (Some(redis), Some(hex), true) = (&redis, &hex, register) {
+                    match across_replicas(redis, hex).await {
+                        Step::Answer(stored) => return Ok(stored),
+                        Step::Lead(held) => {
+                            *lease.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(Held::new(redis.clone(), held));
+                        }
+                        Step::Alone => {}
+                    }
+                }
+                Err(crate::layers::call_now(&mut service, req).await)
+            };
             tokio::pin!(call);
             let result = loop {
                 tokio::select! {
                     result = &mut call => break Some(result),
                     _ = tokio::time::sleep_until(ends) => {
-                        break Some(Err(SharedCallFailed::too_long(deadline).into()));
+                        break Some(Err(Err(SharedCallFailed::too_long(deadline).into())));
                     }
                     _ = watching.abandoned() => {
                         // Re-checked under the lock callers join under.
@@ -371,15 +423,43 @@ impl Inner {
                     "every caller left before the call was sent",
                 )));
             };
+            let result = match result {
+                Ok(stored) => {
+                    let stored = Arc::new(stored);
+                    if stored.status.is_success() {
+                        inner.cache.insert(key, stored.clone()).await;
+                    }
+                    return stored;
+                }
+                Err(result) => result,
+            };
             // The whole call, its body read to the end included, within the
             // request deadline: a stalled upstream ends for every follower.
             let stored = match tokio::time::timeout_at(ends, Stored::from_result(result)).await {
                 Ok(stored) => Arc::new(stored),
                 Err(_) => Arc::new(Stored::from_error(SharedCallFailed::too_long(deadline))),
             };
-            if stored.status.is_success() && stored.body.len() as u64 <= inner.max_entry_size {
+            let storable =
+                stored.status.is_success() && stored.body.len() as u64 <= inner.max_entry_size;
+            if storable {
                 inner.cache.insert(key, stored.clone()).await;
             }
+            let lease = lease.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let (Some(redis), Some(hex)) = (&redis, &hex) {
+                // For other replicas: the cache, or the followers of this call.
+                // A personal refusal is nobody else's answer: its lease goes
+                // and another replica carries the call.
+                if storable {
+                    let _ = redis
+                        .put(Kind::Cache, hex, &stored.answer(), inner.ttl)
+                        .await;
+                } else if lease.is_some() && !stored.personal {
+                    let _ = redis
+                        .put(Kind::Result, hex, &stored.answer(), redis.lease)
+                        .await;
+                }
+            }
+            drop(lease);
             // `_registered` leaves the in-flight map after the insert: a request
             // that no longer finds the call in flight finds its answer cached.
             stored
@@ -479,15 +559,116 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
                     }
                 };
                 let stored = answer.await;
-                if outcome == "coalesced" {
+                let outcome = stored.elsewhere.unwrap_or(outcome);
+                if outcome != "miss" {
                     if stored.personal {
                         continue;
                     }
-                    saved(&stored, "coalesced");
+                    saved(
+                        &stored,
+                        if outcome == "hit" {
+                            "cache"
+                        } else {
+                            "coalesced"
+                        },
+                    );
                 }
                 return Ok(stored.response(outcome, caller));
             }
         })
+    }
+}
+
+/// A cache key as Redis keys carry it.
+fn hex(key: &CacheKey) -> String {
+    use std::fmt::Write;
+    key.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// What the other replicas have to say about a call about to be made.
+enum Step {
+    /// An answer: cached, or made by another replica's leader meanwhile.
+    Answer(Stored),
+    /// No replica makes it: this one does, holding the lease.
+    Lead(Lease),
+    /// Redis is unavailable: this replica alone decides.
+    Alone,
+}
+
+/// The shared cache first; then the lease on the call, or, while another
+/// replica holds it, waiting for its answer. A leader that dies stops renewing
+/// its lease: when it lapses, a follower takes the call over.
+async fn across_replicas(redis: &Redis, hex: &str) -> Step {
+    loop {
+        match redis.get(Kind::Cache, hex).await {
+            Ok(Some(answer)) => return Step::Answer(Stored::from_answer(answer, "hit")),
+            Ok(None) => {}
+            Err(_) => return Step::Alone,
+        }
+        match redis.take_lease(hex).await {
+            Ok(Some(lease)) => return Step::Lead(lease),
+            Ok(None) => {}
+            Err(_) => return Step::Alone,
+        }
+        let mut delay = Duration::from_millis(25);
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(400));
+            for kind in [Kind::Result, Kind::Cache] {
+                match redis.get(kind, hex).await {
+                    Ok(Some(answer)) => {
+                        return Step::Answer(Stored::from_answer(answer, "coalesced"));
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Step::Alone,
+                }
+            }
+            match redis.leased(hex).await {
+                Ok(true) => {}
+                // Ended without an answer for others, or its leader died.
+                Ok(false) => break,
+                Err(_) => return Step::Alone,
+            }
+        }
+    }
+}
+
+/// A held lease, renewed while the call runs and given up when it ends.
+struct Held {
+    redis: Arc<Redis>,
+    lease: Lease,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    fn new(redis: Arc<Redis>, lease: Lease) -> Held {
+        let (r, l) = (redis.clone(), lease.clone());
+        let renewing = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(r.lease / 3).await;
+                if !matches!(r.renew(&l).await, Ok(true)) {
+                    return;
+                }
+            }
+        });
+        Held {
+            redis,
+            lease,
+            renewing,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.renewing.abort();
+        let (redis, lease) = (self.redis.clone(), self.lease.clone());
+        tokio::spawn(async move {
+            let _ = redis.release(&lease).await;
+        });
     }
 }
 
@@ -508,6 +689,7 @@ mod tests {
             headers,
             body: Bytes::from(z.finish().unwrap()),
             personal: false,
+            elsewhere: None,
         };
         assert_eq!(stored.usage().map(|u| u.total), Some(3));
         let mut gzip_caller = HeaderMap::new();

@@ -29,6 +29,16 @@ fn bounded(cost: &Cost) -> [u64; 3] {
 pub const DIM_NAMES: [&str; 3] = ["requests", "tokens", "images"];
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// The first dimension in which `cost` is more than a whole minute's limit,
+/// with that limit: such a call can never be admitted.
+pub fn exceeds(per_minute: &[Option<u64>; 3], cost: &Cost) -> Option<(usize, u64)> {
+    let c = cost.dims();
+    (0..3).find_map(|d| {
+        let limit = per_minute[d]?;
+        (c[d] > limit).then_some((d, limit))
+    })
+}
+
 /// Per-minute limits of a pool and how they are enforced.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -118,11 +128,7 @@ impl Ledger {
     /// The first dimension in which `cost` is more than a whole minute's
     /// limit, with that limit: such a call can never be admitted.
     pub fn never_fits(&self, cost: &Cost) -> Option<(usize, u64)> {
-        let c = cost.dims();
-        (0..3).find_map(|d| {
-            let limit = self.limits.per_minute[d]?;
-            (c[d] > limit).then_some((d, limit))
-        })
+        exceeds(&self.limits.per_minute, cost)
     }
 
     /// What one burst window admits, per dimension (`u64::MAX`: unlimited).

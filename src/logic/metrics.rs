@@ -109,6 +109,7 @@ pub struct Metrics {
     cost: Family<Model, Usd>,
     saved: Family<Reason, Usd>,
     after_send: Family<AfterSendLabels, Counter>,
+    degraded: Gauge,
     models: Mutex<HashSet<String>>,
     pub prices: Prices,
 }
@@ -129,6 +130,7 @@ impl Metrics {
             cost: Family::default(),
             saved: Family::default(),
             after_send: Family::default(),
+            degraded: Gauge::default(),
             models: Mutex::new(HashSet::new()),
             prices: Prices::new(prices),
         };
@@ -157,6 +159,11 @@ impl Metrics {
             "penstock_upstream_duration_seconds",
             "Time from sending an attempt to its response head",
             m.upstream_duration.clone(),
+        );
+        r.register(
+            "penstock_state_degraded",
+            "1 while the shared state (Redis) is unavailable and each pool keeps a local share of its limits",
+            m.degraded.clone(),
         );
         r.register(
             "penstock_queue_depth",
@@ -311,7 +318,9 @@ impl Metrics {
     }
 
     /// The Prometheus text, with pool gauges read now.
-    pub fn encode(&self, pools: &[PoolStatus]) -> String {
+    /// `degraded`: the shared state is configured and unavailable.
+    pub fn encode(&self, pools: &[PoolStatus], degraded: bool) -> String {
+        self.degraded.set(i64::from(degraded));
         let mut depth: BTreeMap<&str, i64> = BTreeMap::new();
         let mut remaining: BTreeMap<(&str, &'static str), i64> = BTreeMap::new();
         for p in pools {
@@ -370,7 +379,7 @@ mod tests {
         let m = Metrics::new(&BTreeMap::new());
         m.request("images.generations", Some("gpt-image-1"), 200, "miss");
         m.attempt("images.generations", Some("gpt-image-1"), "success", 0.3);
-        let text = m.encode(&[]);
+        let text = m.encode(&[], false);
         assert!(text.contains(
             "penstock_requests_total{route=\"images.generations\",model=\"gpt-image-1\",status=\"200\",cache=\"miss\"} 1"
         ), "{text}");

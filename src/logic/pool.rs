@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::learn::{Learner, Source};
 use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
+use crate::state::{Answer, Booking, PoolKey, Redis, RemoteLimits};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::Problem;
 use crate::vocab::headers::RateLimitHeaders;
@@ -67,6 +68,16 @@ pub struct Tripped {
 }
 
 impl Tripped {
+    /// An answer another replica tripped the shared breaker with.
+    fn from_answer(answer: Answer, until: Instant) -> Tripped {
+        Tripped {
+            until,
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+        }
+    }
+
     /// The upstream's own answer, marked as repeated by penstock.
     pub fn parts(&self) -> (http::response::Parts, bytes::Bytes) {
         let mut resp = http::Response::new(());
@@ -143,12 +154,58 @@ impl Problem for Refusal {
 /// For the probe after a pause: which pause.
 type Probe = Option<u64>;
 
+/// A reservation in the shared ledger: its id, and its time on Redis's clock.
+#[derive(Debug, Clone, Copy)]
+struct Booked {
+    id: u64,
+    at: u64,
+}
+
+/// An admission: charged here (and in the shared ledger, with Redis), and the
+/// moment the call may go (a shared reservation can be a moment ahead).
+#[derive(Debug)]
+struct Granted {
+    ticket: Ticket,
+    probe: Probe,
+    booked: Option<Booked>,
+    not_before: Instant,
+}
+
 /// What a queued request is sent when its wait ends.
-type Admission = Result<(Ticket, Probe), Arc<Tripped>>;
+type Admission = Result<Granted, Arc<Tripped>>;
+
+/// How far ahead the shared ledger may reserve a slot: close enough that a
+/// reservation is not held long, far enough that a replica's next call is
+/// booked before the slot comes.
+const HORIZON: Duration = Duration::from_millis(200);
+
+/// A pool whose ledger is shared by several replicas, in Redis.
+pub struct Remote {
+    pub redis: Arc<Redis>,
+    pub key: PoolKey,
+}
+
+/// Limits divided into a replica's share, for while Redis is unavailable.
+fn share_of(limits: &Limits, share: u32) -> [Option<u64>; 3] {
+    limits
+        .per_minute
+        .map(|l| l.map(|l| (l / u64::from(share.max(1))).max(1)))
+}
 
 struct State {
     ledger: Ledger,
-    queue: FairQueue<oneshot::Sender<Admission>>,
+    /// The pool's whole limits; with Redis, the local ledger holds a share.
+    full: Limits,
+    /// The share the local ledger holds (1: all of it).
+    share: u32,
+    /// With Redis: the epoch of Redis's health last synchronised with.
+    epoch: u64,
+    /// What was admitted on the local share while Redis was away, told to the
+    /// shared ledger when it returns.
+    spent_alone: Vec<(Instant, Cost)>,
+    /// The shared ledger said this cost fits no earlier than then.
+    remote_retry: Option<(Instant, Cost)>,
+    queue: FairQueue<(u64, oneshot::Sender<Admission>)>,
     in_flight: usize,
     next_id: u64,
     tripped: Option<Arc<Tripped>>,
@@ -190,6 +247,8 @@ pub struct Pool {
     /// Requests waiting across all pools, against `max_depth`.
     depth: Arc<AtomicUsize>,
     max_depth: usize,
+    /// The shared ledger, with the Redis backend.
+    remote: Option<Remote>,
 }
 
 /// `/status` view of a pool.
@@ -214,6 +273,8 @@ pub struct Settings {
     pub probe_grace: Duration,
     /// Limits learned from the upstream instead of configured.
     pub learner: Option<Learner>,
+    /// A ledger shared with other replicas.
+    pub remote: Option<Remote>,
 }
 
 impl Pool {
@@ -230,11 +291,15 @@ impl Pool {
             mut max_in_flight,
             probe_grace,
             learner,
+            remote,
         } = settings;
         if let Some(learned) = learner.as_ref().map(Learner::learned) {
             limits.per_minute = learned.per_minute;
             max_in_flight = learned.max_in_flight;
         }
+        let full = limits;
+        let share = remote.as_ref().map_or(1, |r| r.redis.fallback_share());
+        limits.per_minute = share_of(&full, share);
         let pool = Arc::new(Pool {
             name,
             credential,
@@ -242,7 +307,12 @@ impl Pool {
             probe_grace,
             state: Mutex::new(State {
                 ledger: Ledger::new(limits),
-                queue: FairQueue::new(Ledger::new(limits).burst_caps()),
+                full,
+                share,
+                epoch: 0,
+                spent_alone: Vec::new(),
+                remote_retry: None,
+                queue: FairQueue::new(Ledger::new(full).burst_caps()),
                 in_flight: 0,
                 next_id: 0,
                 tripped: None,
@@ -256,6 +326,7 @@ impl Pool {
             closed: std::sync::atomic::AtomicBool::new(false),
             depth,
             max_depth,
+            remote,
         });
         tokio::spawn(drive(pool.clone()));
         pool
@@ -279,15 +350,40 @@ impl Pool {
     }
 
     /// Charges an admitted call; while recovering, it is the probe (of the
-    /// pause it names).
-    fn admit(&self, st: &mut State, now: Instant, cost: &Cost) -> (Ticket, Probe) {
+    /// pause it names). On the local share while Redis is away, it is kept to
+    /// tell the shared ledger later.
+    fn admit(&self, st: &mut State, now: Instant, cost: &Cost, booked: Option<Booked>) -> Granted {
         let ticket = st.ledger.charge(now, cost);
+        if self.remote.is_some() && booked.is_none() {
+            st.spent_alone.push((now, *cost));
+        }
         st.in_flight += 1;
         let probe = (st.recovering && st.probe_out.is_none()).then_some(st.pauses);
         if probe.is_some() {
             st.probe_out = Some(now);
         }
-        (ticket, probe)
+        Granted {
+            ticket,
+            probe,
+            booked,
+            not_before: now,
+        }
+    }
+
+    /// The shared ledger decides admission (Redis is healthy).
+    fn shared(&self) -> Option<&Remote> {
+        self.remote.as_ref().filter(|r| r.redis.healthy())
+    }
+
+    fn permit(self: &Arc<Self>, granted: &Granted, cost: Cost, queued: Duration) -> Permit {
+        Permit {
+            pool: self.clone(),
+            ticket: granted.ticket,
+            booked: granted.booked,
+            cost,
+            probe: granted.probe,
+            queued,
+        }
     }
 
     /// Waits (fairly, up to `max_wait`) until `cost` fits, then charges it.
@@ -303,7 +399,7 @@ impl Pool {
             if let Some(tripped) = st.tripped(start) {
                 return Err(Refusal::CircuitOpen(tripped));
             }
-            if let Some((d, limit)) = st.ledger.never_fits(&cost) {
+            if let Some((d, limit)) = super::ledger::exceeds(&st.full.per_minute, &cost) {
                 return Err(Refusal::TooLarge {
                     pool: self.name.clone(),
                     dimension: DIM_NAMES[d],
@@ -311,18 +407,14 @@ impl Pool {
                     asked: cost.dims()[d],
                 });
             }
-            if st.queue.is_empty()
+            // With a shared ledger, only the admission task asks Redis.
+            if self.shared().is_none()
+                && st.queue.is_empty()
                 && self.has_slot(&mut st, start)
                 && st.ledger.ready_at(start, &cost) <= start
             {
-                let (ticket, probe) = self.admit(&mut st, start, &cost);
-                return Ok(Permit {
-                    pool: self.clone(),
-                    ticket,
-                    cost,
-                    probe,
-                    queued: Duration::ZERO,
-                });
+                let granted = self.admit(&mut st, start, &cost, None);
+                return Ok(self.permit(&granted, cost, Duration::ZERO));
             }
             let depth = self.depth.load(Ordering::Relaxed);
             if depth >= self.max_depth {
@@ -345,7 +437,7 @@ impl Pool {
             let id = st.next_id;
             st.next_id += 1;
             let (tx, rx) = oneshot::channel();
-            st.queue.push(client, id, cost, tx);
+            st.queue.push(client, id, cost, (id, tx));
             self.depth.fetch_add(1, Ordering::Relaxed);
             (id, rx)
         };
@@ -362,15 +454,15 @@ impl Pool {
                 waiting.admitted = true;
                 Err(Refusal::CircuitOpen(tripped))
             }
-            Ok(Ok(Ok((ticket, probe)))) => {
+            Ok(Ok(Ok(granted))) => {
                 waiting.admitted = true;
-                Ok(Permit {
-                    pool: self.clone(),
-                    ticket,
-                    cost,
-                    probe,
-                    queued: start.elapsed(),
-                })
+                // A shared reservation may be a moment ahead; leaving before
+                // it comes gives it back.
+                let unsent = Unsent(Some(self.permit(&granted, cost, Duration::ZERO)));
+                tokio::time::sleep_until(granted.not_before).await;
+                let mut permit = unsent.send();
+                permit.queued = start.elapsed();
+                Ok(permit)
             }
             // The sender is only dropped with the pool; treat it as a timeout.
             Ok(Err(_)) | Err(_) => {
@@ -388,45 +480,209 @@ impl Pool {
         }
     }
 
-    /// Admits queued requests while they fit; returns when to try again (`None`:
-    /// when woken, by a finished call or a new arrival).
+    /// Admits queued requests while they fit on the local ledger; returns when
+    /// to try again (`None`: when woken, by a finished call or a new arrival).
     fn pump(&self) -> Option<Instant> {
         let mut st = self.lock();
-        if let Some(tripped) = st.tripped(Instant::now()) {
-            // Nobody waiting can be served: answer them all now.
-            while let Some(tx) = st.queue.pop() {
-                self.depth.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send(Err(tripped.clone()));
-            }
+        if self.answer_tripped(&mut st) {
             return None;
         }
         loop {
             let now = Instant::now();
             let cost = *st.queue.front()?.0;
             if !self.has_slot(&mut st, now) {
-                // Waiting for a call to end, or for the probe's grace to pass.
-                return st
-                    .probe_out
-                    .filter(|_| st.recovering)
-                    .map(|since| since + self.probe_grace);
+                return self.probe_due(&st);
             }
             let at = st.ledger.ready_at(now, &cost);
             if at > now {
                 return Some(at);
             }
-            let tx = st.queue.pop()?;
+            let (_, tx) = st.queue.pop()?;
             self.depth.fetch_sub(1, Ordering::Relaxed);
-            let admitted = self.admit(&mut st, now, &cost);
-            if let Err(Ok((ticket, probe))) = tx.send(Ok(admitted)) {
+            let granted = self.admit(&mut st, now, &cost, None);
+            if let Err(Ok(granted)) = tx.send(Ok(granted)) {
                 // Its client left between its turn and now: nothing is charged.
-                release(&mut st, ticket, probe);
+                self.release(&mut st, granted);
             }
         }
+    }
+
+    /// While the breaker is open nobody waiting can be served: answers them
+    /// all now. True if it is open.
+    fn answer_tripped(&self, st: &mut State) -> bool {
+        let Some(tripped) = st.tripped(Instant::now()) else {
+            return false;
+        };
+        while let Some((_, tx)) = st.queue.pop() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(Err(tripped.clone()));
+        }
+        true
+    }
+
+    /// Waiting for a call to end, or for the probe's grace to pass.
+    fn probe_due(&self, st: &State) -> Option<Instant> {
+        st.probe_out
+            .filter(|_| st.recovering)
+            .map(|since| since + self.probe_grace)
+    }
+
+    /// Admits queued requests as the shared ledger reserves their slots.
+    async fn pump_shared(&self, remote: &Remote) -> Option<Instant> {
+        self.rejoin(remote).await;
+        loop {
+            let now = Instant::now();
+            let (cost, id, limits) = {
+                let mut st = self.lock();
+                if self.answer_tripped(&mut st) {
+                    return None;
+                }
+                let (cost, (id, _)) = st.queue.front()?;
+                let (cost, id) = (*cost, *id);
+                if !self.has_slot(&mut st, now) {
+                    return self.probe_due(&st);
+                }
+                if let Some((at, asked)) = st.remote_retry
+                    && at > now
+                    && asked == cost
+                {
+                    return Some(at);
+                }
+                let full = st.full;
+                let limits = RemoteLimits {
+                    per_minute: full.per_minute,
+                    burst: full.burst,
+                    margin: full.margin,
+                };
+                (cost, id, limits)
+            };
+            let booking = remote
+                .redis
+                .book(&remote.key, &cost, &limits, HORIZON)
+                .await;
+            let now = Instant::now();
+            match booking {
+                // Redis went away: the local share takes over at once.
+                Err(_) => return Some(now),
+                Ok(Booking::Wait(wait)) => {
+                    let at = now + wait.saturating_sub(HORIZON).max(Duration::from_millis(1));
+                    self.lock().remote_retry = Some((at, cost));
+                    return Some(at);
+                }
+                Ok(Booking::Tripped(_)) => {
+                    if let Ok(Some((answer, left))) = remote.redis.tripped(&remote.key).await {
+                        self.lock().tripped = Some(Arc::new(Tripped::from_answer(
+                            answer,
+                            Instant::now() + left,
+                        )));
+                    }
+                    continue;
+                }
+                Ok(Booking::Booked {
+                    id: booked,
+                    wait,
+                    at,
+                }) => {
+                    let booked = Booked { id: booked, at };
+                    let mut st = self.lock();
+                    st.remote_retry = None;
+                    // The front may have changed while Redis answered.
+                    let same = st
+                        .queue
+                        .front()
+                        .is_some_and(|(c, (front, _))| *front == id && *c == cost);
+                    if !same || !self.has_slot(&mut st, now) {
+                        drop(st);
+                        self.cancel_booking(booked);
+                        continue;
+                    }
+                    let Some((_, tx)) = st.queue.pop() else {
+                        continue;
+                    };
+                    self.depth.fetch_sub(1, Ordering::Relaxed);
+                    let mut granted = self.admit(&mut st, now, &cost, Some(booked));
+                    granted.not_before = now + wait;
+                    if let Err(Ok(granted)) = tx.send(Ok(granted)) {
+                        self.release(&mut st, granted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After Redis was away: tells the shared ledger what was spent on the
+    /// local share meanwhile (so rejoining is no burst), and follows a change
+    /// in the number of replicas the limits are shared by.
+    async fn rejoin(&self, remote: &Remote) {
+        let epoch = remote.redis.epoch();
+        let share = remote.redis.fallback_share();
+        let (spent, limits) = {
+            let mut st = self.lock();
+            if st.share != share {
+                st.share = share;
+                let per_minute = share_of(&st.full, share);
+                st.ledger.set_limits(per_minute);
+            }
+            if st.epoch == epoch {
+                return;
+            }
+            st.epoch = epoch;
+            let now = Instant::now();
+            let window = Duration::from_secs(60) + st.full.margin;
+            let spent: Vec<(Duration, Cost)> = std::mem::take(&mut st.spent_alone)
+                .into_iter()
+                .filter(|(at, _)| now.duration_since(*at) < window)
+                .map(|(at, c)| (now.duration_since(at), c))
+                .collect();
+            let full = st.full;
+            let limits = RemoteLimits {
+                per_minute: full.per_minute,
+                burst: full.burst,
+                margin: full.margin,
+            };
+            (spent, limits)
+        };
+        if !spent.is_empty() {
+            tracing::info!(pool = %self.name, calls = spent.len(), "told the shared ledger what was spent while redis was away");
+            let _ = remote.redis.replay(&remote.key, &spent, &limits).await;
+        }
+    }
+
+    /// Gives a shared reservation back (its caller left before using it).
+    fn cancel_booking(&self, booked: Booked) {
+        if let Some(remote) = &self.remote {
+            let (redis, key) = (remote.redis.clone(), remote.key.clone());
+            tokio::spawn(async move {
+                let _ = redis.settle(&key, booked.id, &Cost::default()).await;
+            });
+        }
+    }
+
+    /// Undoes an admission whose client is gone.
+    fn release(&self, st: &mut State, granted: Granted) {
+        st.ledger.settle(granted.ticket, &Cost::default());
+        if let Some(booked) = granted.booked {
+            self.cancel_booking(booked);
+        }
+        st.in_flight -= 1;
+        probe_done(st, granted.probe);
     }
 
     /// Answers this pool's queued and new requests with the upstream's money error
     /// until the cool-down ends.
     pub fn trip(&self, tripped: Tripped) {
+        if let Some(remote) = &self.remote {
+            let answer = Answer {
+                status: tripped.status,
+                headers: tripped.headers.clone(),
+                body: tripped.body.clone(),
+            };
+            let cooldown = tripped.until.saturating_duration_since(Instant::now());
+            let (redis, key) = (remote.redis.clone(), remote.key.clone());
+            tokio::spawn(async move {
+                let _ = redis.trip(&key, &answer, cooldown).await;
+            });
+        }
         self.lock().tripped = Some(Arc::new(tripped));
         self.wake.notify_one();
     }
@@ -435,6 +691,14 @@ impl Pool {
     /// one call probes before the rest follow.
     pub fn pause(&self, until: Instant) {
         let mut st = self.lock();
+        if let Some(remote) = &self.remote {
+            let delay = until.saturating_duration_since(Instant::now()) + st.full.margin;
+            let (redis, key) = (remote.redis.clone(), remote.key.clone());
+            tokio::spawn(async move {
+                let _ = redis.pause(&key, delay).await;
+            });
+        }
+        st.remote_retry = None;
         st.ledger.pause(until);
         st.recovering = true;
         // A probe still out from an earlier pause says nothing about this one.
@@ -471,8 +735,11 @@ impl Pool {
                 max_in_flight = learned.max_in_flight,
                 "learned the upstream's limits"
             );
-            st.ledger.set_limits(learned.per_minute);
-            let caps = st.ledger.burst_caps();
+            st.full.per_minute = learned.per_minute;
+            st.remote_retry = None;
+            let caps = Ledger::new(st.full).burst_caps();
+            let share = share_of(&st.full, st.share);
+            st.ledger.set_limits(share);
             st.queue.set_caps(caps);
             st.max_in_flight = learned.max_in_flight;
             drop(st);
@@ -531,7 +798,11 @@ impl Pool {
 
 async fn drive(pool: Arc<Pool>) {
     while !pool.closed.load(Ordering::Acquire) {
-        match pool.pump() {
+        let next = match pool.shared() {
+            Some(remote) => pool.pump_shared(remote).await,
+            None => pool.pump(),
+        };
+        match next {
             Some(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
@@ -541,13 +812,6 @@ async fn drive(pool: Arc<Pool>) {
             None => pool.wake.notified().await,
         }
     }
-}
-
-/// Undoes an admission whose client is gone.
-fn release(st: &mut State, ticket: Ticket, probe: Probe) {
-    st.ledger.settle(ticket, &Cost::default());
-    st.in_flight -= 1;
-    probe_done(st, probe);
 }
 
 /// The probe of the current pause is back: another may go.
@@ -574,9 +838,9 @@ impl Drop for Waiting {
         let mut st = self.pool.lock();
         if st.queue.remove(&self.client, self.id).is_some() {
             self.pool.depth.fetch_sub(1, Ordering::Relaxed);
-        } else if let Ok(Ok((ticket, probe))) = self.rx.try_recv() {
+        } else if let Ok(Ok(granted)) = self.rx.try_recv() {
             // Admitted just as it left: give the charge back.
-            release(&mut st, ticket, probe);
+            self.pool.release(&mut st, granted);
         }
         drop(st);
         self.pool.wake.notify_one();
@@ -588,6 +852,8 @@ impl Drop for Waiting {
 pub struct Permit {
     pool: Arc<Pool>,
     ticket: Ticket,
+    /// Its reservation in the shared ledger.
+    booked: Option<Booked>,
     cost: Cost,
     /// The one call let through after a rate-limit pause.
     probe: Probe,
@@ -603,6 +869,12 @@ impl Permit {
     /// Replaces the estimate with what the call really cost.
     pub fn settle(&self, actual: &Cost) {
         self.pool.lock().ledger.settle(self.ticket, actual);
+        if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked) {
+            let (redis, key, actual) = (remote.redis.clone(), remote.key.clone(), *actual);
+            tokio::spawn(async move {
+                let _ = redis.settle(&key, booked.id, &actual).await;
+            });
+        }
         self.pool.wake.notify_one();
     }
 
@@ -611,10 +883,17 @@ impl Permit {
         if headers == &RateLimitHeaders::default() {
             return;
         }
-        self.pool
-            .lock()
-            .ledger
-            .observe(Instant::now(), self.ticket.at, headers);
+        let margin = {
+            let mut st = self.pool.lock();
+            st.ledger.observe(Instant::now(), self.ticket.at, headers);
+            st.full.margin
+        };
+        if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked) {
+            let (redis, key, headers) = (remote.redis.clone(), remote.key.clone(), *headers);
+            tokio::spawn(async move {
+                let _ = redis.observe(&key, booked.at, margin, &headers).await;
+            });
+        }
     }
 
     /// The upstream answered this call without a rate limit. Only the probe,
@@ -629,6 +908,24 @@ impl Permit {
             st.recovering = false;
             drop(st);
             self.pool.wake.notify_one();
+        }
+    }
+}
+
+/// A permit whose shared reservation has not come yet: dropped so (its caller
+/// left), the reservation and the charge are given back.
+struct Unsent(Option<Permit>);
+
+impl Unsent {
+    fn send(mut self) -> Permit {
+        self.0.take().expect("an unsent permit is sent once")
+    }
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(permit) = self.0.take() {
+            permit.settle(&Cost::default());
         }
     }
 }
@@ -653,6 +950,7 @@ mod tests {
             max_in_flight,
             probe_grace: Duration::from_secs(2),
             learner: None,
+            remote: None,
         }
     }
 

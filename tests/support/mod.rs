@@ -8,6 +8,8 @@ use std::time::Duration;
 pub use fake_openai::{Behaviour, Fake, Limits};
 use penstock::{Config, Running};
 
+pub mod redis_server;
+
 pub struct Harness {
     pub fake: Fake,
     pub penstock: Running,

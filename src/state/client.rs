@@ -1,0 +1,238 @@
+//! The connection to Redis, its health, and the replicas it knows of.
+
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::config::StateConfig;
+
+/// The version of the key layout and scripts; part of every key.
+const VERSION: &str = "v1";
+
+const STARTING: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// Redis did not answer in time, or answered with an error: the caller falls
+/// back to what this replica knows alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Unavailable;
+
+/// The Redis connection, its health and the replicas it knows of.
+pub struct Redis {
+    conn: RwLock<Option<ConnectionManager>>,
+    /// `{prefix}:v1:`
+    pub(super) base: String,
+    /// This replica's id, as other replicas see it.
+    pub(super) replica: String,
+    command_timeout: Duration,
+    heartbeat: Duration,
+    /// How long a leader's lease on a shared call lasts unrenewed.
+    pub lease: Duration,
+    configured_replicas: Option<u32>,
+    /// [`STARTING`], [`UP`] or [`DOWN`].
+    health: AtomicU8,
+    /// Times Redis came back after being unavailable.
+    rejoins: AtomicU64,
+    /// The most replicas seen alive, for the fallback share.
+    most_replicas: AtomicU32,
+    live: Mutex<Vec<String>>,
+    /// The URL without its password, for logs and `/status`.
+    shown_url: String,
+}
+
+/// `/status` view of the backend.
+#[derive(Debug, serde::Serialize)]
+pub struct Status {
+    pub backend: &'static str,
+    pub url: String,
+    pub healthy: bool,
+    pub replica: String,
+    pub live_replicas: Vec<String>,
+    /// While Redis is unavailable each limit is divided by this.
+    pub fallback_share: u32,
+}
+
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+impl Redis {
+    /// Checks the URL and starts connecting and the heartbeat in the
+    /// background: until Redis answers, the replica serves on its local share.
+    pub fn start(config: &StateConfig) -> Result<Arc<Redis>, String> {
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| e.to_string())?;
+        let replica = format!(
+            "{}-{}-{:08x}",
+            hostname(),
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let redis = Arc::new(Redis {
+            conn: RwLock::new(None),
+            base: format!("{}:{VERSION}:", config.key_prefix),
+            replica,
+            command_timeout: config.command_timeout,
+            heartbeat: config.heartbeat,
+            lease: config.lease,
+            configured_replicas: config.replicas,
+            health: AtomicU8::new(STARTING),
+            rejoins: AtomicU64::new(0),
+            most_replicas: AtomicU32::new(0),
+            live: Mutex::new(Vec::new()),
+            shown_url: crate::vocab::url::BaseUrl::redact(&config.redis_url),
+        });
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(config.heartbeat);
+        let weak = Arc::downgrade(&redis);
+        let connect_timeout = config.connect_timeout;
+        tokio::spawn(async move {
+            loop {
+                let Some(redis) = weak.upgrade() else { return };
+                let missing = redis.read_conn().is_none();
+                if missing {
+                    let made = tokio::time::timeout(
+                        connect_timeout * 2,
+                        ConnectionManager::new_with_config(client.clone(), manager.clone()),
+                    )
+                    .await;
+                    match made {
+                        Ok(Ok(conn)) => {
+                            *redis.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn)
+                        }
+                        Ok(Err(e)) => redis.down(&e.to_string()),
+                        Err(_) => redis.down("connecting timed out"),
+                    }
+                }
+                redis.beat().await;
+                let pause = redis.heartbeat;
+                drop(redis);
+                tokio::time::sleep(pause).await;
+            }
+        });
+        Ok(redis)
+    }
+
+    fn read_conn(&self) -> Option<ConnectionManager> {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Says this replica is alive and learns who else is; Redis is healthy
+    /// again when this succeeds.
+    async fn beat(&self) {
+        let Some(mut conn) = self.read_conn() else {
+            return;
+        };
+        let window = (self.heartbeat * 3).as_millis() as u64;
+        let script = redis::Script::new(HEARTBEAT);
+        let mut inv = script.key(format!("{}replicas", self.base));
+        inv.arg(&self.replica).arg(window);
+        let call = inv.invoke_async::<Vec<String>>(&mut conn);
+        match tokio::time::timeout(self.command_timeout, call).await {
+            Ok(Ok(live)) => {
+                self.most_replicas
+                    .fetch_max(live.len().min(u32::MAX as usize) as u32, Ordering::Relaxed);
+                *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
+                self.up();
+            }
+            Ok(Err(e)) => self.down(&e.to_string()),
+            Err(_) => self.down("the heartbeat timed out"),
+        }
+    }
+
+    fn up(&self) {
+        if self.health.swap(UP, Ordering::AcqRel) != UP {
+            self.rejoins.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(url = %self.shown_url, replica = %self.replica, "redis available: budgets, cache and breaker are shared");
+        }
+    }
+
+    /// Logged once per change of health, and once at start if Redis never came.
+    fn down(&self, why: &str) {
+        if self.health.swap(DOWN, Ordering::AcqRel) != DOWN {
+            let share = self.fallback_share();
+            tracing::warn!(url = %self.shown_url, error = why, share, "redis unavailable: each pool keeps 1/{share} of its limits until it returns");
+        }
+    }
+
+    /// Redis answered the last heartbeat and no command has failed since.
+    pub fn healthy(&self) -> bool {
+        self.health.load(Ordering::Acquire) == UP
+    }
+
+    /// Changes each time Redis comes back: a pool that served on its own share
+    /// meanwhile tells the shared ledger what it spent.
+    pub fn epoch(&self) -> u64 {
+        self.rejoins.load(Ordering::Acquire)
+    }
+
+    /// While Redis is unavailable, each pool keeps `1/share` of its limits:
+    /// the configured replica count, else the most replicas seen alive.
+    pub fn fallback_share(&self) -> u32 {
+        self.configured_replicas
+            .unwrap_or_else(|| self.most_replicas.load(Ordering::Relaxed))
+            .max(1)
+    }
+
+    /// A connection, when Redis is believed healthy.
+    pub(super) fn conn(&self) -> Result<ConnectionManager, Unavailable> {
+        if !self.healthy() {
+            return Err(Unavailable);
+        }
+        self.read_conn().ok_or(Unavailable)
+    }
+
+    /// Runs one command (or script) within the command timeout; a failure
+    /// marks Redis unavailable until the next heartbeat succeeds.
+    pub(super) async fn timed<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.command_timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.down(&e.to_string());
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.down("a command timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            backend: "redis",
+            url: self.shown_url.clone(),
+            healthy: self.healthy(),
+            replica: self.replica.clone(),
+            live_replicas: self.live.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            fallback_share: self.fallback_share(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(32)
+                .collect()
+        })
+        .filter(|h: &String| !h.is_empty())
+        .unwrap_or_else(|| "penstock".to_string())
+}

@@ -1,0 +1,358 @@
+//! A pool's ledger in Redis, shared by every replica: the same sliding windows
+//! as the in-process ledger (`logic::ledger`), a minute and a burst window per
+//! dimension, kept as two sorted sets of entries, their costs and running sums.
+//!
+//! Each admission is one script, atomic in Redis and timed by Redis's clock:
+//! it reserves the estimate in every dimension at once, at the earliest moment
+//! the windows, the upstream's last `x-ratelimit-remaining` and any pause
+//! allow, if that moment is within the booking horizon; else it answers when
+//! to ask again. A replica so never asks Redis in a loop: it sleeps until the
+//! moment the script named. Entries are settled later (refund or debt), and
+//! the upstream's 429 pauses the pool for every replica.
+
+use std::time::Duration;
+
+use super::client::{Redis, Unavailable};
+use crate::vocab::cost::Cost;
+use crate::vocab::headers::RateLimitHeaders;
+
+/// The most one number sent to a script may be: Lua's numbers are doubles,
+/// exact to 2^53, and a window sums many entries.
+const MAX_NUMBER: u64 = 1 << 40;
+
+/// The keys of one pool, all under one hash tag.
+#[derive(Debug, Clone)]
+pub struct PoolKey {
+    keys: [String; 5],
+}
+
+/// A pool's limits as the scripts take them.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteLimits {
+    pub per_minute: [Option<u64>; 3],
+    pub burst: Duration,
+    pub margin: Duration,
+}
+
+/// What the shared ledger said to a request for admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Booking {
+    /// Reserved: the call may go `wait` from now. `id` settles it later; `at`
+    /// is the reservation's time on Redis's clock.
+    Booked { id: u64, wait: Duration, at: u64 },
+    /// Not within the horizon: ask again in `wait`.
+    Wait(Duration),
+    /// The quota breaker is open for this long more.
+    Tripped(Duration),
+}
+
+const LIB: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function parse(s)
+  local a, b, c = string.match(s, '(%d+),(%d+),(%d+)')
+  return {tonumber(a), tonumber(b), tonumber(c)}
+end
+"#;
+
+/// KEYS: state, burst, minute, cost, breaker. ARGV: mode (`book`, or `force`
+/// to record what was spent while Redis was away), cost x3, per-minute limits
+/// x3 (-1: none), burst ms, margin ms, horizon ms (force: the charge's age).
+const BOOK: &str = r#"
+local force = ARGV[1] == 'force'
+if not force then
+  local br = redis.call('PTTL', KEYS[5])
+  if br > 0 then return {-2, br} end
+end
+local cost = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local lim = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])}
+local burst = tonumber(ARGV[8])
+local margin = tonumber(ARGV[9])
+local bw = burst + margin
+local mw = 60000 + margin
+local function expire(z, window, f, last)
+  local old = redis.call('ZRANGEBYSCORE', z, '-inf', now - window)
+  for _, id in ipairs(old) do
+    local c = redis.call('HGET', KEYS[4], id)
+    if c then
+      local v = parse(c)
+      for d = 1, 3 do
+        if v[d] > 0 then redis.call('HINCRBY', KEYS[1], f .. d, -v[d]) end
+      end
+      if last then redis.call('HDEL', KEYS[4], id) end
+    end
+  end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now - window) end
+end
+expire(KEYS[2], bw, 'b', false)
+expire(KEYS[3], mw, 'm', true)
+local st = redis.call('HMGET', KEYS[1], 'b1', 'b2', 'b3', 'm1', 'm2', 'm3', 'paused',
+  'h1r', 'h1u', 'h2r', 'h2u', 'h3r', 'h3u')
+local at = now
+local paused = tonumber(st[7]) or 0
+if paused > at then at = paused end
+if not force then
+  for d = 1, 3 do
+    if lim[d] >= 0 and cost[d] > 0 then
+      local bcap = math.max(1, math.floor(lim[d] * burst / 60000))
+      local wins = {{tonumber(st[d]) or 0, bcap, KEYS[2], bw}, {tonumber(st[3 + d]) or 0, lim[d], KEYS[3], mw}}
+      for _, w in ipairs(wins) do
+        local used, cap = w[1], w[2]
+        if used + cost[d] > cap then
+          local need = used + cost[d] - cap
+          if cost[d] > cap then need = used end
+          local freed = 0
+          local found = false
+          local es = redis.call('ZRANGE', w[3], 0, -1, 'WITHSCORES')
+          for i = 1, #es, 2 do
+            local c = redis.call('HGET', KEYS[4], es[i])
+            if c then freed = freed + parse(c)[d] end
+            if freed >= need then
+              local when = tonumber(es[i + 1]) + w[4]
+              if when > at then at = when end
+              found = true
+              break
+            end
+          end
+          if not found and now + w[4] > at then at = now + w[4] end
+        end
+      end
+      local hr = tonumber(st[6 + 2 * d])
+      local hu = tonumber(st[7 + 2 * d])
+      if hr and hu and hu > now and hr < cost[d] and hu > at then at = hu end
+    end
+  end
+  if at > now + tonumber(ARGV[10]) then return {0, at - now} end
+end
+local when = at
+if force then when = now - tonumber(ARGV[10]) end
+local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('ZADD', KEYS[2], when, id)
+redis.call('ZADD', KEYS[3], when, id)
+redis.call('HSET', KEYS[4], id, string.format('%d,%d,%d', cost[1], cost[2], cost[3]))
+for d = 1, 3 do
+  if cost[d] > 0 then
+    redis.call('HINCRBY', KEYS[1], 'b' .. d, cost[d])
+    redis.call('HINCRBY', KEYS[1], 'm' .. d, cost[d])
+    local hr = tonumber(st[6 + 2 * d])
+    if hr then redis.call('HSET', KEYS[1], 'h' .. d .. 'r', math.max(0, hr - cost[d])) end
+  end
+end
+local keep = mw + 60000
+for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], keep) end
+return {1, id, at - now, when}
+"#;
+
+/// KEYS: state, burst, minute, cost. ARGV: id, cost x3.
+const SETTLE: &str = r#"
+local old = redis.call('HGET', KEYS[4], ARGV[1])
+if not old then return 0 end
+local o = parse(old)
+local n = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local in_burst = redis.call('ZSCORE', KEYS[2], ARGV[1])
+for d = 1, 3 do
+  local delta = n[d] - o[d]
+  if delta ~= 0 then
+    redis.call('HINCRBY', KEYS[1], 'm' .. d, delta)
+    if in_burst then redis.call('HINCRBY', KEYS[1], 'b' .. d, delta) end
+  end
+end
+redis.call('HSET', KEYS[4], ARGV[1], string.format('%d,%d,%d', n[1], n[2], n[3]))
+return 1
+"#;
+
+/// KEYS: state, burst, minute, cost. ARGV: the observed call's booking time,
+/// margin ms, then per dimension remaining and reset ms (-1: not announced).
+const OBSERVE: &str = r#"
+local seen = tonumber(ARGV[1])
+local margin = tonumber(ARGV[2])
+for d = 1, 3 do
+  local rem = tonumber(ARGV[1 + 2 * d])
+  local reset = tonumber(ARGV[2 + 2 * d])
+  if rem >= 0 then
+    local untl = seen + reset + margin
+    local cur = tonumber(redis.call('HGET', KEYS[1], 'h' .. d .. 's')) or -1
+    if untl > now and cur <= seen then
+      -- Calls booked since were not in the upstream's figure.
+      local since = 0
+      local es = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. seen, '+inf')
+      for _, id in ipairs(es) do
+        local c = redis.call('HGET', KEYS[4], id)
+        if c then since = since + parse(c)[d] end
+      end
+      redis.call('HSET', KEYS[1], 'h' .. d .. 'r', math.max(0, rem - since),
+        'h' .. d .. 'u', untl, 'h' .. d .. 's', seen)
+    end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], 180000)
+return 1
+"#;
+
+/// KEYS: state. ARGV: delay ms (margin included).
+const PAUSE: &str = r#"
+local untl = now + tonumber(ARGV[1])
+local cur = tonumber(redis.call('HGET', KEYS[1], 'paused')) or 0
+if untl > cur then redis.call('HSET', KEYS[1], 'paused', untl) end
+redis.call('PEXPIRE', KEYS[1], 180000)
+return 1
+"#;
+
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{LIB}{body}"))
+}
+
+fn ms(d: Duration) -> u64 {
+    (d.as_millis().min(MAX_NUMBER as u128)) as u64
+}
+
+fn number(n: u64) -> u64 {
+    n.min(MAX_NUMBER)
+}
+
+fn costs(cost: &Cost) -> [u64; 3] {
+    cost.dims().map(number)
+}
+
+static SCRIPTS: std::sync::LazyLock<[redis::Script; 4]> =
+    std::sync::LazyLock::new(|| [BOOK, SETTLE, OBSERVE, PAUSE].map(script));
+
+fn book() -> &'static redis::Script {
+    &SCRIPTS[0]
+}
+
+impl Redis {
+    /// The keys of the pool `name` paid by `credential` (a hash, never a key).
+    pub fn pool_key(&self, name: &str, credential: &str) -> PoolKey {
+        let mut h = blake3::Hasher::new();
+        h.update(name.as_bytes());
+        h.update(b"\0");
+        h.update(credential.as_bytes());
+        let id = &h.finalize().to_hex()[..20];
+        let base = format!("{}pool:{{{id}}}:", self.base);
+        PoolKey {
+            keys: ["state", "burst", "minute", "cost", "breaker"].map(|k| format!("{base}{k}")),
+        }
+    }
+
+    /// Asks the shared ledger to reserve `cost` within `horizon`.
+    pub async fn book(
+        &self,
+        pool: &PoolKey,
+        cost: &Cost,
+        limits: &RemoteLimits,
+        horizon: Duration,
+    ) -> Result<Booking, Unavailable> {
+        let reply: Vec<i64> = self
+            .run_book(pool, "book", cost, limits, ms(horizon))
+            .await?;
+        let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        Ok(match reply.first().copied() {
+            Some(1) => Booking::Booked {
+                id: at(1),
+                wait: Duration::from_millis(at(2)),
+                at: at(3),
+            },
+            Some(-2) => Booking::Tripped(Duration::from_millis(at(1))),
+            _ => Booking::Wait(Duration::from_millis(at(1))),
+        })
+    }
+
+    /// Records in the shared ledger what this replica spent on its own while
+    /// Redis was away, `age` ago, so rejoining is not a burst.
+    pub async fn replay(
+        &self,
+        pool: &PoolKey,
+        spent: &[(Duration, Cost)],
+        limits: &RemoteLimits,
+    ) -> Result<(), Unavailable> {
+        for (age, cost) in spent {
+            self.run_book(pool, "force", cost, limits, ms(*age)).await?;
+        }
+        Ok(())
+    }
+
+    async fn run_book(
+        &self,
+        pool: &PoolKey,
+        mode: &str,
+        cost: &Cost,
+        limits: &RemoteLimits,
+        last: u64,
+    ) -> Result<Vec<i64>, Unavailable> {
+        let mut conn = self.conn()?;
+        let c = costs(cost);
+        let lim = limits
+            .per_minute
+            .map(|l| l.map_or(-1, |l| number(l) as i64));
+        let mut inv = book().prepare_invoke();
+        for k in &pool.keys {
+            inv.key(k);
+        }
+        inv.arg(mode)
+            .arg(c[0])
+            .arg(c[1])
+            .arg(c[2])
+            .arg(lim[0])
+            .arg(lim[1])
+            .arg(lim[2])
+            .arg(ms(limits.burst))
+            .arg(ms(limits.margin))
+            .arg(last);
+        self.timed(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Replaces what a booked call counts as, once its real cost is known.
+    pub async fn settle(&self, pool: &PoolKey, id: u64, cost: &Cost) -> Result<(), Unavailable> {
+        let mut conn = self.conn()?;
+        let c = costs(cost);
+        let mut inv = SCRIPTS[1].prepare_invoke();
+        for k in &pool.keys[..4] {
+            inv.key(k);
+        }
+        inv.arg(id).arg(c[0]).arg(c[1]).arg(c[2]);
+        self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Folds in the upstream's `x-ratelimit-remaining-*` seen on the answer to
+    /// the call booked at `at` (Redis's clock).
+    pub async fn observe(
+        &self,
+        pool: &PoolKey,
+        at: u64,
+        margin: Duration,
+        headers: &RateLimitHeaders,
+    ) -> Result<(), Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[2].prepare_invoke();
+        for k in &pool.keys[..4] {
+            inv.key(k);
+        }
+        inv.arg(at).arg(ms(margin));
+        for dim in [headers.requests, headers.tokens, headers.images] {
+            match dim {
+                Some(r) => inv.arg(number(r.remaining) as i64).arg(ms(r.reset) as i64),
+                None => inv.arg(-1i64).arg(-1i64),
+            };
+        }
+        self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Pauses the pool for every replica: the upstream said it is rate limited.
+    pub async fn pause(&self, pool: &PoolKey, delay: Duration) -> Result<(), Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[3].prepare_invoke();
+        inv.key(&pool.keys[0]).arg(ms(delay));
+        self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
+        Ok(())
+    }
+}
+
+impl PoolKey {
+    /// The key of the pool's quota breaker.
+    pub(super) fn breaker(&self) -> &str {
+        &self.keys[4]
+    }
+}

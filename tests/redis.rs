@@ -1,0 +1,240 @@
+//! Several replicas, one OpenAI budget: penstocks sharing one real
+//! `redis-server` (started by each test on a free port) spend one ledger, one
+//! cache and one quota breaker, and fall back to a share of the limits when
+//! Redis goes away.
+
+mod support;
+
+use std::time::Duration;
+
+use penstock::config::{Backend, BudgetConfig};
+use penstock::{Config, Running};
+use serde_json::json;
+use support::redis_server::RedisServer;
+use support::*;
+
+/// The fake at ten requests a second, 0.2 to 0.6 s an image.
+fn ten_per_second() -> Behaviour {
+    Behaviour {
+        limits: Some(Limits {
+            requests: 10,
+            window: Duration::from_secs(1),
+            ..Limits::default()
+        }),
+        latency: (Duration::from_millis(200), Duration::from_millis(600)),
+        record_bodies: false,
+        ..Behaviour::default()
+    }
+}
+
+fn shared_config(upstream: &str, redis: &str) -> Config {
+    let mut c = config_for(upstream);
+    c.state.backend = Backend::Redis;
+    c.state.redis_url = redis.to_string();
+    c.state.heartbeat = Duration::from_millis(200);
+    c.budgets = vec![BudgetConfig {
+        models: vec!["gpt-image-*".into()],
+        rpm: Some(600),
+        ..BudgetConfig::default()
+    }];
+    c
+}
+
+struct Replica {
+    /// Serves while it is kept.
+    _running: Running,
+    url: String,
+    admin: String,
+}
+
+async fn replica(config: &Config) -> Replica {
+    config.validate("test").expect("valid config");
+    let running = penstock::start(config, |_| None).await.expect("starts");
+    Replica {
+        url: format!("http://{}", running.addr),
+        admin: format!("http://{}", running.admin_addr),
+        _running: running,
+    }
+}
+
+impl Replica {
+    async fn status(&self) -> serde_json::Value {
+        json(
+            http()
+                .get(format!("{}/status", self.admin))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Waits until this replica's view of Redis is `healthy` (and sees `live`
+    /// replicas at least).
+    async fn until_state(&self, healthy: bool, live: usize) {
+        for _ in 0..400 {
+            let s = self.status().await;
+            let seen = s["state"]["live_replicas"].as_array().map_or(0, Vec::len);
+            if s["state"]["healthy"] == healthy && (!healthy || seen >= live) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "redis never became healthy={healthy}: {}",
+            self.status().await
+        );
+    }
+}
+
+async fn replicas(n: usize, config: &Config) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(replica(config).await);
+    }
+    for r in &out {
+        r.until_state(true, n).await;
+    }
+    out
+}
+
+async fn generate(url: &str, prompt: &str) -> reqwest::Response {
+    http()
+        .post(format!("{url}/v1/images/generations"))
+        .header("authorization", "Bearer sk-test")
+        .json(&json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `n` generations with their own prompts, spread over the replicas in turn.
+async fn spread(replicas: &[Replica], n: usize, tag: &str) -> Vec<u16> {
+    let calls = (0..n).map(|i| {
+        let url = replicas[i % replicas.len()].url.clone();
+        let prompt = format!("{tag} {i}");
+        async move { generate(&url, &prompt).await.status().as_u16() }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_spend_one_budget_without_upstream_rate_limits() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(ten_per_second()).await;
+    let mut config = shared_config(&fake.url(), &redis.url());
+    config.retry.max_attempts = 1;
+    let group = replicas(3, &config).await;
+    let statuses = spread(&group, 90, "shared").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        fake.answered(429) <= 2,
+        "{} upstream 429s",
+        fake.answered(429)
+    );
+    assert_eq!(fake.answered(200), 90);
+    let status = group[0].status().await;
+    assert_eq!(status["state"]["backend"], "redis");
+    assert_eq!(
+        status["state"]["live_replicas"].as_array().unwrap().len(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_memory_state_three_replicas_overrun_the_limit() {
+    // What the shared ledger prevents: the same test with each replica on its
+    // own ledger draws the upstream's 429s.
+    let fake = Fake::start(ten_per_second()).await;
+    let mut config = shared_config(&fake.url(), "redis://127.0.0.1:1");
+    config.state.backend = Backend::Memory;
+    config.retry.max_attempts = 1;
+    let mut group = Vec::new();
+    for _ in 0..3 {
+        group.push(replica(&config).await);
+    }
+    let statuses = spread(&group, 90, "alone").await;
+    assert!(
+        statuses.iter().filter(|s| **s == 429).count() > 2,
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_prompt_at_three_replicas_costs_one_call_and_a_second_wave_none() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_millis(800), Duration::from_millis(800)),
+        ..Behaviour::default()
+    })
+    .await;
+    let group = replicas(3, &shared_config(&fake.url(), &redis.url())).await;
+    for wave in 0..2 {
+        let calls = group.iter().map(|r| async move {
+            let resp = generate(&r.url, "one lighthouse").await;
+            let outcome = resp.headers()["x-penstock-cache"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (resp.status(), outcome, resp.bytes().await.unwrap())
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        assert!(answers.iter().all(|(s, _, _)| *s == 200), "{answers:?}");
+        assert!(
+            answers.iter().all(|(_, _, b)| *b == answers[0].2),
+            "one answer for all"
+        );
+        let mut outcomes: Vec<_> = answers.iter().map(|(_, o, _)| o.as_str()).collect();
+        outcomes.sort();
+        if wave == 0 {
+            assert_eq!(outcomes, ["coalesced", "coalesced", "miss"]);
+        } else {
+            assert_eq!(outcomes, ["hit", "hit", "hit"]);
+        }
+        assert_eq!(fake.calls(), 1, "wave {wave}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_seeing_the_quota_gone_stops_them_all() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        insufficient_quota: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let group = replicas(3, &shared_config(&fake.url(), &redis.url())).await;
+    let first = generate(&group[0].url, "first").await;
+    assert_eq!(first.status(), 429);
+    assert_eq!(fake.calls(), 1);
+    // The breaker is in Redis before the answer reaches the client only
+    // shortly after: wait for it rather than race it.
+    let mut conn = redis.conn().await;
+    for _ in 0..200 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("penstock:v1:pool:*:breaker")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for r in &group[1..] {
+        for i in 0..5 {
+            let resp = generate(&r.url, &format!("other {i}")).await;
+            assert_eq!(resp.status(), 429);
+            assert_eq!(resp.headers()["x-penstock-circuit"], "open");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "insufficient_quota", "{body}");
+        }
+    }
+    assert_eq!(fake.calls(), 1, "no replica spent another call on it");
+}
