@@ -238,3 +238,155 @@ async fn one_replica_seeing_the_quota_gone_stops_them_all() {
     }
     assert_eq!(fake.calls(), 1, "no replica spent another call on it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_run_loses_no_request_and_the_shared_ledger_resumes() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(ten_per_second()).await;
+    let group = replicas(3, &shared_config(&fake.url(), &redis.url())).await;
+    // Generations spread over the replicas; Redis dies while they wait.
+    let run = spread(&group, 60, "before");
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        redis.kill();
+    };
+    let (statuses, ()) = tokio::join!(run, kill);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Each replica waited out one burst window, then kept a third of the
+    // limit: the upstream refused (almost) nothing.
+    let refused = fake.answered(429);
+    assert!(refused <= 2, "{refused} upstream 429s while redis was away");
+    for r in &group {
+        r.until_state(false, 0).await;
+        let metrics = http()
+            .get(format!("{}/metrics", r.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(sample(&metrics, "penstock_state_degraded"), 1.0);
+        assert_eq!(r.status().await["state"]["fallback_share"], 3);
+    }
+    // Served on the local share while Redis is away.
+    let statuses = spread(&group, 18, "alone").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    redis.restart().await;
+    for r in &group {
+        r.until_state(true, 3).await;
+    }
+    let before = fake.answered(429);
+    let statuses = spread(&group, 30, "after").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        fake.answered(429) - before <= 2,
+        "{} upstream 429s after rejoining",
+        fake.answered(429) - before
+    );
+    // The ledger is in Redis again.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("penstock:v1:pool:*:minute")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let booked: u64 = redis::cmd("ZCARD")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Those of the last minute, and what was spent alone, told to it on
+    // rejoining (the 18 served alone at least).
+    assert!(booked >= 48, "{booked} calls in the shared minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_while_leading_a_shared_call_is_taken_over_after_its_lease() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_secs(2), Duration::from_secs(2)),
+        ..Behaviour::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("penstock.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n",
+            fake.url(),
+            redis.url()
+        ),
+    )
+    .unwrap();
+    // The leader: a real process, killed with SIGKILL.
+    let mut leader = tokio::process::Command::new(env!("CARGO_BIN_EXE_penstock"))
+        .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(leader.stderr.take().unwrap()).lines();
+    let leader_url = loop {
+        let line = lines.next_line().await.unwrap().expect("penstock runs");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "penstock listening" {
+            break format!("http://{}", v["addr"].as_str().unwrap());
+        }
+    };
+    let mut config = shared_config(&fake.url(), &redis.url());
+    config.budgets.clear();
+    config.state.lease = Duration::from_secs(1);
+    let follower = replica(&config).await;
+    follower.until_state(true, 2).await;
+    let led = tokio::spawn(async move { generate(&leader_url, "a dying leader").await });
+    while fake.calls() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let followed = tokio::spawn({
+        let url = follower.url.clone();
+        async move { generate(&url, "a dying leader").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.calls(), 1, "the follower waits for the leader's call");
+    leader.start_kill().unwrap();
+    leader.wait().await.unwrap();
+    assert!(
+        led.await.unwrap_err().is_panic(),
+        "the leader's client lost it"
+    );
+    let resp = followed.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Its lease lapsed unrenewed: the follower made the call itself.
+    assert_eq!(resp.headers()["x-penstock-cache"], "miss");
+    assert_eq!(fake.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_stops_answering_does_not_hang_requests() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour::default()).await;
+    let group = replicas(2, &shared_config(&fake.url(), &redis.url())).await;
+    assert_eq!(generate(&group[0].url, "warm").await.status(), 200);
+    // The process stays, its socket open, and answers nothing.
+    redis.freeze(true);
+    let statuses = spread(&group, 10, "frozen").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for r in &group {
+        r.until_state(false, 0).await;
+    }
+    redis.freeze(false);
+    for r in &group {
+        r.until_state(true, 2).await;
+    }
+    assert_eq!(fake.calls(), 11);
+}

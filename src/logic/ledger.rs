@@ -231,8 +231,10 @@ impl Ledger {
         at
     }
 
-    /// Records an admitted call.
+    /// Records an admitted call, sent at `now` (or a moment later: a call
+    /// reserved ahead counts from when it goes; entries stay in time order).
     pub fn charge(&mut self, now: Instant, cost: &Cost) -> Ticket {
+        let now = self.entries.back().map_or(now, |e| e.at.max(now));
         let c = bounded(cost);
         for d in 0..3 {
             self.used_burst[d] += c[d];

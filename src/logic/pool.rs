@@ -205,6 +205,8 @@ struct State {
     spent_alone: Vec<(Instant, Cost)>,
     /// The shared ledger said this cost fits no earlier than then.
     remote_retry: Option<(Instant, Cost)>,
+    /// When the last call the shared ledger admitted here went.
+    last_booked: Option<Instant>,
     queue: FairQueue<(u64, oneshot::Sender<Admission>)>,
     in_flight: usize,
     next_id: u64,
@@ -312,6 +314,7 @@ impl Pool {
                 epoch: 0,
                 spent_alone: Vec::new(),
                 remote_retry: None,
+                last_booked: None,
                 queue: FairQueue::new(Ledger::new(full).burst_caps()),
                 in_flight: 0,
                 next_id: 0,
@@ -352,8 +355,21 @@ impl Pool {
     /// Charges an admitted call; while recovering, it is the probe (of the
     /// pause it names). On the local share while Redis is away, it is kept to
     /// tell the shared ledger later.
-    fn admit(&self, st: &mut State, now: Instant, cost: &Cost, booked: Option<Booked>) -> Granted {
-        let ticket = st.ledger.charge(now, cost);
+    fn admit(
+        &self,
+        st: &mut State,
+        now: Instant,
+        cost: &Cost,
+        booked: Option<(Booked, Instant)>,
+    ) -> Granted {
+        let (booked, goes) = match booked {
+            Some((b, goes)) => {
+                st.last_booked = Some(goes);
+                (Some(b), goes)
+            }
+            None => (None, now),
+        };
+        let ticket = st.ledger.charge(goes, cost);
         if self.remote.is_some() && booked.is_none() {
             st.spent_alone.push((now, *cost));
         }
@@ -366,7 +382,18 @@ impl Pool {
             ticket,
             probe,
             booked,
-            not_before: now,
+            not_before: goes,
+        }
+    }
+
+    /// When `cost` fits the local ledger. Just after losing Redis, not before
+    /// one burst window has passed since the last shared admission: what the
+    /// other replicas spent in it is unknown here.
+    fn local_ready(&self, st: &mut State, now: Instant, cost: &Cost) -> Instant {
+        let at = st.ledger.ready_at(now, cost);
+        match st.last_booked {
+            Some(last) => at.max(last + st.full.burst + st.full.margin),
+            None => at,
         }
     }
 
@@ -411,7 +438,7 @@ impl Pool {
             if self.shared().is_none()
                 && st.queue.is_empty()
                 && self.has_slot(&mut st, start)
-                && st.ledger.ready_at(start, &cost) <= start
+                && self.local_ready(&mut st, start, &cost) <= start
             {
                 let granted = self.admit(&mut st, start, &cost, None);
                 return Ok(self.permit(&granted, cost, Duration::ZERO));
@@ -493,7 +520,7 @@ impl Pool {
             if !self.has_slot(&mut st, now) {
                 return self.probe_due(&st);
             }
-            let at = st.ledger.ready_at(now, &cost);
+            let at = self.local_ready(&mut st, now, &cost);
             if at > now {
                 return Some(at);
             }
@@ -600,8 +627,7 @@ impl Pool {
                         continue;
                     };
                     self.depth.fetch_sub(1, Ordering::Relaxed);
-                    let mut granted = self.admit(&mut st, now, &cost, Some(booked));
-                    granted.not_before = now + wait;
+                    let granted = self.admit(&mut st, now, &cost, Some((booked, now + wait)));
                     if let Err(Ok(granted)) = tx.send(Ok(granted)) {
                         self.release(&mut st, granted);
                     }

@@ -113,9 +113,26 @@ impl RedisServer {
     /// Kills the server at once (SIGKILL), its data gone with it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: stopped, it keeps its
+    /// connections open and answers nothing.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     /// Starts it again on the same port, empty.
