@@ -390,3 +390,99 @@ async fn a_redis_that_stops_answering_does_not_hang_requests() {
     }
     assert_eq!(fake.calls(), 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour::default()).await;
+    let mut config = shared_config(&fake.url(), &redis.url());
+    config.upstream.api_key_env = Some("KEY".into());
+    // Twenty calls every two seconds: long windows, so the web client comes
+    // well inside one.
+    config.budgets[0].burst = Duration::from_secs(2);
+    let mut group = Vec::new();
+    for _ in 0..2 {
+        config.validate("test").unwrap();
+        let running = penstock::start(&config, |_| Some("sk-sidecar".into()))
+            .await
+            .unwrap();
+        group.push(Replica {
+            url: format!("http://{}", running.addr),
+            admin: format!("http://{}", running.admin_addr),
+            _running: running,
+        });
+    }
+    for r in &group {
+        r.until_state(true, 2).await;
+    }
+    let send = |url: String, client: &'static str, i: usize| async move {
+        http()
+            .post(format!("{url}/v1/images/generations"))
+            .header("x-penstock-client", client)
+            .json(&json!({"model": "gpt-image-1", "prompt": format!("{client} {i}"), "quality": "low", "size": "1024x1024"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // A batch client floods both replicas; a web client reaches one of them.
+    let batch: Vec<_> = (0..80)
+        .map(|i| tokio::spawn(send(group[i % 2].url.clone(), "batch", i)))
+        .collect();
+    // Once most of the batch waits in the two queues (the first window's
+    // twenty are gone).
+    let mut waiting = 0;
+    for _ in 0..500 {
+        waiting = 0;
+        for r in &group {
+            waiting += r.status().await["pools"][0]["queue_depth"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        if waiting >= 45 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(waiting >= 45, "the batch never queued: {waiting} waiting");
+    let web: Vec<_> = (0..8)
+        .map(|i| tokio::spawn(send(group[1].url.clone(), "web", i)))
+        .collect();
+    for t in web {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    for t in batch {
+        t.abort();
+    }
+    // The upstream sees one burst of twenty calls per window. In the first
+    // window after the web client came, it had every other turn, as on one
+    // replica: its eight calls all went in that window (each replica serving
+    // its own queue in turn would give it one turn in four: five calls).
+    let calls = fake.requests();
+    let mut windows: Vec<Vec<&str>> = Vec::new();
+    let mut last: Option<std::time::Instant> = None;
+    for r in &calls {
+        if last.is_none_or(|l| r.answered_at.duration_since(l) > Duration::from_millis(500)) {
+            windows.push(Vec::new());
+        }
+        last = Some(r.answered_at);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let client = v["prompt"].as_str().unwrap().split(' ').next().unwrap();
+        windows
+            .last_mut()
+            .unwrap()
+            .push(if client == "web" { "web" } else { "batch" });
+    }
+    let webs: Vec<usize> = windows
+        .iter()
+        .map(|w| w.iter().filter(|c| **c == "web").count())
+        .collect();
+    let first = webs.iter().position(|n| *n > 0).unwrap();
+    assert_eq!(
+        webs[first], 8,
+        "web's calls per window: {webs:?} in {windows:?}"
+    );
+}

@@ -138,6 +138,8 @@ pub struct Recorded {
     pub body: Bytes,
     /// The HTTP status the fake answered (0 for a reset connection).
     pub status: u16,
+    /// When the fake answered (its head; with no latency, when it arrived).
+    pub answered_at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -328,6 +330,7 @@ impl State {
                 Bytes::new()
             },
             status,
+            answered_at: std::time::Instant::now(),
         });
     }
 }

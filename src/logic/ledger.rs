@@ -95,7 +95,7 @@ pub struct Ledger {
 }
 
 /// What one burst window admits of each per-minute limit.
-fn burst_caps(limits: &Limits) -> [u64; 3] {
+pub fn burst_caps(limits: &Limits) -> [u64; 3] {
     let share = limits.burst.as_secs_f64() / MINUTE.as_secs_f64();
     limits
         .per_minute

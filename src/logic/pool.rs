@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::learn::{Learner, Source};
 use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
-use crate::state::{Answer, Booking, PoolKey, Redis, RemoteLimits};
+use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis, RemoteLimits};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::Problem;
 use crate::vocab::headers::RateLimitHeaders;
@@ -179,6 +179,9 @@ type Admission = Result<Granted, Arc<Tripped>>;
 /// booked before the slot comes.
 const HORIZON: Duration = Duration::from_millis(200);
 
+/// How soon a queue head deferred to another replica's asks again.
+const DEFER: Duration = Duration::from_millis(15);
+
 /// A pool whose ledger is shared by several replicas, in Redis.
 pub struct Remote {
     pub redis: Arc<Redis>,
@@ -203,11 +206,17 @@ struct State {
     /// What was admitted on the local share while Redis was away, told to the
     /// shared ledger when it returns.
     spent_alone: Vec<(Instant, Cost)>,
-    /// The shared ledger said this cost fits no earlier than then.
-    remote_retry: Option<(Instant, Cost)>,
+    /// The shared ledger said the queue's requests fit no earlier than then
+    /// (while the queue is as it was: its count of changes).
+    remote_retry: Option<(Instant, u64)>,
     /// When the last call the shared ledger admitted here went.
     last_booked: Option<Instant>,
-    queue: FairQueue<(u64, oneshot::Sender<Admission>)>,
+    queue: FairQueue<(u64, Arc<str>, oneshot::Sender<Admission>)>,
+    /// This replica's queue head is registered in the shared fair order.
+    head_shared: bool,
+    /// Counts arrivals and departures of the queue: an answer of the shared
+    /// ledger to wait holds while it is unchanged.
+    changes: u64,
     in_flight: usize,
     next_id: u64,
     tripped: Option<Arc<Tripped>>,
@@ -315,6 +324,8 @@ impl Pool {
                 spent_alone: Vec::new(),
                 remote_retry: None,
                 last_booked: None,
+                head_shared: false,
+                changes: 0,
                 queue: FairQueue::new(Ledger::new(full).burst_caps()),
                 in_flight: 0,
                 next_id: 0,
@@ -464,7 +475,8 @@ impl Pool {
             let id = st.next_id;
             st.next_id += 1;
             let (tx, rx) = oneshot::channel();
-            st.queue.push(client, id, cost, (id, tx));
+            st.queue.push(client, id, cost, (id, client.clone(), tx));
+            st.changes += 1;
             self.depth.fetch_add(1, Ordering::Relaxed);
             (id, rx)
         };
@@ -524,7 +536,7 @@ impl Pool {
             if at > now {
                 return Some(at);
             }
-            let (_, tx) = st.queue.pop()?;
+            let (_, _, tx) = st.queue.pop()?;
             self.depth.fetch_sub(1, Ordering::Relaxed);
             let granted = self.admit(&mut st, now, &cost, None);
             if let Err(Ok(granted)) = tx.send(Ok(granted)) {
@@ -540,7 +552,7 @@ impl Pool {
         let Some(tripped) = st.tripped(Instant::now()) else {
             return false;
         };
-        while let Some((_, tx)) = st.queue.pop() {
+        while let Some((_, _, tx)) = st.queue.pop() {
             self.depth.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(Err(tripped.clone()));
         }
@@ -559,44 +571,82 @@ impl Pool {
         self.rejoin(remote).await;
         loop {
             let now = Instant::now();
-            let (cost, id, limits) = {
+            // The first request of each client's lane, in this queue's order:
+            // the shared ledger picks the one owed the most across replicas.
+            let proposal = {
                 let mut st = self.lock();
                 if self.answer_tripped(&mut st) {
                     return None;
                 }
-                let (cost, (id, _)) = st.queue.front()?;
-                let (cost, id) = (*cost, *id);
-                if !self.has_slot(&mut st, now) {
+                if st.queue.is_empty() {
+                    Err(std::mem::take(&mut st.head_shared))
+                } else if !self.has_slot(&mut st, now) {
                     return self.probe_due(&st);
-                }
-                if let Some((at, asked)) = st.remote_retry
+                } else if let Some((at, changes)) = st.remote_retry
                     && at > now
-                    && asked == cost
+                    && changes == st.changes
                 {
                     return Some(at);
+                } else {
+                    let caps = super::ledger::burst_caps(&st.full);
+                    let heads: Vec<(Arc<str>, u64, Cost, u64)> = st
+                        .queue
+                        .lane_heads()
+                        .take(MAX_CANDIDATES)
+                        .map(|(client, cost, (id, _, _), _)| {
+                            (
+                                client.clone(),
+                                *id,
+                                *cost,
+                                super::queue::weight(cost, &caps),
+                            )
+                        })
+                        .collect();
+                    st.head_shared = true;
+                    let full = st.full;
+                    Ok((heads, st.changes, full))
                 }
-                let full = st.full;
-                let limits = RemoteLimits {
-                    per_minute: full.per_minute,
-                    burst: full.burst,
-                    margin: full.margin,
-                };
-                (cost, id, limits)
             };
+            let (heads, changes, full) = match proposal {
+                Ok(p) => p,
+                Err(registered) => {
+                    if registered {
+                        // Nothing waits here: hold no other replica back.
+                        let _ = remote.redis.leave(&remote.key).await;
+                    }
+                    return None;
+                }
+            };
+            let limits = RemoteLimits {
+                per_minute: full.per_minute,
+                burst: full.burst,
+                margin: full.margin,
+            };
+            let candidates: Vec<Candidate<'_>> = heads
+                .iter()
+                .map(|(client, _, cost, weight)| Candidate {
+                    client,
+                    weight: *weight,
+                    cost: *cost,
+                })
+                .collect();
             let booking = remote
                 .redis
-                .book(&remote.key, &cost, &limits, HORIZON)
+                .book(&remote.key, &candidates, &limits, HORIZON)
                 .await;
             let now = Instant::now();
             match booking {
                 // Redis went away: the local share takes over at once.
                 Err(_) => return Some(now),
-                Ok(Booking::Wait(wait)) => {
+                Ok((Booking::Wait(wait), _)) => {
                     let at = now + wait.saturating_sub(HORIZON).max(Duration::from_millis(1));
-                    self.lock().remote_retry = Some((at, cost));
+                    self.lock().remote_retry = Some((at, changes));
                     return Some(at);
                 }
-                Ok(Booking::Tripped(_)) => {
+                // Another replica's client is owed this turn: ask again soon
+                // (the head stays registered meanwhile).
+                Ok((Booking::Deferred, _)) => return Some(now + DEFER),
+                Ok((Booking::Tripped(_), _)) => {
                     if let Ok(Some((answer, left))) = remote.redis.tripped(&remote.key).await {
                         self.lock().tripped = Some(Arc::new(Tripped::from_answer(
                             answer,
@@ -605,29 +655,36 @@ impl Pool {
                     }
                     continue;
                 }
-                Ok(Booking::Booked {
-                    id: booked,
-                    wait,
-                    at,
-                }) => {
+                Ok((
+                    Booking::Booked {
+                        id: booked,
+                        wait,
+                        at,
+                    },
+                    pick,
+                )) => {
                     let booked = Booked { id: booked, at };
+                    let (client, id, cost, _) = &heads[pick];
                     let mut st = self.lock();
+                    st.head_shared = false;
                     st.remote_retry = None;
-                    // The front may have changed while Redis answered.
+                    // The lane may have changed while Redis answered.
                     let same = st
                         .queue
-                        .front()
-                        .is_some_and(|(c, (front, _))| *front == id && *c == cost);
+                        .lane_heads()
+                        .any(|(c, front_cost, (front, _, _), _)| {
+                            c == client && front == id && front_cost == cost
+                        });
                     if !same || !self.has_slot(&mut st, now) {
                         drop(st);
                         self.cancel_booking(booked);
                         continue;
                     }
-                    let Some((_, tx)) = st.queue.pop() else {
+                    let Some((_, _, tx)) = st.queue.pop_lane(client) else {
                         continue;
                     };
                     self.depth.fetch_sub(1, Ordering::Relaxed);
-                    let granted = self.admit(&mut st, now, &cost, Some((booked, now + wait)));
+                    let granted = self.admit(&mut st, now, cost, Some((booked, now + wait)));
                     if let Err(Ok(granted)) = tx.send(Ok(granted)) {
                         self.release(&mut st, granted);
                     }
@@ -863,6 +920,7 @@ impl Drop for Waiting {
         }
         let mut st = self.pool.lock();
         if st.queue.remove(&self.client, self.id).is_some() {
+            st.changes += 1;
             self.pool.depth.fetch_sub(1, Ordering::Relaxed);
         } else if let Ok(Ok(granted)) = self.rx.try_recv() {
             // Admitted just as it left: give the charge back.

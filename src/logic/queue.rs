@@ -147,17 +147,34 @@ impl<T> FairQueue<T> {
 
     /// Takes the request whose turn it is.
     pub fn pop(&mut self) -> Option<T> {
-        let (_, client) = self.heads.pop_first()?;
-        let lane = self.lanes.get_mut(&client)?;
+        let (_, client) = self.heads.first_key_value()?;
+        let client = client.clone();
+        self.pop_lane(&client)
+    }
+
+    /// The first request of each client's lane, with its client and its
+    /// place in this queue's own order.
+    pub fn lane_heads(&self) -> impl Iterator<Item = (&Arc<str>, &Cost, &T, (u64, u64))> {
+        self.heads.iter().filter_map(|(order, client)| {
+            let item = self.lanes.get(client)?.items.front()?;
+            Some((client, &item.cost, &item.value, *order))
+        })
+    }
+
+    /// Takes the first request of `client`'s lane (another order than this
+    /// queue's own may pick it: the fair order across replicas).
+    pub fn pop_lane(&mut self, client: &Arc<str>) -> Option<T> {
+        let lane = self.lanes.get_mut(client)?;
         let item = lane.items.pop_front()?;
+        self.heads.remove(&(item.tag, item.id));
         lane.gone.add(&item.cost);
         self.clock = self.clock.max(item.tag.saturating_sub(item.weight));
         match lane.items.front() {
             Some(next) => {
-                self.heads.insert((next.tag, next.id), client);
+                self.heads.insert((next.tag, next.id), client.clone());
             }
             None => {
-                self.lanes.remove(&client);
+                self.lanes.remove(client);
             }
         }
         self.len -= 1;

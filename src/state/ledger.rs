@@ -20,10 +20,17 @@ use crate::vocab::headers::RateLimitHeaders;
 /// exact to 2^53, and a window sums many entries.
 const MAX_NUMBER: u64 = 1 << 40;
 
+/// A queue head not heard from for this long no longer holds others back: a
+/// deferred head asks again much sooner, a replica gone never does.
+const STALE_HEAD: Duration = Duration::from_millis(500);
+
+/// The most queued requests a replica proposes in one admission.
+pub const MAX_CANDIDATES: usize = 16;
+
 /// The keys of one pool, all under one hash tag.
 #[derive(Debug, Clone)]
 pub struct PoolKey {
-    keys: [String; 5],
+    keys: [String; 8],
 }
 
 /// A pool's limits as the scripts take them.
@@ -34,6 +41,15 @@ pub struct RemoteLimits {
     pub margin: Duration,
 }
 
+/// A request a replica proposes for admission: its client, its weight in
+/// the fair order, its cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub client: &'a str,
+    pub weight: u64,
+    pub cost: Cost,
+}
+
 /// What the shared ledger said to a request for admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Booking {
@@ -42,6 +58,8 @@ pub enum Booking {
     Booked { id: u64, wait: Duration, at: u64 },
     /// Not within the horizon: ask again in `wait`.
     Wait(Duration),
+    /// Another replica's queue head goes first (its client is owed more).
+    Deferred,
     /// The quota breaker is open for this long more.
     Tripped(Duration),
 }
@@ -55,19 +73,71 @@ local function parse(s)
 end
 "#;
 
-/// KEYS: state, burst, minute, cost, breaker. ARGV: mode (`book`, or `force`
-/// to record what was spent while Redis was away), cost x3, per-minute limits
-/// x3 (-1: none), burst ms, margin ms, horizon ms (force: the charge's age).
+/// KEYS: state, burst, minute, cost, breaker, heads, seen, finish. ARGV:
+/// mode (`book`, or `force` to record what was spent while Redis was away),
+/// per-minute limits x3 (-1: none), burst ms, margin ms, horizon ms (force:
+/// the charge's age), replica, stale ms, the number of candidates, then per
+/// candidate: client, weight, cost x3.
+///
+/// Fairness across replicas: each client has a virtual finish time here, as
+/// in a replica's own fair queue (start-fair queueing weighted by cost), and
+/// the sequence number of its last admission. A replica proposes the first
+/// requests of its queue's lanes; the one whose client finishes first (on a
+/// tie: was served longest ago) is the replica's head. A head defers to
+/// another replica's live head that goes before it in that order.
 const BOOK: &str = r#"
 local force = ARGV[1] == 'force'
 if not force then
   local br = redis.call('PTTL', KEYS[5])
   if br > 0 then return {-2, br} end
 end
-local cost = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
-local lim = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])}
-local burst = tonumber(ARGV[8])
-local margin = tonumber(ARGV[9])
+local replica, stale, n = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local vclock = tonumber(redis.call('HGET', KEYS[1], 'vclock')) or 0
+-- The candidate whose client finishes first; on a tie, the client served
+-- longest ago.
+local pick, start, finish, seq = 1, 0, 0, 0
+for i = 1, n do
+  local b = 10 + (i - 1) * 5
+  local c = ARGV[b + 1]
+  local cf = tonumber(redis.call('HGET', KEYS[8], 'f:' .. c)) or 0
+  local cs = tonumber(redis.call('HGET', KEYS[8], 's:' .. c)) or 0
+  local s = math.max(vclock, cf)
+  local f = s + tonumber(ARGV[b + 2])
+  if i == 1 or f < finish or (f == finish and cs < seq) then
+    pick, start, finish, seq = i, s, f, cs
+  end
+end
+local pb = 10 + (pick - 1) * 5
+local client = ARGV[pb + 1]
+local cost = {tonumber(ARGV[pb + 3]), tonumber(ARGV[pb + 4]), tonumber(ARGV[pb + 5])}
+if not force then
+  redis.call('ZADD', KEYS[6], finish, replica)
+  redis.call('ZADD', KEYS[7], now, replica)
+  redis.call('HSET', KEYS[8], 'h:' .. replica, seq, 'c:' .. replica, client)
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now - stale)
+  for _, r in ipairs(gone) do
+    redis.call('ZREM', KEYS[6], r)
+    redis.call('ZREM', KEYS[7], r)
+    redis.call('HDEL', KEYS[8], 'h:' .. r, 'c:' .. r)
+  end
+  -- Another replica's head goes first if its client finishes earlier, or as
+  -- early and was served longer ago (the same client's heads do not wait on
+  -- each other).
+  local ahead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', finish, 'WITHSCORES')
+  for i = 1, #ahead, 2 do
+    local r = ahead[i]
+    if r ~= replica then
+      local rf = tonumber(ahead[i + 1])
+      if rf < finish then return {-3, 0, pick} end
+      local rc = redis.call('HGET', KEYS[8], 'c:' .. r)
+      local rs = tonumber(redis.call('HGET', KEYS[8], 'h:' .. r)) or 0
+      if rc ~= client and (rs < seq or (rs == seq and r < replica)) then return {-3, 0, pick} end
+    end
+  end
+end
+local lim = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local burst = tonumber(ARGV[5])
+local margin = tonumber(ARGV[6])
 local bw = burst + margin
 local mw = 60000 + margin
 local function expire(z, window, f, last)
@@ -122,10 +192,19 @@ if not force then
       if hr and hu and hu > now and hr < cost[d] and hu > at then at = hu end
     end
   end
-  if at > now + tonumber(ARGV[10]) then return {0, at - now} end
+  if at > now + tonumber(ARGV[7]) then return {0, at - now, pick} end
 end
 local when = at
-if force then when = now - tonumber(ARGV[10]) end
+if force then
+  when = now - tonumber(ARGV[7])
+else
+  local served = redis.call('HINCRBY', KEYS[1], 'served', 1)
+  redis.call('HSET', KEYS[8], 'f:' .. client, finish, 's:' .. client, served)
+  redis.call('HDEL', KEYS[8], 'h:' .. replica, 'c:' .. replica)
+  redis.call('HSET', KEYS[1], 'vclock', start)
+  redis.call('ZREM', KEYS[6], replica)
+  redis.call('ZREM', KEYS[7], replica)
+end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[2], when, id)
 redis.call('ZADD', KEYS[3], when, id)
@@ -139,8 +218,10 @@ for d = 1, 3 do
   end
 end
 local keep = mw + 60000
-for k = 1, 4 do redis.call('PEXPIRE', KEYS[k], keep) end
-return {1, id, at - now, when}
+for k = 1, 8 do
+  if k ~= 5 then redis.call('PEXPIRE', KEYS[k], keep) end
+end
+return {1, id, at - now, when, pick}
 "#;
 
 /// KEYS: state, burst, minute, cost. ARGV: id, cost x3.
@@ -231,30 +312,44 @@ impl Redis {
         let id = &h.finalize().to_hex()[..20];
         let base = format!("{}pool:{{{id}}}:", self.base);
         PoolKey {
-            keys: ["state", "burst", "minute", "cost", "breaker"].map(|k| format!("{base}{k}")),
+            keys: [
+                "state", "burst", "minute", "cost", "breaker", "heads", "seen", "finish",
+            ]
+            .map(|k| format!("{base}{k}")),
         }
     }
 
-    /// Asks the shared ledger to reserve `cost` within `horizon`.
+    /// Asks the shared ledger to reserve a slot within `horizon` for one of
+    /// `candidates` (at most [`MAX_CANDIDATES`]): the one whose client is owed
+    /// the most in the order shared by all replicas. Answers which one.
     pub async fn book(
         &self,
         pool: &PoolKey,
-        cost: &Cost,
+        candidates: &[Candidate<'_>],
         limits: &RemoteLimits,
         horizon: Duration,
-    ) -> Result<Booking, Unavailable> {
+    ) -> Result<(Booking, usize), Unavailable> {
+        let candidates = &candidates[..candidates.len().min(MAX_CANDIDATES)];
+        if candidates.is_empty() {
+            return Ok((Booking::Wait(horizon), 0));
+        }
         let reply: Vec<i64> = self
-            .run_book(pool, "book", cost, limits, ms(horizon))
+            .run_book(pool, "book", candidates, limits, ms(horizon))
             .await?;
         let at = |i: usize| reply.get(i).copied().unwrap_or(0).max(0) as u64;
+        let picked = |i: usize| (at(i) as usize).clamp(1, candidates.len()) - 1;
         Ok(match reply.first().copied() {
-            Some(1) => Booking::Booked {
-                id: at(1),
-                wait: Duration::from_millis(at(2)),
-                at: at(3),
-            },
-            Some(-2) => Booking::Tripped(Duration::from_millis(at(1))),
-            _ => Booking::Wait(Duration::from_millis(at(1))),
+            Some(1) => (
+                Booking::Booked {
+                    id: at(1),
+                    wait: Duration::from_millis(at(2)),
+                    at: at(3),
+                },
+                picked(4),
+            ),
+            Some(-2) => (Booking::Tripped(Duration::from_millis(at(1))), 0),
+            Some(-3) => (Booking::Deferred, picked(2)),
+            _ => (Booking::Wait(Duration::from_millis(at(1))), picked(2)),
         })
     }
 
@@ -267,7 +362,13 @@ impl Redis {
         limits: &RemoteLimits,
     ) -> Result<(), Unavailable> {
         for (age, cost) in spent {
-            self.run_book(pool, "force", cost, limits, ms(*age)).await?;
+            let alone = Candidate {
+                client: "",
+                weight: 0,
+                cost: *cost,
+            };
+            self.run_book(pool, "force", &[alone], limits, ms(*age))
+                .await?;
         }
         Ok(())
     }
@@ -276,12 +377,11 @@ impl Redis {
         &self,
         pool: &PoolKey,
         mode: &str,
-        cost: &Cost,
+        candidates: &[Candidate<'_>],
         limits: &RemoteLimits,
         last: u64,
     ) -> Result<Vec<i64>, Unavailable> {
         let mut conn = self.conn()?;
-        let c = costs(cost);
         let lim = limits
             .per_minute
             .map(|l| l.map_or(-1, |l| number(l) as i64));
@@ -290,15 +390,23 @@ impl Redis {
             inv.key(k);
         }
         inv.arg(mode)
-            .arg(c[0])
-            .arg(c[1])
-            .arg(c[2])
             .arg(lim[0])
             .arg(lim[1])
             .arg(lim[2])
             .arg(ms(limits.burst))
             .arg(ms(limits.margin))
-            .arg(last);
+            .arg(last)
+            .arg(&self.replica)
+            .arg(ms(STALE_HEAD))
+            .arg(candidates.len());
+        for c in candidates {
+            let cost = costs(&c.cost);
+            inv.arg(c.client)
+                .arg(number(c.weight))
+                .arg(cost[0])
+                .arg(cost[1])
+                .arg(cost[2]);
+        }
         self.timed(inv.invoke_async(&mut conn)).await
     }
 
@@ -338,6 +446,23 @@ impl Redis {
         }
         self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
         Ok(())
+    }
+
+    /// This replica's queue is empty: its head no longer holds others back.
+    pub async fn leave(&self, pool: &PoolKey) -> Result<(), Unavailable> {
+        let mut conn = self.conn()?;
+        let pipe = redis::pipe()
+            .zrem(&pool.keys[5], &self.replica)
+            .ignore()
+            .zrem(&pool.keys[6], &self.replica)
+            .ignore()
+            .hdel(
+                &pool.keys[7],
+                &[format!("h:{}", self.replica), format!("c:{}", self.replica)],
+            )
+            .ignore()
+            .to_owned();
+        self.timed(pipe.query_async::<()>(&mut conn)).await
     }
 
     /// Pauses the pool for every replica: the upstream said it is rate limited.

@@ -18,5 +18,5 @@ mod ledger;
 mod store;
 
 pub use client::{Redis, Status, Unavailable};
-pub use ledger::{Booking, PoolKey, RemoteLimits};
+pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey, RemoteLimits};
 pub use store::{Answer, Kind, Lease};
