@@ -486,3 +486,99 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
         "web's calls per window: {webs:?} in {windows:?}"
     );
 }
+
+/// The law of the shared ledger: whatever several replicas book at once, at
+/// any moment the calls inside a burst window (the window the upstream
+/// enforces a minute's limit over) never sum above its capacity in any
+/// dimension, refunds included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_bookings_never_exceed_a_limit_in_any_window() {
+    use penstock::state::{Booking, Candidate, RemoteLimits};
+    use penstock::vocab::cost::Cost;
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let config = penstock::config::StateConfig {
+        backend: Backend::Redis,
+        redis_url: redis.url(),
+        ..Default::default()
+    };
+    let limits = RemoteLimits {
+        // Two requests and 100 tokens per 100 ms window.
+        per_minute: [Some(1200), Some(60_000), None],
+        burst: Duration::from_millis(100),
+        margin: Duration::ZERO,
+    };
+    let mut tasks = Vec::new();
+    for replica in 0..4u64 {
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            let shared = penstock::state::Redis::start(&config).unwrap();
+            while !shared.healthy() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let key = shared.pool_key("law", "cred");
+            let mut rng = fastrand::Rng::with_seed(replica);
+            let mut booked = Vec::new();
+            while booked.len() < 12 {
+                let cost = Cost {
+                    requests: 1,
+                    tokens: rng.u64(0..=100),
+                    images: 0,
+                };
+                let client = format!("client-{}", rng.u8(0..3));
+                let candidates = [Candidate {
+                    client: &client,
+                    weight: 1 + cost.tokens,
+                    cost,
+                }];
+                let (booking, _) = shared
+                    .book(&key, &candidates, &limits, Duration::from_millis(20))
+                    .await
+                    .expect("redis answers");
+                match booking {
+                    Booking::Booked { id, at, .. } => {
+                        // Some calls turn out cheaper: a refund.
+                        let actual = if rng.bool() {
+                            Cost {
+                                tokens: rng.u64(0..=cost.tokens),
+                                ..cost
+                            }
+                        } else {
+                            cost
+                        };
+                        if actual != cost {
+                            shared.settle(&key, id, &actual).await.unwrap();
+                        }
+                        booked.push((at, actual));
+                    }
+                    Booking::Wait(wait) => {
+                        tokio::time::sleep(wait.saturating_sub(Duration::from_millis(20))).await
+                    }
+                    Booking::Deferred => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Booking::Tripped(_) => unreachable!("no breaker here"),
+                }
+            }
+            booked
+        }));
+    }
+    let mut all: Vec<(u64, Cost)> = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by_key(|(at, _)| *at);
+    assert_eq!(all.len(), 48);
+    for (end, _) in &all {
+        let inside = all.iter().filter(|(at, _)| at <= end && *at + 100 > *end);
+        let (requests, tokens) =
+            inside.fold((0, 0), |(r, t), (_, c)| (r + c.requests, t + c.tokens));
+        assert!(
+            requests <= 2,
+            "{requests} requests in the window ending at {end}: {all:?}"
+        );
+        assert!(
+            tokens <= 100,
+            "{tokens} tokens in the window ending at {end}: {all:?}"
+        );
+    }
+}
