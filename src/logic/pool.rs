@@ -179,6 +179,10 @@ type Admission = Result<Granted, Arc<Tripped>>;
 /// booked before the slot comes.
 const HORIZON: Duration = Duration::from_millis(200);
 
+/// The shared ledger hears the upstream's `x-ratelimit-*` at most this often
+/// from one replica's pool.
+const OBSERVE_EVERY: Duration = Duration::from_millis(100);
+
 /// How soon a queue head deferred to another replica's asks again.
 const DEFER: Duration = Duration::from_millis(15);
 
@@ -211,6 +215,8 @@ struct State {
     remote_retry: Option<(Instant, u64)>,
     /// When the last call the shared ledger admitted here went.
     last_booked: Option<Instant>,
+    /// When the shared ledger was last told the upstream's `x-ratelimit-*`.
+    last_told: Option<Instant>,
     queue: FairQueue<(u64, Arc<str>, oneshot::Sender<Admission>)>,
     /// This replica's queue head is registered in the shared fair order.
     head_shared: bool,
@@ -324,6 +330,7 @@ impl Pool {
                 spent_alone: Vec::new(),
                 remote_retry: None,
                 last_booked: None,
+                last_told: None,
                 head_shared: false,
                 changes: 0,
                 queue: FairQueue::new(Ledger::new(full).burst_caps()),
@@ -498,7 +505,10 @@ impl Pool {
                 // A shared reservation may be a moment ahead; leaving before
                 // it comes gives it back.
                 let unsent = Unsent(Some(self.permit(&granted, cost, Duration::ZERO)));
-                tokio::time::sleep_until(granted.not_before).await;
+                // A timer costs a tick (a millisecond) even when already due.
+                if granted.not_before > Instant::now() {
+                    tokio::time::sleep_until(granted.not_before).await;
+                }
                 let mut permit = unsent.send();
                 permit.queued = start.elapsed();
                 Ok(permit)
@@ -953,7 +963,9 @@ impl Permit {
     /// Replaces the estimate with what the call really cost.
     pub fn settle(&self, actual: &Cost) {
         self.pool.lock().ledger.settle(self.ticket, actual);
-        if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked) {
+        if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked)
+            && *actual != self.cost
+        {
             let (redis, key, actual) = (remote.redis.clone(), remote.key.clone(), *actual);
             tokio::spawn(async move {
                 let _ = redis.settle(&key, booked.id, &actual).await;
@@ -967,12 +979,19 @@ impl Permit {
         if headers == &RateLimitHeaders::default() {
             return;
         }
-        let margin = {
+        let now = Instant::now();
+        let (margin, tell) = {
             let mut st = self.pool.lock();
-            st.ledger.observe(Instant::now(), self.ticket.at, headers);
-            st.full.margin
+            st.ledger.observe(now, self.ticket.at, headers);
+            // The shared ledger hears the upstream's view at most so often:
+            // it changes little from one answer to the next.
+            let tell = st.last_told.is_none_or(|t| now >= t + OBSERVE_EVERY);
+            if tell {
+                st.last_told = Some(now);
+            }
+            (st.full.margin, tell)
         };
-        if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked) {
+        if let (Some(remote), Some(booked), true) = (&self.pool.remote, self.booked, tell) {
             let (redis, key, headers) = (remote.redis.clone(), remote.key.clone(), *headers);
             tokio::spawn(async move {
                 let _ = redis.observe(&key, booked.at, margin, &headers).await;

@@ -110,10 +110,13 @@ end
 local pb = 10 + (pick - 1) * 5
 local client = ARGV[pb + 1]
 local cost = {tonumber(ARGV[pb + 3]), tonumber(ARGV[pb + 4]), tonumber(ARGV[pb + 5])}
-if not force then
+-- Registers this replica's head, so that others defer to it while it waits.
+local function register()
   redis.call('ZADD', KEYS[6], finish, replica)
   redis.call('ZADD', KEYS[7], now, replica)
   redis.call('HSET', KEYS[8], 'h:' .. replica, seq, 'c:' .. replica, client)
+end
+if not force and redis.call('ZCARD', KEYS[6]) > 0 then
   local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now - stale)
   for _, r in ipairs(gone) do
     redis.call('ZREM', KEYS[6], r)
@@ -128,10 +131,12 @@ if not force then
     local r = ahead[i]
     if r ~= replica then
       local rf = tonumber(ahead[i + 1])
-      if rf < finish then return {-3, 0, pick} end
       local rc = redis.call('HGET', KEYS[8], 'c:' .. r)
       local rs = tonumber(redis.call('HGET', KEYS[8], 'h:' .. r)) or 0
-      if rc ~= client and (rs < seq or (rs == seq and r < replica)) then return {-3, 0, pick} end
+      if rf < finish or (rc ~= client and (rs < seq or (rs == seq and r < replica))) then
+        register()
+        return {-3, 0, pick}
+      end
     end
   end
 end
@@ -192,7 +197,10 @@ if not force then
       if hr and hu and hu > now and hr < cost[d] and hu > at then at = hu end
     end
   end
-  if at > now + tonumber(ARGV[7]) then return {0, at - now, pick} end
+  if at > now + tonumber(ARGV[7]) then
+    register()
+    return {0, at - now, pick}
+  end
 end
 local when = at
 if force then
@@ -200,10 +208,11 @@ if force then
 else
   local served = redis.call('HINCRBY', KEYS[1], 'served', 1)
   redis.call('HSET', KEYS[8], 'f:' .. client, finish, 's:' .. client, served)
-  redis.call('HDEL', KEYS[8], 'h:' .. replica, 'c:' .. replica)
   redis.call('HSET', KEYS[1], 'vclock', start)
-  redis.call('ZREM', KEYS[6], replica)
-  redis.call('ZREM', KEYS[7], replica)
+  if redis.call('ZREM', KEYS[6], replica) > 0 then
+    redis.call('ZREM', KEYS[7], replica)
+    redis.call('HDEL', KEYS[8], 'h:' .. replica, 'c:' .. replica)
+  end
 end
 local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[2], when, id)
@@ -217,9 +226,13 @@ for d = 1, 3 do
     if hr then redis.call('HSET', KEYS[1], 'h' .. d .. 'r', math.max(0, hr - cost[d])) end
   end
 end
+-- Idle pools vanish: every key lives a while past the minute window,
+-- refreshed when half of that is gone.
 local keep = mw + 60000
-for k = 1, 8 do
-  if k ~= 5 then redis.call('PEXPIRE', KEYS[k], keep) end
+if redis.call('PTTL', KEYS[1]) < keep / 2 then
+  for k = 1, 8 do
+    if k ~= 5 then redis.call('PEXPIRE', KEYS[k], keep) end
+  end
 end
 return {1, id, at - now, when, pick}
 "#;

@@ -1,0 +1,243 @@
+//! The Redis backend's cost per request, against the in-process (memory)
+//! backend, in one run: the same budgeted chat calls (the budget never binds,
+//! so every call is admitted by the ledger and waits for nothing else) through
+//! one replica with `[state] backend = "memory"` and one with `"redis"`, in
+//! front of the fake upstream without latency. Reports p50/p99 one at a time
+//! (the latency a request pays), requests/s at 32 concurrent, and CPU per
+//! request of this process (load generator, fake and penstock) and of
+//! redis-server. Starts its own redis-server on a free port.
+//! `cargo bench --bench redis` (BENCH_REQUESTS to change the load)
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fake_openai::{Behaviour, Fake};
+use penstock::config::{Backend, BudgetConfig};
+
+const BODY: &[u8] = br#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}"#;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CPU time (user + system) of a process so far, in microseconds.
+fn cpu_us(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15: 12 and 13 after the state field.
+    (ticks(11) + ticks(12)) * 1e6 / 100.0
+}
+
+struct Measured {
+    run: common::Run,
+    cpu_self: f64,
+    cpu_redis: f64,
+}
+
+async fn measure(url: &str, total: usize, concurrency: usize, redis_pid: &str) -> Measured {
+    let (s0, r0) = (cpu_us("self"), cpu_us(redis_pid));
+    let run = common::run(url, BODY, total, concurrency).await;
+    let n = (run.ok + run.failed).max(1) as f64;
+    Measured {
+        cpu_self: (cpu_us("self") - s0) / n,
+        cpu_redis: (cpu_us(redis_pid) - r0) / n,
+        run,
+    }
+}
+
+fn main() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let Ok(mut redis) = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+    else {
+        println!("redis: redis-server is not installed; nothing measured");
+        return;
+    };
+    let redis_pid = redis.id().to_string();
+    common::block_on(async {
+        let total = env("BENCH_REQUESTS", 20_000);
+        let fake = Fake::start(Behaviour {
+            record_bodies: false,
+            ..Behaviour::default()
+        })
+        .await;
+        let mut config = common::config_for(&fake.url());
+        config.budgets = vec![BudgetConfig {
+            models: vec!["gpt-4o-mini".into()],
+            rpm: Some(100_000_000),
+            tpm: Some(100_000_000_000),
+            ..BudgetConfig::default()
+        }];
+        let memory = penstock::start(&config, |_| None).await.unwrap();
+        config.state.backend = Backend::Redis;
+        config.state.redis_url = format!("redis://127.0.0.1:{port}");
+        let shared = penstock::start(&config, |_| None).await.unwrap();
+        // Until the replica has connected and heard its heartbeat.
+        let status = format!("http://{}/status", shared.admin_addr);
+        for _ in 0..200 {
+            let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
+            if body.contains(r#""healthy":true"#) && body.contains(r#""backend":"redis""#) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let urls = [
+            (
+                "memory",
+                format!("http://{}/v1/chat/completions", memory.addr),
+            ),
+            (
+                "redis",
+                format!("http://{}/v1/chat/completions", shared.addr),
+            ),
+        ];
+        for (_, url) in &urls {
+            common::run(url, BODY, 2_000, 32).await;
+        }
+        let mut one = Vec::new();
+        let mut many = Vec::new();
+        for (name, url) in &urls {
+            one.push((name, measure(url, total / 4, 1, &redis_pid).await));
+        }
+        for (name, url) in &urls {
+            many.push((name, measure(url, total, 32, &redis_pid).await));
+        }
+        for (_, m) in one.iter().chain(&many) {
+            assert_eq!(m.run.failed, 0, "every request must succeed");
+        }
+        // The admission script alone, one call at a time.
+        let alone = {
+            use penstock::state::{Candidate, RemoteLimits};
+            let state = penstock::state::Redis::start(&config.state).unwrap();
+            while !state.healthy() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let key = state.pool_key("bench", "alone");
+            let limits = RemoteLimits {
+                per_minute: [Some(100_000_000), Some(100_000_000_000), None],
+                burst: Duration::from_secs(1),
+                margin: Duration::from_millis(50),
+            };
+            let cost = penstock::vocab::cost::Cost {
+                requests: 1,
+                tokens: 30,
+                images: 0,
+            };
+            let one = [Candidate {
+                client: "c",
+                weight: 1,
+                cost,
+            }];
+            let mut times = Vec::new();
+            for _ in 0..2_000 {
+                let t = std::time::Instant::now();
+                state
+                    .book(&key, &one, &limits, Duration::from_millis(200))
+                    .await
+                    .unwrap();
+                times.push(t.elapsed());
+            }
+            times.sort();
+            (times[1_000], times[1_980])
+        };
+        println!(
+            "redis: POST /v1/chat/completions under a budget that never binds, fake upstream without latency"
+        );
+        println!(
+            "admission script alone, one at a time: p50 {}, p99 {}",
+            common::ms(alone.0),
+            common::ms(alone.1)
+        );
+        println!(
+            "{:<8} {:>12} {:>12} {:>12} {:>16} {:>16}",
+            "backend", "p50 (1)", "p99 (1)", "req/s (32)", "cpu µs/req (32)", "redis µs/req"
+        );
+        for ((name, a), (_, b)) in one.iter().zip(&many) {
+            println!(
+                "{:<8} {:>12} {:>12} {:>12.0} {:>16.1} {:>16.1}",
+                name,
+                common::ms(a.run.percentile(0.5)),
+                common::ms(a.run.percentile(0.99)),
+                b.run.throughput(),
+                b.cpu_self,
+                b.cpu_redis
+            );
+        }
+        // What the shared ledger holds per call of the last minute.
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("penstock:v1:pool:*:minute")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut entries = 0u64;
+        for k in &keys {
+            entries += redis::cmd("ZCARD")
+                .arg(k)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap();
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let used: f64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        println!(
+            "shared ledger: {entries} calls in the minute window, redis used_memory {:.1} MiB: about {:.0} bytes a call",
+            used / 1048576.0,
+            used / entries.max(1) as f64
+        );
+        let added = |p: f64| {
+            one[1]
+                .1
+                .run
+                .percentile(p)
+                .saturating_sub(one[0].1.run.percentile(p))
+        };
+        println!(
+            "redis vs memory: added p50 {}, p99 {}; throughput {:.2}; cpu +{:.1} µs/req here, +{:.1} µs/req in redis-server",
+            common::ms(added(0.5)),
+            common::ms(added(0.99)),
+            many[1].1.run.throughput() / many[0].1.run.throughput(),
+            many[1].1.cpu_self - many[0].1.cpu_self,
+            many[1].1.cpu_redis
+        );
+    });
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
