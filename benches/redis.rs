@@ -238,6 +238,72 @@ fn main() {
             many[1].1.cpu_redis
         );
     });
+    // Three replicas sharing the Redis in front of an upstream allowing ten
+    // requests in any second: 90 generations at once, spread over them.
+    common::block_on(async {
+        let fake = Fake::start(Behaviour {
+            limits: Some(fake_openai::Limits {
+                requests: 10,
+                window: Duration::from_secs(1),
+                ..fake_openai::Limits::default()
+            }),
+            latency: (Duration::from_millis(200), Duration::from_millis(600)),
+            record_bodies: false,
+            ..Behaviour::default()
+        })
+        .await;
+        let mut config = common::config_for(&fake.url());
+        config.budgets = vec![BudgetConfig {
+            models: vec!["gpt-image-*".into()],
+            rpm: Some(600),
+            ..BudgetConfig::default()
+        }];
+        config.retry.max_attempts = 1;
+        config.state.backend = Backend::Redis;
+        config.state.redis_url = format!("redis://127.0.0.1:{port}");
+        config.state.key_prefix = "three".into();
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            replicas.push(penstock::start(&config, |_| None).await.unwrap());
+        }
+        for r in &replicas {
+            let status = format!("http://{}/status", r.admin_addr);
+            for _ in 0..200 {
+                let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
+                if body.contains(r#""healthy":true"#) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let client = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let calls = (0..90).map(|i| {
+            let url = format!("http://{}/v1/images/generations", replicas[i % 3].addr);
+            let client = client.clone();
+            async move {
+                client
+                    .post(url)
+                    .header("authorization", "Bearer sk-bench")
+                    .json(&serde_json::json!({"model": "gpt-image-1", "prompt": format!("three {i}"), "quality": "low", "size": "1024x1024"}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        });
+        let statuses = futures_util::future::join_all(calls).await;
+        let wall = started.elapsed();
+        // Ten now and ten more each second (a window and its margin), ~0.4 s each.
+        let ideal = Duration::from_millis(8 * 1050 + 400);
+        println!(
+            "three replicas, one redis, upstream at 10 requests/s: {}/90 succeeded, {} upstream 429s, wall {:.2} s, wall / ideal {:.2}",
+            statuses.iter().filter(|s| **s == 200).count(),
+            fake.answered(429),
+            wall.as_secs_f64(),
+            wall.as_secs_f64() / ideal.as_secs_f64()
+        );
+    });
     let _ = redis.kill();
     let _ = redis.wait();
 }
