@@ -66,6 +66,7 @@ impl State {
             "pools_total": self.shared.budgets.len(),
             "cache": {"entries": entries, "bytes": bytes},
             "buffered_bytes": self.shared.buffered.bytes(),
+            "jobs": self.shared.jobs.as_ref().map(|j| j.status()),
             "state": match &self.shared.redis {
                 Some(redis) => json!(redis.status()),
                 None => json!({"backend": "memory", "healthy": true}),

@@ -88,10 +88,97 @@ pub struct Config {
     /// Model glob -> USD prices, before the built-in list prices.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub prices: std::collections::BTreeMap<String, PriceConfig>,
+    /// Requests submitted with `Prefer: respond-async`, answered later.
+    #[serde(default)]
+    pub jobs: JobsConfig,
     /// Where budgets, the cache and the quota breaker live: in this process, or
     /// in Redis, shared by every replica that names the same Redis and prefix.
     #[serde(default)]
     pub state: StateConfig,
+}
+
+/// `[jobs]`: durable async jobs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The database file jobs live in; unset, they live in memory and end with
+    /// the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<std::path::PathBuf>,
+    /// How long a finished job and its answer are kept.
+    #[serde(default = "default_jobs_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Bytes of answers kept in all; the oldest finished jobs expire first.
+    #[serde(default = "default_jobs_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Jobs waiting or running at once, per tenant and in all.
+    #[serde(default = "default_jobs_max_per_tenant")]
+    pub max_per_tenant: usize,
+    #[serde(default = "default_jobs_max_total")]
+    pub max_total: usize,
+    /// Jobs sent into the stack at once (they wait for budget there).
+    #[serde(default = "default_jobs_max_running")]
+    pub max_running: usize,
+    /// Where every finished job is told, unless its request names another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// URL prefixes a request's `x-penstock-webhook` may name; none: the
+    /// header is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhook_prefixes: Vec<String>,
+    /// The environment variable holding the webhook signing secret
+    /// (`whsec_` + base64, as Standard Webhooks gives them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret_env: Option<String>,
+    /// Delivery attempts of a webhook, and the first pause between them
+    /// (doubled each time).
+    #[serde(default = "default_webhook_attempts")]
+    pub webhook_attempts: u32,
+    #[serde(default = "default_webhook_backoff", with = "humantime_serde")]
+    pub webhook_backoff: Duration,
+}
+
+fn default_jobs_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_jobs_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_jobs_max_per_tenant() -> usize {
+    1000
+}
+fn default_jobs_max_total() -> usize {
+    10_000
+}
+fn default_jobs_max_running() -> usize {
+    256
+}
+fn default_webhook_attempts() -> u32 {
+    5
+}
+fn default_webhook_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            enabled: true,
+            path: None,
+            ttl: default_jobs_ttl(),
+            max_bytes: default_jobs_max_bytes(),
+            max_per_tenant: default_jobs_max_per_tenant(),
+            max_total: default_jobs_max_total(),
+            max_running: default_jobs_max_running(),
+            webhook_url: None,
+            webhook_prefixes: Vec::new(),
+            webhook_secret_env: None,
+            webhook_attempts: default_webhook_attempts(),
+            webhook_backoff: default_webhook_backoff(),
+        }
+    }
 }
 
 /// Which state backend.
@@ -758,6 +845,7 @@ impl Default for Config {
             learn: LearnConfig::default(),
             prices: std::collections::BTreeMap::new(),
             state: StateConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -933,6 +1021,8 @@ impl Config {
             ("state.command_timeout", self.state.command_timeout, MINUTE),
             ("state.heartbeat", self.state.heartbeat, MINUTE),
             ("state.lease", self.state.lease, HOUR),
+            ("jobs.ttl", self.jobs.ttl, 30 * 24 * HOUR),
+            ("jobs.webhook_backoff", self.jobs.webhook_backoff, HOUR),
         ] {
             if d > Duration::from_secs(max_secs) {
                 return Err(bad(
@@ -943,6 +1033,36 @@ impl Config {
                     ),
                 ));
             }
+        }
+        for (key, url) in self
+            .jobs
+            .webhook_url
+            .iter()
+            .map(|u| ("jobs.webhook_url", u))
+            .chain(
+                self.jobs
+                    .webhook_prefixes
+                    .iter()
+                    .map(|u| ("jobs.webhook_prefixes", u)),
+            )
+        {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(
+                    key,
+                    format!("expected an http:// or https:// URL, not {url:?}"),
+                ));
+            }
+        }
+        if (self.jobs.webhook_url.is_some() || !self.jobs.webhook_prefixes.is_empty())
+            && self.jobs.webhook_secret_env.is_none()
+        {
+            return Err(bad(
+                "jobs.webhook_secret_env",
+                "webhooks are signed: name the environment variable holding the secret".into(),
+            ));
+        }
+        if self.jobs.max_running == 0 || self.jobs.max_total == 0 || self.jobs.max_per_tenant == 0 {
+            return Err(bad("jobs.max_running", "expected limits above zero".into()));
         }
         if self.state.backend == Backend::Redis {
             let url = &self.state.redis_url;

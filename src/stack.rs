@@ -9,7 +9,7 @@ use tower::ServiceBuilder;
 
 use crate::config::Config;
 use crate::layers::upstream::{self, Upstream};
-use crate::layers::{budget, client_limit, coalesce, edge, retry};
+use crate::layers::{budget, client_limit, coalesce, edge, jobs, retry};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 
@@ -22,6 +22,8 @@ pub enum BuildError {
     Projects(String),
     #[error("state.redis_url: {0}")]
     Redis(String),
+    #[error("{0}")]
+    Jobs(String),
 }
 
 /// State the stack shares with the admin endpoints.
@@ -33,6 +35,8 @@ pub struct Shared {
     pub buffered: edge::Buffered,
     /// The Redis backend, when configured.
     pub redis: Option<Arc<crate::state::Redis>>,
+    /// Async jobs, when enabled.
+    pub jobs: Option<Arc<jobs::Jobs>>,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -73,6 +77,20 @@ where
     edge.add_projects(&config.projects, &env)
         .map_err(BuildError::Projects)?;
     let buffered = edge.buffered();
+    let edge = Arc::new(edge);
+    let jobs = match config.jobs.enabled {
+        true => Some(
+            jobs::Jobs::open(
+                &config.jobs,
+                config.retry.after_send,
+                metrics.clone(),
+                edge.clone(),
+                &env,
+            )
+            .map_err(BuildError::Jobs)?,
+        ),
+        false => None,
+    };
     let cache = coalesce::Layer::new(
         &config.cache,
         config.retry.deadline,
@@ -84,7 +102,10 @@ where
         // Edge: body limit and one buffered copy, the parsed context with its cost
         // estimate, errors turned into OpenAI-shaped responses, and the log line;
         // outermost so it sees everything.
-        .layer(edge::Layer::new(edge))
+        .layer(edge::Layer::shared(edge))
+        // Async jobs: a `Prefer: respond-async` request is stored and answered
+        // at once, then runs through everything below with no client attached.
+        .layer(jobs::Layer::new(jobs.clone()))
         // Coalescing and the cache: above retries and budgets, so a hit or a
         // coalesced request costs no attempt and no budget.
         .layer(cache)
@@ -106,6 +127,7 @@ where
             metrics,
             buffered,
             redis,
+            jobs,
         },
     ))
 }

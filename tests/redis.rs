@@ -459,8 +459,9 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
     }
     // The upstream sees one burst of twenty calls per window. In the first
     // window after the web client came, it had every other turn, as on one
-    // replica: its eight calls all went in that window (each replica serving
-    // its own queue in turn would give it one turn in four: five calls).
+    // replica: its eight calls went in that window (each replica serving its
+    // own queue in turn would give it one turn in four: five calls). One may
+    // miss it on a loaded machine, its request arriving late.
     let calls = fake.requests();
     let mut windows: Vec<Vec<&str>> = Vec::new();
     let mut last: Option<std::time::Instant> = None;
@@ -481,8 +482,8 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
         .map(|w| w.iter().filter(|c| **c == "web").count())
         .collect();
     let first = webs.iter().position(|n| *n > 0).unwrap();
-    assert_eq!(
-        webs[first], 8,
+    assert!(
+        webs[first] >= 7 && webs[first] + webs.get(first + 1).unwrap_or(&0) == 8,
         "web's calls per window: {webs:?} in {windows:?}"
     );
 }

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod client_limit;
 pub mod coalesce;
 pub mod edge;
+pub mod jobs;
 pub mod retry;
 pub mod upstream;
 

@@ -320,6 +320,9 @@ impl tower::Service<Request<Payload>> for Upstream {
             interest.mark_sent();
         }
         let ctx = req.body().ctx.clone();
+        if let Some(ctx) = &ctx {
+            ctx.tally.update(|t| t.sent = true);
+        }
         let req = self.upstream_request(req);
         let inner = self.inner.clone();
         Box::pin(async move {

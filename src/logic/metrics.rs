@@ -84,11 +84,26 @@ struct ModelKind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobState {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: &'static str,
 }
 
 type Usd = Counter<f64, AtomicU64>;
+
+/// Seconds from a job's submission to its end: images take a minute or more.
+const JOB_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn histogram() -> Histogram {
@@ -110,6 +125,9 @@ pub struct Metrics {
     saved: Family<Reason, Usd>,
     after_send: Family<AfterSendLabels, Counter>,
     degraded: Gauge,
+    jobs: Family<JobState, Gauge>,
+    job_seconds: Histogram,
+    webhooks: Family<Outcome, Counter>,
     models: Mutex<HashSet<String>>,
     pub prices: Prices,
 }
@@ -131,6 +149,9 @@ impl Metrics {
             saved: Family::default(),
             after_send: Family::default(),
             degraded: Gauge::default(),
+            jobs: Family::default(),
+            job_seconds: Histogram::new(JOB_BUCKETS),
+            webhooks: Family::default(),
             models: Mutex::new(HashSet::new()),
             prices: Prices::new(prices),
         };
@@ -159,6 +180,17 @@ impl Metrics {
             "penstock_upstream_duration_seconds",
             "Time from sending an attempt to its response head",
             m.upstream_duration.clone(),
+        );
+        r.register("penstock_jobs", "Async jobs by state", m.jobs.clone());
+        r.register(
+            "penstock_job_seconds",
+            "Time from a job's submission to its end",
+            m.job_seconds.clone(),
+        );
+        r.register(
+            "penstock_webhook_deliveries",
+            "Webhook delivery attempts by outcome",
+            m.webhooks.clone(),
         );
         r.register(
             "penstock_state_degraded",
@@ -311,6 +343,27 @@ impl Metrics {
         let usd = self.prices.cost(model.unwrap_or(""), usage, image);
         self.cost.get_or_create(&Model { model: label }).inc_by(usd);
         usd
+    }
+
+    /// A job left `from` for `to` (`None`: it was created, or forgotten).
+    pub fn job_moved(&self, from: Option<&'static str>, to: Option<&'static str>) {
+        if let Some(state) = from {
+            self.jobs.get_or_create(&JobState { state }).dec();
+        }
+        if let Some(state) = to {
+            self.jobs.get_or_create(&JobState { state }).inc();
+        }
+    }
+
+    /// A job ended, `seconds` after it was submitted.
+    pub fn job_done(&self, seconds: f64) {
+        self.job_seconds.observe(seconds);
+    }
+
+    /// A webhook delivery attempt: `delivered`, `failed` (will be retried) or
+    /// `gave_up`.
+    pub fn webhook(&self, outcome: &'static str) {
+        self.webhooks.get_or_create(&Outcome { outcome }).inc();
     }
 
     pub fn saved(&self, reason: &'static str, usd: f64) {

@@ -66,6 +66,8 @@ pub struct Accounted {
     pub saved_usd: f64,
     /// Time waited for budget, over all attempts.
     pub queued: Duration,
+    /// An attempt has gone to the upstream: from here the request may cost money.
+    pub sent: bool,
 }
 
 impl Tally {

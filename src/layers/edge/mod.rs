@@ -263,9 +263,13 @@ pub struct Layer {
 
 impl Layer {
     pub fn new(config: EdgeConfig) -> Layer {
-        Layer {
-            config: Arc::new(config),
-        }
+        Layer::shared(Arc::new(config))
+    }
+
+    /// With a config also used elsewhere (the jobs runner parses stored
+    /// requests as the edge parses live ones).
+    pub fn shared(config: Arc<EdgeConfig>) -> Layer {
+        Layer { config }
     }
 }
 
@@ -385,7 +389,7 @@ where
 }
 
 /// Buffers the body within the limit and attaches the context.
-async fn buffer<B>(
+pub(crate) async fn buffer<B>(
     req: Request<B>,
     config: Arc<EdgeConfig>,
     route: Route,
