@@ -51,6 +51,8 @@ fn budget_10_per_second(c: &mut penstock::Config) {
     c.budgets = vec![BudgetConfig {
         models: vec!["gpt-image-*".into()],
         rpm: Some(600),
+        // The tests share the machine: a call can reach the fake late.
+        safety_margin: Duration::from_millis(250),
         ..BudgetConfig::default()
     }];
 }
@@ -241,4 +243,244 @@ async fn a_cancelled_queued_job_never_reaches_the_upstream() {
         .await
         .unwrap();
     assert_eq!(result.status(), 409);
+}
+
+/// A webhook receiver on 127.0.0.1 that fails its first `fail` deliveries;
+/// what it received: (webhook-id, webhook-timestamp, webhook-signature, body).
+async fn receiver(
+    fail: usize,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, bytes::Bytes)>>>,
+) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let h = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .map(|v| v.to_str().unwrap().to_string())
+                                    .unwrap_or_default()
+                            };
+                            let (id, ts, sig) = (
+                                h("webhook-id"),
+                                h("webhook-timestamp"),
+                                h("webhook-signature"),
+                            );
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let n = {
+                                let mut seen = seen.lock().unwrap();
+                                seen.push((id, ts, sig, body));
+                                seen.len()
+                            };
+                            let status = if n <= fail { 500 } else { 200 };
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (format!("http://{addr}/"), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_signed_retried_until_delivered_and_confined_to_allowed_prefixes() {
+    // Standard Webhooks' example secret.
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (hook, got) = receiver(2).await;
+    let prefix = hook.clone();
+    let h = start_with(
+        Behaviour::default(),
+        move |c| {
+            c.jobs.webhook_prefixes = vec![prefix];
+            c.jobs.webhook_secret_env = Some("HOOK_SECRET".into());
+            c.jobs.webhook_backoff = Duration::from_millis(50);
+        },
+        |name| (name == "HOOK_SECRET").then(|| SECRET.to_string()),
+    )
+    .await;
+    let refused = submit(
+        &h.url,
+        "sk-a",
+        &image("elsewhere"),
+        &[("x-penstock-webhook", "http://attacker.example/collect")],
+    )
+    .await;
+    assert_eq!(refused.status(), 400);
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "penstock_webhook_not_allowed");
+    assert_eq!(h.fake.calls(), 0, "a refused submit is not run");
+    let target = format!("{hook}done");
+    let resp = submit(
+        &h.url,
+        "sk-a",
+        &image("hooked"),
+        &[("x-penstock-webhook", &target)],
+    )
+    .await;
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    finished(&h.url, "sk-a", &id).await;
+    let mut delivered = Value::Null;
+    for _ in 0..500 {
+        let (_, v) = job(&h.url, "sk-a", &id).await;
+        if v["webhook"]["state"] == "delivered" {
+            delivered = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(delivered["webhook"]["attempts"], 3, "{delivered}");
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "two failures, then delivered");
+    let key = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        SECRET.trim_start_matches("whsec_"),
+    )
+    .unwrap();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    for (msg_id, ts, sig, body) in &got {
+        assert_eq!(msg_id, &format!("msg_{id}"));
+        let signed = [msg_id.as_bytes(), b".", ts.as_bytes(), b".", body].concat();
+        let expected = ring::hmac::sign(&key, &signed);
+        let sent = sig.strip_prefix("v1,").expect("a v1 signature");
+        let sent =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, sent).unwrap();
+        assert_eq!(sent, expected.as_ref(), "the signature verifies");
+        let payload: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(payload["type"], "job.succeeded");
+        assert_eq!(payload["data"]["id"], id.as_str());
+    }
+    let metrics = h.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"penstock_webhook_deliveries_total{outcome="failed"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"penstock_webhook_deliveries_total{outcome="delivered"}"#
+        ),
+        1.0
+    );
+}
+
+/// Starts the penstock binary on `config`; its proxy URL.
+async fn spawn_penstock(config: &std::path::Path) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_penstock"))
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("penstock runs");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "penstock listening" {
+            break format!("http://{}", v["addr"].as_str().unwrap());
+        }
+    };
+    // Keep reading its log, so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_millis(200), Duration::from_millis(200)),
+        ..Behaviour::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("penstock.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n[[budget]]\nmodels = [\"gpt-image-*\"]\nrpm = 600\n[retry]\nafter_send = \"always\"\n[jobs]\npath = \"{}\"\n",
+            fake.url(),
+            dir.path().join("jobs.redb").display()
+        ),
+    )
+    .unwrap();
+    let (mut first, url) = spawn_penstock(&path).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let resp = submit(&url, "sk-a", &image(&format!("durable {i}")), &[]).await;
+        assert_eq!(resp.status(), 202);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Some have completed (ten a second), most wait.
+    while fake.answered(200) < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut completed = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        if job(&url, "sk-a", id).await.1["status"] == "succeeded" {
+            completed.push(i);
+        }
+    }
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    assert!(completed.len() < 30, "the kill came before the end");
+    let (_second, url) = spawn_penstock(&path).await;
+    for id in &ids {
+        let v = finished(&url, "sk-a", id).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+    }
+    // What had completed before the kill reached the upstream once.
+    let prompts: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).ok()?;
+            Some(v["prompt"].as_str()?.to_string())
+        })
+        .collect();
+    for i in completed {
+        let prompt = format!("durable {i}");
+        assert_eq!(
+            prompts.iter().filter(|p| **p == prompt).count(),
+            1,
+            "{prompt}"
+        );
+    }
+    for i in 0..30 {
+        let prompt = format!("durable {i}");
+        assert!(prompts.contains(&prompt), "{prompt} never ran");
+    }
 }
