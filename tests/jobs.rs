@@ -392,28 +392,6 @@ async fn a_webhook_is_signed_retried_until_delivered_and_confined_to_allowed_pre
     );
 }
 
-/// Starts the penstock binary on `config`; its proxy URL.
-async fn spawn_penstock(config: &std::path::Path) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_penstock"))
-        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next_line().await.unwrap().expect("penstock runs");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "penstock listening" {
-            break format!("http://{}", v["addr"].as_str().unwrap());
-        }
-    };
-    // Keep reading its log, so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
     let fake = Fake::start(Behaviour {

@@ -10,20 +10,6 @@ use penstock::config::BudgetConfig;
 use serde_json::json;
 use support::*;
 
-/// The README's rehearsal: ten requests a second, 0.2 to 0.6 s an image.
-fn ten_per_second() -> Behaviour {
-    Behaviour {
-        limits: Some(Limits {
-            requests: 10,
-            window: Duration::from_secs(1),
-            ..Limits::default()
-        }),
-        latency: (Duration::from_millis(200), Duration::from_millis(600)),
-        record_bodies: false,
-        ..Behaviour::default()
-    }
-}
-
 /// `n` generations at once, each with its own prompt; their statuses.
 async fn generate_all(h: &Harness, n: usize, tag: &str) -> Vec<u16> {
     let url = format!("{}/v1/images/generations", h.url);

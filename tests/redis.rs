@@ -13,20 +13,6 @@ use serde_json::json;
 use support::redis_server::RedisServer;
 use support::*;
 
-/// The fake at ten requests a second, 0.2 to 0.6 s an image.
-fn ten_per_second() -> Behaviour {
-    Behaviour {
-        limits: Some(Limits {
-            requests: 10,
-            window: Duration::from_secs(1),
-            ..Limits::default()
-        }),
-        latency: (Duration::from_millis(200), Duration::from_millis(600)),
-        record_bodies: false,
-        ..Behaviour::default()
-    }
-}
-
 fn shared_config(upstream: &str, redis: &str) -> Config {
     let mut c = config_for(upstream);
     c.state.backend = Backend::Redis;
@@ -326,21 +312,7 @@ async fn a_replica_killed_while_leading_a_shared_call_is_taken_over_after_its_le
     )
     .unwrap();
     // The leader: a real process, killed with SIGKILL.
-    let mut leader = tokio::process::Command::new(env!("CARGO_BIN_EXE_penstock"))
-        .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(leader.stderr.take().unwrap()).lines();
-    let leader_url = loop {
-        let line = lines.next_line().await.unwrap().expect("penstock runs");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["message"] == "penstock listening" {
-            break format!("http://{}", v["addr"].as_str().unwrap());
-        }
-    };
+    let (mut leader, leader_url) = spawn_penstock(&path).await;
     let mut config = shared_config(&fake.url(), &redis.url());
     config.budgets.clear();
     config.state.lease = Duration::from_secs(1);

@@ -118,3 +118,41 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+/// The fake at ten requests a second, 0.2 to 0.6 s an image (the README's
+/// rehearsal).
+pub fn ten_per_second() -> Behaviour {
+    Behaviour {
+        limits: Some(Limits {
+            requests: 10,
+            window: Duration::from_secs(1),
+            ..Limits::default()
+        }),
+        latency: (Duration::from_millis(200), Duration::from_millis(600)),
+        record_bodies: false,
+        ..Behaviour::default()
+    }
+}
+
+/// Starts the penstock binary with the config file `config` (JSON logs); the
+/// process and its proxy URL once it listens. Its log is read on, so it
+/// never blocks on a full pipe.
+pub async fn spawn_penstock(config: &std::path::Path) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_penstock"))
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next_line().await.unwrap().expect("penstock runs");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["message"] == "penstock listening" {
+            break format!("http://{}", v["addr"].as_str().unwrap());
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
