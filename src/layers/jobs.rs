@@ -220,7 +220,10 @@ struct Mem {
 }
 
 pub struct Jobs {
-    db: redb::Database,
+    db: Arc<redb::Database>,
+    /// New jobs, written by one thread in shared transactions: one commit
+    /// (one wait for the disk) for all the jobs submitted meanwhile.
+    committer: Mutex<std::sync::mpsc::Sender<Accepted>>,
     config: JobsConfig,
     after_send: AfterSend,
     metrics: Arc<Metrics>,
@@ -295,8 +298,16 @@ impl Jobs {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);
+        let db = Arc::new(db);
+        let (committer, accepted) = std::sync::mpsc::channel::<Accepted>();
+        let writer = db.clone();
+        std::thread::Builder::new()
+            .name("penstock-jobs-commit".into())
+            .spawn(move || group_commit(&writer, &accepted))
+            .map_err(|e| format!("jobs: {e}"))?;
         let jobs = Arc::new(Jobs {
             db,
+            committer: Mutex::new(committer),
             config: config.clone(),
             after_send,
             metrics,
@@ -433,6 +444,34 @@ impl Jobs {
         txn.commit().map_err(store_err)
     }
 
+    /// Stores a new job with the next group commit; returns once it is durable.
+    fn commit_new(&self, job: &Job, body: Bytes) -> Result<(), ProxyError> {
+        let record = serde_json::to_vec(job).map_err(store_err)?;
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        let sent = self
+            .committer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(Accepted {
+                id: job.id.clone(),
+                record,
+                body,
+                done,
+            });
+        if sent.is_err() {
+            return Err(store_err("the job store's writer has stopped"));
+        }
+        wait.recv().map_err(store_err)?.map_err(store_err)
+    }
+
+    /// [`Jobs::save`] off the async workers: a commit waits for the disk.
+    async fn persist(self: &Arc<Self>, job: &Job, result: Option<Bytes>) -> Result<(), ProxyError> {
+        let (me, job) = (self.clone(), job.clone());
+        tokio::task::spawn_blocking(move || me.save(&job, None, result.as_deref(), false))
+            .await
+            .unwrap_or_else(|e| Err(store_err(e)))
+    }
+
     /// Moves a job to `to`, in the store and the metrics.
     fn update(&self, job: &mut Job, to: State) {
         self.metrics
@@ -515,7 +554,7 @@ impl Jobs {
                 last_error: None,
             }),
         };
-        if let Err(e) = self.save(&job, Some(&payload.bytes), None, false) {
+        if let Err(e) = self.commit_new(&job, payload.bytes.clone()) {
             let mut mem = self.lock();
             if let Some(n) = mem.per_tenant.get_mut(&tenant) {
                 *n = n.saturating_sub(1);
@@ -744,7 +783,7 @@ impl Jobs {
         }
         self.update(&mut job, State::Running);
         job.started_at = Some(now_ms());
-        if self.save(&job, None, None, false).is_err() {
+        if self.persist(&job, None).await.is_err() {
             return;
         }
         let body = self.read(BODIES, id).unwrap_or_default();
@@ -843,7 +882,7 @@ impl Jobs {
                 None => ran,
             });
         }
-        if let Err(e) = self.save(&job, None, Some(&body), false) {
+        if let Err(e) = self.persist(&job, Some(body)).await {
             tracing::error!(job = %job.id, error = %e, "cannot store a finished job");
         }
         self.metrics
@@ -1027,6 +1066,46 @@ impl Jobs {
     }
 }
 
+/// A new job for the group commit, and whom to tell when it is durable.
+struct Accepted {
+    id: String,
+    record: Vec<u8>,
+    body: Bytes,
+    done: std::sync::mpsc::SyncSender<Result<(), String>>,
+}
+
+/// Writes new jobs: each transaction takes every job waiting for it, so a
+/// burst of submits shares a few commits. Ends when the jobs are dropped.
+fn group_commit(db: &redb::Database, accepted: &std::sync::mpsc::Receiver<Accepted>) {
+    while let Ok(first) = accepted.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match accepted.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let written = (|| -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            {
+                let mut jobs = txn.open_table(JOBS)?;
+                let mut bodies = txn.open_table(BODIES)?;
+                for a in &batch {
+                    jobs.insert(a.id.as_str(), a.record.as_slice())?;
+                    bodies.insert(a.id.as_str(), a.body.as_ref())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        for a in batch {
+            let _ = a
+                .done
+                .send(written.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+    }
+}
+
 fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(v.to_string()));
     *resp.status_mut() = status;
@@ -1093,7 +1172,12 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
             return Box::pin(self.inner.call(req));
         };
         if req.uri().path().starts_with(PREFIX) {
-            return Box::pin(async move { jobs.api(&req) });
+            // The store's reads and commits (an fsync) block: off the workers.
+            return Box::pin(async move {
+                tokio::task::spawn_blocking(move || jobs.api(&req))
+                    .await
+                    .unwrap_or_else(|e| Err(store_err(e)))
+            });
         }
         let asks = req.method() == Method::POST
             && req
@@ -1102,7 +1186,11 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
                 .as_ref()
                 .is_some_and(|c| wants_async(&c.headers) && c.route != Route::Other);
         if asks {
-            return Box::pin(async move { jobs.submit(req) });
+            return Box::pin(async move {
+                tokio::task::spawn_blocking(move || jobs.submit(req))
+                    .await
+                    .unwrap_or_else(|e| Err(store_err(e)))
+            });
         }
         Box::pin(self.inner.call(req))
     }
