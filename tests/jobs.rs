@@ -462,3 +462,19 @@ async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
         assert!(prompts.contains(&prompt), "{prompt} never ran");
     }
 }
+
+#[test]
+fn the_job_store_is_readable_by_its_owner_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.redb");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut config = config_for("http://127.0.0.1:1");
+        config.jobs.path = Some(path.clone());
+        let running = penstock::start(&config, |_| None).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        running.shutdown().await;
+    });
+}

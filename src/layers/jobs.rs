@@ -257,8 +257,18 @@ impl Jobs {
         env: &impl Fn(&str) -> Option<String>,
     ) -> Result<Arc<Jobs>, String> {
         let db = match &config.path {
-            Some(path) => redb::Database::create(path)
-                .map_err(|e| format!("jobs.path: {}: {e}", path.display()))?,
+            Some(path) => {
+                let db = redb::Database::create(path)
+                    .map_err(|e| format!("jobs.path: {}: {e}", path.display()))?;
+                // It holds requests as sent, credentials included: the owner's alone.
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(|e| format!("jobs.path: {}: {e}", path.display()))?;
+                }
+                db
+            }
             None => redb::Database::builder()
                 .create_with_backend(redb::backends::InMemoryBackend::new())
                 .map_err(|e| format!("jobs: {e}"))?,
