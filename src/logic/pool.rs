@@ -209,7 +209,7 @@ struct State {
     epoch: u64,
     /// What was admitted on the local share while Redis was away, told to the
     /// shared ledger when it returns.
-    spent_alone: Vec<(Instant, Cost)>,
+    spent_alone: std::collections::VecDeque<(Instant, Cost)>,
     /// The shared ledger said the queue's requests fit no earlier than then
     /// (while the queue is as it was: its count of changes).
     remote_retry: Option<(Instant, u64)>,
@@ -327,7 +327,7 @@ impl Pool {
                 full,
                 share,
                 epoch: 0,
-                spent_alone: Vec::new(),
+                spent_alone: std::collections::VecDeque::new(),
                 remote_retry: None,
                 last_booked: None,
                 last_told: None,
@@ -389,7 +389,17 @@ impl Pool {
         };
         let ticket = st.ledger.charge(goes, cost);
         if self.remote.is_some() && booked.is_none() {
-            st.spent_alone.push((now, *cost));
+            // Only the last minute matters to the shared ledger: a long
+            // outage keeps no more than that.
+            let window = Duration::from_secs(60) + st.full.margin;
+            while st
+                .spent_alone
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= window)
+            {
+                st.spent_alone.pop_front();
+            }
+            st.spent_alone.push_back((now, *cost));
         }
         st.in_flight += 1;
         let probe = (st.recovering && st.probe_out.is_none()).then_some(st.pauses);

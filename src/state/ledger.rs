@@ -206,6 +206,9 @@ local when = at
 if force then
   when = now - tonumber(ARGV[7])
 else
+  -- Clients' places are history: a pool busy for days with ever new
+  -- clients starts that history over rather than grow without end.
+  if redis.call('HLEN', KEYS[8]) > 40000 then redis.call('DEL', KEYS[8]) end
   local served = redis.call('HINCRBY', KEYS[1], 'served', 1)
   redis.call('HSET', KEYS[8], 'f:' .. client, finish, 's:' .. client, served)
   redis.call('HSET', KEYS[1], 'vclock', start)
