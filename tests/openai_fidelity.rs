@@ -175,9 +175,9 @@ async fn a_hit_does_not_replay_the_headers_of_the_call_that_made_it() {
     assert_eq!(h.fake.calls(), 1);
 }
 
-/// Twelve chat calls that ask for up to 1,000 tokens each and use a handful,
+/// `n` chat calls that ask for up to 1,000 tokens each and use a handful,
 /// against an upstream whose limiter charges 5,000 tokens a second at arrival.
-async fn chat_wave(refund: penstock::config::Refund) -> Harness {
+async fn chat_wave(refund: penstock::config::Refund, n: usize) -> Harness {
     let h = start_with(
         Behaviour {
             limits: Some(Limits {
@@ -200,7 +200,7 @@ async fn chat_wave(refund: penstock::config::Refund) -> Harness {
         |_| None,
     )
     .await;
-    let calls = (0..12).map(|i| {
+    let calls = (0..n).map(|i| {
         let url = format!("{}/v1/chat/completions", h.url);
         async move {
             http()
@@ -220,7 +220,7 @@ async fn chat_wave(refund: penstock::config::Refund) -> Harness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_charged_at_arrival_and_kept_as_openai_keeps_them() {
-    let h = chat_wave(penstock::config::Refund::Refused).await;
+    let h = chat_wave(penstock::config::Refund::Refused, 12).await;
     assert_eq!(h.fake.answered(429), 0, "never refused by the upstream");
     // The pool still counts what it charged, not the few tokens used.
     let status = h.status().await;
@@ -234,7 +234,9 @@ async fn tokens_are_charged_at_arrival_and_kept_as_openai_keeps_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn giving_back_unused_tokens_over_admits_against_such_a_limiter() {
     // The reason it is not the default: the upstream has not given them back.
-    let h = chat_wave(penstock::config::Refund::Unused).await;
+    // 24 calls: 24,000 tokens the upstream counts, which only a machine
+    // taking five seconds for them would spread thinly enough.
+    let h = chat_wave(penstock::config::Refund::Unused, 24).await;
     assert!(h.fake.answered(429) > 0);
 }
 

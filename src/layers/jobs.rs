@@ -219,6 +219,18 @@ struct Mem {
     cancelled: std::collections::HashSet<String>,
 }
 
+impl Mem {
+    /// One of the tenant's jobs ended (or was never taken).
+    fn leave(&mut self, tenant: &str) {
+        if let Some(n) = self.per_tenant.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_tenant.remove(tenant);
+            }
+        }
+    }
+}
+
 pub struct Jobs {
     db: Arc<redb::Database>,
     /// New jobs, written by one thread in shared transactions: one commit
@@ -566,9 +578,7 @@ impl Jobs {
         };
         if let Err(e) = self.commit_new(&job, payload.bytes.clone()) {
             let mut mem = self.lock();
-            if let Some(n) = mem.per_tenant.get_mut(&tenant) {
-                *n = n.saturating_sub(1);
-            }
+            mem.leave(&tenant);
             return Err(e);
         }
         self.metrics.job_moved(None, Some("queued"));
@@ -721,9 +731,7 @@ impl Jobs {
                     }
                     None => {}
                 }
-                if let Some(n) = mem.per_tenant.get_mut(&job.tenant) {
-                    *n = n.saturating_sub(1);
-                }
+                mem.leave(&job.tenant);
             }
             self.update(&mut job, State::Cancelled);
             job.finished_at = Some(now_ms());
@@ -878,9 +886,7 @@ impl Jobs {
         self.update(&mut job, state);
         {
             let mut mem = self.lock();
-            if let Some(n) = mem.per_tenant.get_mut(&job.tenant) {
-                *n = n.saturating_sub(1);
-            }
+            mem.leave(&job.tenant);
             mem.bytes += job.result_bytes;
             let ran = Duration::from_millis(
                 job.finished_at
