@@ -1290,6 +1290,7 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
         copy.upstream.base_url = crate::vocab::url::BaseUrl::redact(&copy.upstream.base_url);
+        copy.state.redis_url = crate::vocab::url::BaseUrl::redact(&copy.state.redis_url);
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -1446,8 +1447,11 @@ max_attempts = 2
     fn check_output_redacts_url_credentials() {
         let mut c = Config::default();
         c.upstream.base_url = "https://user:sk-secret@example.com/openai".into();
+        c.state.redis_url = "rediss://default:hunter2@redis.internal:6380/0".into();
         let out = c.to_redacted_toml();
         assert!(!out.contains("sk-secret"), "{out}");
         assert!(out.contains("example.com/openai"), "{out}");
+        assert!(!out.contains("hunter2"), "{out}");
+        assert!(out.contains("redis.internal:6380/0"), "{out}");
     }
 }
