@@ -478,3 +478,37 @@ fn the_job_store_is_readable_by_its_owner_alone() {
         running.shutdown().await;
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_wait_longer_for_budget_than_a_client_would() {
+    // One image a second, and no client may wait more than one second: a
+    // synchronous burst of five is mostly refused; five jobs all succeed.
+    let h = start_with(
+        Behaviour::default(),
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-image-*".into()],
+                rpm: Some(60),
+                ..BudgetConfig::default()
+            }];
+            c.queue.max_wait = Duration::from_secs(1);
+        },
+        |_| None,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let resp = submit(&h.url, "sk-a", &image(&format!("patient {i}")), &[]).await;
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for id in &ids {
+        let v = finished(&h.url, "sk-a", id).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+    }
+    assert_eq!(h.fake.calls(), 5);
+}

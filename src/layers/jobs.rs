@@ -862,6 +862,25 @@ impl Jobs {
         if !still_ours {
             return;
         }
+        // penstock's own refusal to wait that long for budget: a job has no
+        // client waiting, so it goes back to the head of the queue and tries
+        // again when the budget could take it.
+        if let Ok(b) = &body
+            && let Some(after) = waited_too_long(parts.status, &parts.headers, b)
+        {
+            job.started_at = None;
+            self.update(&mut job, State::Queued);
+            if self.persist(&job, None).await.is_ok() {
+                let me = self.clone();
+                let id = job.id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    me.lock().queued.push_front(id);
+                    me.wake.notify_one();
+                });
+            }
+            return;
+        }
         let (state, body, error) = match body {
             Ok(body) if parts.status.is_success() => (State::Succeeded, body, None),
             Ok(body) => (State::Failed, body, None),
@@ -1080,6 +1099,28 @@ impl Jobs {
             durable: self.config.path.is_some(),
         }
     }
+}
+
+/// When an answer is penstock's refusal to wait for budget (the wait would
+/// be longer than `queue.max_wait`, or the queue is full): how long until it
+/// is worth asking again (at least a second, at most a minute).
+fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Duration> {
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = v["error"]["code"].as_str()?;
+    if !matches!(
+        code,
+        "penstock_wait_too_long" | "penstock_queue_timeout" | "penstock_queue_full"
+    ) {
+        return None;
+    }
+    let after = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis);
+    Some(after.clamp(Duration::from_secs(1), Duration::from_secs(60)))
 }
 
 /// A new job for the group commit, and whom to tell when it is durable.
