@@ -420,7 +420,7 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(waiting >= 45, "the batch never queued: {waiting} waiting");
-    let web: Vec<_> = (0..16)
+    let web: Vec<_> = (0..24)
         .map(|i| tokio::spawn(send(group[1].url.clone(), "web", i)))
         .collect();
     for t in web {
@@ -429,11 +429,11 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
     for t in batch {
         t.abort();
     }
-    // In the upstream's order, the 32 calls up to the web client's last: as
-    // on one replica, it had every other turn (16, give or take the order of
+    // In the upstream's order, the 48 calls up to the web client's last: as
+    // on one replica, it had every other turn (24, give or take the order of
     // calls sent at the same moment); each replica serving its own queue in
-    // turn would give it one turn in four (8). Counted back from its last call,
-    // as its first requests may still have been arriving one by one.
+    // turn would give it one turn in four (12). Counted back from its last
+    // call, as its first requests may still have been arriving one by one.
     let order: Vec<bool> = fake
         .requests()
         .iter()
@@ -443,10 +443,10 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
         })
         .collect();
     let last = order.iter().rposition(|w| *w).unwrap();
-    let turns = &order[(last + 1).saturating_sub(32)..=last];
+    let turns = &order[(last + 1).saturating_sub(48)..=last];
     let web_turns = turns.iter().filter(|w| **w).count();
     assert!(
-        web_turns >= 12,
+        web_turns >= 18,
         "web had {web_turns} of the {} turns up to its last: {turns:?}",
         turns.len()
     );
