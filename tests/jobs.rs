@@ -24,6 +24,16 @@ async fn submit(url: &str, key: &str, body: &Value, extra: &[(&str, &str)]) -> r
     req.send().await.unwrap()
 }
 
+/// Submits an image job for `key`; its id.
+async fn submit_id(url: &str, key: &str, prompt: &str) -> String {
+    let resp = submit(url, key, &image(prompt), &[]).await;
+    assert_eq!(resp.status(), 202);
+    resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 async fn job(url: &str, key: &str, id: &str) -> (u16, Value) {
     let resp = http()
         .get(format!("{url}/penstock/v1/jobs/{id}"))
@@ -146,11 +156,7 @@ async fn fifty_jobs_are_accepted_at_once_and_all_succeed_without_upstream_rate_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_cannot_read_cancel_or_list_another_tenants_jobs() {
     let h = start(Behaviour::default()).await;
-    let resp = submit(&h.url, "sk-a", &image("mine"), &[]).await;
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = submit_id(&h.url, "sk-a", "mine").await;
     finished(&h.url, "sk-a", &id).await;
     let (status, v) = job(&h.url, "sk-b", &id).await;
     assert_eq!(status, 404);
@@ -207,13 +213,7 @@ async fn a_cancelled_queued_job_never_reaches_the_upstream() {
     .await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        let resp = submit(&h.url, "sk-a", &image(&format!("cancel {i}")), &[]).await;
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(submit_id(&h.url, "sk-a", &format!("cancel {i}")).await);
     }
     let (_, third) = job(&h.url, "sk-a", &ids[2]).await;
     assert_eq!(third["status"], "queued");
@@ -400,27 +400,18 @@ async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("penstock.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n[[budget]]\nmodels = [\"gpt-image-*\"]\nrpm = 600\n[retry]\nafter_send = \"always\"\n[jobs]\npath = \"{}\"\n",
-            fake.url(),
+    let path = config_file(
+        &dir,
+        &fake.url(),
+        &format!(
+            "[[budget]]\nmodels = [\"gpt-image-*\"]\nrpm = 600\n[retry]\nafter_send = \"always\"\n[jobs]\npath = \"{}\"\n",
             dir.path().join("jobs.redb").display()
         ),
-    )
-    .unwrap();
+    );
     let (mut first, url) = spawn_penstock(&path).await;
     let mut ids = Vec::new();
     for i in 0..30 {
-        let resp = submit(&url, "sk-a", &image(&format!("durable {i}")), &[]).await;
-        assert_eq!(resp.status(), 202);
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(submit_id(&url, "sk-a", &format!("durable {i}")).await);
     }
     // Some have completed (ten a second), most wait.
     while fake.answered(200) < 5 {
@@ -498,13 +489,7 @@ async fn jobs_wait_longer_for_budget_than_a_client_would() {
     .await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let resp = submit(&h.url, "sk-a", &image(&format!("patient {i}")), &[]).await;
-        ids.push(
-            resp.json::<Value>().await.unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        ids.push(submit_id(&h.url, "sk-a", &format!("patient {i}")).await);
     }
     for id in &ids {
         let v = finished(&h.url, "sk-a", id).await;

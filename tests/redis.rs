@@ -301,16 +301,14 @@ async fn a_replica_killed_while_leading_a_shared_call_is_taken_over_after_its_le
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("penstock.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n",
-            fake.url(),
+    let path = config_file(
+        &dir,
+        &fake.url(),
+        &format!(
+            "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n",
             redis.url()
         ),
-    )
-    .unwrap();
+    );
     // The leader: a real process, killed with SIGKILL.
     let (mut leader, leader_url) = spawn_penstock(&path).await;
     let mut config = shared_config(&fake.url(), &redis.url());

@@ -64,6 +64,10 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
+/// Hashed once: a heartbeat runs every `state.heartbeat`.
+static HEARTBEAT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(HEARTBEAT));
+
 impl Redis {
     /// Checks the URL and starts connecting and the heartbeat in the
     /// background: until Redis answers, the replica serves on its local share.
@@ -134,7 +138,7 @@ impl Redis {
             return;
         };
         let window = (self.heartbeat * 3).as_millis() as u64;
-        let script = redis::Script::new(HEARTBEAT);
+        let script = &*HEARTBEAT_SCRIPT;
         let mut inv = script.key(format!("{}replicas", self.base));
         inv.arg(&self.replica).arg(window);
         let call = inv.invoke_async::<Vec<String>>(&mut conn);

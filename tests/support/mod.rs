@@ -156,3 +156,17 @@ pub async fn spawn_penstock(config: &std::path::Path) -> (tokio::process::Child,
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, url)
 }
+
+/// Writes `penstock.toml` in `dir`: both listeners on ephemeral ports, the
+/// upstream at `upstream`, then `more` (TOML); its path.
+pub fn config_file(dir: &tempfile::TempDir, upstream: &str, more: &str) -> std::path::PathBuf {
+    let path = dir.path().join("penstock.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{upstream}\"\n{more}"
+        ),
+    )
+    .unwrap();
+    path
+}
