@@ -85,6 +85,7 @@ where
                 config.retry.after_send,
                 metrics.clone(),
                 edge.clone(),
+                redis.clone(),
                 &env,
             )
             .map_err(BuildError::Jobs)?,

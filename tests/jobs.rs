@@ -497,3 +497,309 @@ async fn jobs_wait_longer_for_budget_than_a_client_would() {
     }
     assert_eq!(h.fake.calls(), 5);
 }
+
+/// A replica of penstock in this process, keeping jobs in `redis`.
+async fn redis_replica(upstream: &str, redis: &str, max_running: usize) -> Harness2 {
+    let mut c = config_for(upstream);
+    c.state.backend = penstock::config::Backend::Redis;
+    c.state.redis_url = redis.to_string();
+    c.state.heartbeat = Duration::from_millis(200);
+    c.state.lease = Duration::from_secs(1);
+    c.jobs.max_running = max_running;
+    c.validate("test").expect("valid config");
+    let running = penstock::start(&c, |_| None).await.expect("starts");
+    Harness2 {
+        url: format!("http://{}", running.addr),
+        _running: running,
+    }
+}
+
+struct Harness2 {
+    _running: penstock::Running,
+    url: String,
+}
+
+async fn list(url: &str, key: &str) -> Vec<Value> {
+    let v: Value = http()
+        .get(format!("{url}/penstock/v1/jobs"))
+        .header("authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
+async fn cancel(url: &str, key: &str, id: &str) -> Value {
+    http()
+        .delete(format!("{url}/penstock/v1/jobs/{id}"))
+        .header("authorization", format!("Bearer {key}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_any_replica_answers_cancels_and_lists_any_job() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_millis(400), Duration::from_millis(400)),
+        ..Behaviour::default()
+    })
+    .await;
+    // One job at a time on each: the third and later wait in Redis.
+    let a = redis_replica(&fake.url(), &redis.url(), 1).await;
+    let b = redis_replica(&fake.url(), &redis.url(), 1).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(submit_id(&a.url, "sk-a", &format!("shared {i}")).await);
+    }
+    // The last one, submitted on A, is cancelled on B while queued.
+    let (status, last) = job(&b.url, "sk-a", &ids[5]).await;
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(last["status"], "queued", "{last}");
+    assert!(last["position"].as_u64().is_some(), "{last}");
+    assert_eq!(cancel(&b.url, "sk-a", &ids[5]).await["status"], "cancelled");
+    // Another tenant sees nothing of them on either replica.
+    assert_eq!(job(&b.url, "sk-b", &ids[0]).await.0, 404);
+    assert_eq!(
+        cancel(&a.url, "sk-b", &ids[1]).await["error"]["code"],
+        "penstock_job_not_found"
+    );
+    assert!(list(&b.url, "sk-b").await.is_empty());
+    for id in &ids[..5] {
+        let v = finished(&b.url, "sk-a", id).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+        assert_eq!(v["response"]["status"], 200);
+        assert!(
+            v["response"]["body"]["data"][0]["b64_json"].is_string(),
+            "{v}"
+        );
+        let result = http()
+            .get(format!("{}/penstock/v1/jobs/{id}/result", a.url))
+            .header("authorization", "Bearer sk-a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(result.status(), 200);
+        let body: Value = result.json().await.unwrap();
+        assert!(body["data"][0]["b64_json"].is_string());
+    }
+    assert_eq!(
+        finished(&a.url, "sk-a", &ids[5]).await["status"],
+        "cancelled"
+    );
+    // Both replicas took jobs from the one queue, and each ran once.
+    let prompts: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).ok()?;
+            Some(v["prompt"].as_str()?.to_string())
+        })
+        .collect();
+    for i in 0..5 {
+        let prompt = format!("shared {i}");
+        assert_eq!(
+            prompts.iter().filter(|p| **p == prompt).count(),
+            1,
+            "{prompt}"
+        );
+    }
+    assert!(
+        !prompts.contains(&"shared 5".to_string()),
+        "the cancelled job ran"
+    );
+    let listed = list(&b.url, "sk-a").await;
+    assert_eq!(listed.len(), 6);
+    assert_eq!(listed[0]["id"], ids[5], "newest first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_dead_replicas_jobs_are_taken_over_after_its_lease() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_secs(2), Duration::from_secs(2)),
+        ..Behaviour::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = config_file(
+        &dir,
+        &fake.url(),
+        &format!(
+            "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n[jobs]\nmax_running = 2\n",
+            redis.url()
+        ),
+    );
+    // The first replica: a real process, killed with SIGKILL.
+    let (mut first, url) = spawn_penstock(&path).await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "again"}]});
+    let resp = http()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("authorization", "Bearer sk-a")
+        .header("prefer", "respond-async")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let text_id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let image_id = submit_id(&url, "sk-a", "paid once").await;
+    let queued_id = submit_id(&url, "sk-a", "still queued").await;
+    // Both running jobs reached the upstream, and the replica noted it.
+    while fake.calls() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let second = redis_replica(&fake.url(), &redis.url(), 2).await;
+    // Text may be sent again (retry.after_send = "text"); an image is not
+    // paid for twice; the queued job simply runs.
+    let text = finished(&second.url, "sk-a", &text_id).await;
+    assert_eq!(text["status"], "succeeded", "{text}");
+    let image = finished(&second.url, "sk-a", &image_id).await;
+    assert_eq!(image["status"], "failed", "{image}");
+    assert!(
+        image["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("penstock_interrupted"),
+        "{image}"
+    );
+    let queued = finished(&second.url, "sk-a", &queued_id).await;
+    assert_eq!(queued["status"], "succeeded", "{queued}");
+    let images: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).ok()?;
+            Some(v["prompt"].as_str()?.to_string())
+        })
+        .collect();
+    // The fake records a call when it answers it: the calls the killed
+    // replica had in flight are counted, not recorded.
+    assert_eq!(images, ["still queued"], "the image job was not sent again");
+    assert_eq!(fake.calls(), 4, "the text job twice, each image once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_caps_hold_across_replicas_and_a_cancel_stops_a_job_running_elsewhere() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_secs(3), Duration::from_secs(3)),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut c = config_for(&fake.url());
+    c.state.backend = penstock::config::Backend::Redis;
+    c.state.redis_url = redis.url();
+    c.state.lease = Duration::from_millis(600);
+    c.jobs.max_per_tenant = 2;
+    c.jobs.max_running = 1;
+    let replicas = [
+        penstock::start(&c, |_| None).await.unwrap(),
+        penstock::start(&c, |_| None).await.unwrap(),
+    ];
+    let urls = replicas.each_ref().map(|r| format!("http://{}", r.addr));
+    let first = submit_id(&urls[0], "sk-a", "cap 0").await;
+    // Which replica runs it.
+    let runner = 'found: loop {
+        for (i, r) in replicas.iter().enumerate() {
+            let s: Value = json(
+                http()
+                    .get(format!("http://{}/status", r.admin_addr))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            if s["jobs"]["running_here"] == 1 {
+                break 'found i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (here, elsewhere) = (&urls[runner], &urls[1 - runner]);
+    let _second = submit_id(elsewhere, "sk-a", "cap 1").await;
+    // The tenant's third, on either replica, is refused; another tenant is not.
+    for url in &urls {
+        let third = submit(url, "sk-a", &image("cap 2"), &[]).await;
+        assert_eq!(third.status(), 429);
+        assert!(third.headers().contains_key("retry-after-ms"));
+        assert_eq!(json(third).await["error"]["code"], "penstock_jobs_full");
+    }
+    assert_eq!(
+        submit(here, "sk-b", &image("other"), &[]).await.status(),
+        202
+    );
+    // Both replicas are busy (one job each at a time): "other" waits.
+    while fake.calls() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Cancelled through the replica not running it: its place is freed at
+    // once, and the runner lets go of it at its next lease renewal, so its
+    // slot takes "other" before "cap 0" could have been answered.
+    assert_eq!(
+        cancel(elsewhere, "sk-a", &first).await["status"],
+        "cancelled"
+    );
+    assert_eq!(
+        submit(elsewhere, "sk-a", &image("cap 3"), &[])
+            .await
+            .status(),
+        202
+    );
+    while fake.calls() < 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(fake.requests().is_empty(), "nothing answered yet");
+    let v = finished(here, "sk-a", &first).await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = finished(elsewhere, "sk-a", &first).await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(
+        v.get("response").is_none(),
+        "no answer over the cancel: {v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_an_answer_past_its_ttl_is_expired_on_every_replica() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour::default()).await;
+    let mut c = config_for(&fake.url());
+    c.state.backend = penstock::config::Backend::Redis;
+    c.state.redis_url = redis.url();
+    c.jobs.ttl = Duration::from_secs(1);
+    let a = penstock::start(&c, |_| None).await.unwrap();
+    let b = penstock::start(&c, |_| None).await.unwrap();
+    let (a, b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
+    let id = submit_id(&a, "sk-a", "short-lived").await;
+    assert_eq!(finished(&b, "sk-a", &id).await["status"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for url in [&a, &b] {
+        let (status, v) = job(url, "sk-a", &id).await;
+        assert_eq!(status, 404, "{v}");
+        assert_eq!(v["error"]["code"], "penstock_job_expired");
+    }
+    assert!(list(&b, "sk-a").await.is_empty());
+}

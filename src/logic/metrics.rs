@@ -355,6 +355,17 @@ impl Metrics {
         }
     }
 
+    /// Jobs queued and running across replicas, as the shared store counts them.
+    pub fn jobs_shared(&self, queued: u64, running: u64) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.jobs
+            .get_or_create(&JobState { state: "queued" })
+            .set(gauge(queued));
+        self.jobs
+            .get_or_create(&JobState { state: "running" })
+            .set(gauge(running));
+    }
+
     /// A job ended, `seconds` after it was submitted.
     pub fn job_done(&self, seconds: f64) {
         self.job_seconds.observe(seconds);

@@ -14,9 +14,11 @@
 //! keys of one pool, or of one cached answer, share a Redis Cluster hash tag.
 
 mod client;
+mod jobs;
 mod ledger;
 mod store;
 
 pub use client::{Redis, Status, Unavailable};
+pub use jobs::{Change, JobCounts, StoredJob, Submitted};
 pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey, RemoteLimits};
 pub use store::{Answer, Kind, Lease};

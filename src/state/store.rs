@@ -101,6 +101,10 @@ pub enum Kind {
     Cache,
     /// A finished shared call's answer, for the followers on other replicas.
     Result,
+    /// An async job's request body.
+    JobBody,
+    /// An async job's answer body.
+    JobResult,
 }
 
 impl Kind {
@@ -108,6 +112,8 @@ impl Kind {
         match self {
             Kind::Cache => "cache",
             Kind::Result => "result",
+            Kind::JobBody => "jobbody",
+            Kind::JobResult => "jobresult",
         }
     }
 }
@@ -138,7 +144,7 @@ static LEASE_SCRIPTS: std::sync::LazyLock<[redis::Script; 2]> =
     std::sync::LazyLock::new(|| [RENEW, RELEASE].map(redis::Script::new));
 
 impl Redis {
-    fn answer_key(&self, kind: Kind, key: &str) -> String {
+    pub(super) fn answer_key(&self, kind: Kind, key: &str) -> String {
         format!("{}{}:{{{key}}}", self.base, kind.name())
     }
 

@@ -9,8 +9,14 @@
 //! Jobs live in redb (an embedded, crash-safe store) at `jobs.path`: a restart,
 //! a crash or a deploy loses no accepted job. Queued jobs resume in their
 //! order; a job that was running when the process died follows
-//! `retry.after_send` (it may have reached the upstream). When a job ends,
-//! a webhook can be told, signed as Standard Webhooks specifies.
+//! `retry.after_send` (it may have reached the upstream). With
+//! `state.backend = "redis"` they live in Redis instead: one queue for all
+//! replicas, any replica answers for any job, and a running job is leased to
+//! its replica, so another takes it over (by the same policy) when that
+//! replica dies. When a job ends, a webhook can be told, signed as Standard
+//! Webhooks specifies.
+
+mod local;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -22,7 +28,6 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tower::Service;
@@ -38,10 +43,6 @@ use crate::vocab::route::Route;
 
 /// Where the job API lives: outside `/v1/`, which belongs to the upstream.
 pub const PREFIX: &str = "/penstock/v1/jobs";
-
-const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
-const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
-const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 
 /// How often finished jobs past their time are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -97,6 +98,29 @@ impl State {
 
     fn is_done(self) -> bool {
         !matches!(self, State::Queued | State::Running)
+    }
+
+    fn from_label(label: &str) -> Option<State> {
+        serde_json::from_value(serde_json::Value::String(label.to_string())).ok()
+    }
+}
+
+/// A job that was running when its replica stopped: it runs again if it
+/// never reached the upstream or `retry.after_send` allows; else it fails.
+fn interrupted(job: &mut Job, after_send: AfterSend) {
+    let again = !job.sent
+        || match after_send {
+            AfterSend::Never => false,
+            AfterSend::Text => job.text,
+            AfterSend::Always => true,
+        };
+    if again {
+        job.state = State::Queued;
+        job.started_at = None;
+    } else {
+        job.state = State::Failed;
+        job.finished_at = Some(now_ms());
+        job.error = Some("penstock_interrupted: the job was running when penstock stopped; it may have reached the upstream, so it was not sent again (retry.after_send)".into());
     }
 }
 
@@ -165,6 +189,8 @@ pub enum JobError {
     WebhookNotAllowed(String),
     #[error("the job store failed: {0}")]
     Store(String),
+    #[error("the shared job store (Redis) is unavailable; try again")]
+    Unavailable,
 }
 
 impl Problem for JobError {
@@ -175,6 +201,7 @@ impl Problem for JobError {
             JobError::Full(..) => StatusCode::TOO_MANY_REQUESTS,
             JobError::WebhookNotAllowed(_) => StatusCode::BAD_REQUEST,
             JobError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            JobError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -186,12 +213,14 @@ impl Problem for JobError {
             JobError::Full(..) => "penstock_jobs_full",
             JobError::WebhookNotAllowed(_) => "penstock_webhook_not_allowed",
             JobError::Store(_) => "penstock_job_store",
+            JobError::Unavailable => "penstock_state_unavailable",
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
             JobError::Full(_, after) => Some(*after),
+            JobError::Unavailable => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -201,22 +230,31 @@ fn store_err(e: impl std::fmt::Display) -> ProxyError {
     JobError::Store(e.to_string()).into()
 }
 
+fn unavailable(_: crate::state::Unavailable) -> ProxyError {
+    JobError::Unavailable.into()
+}
+
 /// What is kept in memory beside the store.
 #[derive(Default)]
 struct Mem {
-    /// Queued job ids, in their order.
+    /// Queued job ids, in their order (the redb store's; Redis keeps its own).
     queued: VecDeque<String>,
     /// Running jobs' tasks, to cancel them.
     running: HashMap<String, tokio::task::AbortHandle>,
-    /// Jobs waiting or running, per tenant.
+    /// Jobs waiting or running, per tenant (the redb store's).
     per_tenant: HashMap<String, usize>,
-    /// Bytes of answers held.
+    /// Bytes of answers held (the redb store's).
     bytes: u64,
     next_seq: u64,
     /// Recent time from start to end of a job, for the expected wait.
     typical_run: Option<Duration>,
     /// Jobs cancelled while being taken up, before their task could be.
     cancelled: std::collections::HashSet<String>,
+    /// Jobs this replica holds a Redis lease on (running, or waiting to go
+    /// back to the queue).
+    held: std::collections::HashSet<String>,
+    /// The shared counts, as last read.
+    shared: crate::state::JobCounts,
 }
 
 impl Mem {
@@ -231,11 +269,16 @@ impl Mem {
     }
 }
 
+/// Where jobs live.
+enum Store {
+    /// redb: this replica's own.
+    Local(Arc<local::Local>),
+    /// Redis: every replica's.
+    Shared(Arc<crate::state::Redis>),
+}
+
 pub struct Jobs {
-    db: Arc<redb::Database>,
-    /// New jobs, written by one thread in shared transactions: one commit
-    /// (one wait for the disk) for all the jobs submitted meanwhile.
-    committer: Mutex<std::sync::mpsc::Sender<Accepted>>,
+    store: Store,
     config: JobsConfig,
     after_send: AfterSend,
     metrics: Arc<Metrics>,
@@ -253,38 +296,27 @@ pub struct Jobs {
 /// Counts of jobs for `/status`.
 #[derive(Debug, Serialize)]
 pub struct JobsStatus {
-    pub queued: usize,
-    pub running: usize,
+    /// `redb` or `redis`.
+    pub store: &'static str,
+    pub queued: u64,
+    pub running: u64,
+    /// Running on this replica.
+    pub running_here: usize,
     pub bytes: u64,
     pub durable: bool,
 }
 
 impl Jobs {
-    /// Opens (or creates) the store and takes up the jobs it holds.
+    /// Opens (or creates) the store and takes up the jobs it holds: redb at
+    /// `jobs.path`, or Redis when `redis` is given.
     pub fn open(
         config: &JobsConfig,
         after_send: AfterSend,
         metrics: Arc<Metrics>,
         edge: Arc<EdgeConfig>,
+        redis: Option<Arc<crate::state::Redis>>,
         env: &impl Fn(&str) -> Option<String>,
     ) -> Result<Arc<Jobs>, String> {
-        let db = match &config.path {
-            Some(path) => {
-                let db = redb::Database::create(path)
-                    .map_err(|e| format!("jobs.path: {}: {e}", path.display()))?;
-                // It holds requests as sent, credentials included: the owner's alone.
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                        .map_err(|e| format!("jobs.path: {}: {e}", path.display()))?;
-                }
-                db
-            }
-            None => redb::Database::builder()
-                .create_with_backend(redb::backends::InMemoryBackend::new())
-                .map_err(|e| format!("jobs: {e}"))?,
-        };
         let secret = match &config.webhook_secret_env {
             Some(name) => {
                 let value = env(name).ok_or_else(|| {
@@ -320,189 +352,200 @@ impl Jobs {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(https);
-        let db = Arc::new(db);
-        let (committer, accepted) = std::sync::mpsc::channel::<Accepted>();
-        let writer = db.clone();
-        std::thread::Builder::new()
-            .name("penstock-jobs-commit".into())
-            .spawn(move || group_commit(&writer, &accepted))
-            .map_err(|e| format!("jobs: {e}"))?;
-        let jobs = Arc::new(Jobs {
-            db,
-            committer: Mutex::new(committer),
+        let mut mem = Mem::default();
+        let store = match redis {
+            Some(redis) => {
+                if config.path.is_some() {
+                    tracing::info!("jobs live in Redis (state.backend); jobs.path is not used");
+                }
+                Store::Shared(redis)
+            }
+            None => {
+                let local = local::Local::open(config.path.as_deref())?;
+                let found = local
+                    .recover(after_send)
+                    .map_err(|e| format!("jobs.path: {e}"))?;
+                if !found.queued.is_empty() {
+                    tracing::info!(
+                        queued = found.queued.len(),
+                        "jobs taken up from the store, in their order"
+                    );
+                }
+                for state in found.states {
+                    metrics.job_moved(None, Some(state.label()));
+                }
+                mem.queued = found.queued.into();
+                mem.per_tenant = found.per_tenant;
+                mem.bytes = found.bytes;
+                mem.next_seq = found.next_seq;
+                Store::Local(Arc::new(local))
+            }
+        };
+        Ok(Arc::new(Jobs {
+            store,
             config: config.clone(),
             after_send,
             metrics,
             edge,
-            mem: Mutex::new(Mem::default()),
+            mem: Mutex::new(mem),
             wake: Arc::new(Notify::new()),
             started: OnceLock::new(),
             secret,
             client,
-        });
-        jobs.recover().map_err(|e| format!("jobs.path: {e}"))?;
-        Ok(jobs)
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Mem> {
         self.mem.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes up what the store holds: queued jobs in their order; running
-    /// ones as the after-send policy says (they may have been sent).
-    fn recover(&self) -> Result<(), redb::Error> {
-        let txn = self.db.begin_write()?;
-        let mut queued: Vec<(u64, String)> = Vec::new();
-        let mut per_tenant: HashMap<String, usize> = HashMap::new();
-        let mut bytes = 0u64;
-        let mut next_seq = 0u64;
-        let mut changed: Vec<Job> = Vec::new();
-        {
-            let table = txn.open_table(JOBS)?;
-            for entry in table.iter()? {
-                let (_, v) = entry?;
-                let Ok(mut job) = serde_json::from_slice::<Job>(v.value()) else {
-                    continue;
-                };
-                next_seq = next_seq.max(job.seq + 1);
-                if job.state == State::Running {
-                    let again = !job.sent
-                        || match self.after_send {
-                            AfterSend::Never => false,
-                            AfterSend::Text => job.text,
-                            AfterSend::Always => true,
-                        };
-                    if again {
-                        job.state = State::Queued;
-                        job.started_at = None;
-                    } else {
-                        job.state = State::Failed;
-                        job.finished_at = Some(now_ms());
-                        job.error = Some("penstock_interrupted: the job was running when penstock stopped; it may have reached the upstream, so it was not sent again (retry.after_send)".into());
-                    }
-                    changed.push(job.clone());
-                }
-                if job.state == State::Queued {
-                    queued.push((job.seq, job.id.clone()));
-                    *per_tenant.entry(job.tenant.clone()).or_default() += 1;
-                }
-                bytes += job.result_bytes;
-                self.metrics.job_moved(None, Some(job.state.label()));
-            }
-        }
-        {
-            let mut table = txn.open_table(JOBS)?;
-            for job in &changed {
-                let v = serde_json::to_vec(job).unwrap_or_default();
-                table.insert(job.id.as_str(), v.as_slice())?;
-            }
-        }
-        txn.open_table(BODIES)?;
-        txn.open_table(RESULTS)?;
-        txn.commit()?;
-        queued.sort();
-        if !queued.is_empty() {
-            tracing::info!(
-                queued = queued.len(),
-                "jobs taken up from the store, in their order"
-            );
-        }
-        let mut mem = self.lock();
-        mem.queued = queued.into_iter().map(|(_, id)| id).collect();
-        mem.per_tenant = per_tenant;
-        mem.bytes = bytes;
-        mem.next_seq = next_seq;
-        Ok(())
+    fn shared(&self) -> bool {
+        matches!(self.store, Store::Shared(_))
     }
 
-    fn load(&self, id: &str) -> Result<Option<Job>, ProxyError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
-        let table = txn.open_table(JOBS).map_err(store_err)?;
-        let Some(v) = table.get(id).map_err(store_err)? else {
-            return Ok(None);
-        };
-        Ok(serde_json::from_slice(v.value()).ok())
-    }
-
-    fn read(&self, table: TableDefinition<&str, &[u8]>, id: &str) -> Result<Bytes, ProxyError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
-        let t = txn.open_table(table).map_err(store_err)?;
-        Ok(t.get(id)
+    /// Runs `f` on the redb store, on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        local: &Arc<local::Local>,
+        f: impl FnOnce(&local::Local) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, ProxyError> {
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || f(&local))
+            .await
             .map_err(store_err)?
-            .map(|v| Bytes::copy_from_slice(v.value()))
-            .unwrap_or_default())
+            .map_err(store_err)
     }
 
-    /// Writes a job (and optionally its request body or answer) in one
-    /// transaction, durable when it returns.
-    fn save(
+    /// A job as Redis holds it; a finished one past `jobs.ttl`, or whose
+    /// answer was dropped for `jobs.max_bytes`, is expired.
+    fn decode(&self, stored: crate::state::StoredJob) -> Option<Job> {
+        let mut job = serde_json::from_slice::<Job>(&stored.record).ok()?;
+        job.state = State::from_label(&stored.state)?;
+        job.sent |= stored.sent;
+        let ttl = self.config.ttl.as_millis() as u64;
+        let finished = job.finished_at.unwrap_or(0);
+        if job.state.is_done() && (stored.evicted || finished.saturating_add(ttl) < now_ms()) {
+            job.state = State::Expired;
+            job.answer = None;
+        }
+        Some(job)
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<Job>, ProxyError> {
+        match &self.store {
+            Store::Local(l) => {
+                let id = id.to_string();
+                Self::blocking(l, move |l| l.load(&id)).await
+            }
+            Store::Shared(r) => Ok(r
+                .job_load(id)
+                .await
+                .map_err(unavailable)?
+                .and_then(|s| self.decode(s))),
+        }
+    }
+
+    /// A job's request body (`answer` false) or answer body.
+    async fn bytes(&self, id: &str, answer: bool) -> Result<Option<Bytes>, ProxyError> {
+        match &self.store {
+            Store::Local(l) => {
+                let id = id.to_string();
+                Self::blocking(l, move |l| l.bytes(&id, answer)).await
+            }
+            Store::Shared(r) => r.job_bytes(id, answer).await.map_err(unavailable),
+        }
+    }
+
+    /// Writes `job` (and its answer) if its stored state is one of `expect`;
+    /// false when it was not (another replica or a cancel got there first).
+    /// A job back in `Queued` goes to the head of the queue.
+    async fn change(
         &self,
         job: &Job,
-        body: Option<&[u8]>,
-        result: Option<&[u8]>,
-        forget: bool,
-    ) -> Result<(), ProxyError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
-        {
-            let mut jobs = txn.open_table(JOBS).map_err(store_err)?;
-            let v = serde_json::to_vec(job).map_err(store_err)?;
-            jobs.insert(job.id.as_str(), v.as_slice())
-                .map_err(store_err)?;
-            let mut bodies = txn.open_table(BODIES).map_err(store_err)?;
-            if let Some(body) = body {
-                bodies.insert(job.id.as_str(), body).map_err(store_err)?;
+        expect: &[State],
+        result: Option<Bytes>,
+    ) -> Result<bool, ProxyError> {
+        let changed = match &self.store {
+            Store::Local(l) => {
+                let (saved, expect) = (job.clone(), expect.to_vec());
+                let changed = Self::blocking(l, move |l| {
+                    l.save(&saved, &expect, result.as_deref(), false)
+                })
+                .await?;
+                if changed && job.state == State::Queued {
+                    self.lock().queued.push_front(job.id.clone());
+                }
+                changed
             }
-            let mut results = txn.open_table(RESULTS).map_err(store_err)?;
-            if let Some(result) = result {
-                results.insert(job.id.as_str(), result).map_err(store_err)?;
+            Store::Shared(r) => {
+                let record = serde_json::to_vec(job).map_err(store_err)?;
+                let expect: Vec<&str> = expect.iter().map(|s| s.label()).collect();
+                let change = crate::state::Change {
+                    id: &job.id,
+                    tenant: &job.tenant,
+                    seq: job.seq,
+                    expect: &expect,
+                    state: job.state.label(),
+                    done: job.state.is_done(),
+                    record: &record,
+                    finished_ms: job.finished_at.unwrap_or(0),
+                    result_bytes: job.result_bytes,
+                    keep: self.config.ttl.saturating_mul(3),
+                };
+                r.job_change(&change, result, self.config.ttl)
+                    .await
+                    .map_err(unavailable)?
             }
-            if forget || job.state.is_done() {
-                bodies.remove(job.id.as_str()).map_err(store_err)?;
-            }
-            if forget {
-                results.remove(job.id.as_str()).map_err(store_err)?;
+        };
+        if changed && job.state == State::Queued {
+            self.wake.notify_one();
+        }
+        Ok(changed)
+    }
+
+    /// [`Jobs::change`] for a job's end, tried again while Redis is away (for
+    /// up to a minute): the answer was paid for.
+    async fn change_surely(&self, job: &Job, expect: &[State], result: Option<Bytes>) -> bool {
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..40 {
+            match self.change(job, expect, result.clone()).await {
+                Ok(changed) => return changed,
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "cannot store a job's change yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
         }
-        txn.commit().map_err(store_err)
+        tracing::error!(job = %job.id, "gave up storing a job's change");
+        false
     }
 
-    /// Stores a new job with the next group commit; returns once it is durable.
-    fn commit_new(&self, job: &Job, body: Bytes) -> Result<(), ProxyError> {
-        let record = serde_json::to_vec(job).map_err(store_err)?;
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        let sent = self
-            .committer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Accepted {
-                id: job.id.clone(),
-                record,
-                body,
-                done,
-            });
-        if sent.is_err() {
-            return Err(store_err("the job store's writer has stopped"));
+    /// The next queued job, taken for this replica.
+    async fn claim(&self) -> Option<String> {
+        match &self.store {
+            Store::Local(_) => self.lock().queued.pop_front(),
+            Store::Shared(r) => {
+                let id = r.job_claim().await.ok()??;
+                self.lock().held.insert(id.clone());
+                Some(id)
+            }
         }
-        wait.recv().map_err(store_err)?.map_err(store_err)
     }
 
-    /// [`Jobs::save`] off the async workers: a commit waits for the disk.
-    async fn persist(self: &Arc<Self>, job: &Job, result: Option<Bytes>) -> Result<(), ProxyError> {
-        let (me, job) = (self.clone(), job.clone());
-        tokio::task::spawn_blocking(move || me.save(&job, None, result.as_deref(), false))
-            .await
-            .unwrap_or_else(|e| Err(store_err(e)))
-    }
-
-    /// Moves a job to `to`, in the store and the metrics.
+    /// Moves a job to `to`, in the metrics (with Redis, queued and running
+    /// are read from the shared counts instead).
     fn update(&self, job: &mut Job, to: State) {
-        self.metrics
-            .job_moved(Some(job.state.label()), Some(to.label()));
+        if !self.shared() {
+            self.metrics
+                .job_moved(Some(job.state.label()), Some(to.label()));
+        } else if to.is_done() {
+            self.metrics.job_moved(None, Some(to.label()));
+        }
         job.state = to;
     }
 
     /// Accepts a request as a job: stored before the answer says so.
-    fn submit(&self, req: Request<Payload>) -> Result<Response<Body>, ProxyError> {
+    async fn submit(&self, req: Request<Payload>) -> Result<Response<Body>, ProxyError> {
         let (parts, payload) = req.into_parts();
         let Some(ctx) = payload.ctx.clone() else {
             return Err(JobError::Store("the request has no context".into()).into());
@@ -526,20 +569,23 @@ impl Jobs {
             None => self.config.webhook_url.clone(),
         };
         let tenant = ctx.tenant.0.to_string();
-        let seq = {
-            let mut mem = self.lock();
-            let waiting: usize = mem.per_tenant.values().sum();
-            let mine = mem.per_tenant.get(&tenant).copied().unwrap_or(0);
-            let after = mem.typical_run.unwrap_or(Duration::from_secs(30));
-            if waiting >= self.config.max_total {
-                return Err(JobError::Full("in all", after).into());
+        let after = self.lock().typical_run.unwrap_or(Duration::from_secs(30));
+        let seq = match &self.store {
+            Store::Local(_) => {
+                let mut mem = self.lock();
+                let waiting: usize = mem.per_tenant.values().sum();
+                let mine = mem.per_tenant.get(&tenant).copied().unwrap_or(0);
+                if waiting >= self.config.max_total {
+                    return Err(JobError::Full("in all", after).into());
+                }
+                if mine >= self.config.max_per_tenant {
+                    return Err(JobError::Full("for this client", after).into());
+                }
+                *mem.per_tenant.entry(tenant.clone()).or_default() += 1;
+                mem.next_seq += 1;
+                mem.next_seq
             }
-            if mine >= self.config.max_per_tenant {
-                return Err(JobError::Full("for this client", after).into());
-            }
-            *mem.per_tenant.entry(tenant.clone()).or_default() += 1;
-            mem.next_seq += 1;
-            mem.next_seq
+            Store::Shared(r) => r.job_seq().await.map_err(unavailable)?,
         };
         let id = format!("job_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -576,13 +622,36 @@ impl Jobs {
                 last_error: None,
             }),
         };
-        if let Err(e) = self.commit_new(&job, payload.bytes.clone()) {
-            let mut mem = self.lock();
-            mem.leave(&tenant);
-            return Err(e);
+        match &self.store {
+            Store::Local(l) => {
+                let (stored, body) = (job.clone(), payload.bytes.clone());
+                if let Err(e) = Self::blocking(l, move |l| l.insert(&stored, body)).await {
+                    self.lock().leave(&tenant);
+                    return Err(e);
+                }
+                self.metrics.job_moved(None, Some("queued"));
+                self.lock().queued.push_back(id.clone());
+            }
+            Store::Shared(r) => {
+                let record = serde_json::to_vec(&job).map_err(store_err)?;
+                let submitted = r
+                    .job_submit(
+                        &id,
+                        &tenant,
+                        seq,
+                        &record,
+                        payload.bytes.clone(),
+                        self.config.max_total,
+                        self.config.max_per_tenant,
+                        self.config.ttl.saturating_mul(3),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if let crate::state::Submitted::Full(whose) = submitted {
+                    return Err(JobError::Full(whose, after).into());
+                }
+            }
         }
-        self.metrics.job_moved(None, Some("queued"));
-        self.lock().queued.push_back(id.clone());
         self.wake.notify_one();
         let mut resp = json_response(
             StatusCode::ACCEPTED,
@@ -604,7 +673,7 @@ impl Jobs {
     }
 
     /// The job API: `GET {PREFIX}`, `GET|DELETE {PREFIX}/{id}`, `GET {PREFIX}/{id}/result`.
-    fn api(&self, req: &Request<Payload>) -> Result<Response<Body>, ProxyError> {
+    async fn api(&self, req: &Request<Payload>) -> Result<Response<Body>, ProxyError> {
         let Some(ctx) = req.body().ctx.as_ref() else {
             return Err(JobError::NotFound(String::new()).into());
         };
@@ -612,13 +681,13 @@ impl Jobs {
         let rest = req.uri().path().strip_prefix(PREFIX).unwrap_or("");
         let rest = rest.trim_start_matches('/');
         if rest.is_empty() && req.method() == Method::GET {
-            return self.list(tenant);
+            return self.list(tenant).await;
         }
         let (id, result) = match rest.strip_suffix("/result") {
             Some(id) => (id, true),
             None => (rest, false),
         };
-        let job = match self.load(id)? {
+        let job = match self.load(id).await? {
             Some(job) if job.tenant == tenant => job,
             _ => return Err(JobError::NotFound(id.to_string()).into()),
         };
@@ -626,29 +695,37 @@ impl Jobs {
             return Err(JobError::Expired(id.to_string()).into());
         }
         match (req.method().clone(), result) {
-            (Method::GET, false) => Ok(json_response(StatusCode::OK, &self.view(&job))),
-            (Method::GET, true) => self.result(&job),
-            (Method::DELETE, false) => self.cancel(job),
+            (Method::GET, false) => Ok(json_response(StatusCode::OK, &self.view(&job).await?)),
+            (Method::GET, true) => self.result(&job).await,
+            (Method::DELETE, false) => self.cancel(job).await,
             _ => Err(JobError::NotFound(rest.to_string()).into()),
         }
     }
 
-    fn list(&self, tenant: &str) -> Result<Response<Body>, ProxyError> {
-        let txn = self.db.begin_read().map_err(store_err)?;
-        let table = txn.open_table(JOBS).map_err(store_err)?;
-        let mut jobs: Vec<Job> = Vec::new();
-        for entry in table.iter().map_err(store_err)? {
-            let (_, v) = entry.map_err(store_err)?;
-            if let Ok(job) = serde_json::from_slice::<Job>(v.value())
-                && job.tenant == tenant
-                && job.state != State::Expired
-            {
-                jobs.push(job);
+    async fn list(&self, tenant: &str) -> Result<Response<Body>, ProxyError> {
+        let mut jobs: Vec<Job> = match &self.store {
+            Store::Local(l) => {
+                let tenant = tenant.to_string();
+                Self::blocking(l, move |l| {
+                    l.scan(|j| j.tenant == tenant && j.state != State::Expired)
+                })
+                .await?
             }
-        }
+            Store::Shared(r) => r
+                .job_list(tenant, 1000)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .filter_map(|s| self.decode(s))
+                .filter(|j| j.state != State::Expired && j.tenant == tenant)
+                .collect(),
+        };
         jobs.sort_by_key(|j| std::cmp::Reverse(j.seq));
         jobs.truncate(1000);
-        let data: Vec<_> = jobs.iter().map(|j| self.view(j)).collect();
+        let mut data = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            data.push(self.view(job).await?);
+        }
         Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"object": "list", "data": data}),
@@ -656,7 +733,7 @@ impl Jobs {
     }
 
     /// A job as its client sees it.
-    fn view(&self, job: &Job) -> serde_json::Value {
+    async fn view(&self, job: &Job) -> Result<serde_json::Value, ProxyError> {
         let mut v = serde_json::json!({
             "id": job.id,
             "object": "penstock.job",
@@ -672,11 +749,19 @@ impl Jobs {
             v["finished_at"] = (t / 1000).into();
         }
         if job.state == State::Queued {
-            let mem = self.lock();
-            if let Some(pos) = mem.queued.iter().position(|q| *q == job.id) {
+            let pos = match &self.store {
+                Store::Local(_) => self.lock().queued.iter().position(|q| *q == job.id),
+                Store::Shared(r) => r
+                    .job_position(&job.id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|p| p as usize),
+            };
+            if let Some(pos) = pos {
                 v["position"] = pos.into();
-                let run = mem.typical_run.unwrap_or(Duration::from_secs(30));
-                let rounds = (pos / self.config.max_running + 1) as u32;
+                let run = self.lock().typical_run.unwrap_or(Duration::from_secs(30));
+                let rounds = (pos / self.config.max_running.max(1) + 1) as u32;
                 v["expected_wait_ms"] = (run.saturating_mul(rounds).as_millis() as u64).into();
             }
         }
@@ -685,7 +770,7 @@ impl Jobs {
                 "status": answer.status,
                 "headers": answer.headers.iter().cloned().collect::<HashMap<_, _>>(),
             });
-            let body = self.read(RESULTS, &job.id).unwrap_or_default();
+            let body = self.bytes(&job.id, true).await?.unwrap_or_default();
             v["response"]["body"] = match serde_json::from_slice::<serde_json::Value>(&body) {
                 Ok(json) => json,
                 Err(_) => String::from_utf8_lossy(&body).into_owned().into(),
@@ -698,15 +783,17 @@ impl Jobs {
         if let Some(w) = &job.webhook {
             v["webhook"] = serde_json::to_value(w).unwrap_or_default();
         }
-        v
+        Ok(v)
     }
 
     /// The upstream's answer itself, as the synchronous call would have had it.
-    fn result(&self, job: &Job) -> Result<Response<Body>, ProxyError> {
+    async fn result(&self, job: &Job) -> Result<Response<Body>, ProxyError> {
         let Some(answer) = &job.answer else {
             return Err(JobError::NotFinished(job.id.clone(), job.state.label()).into());
         };
-        let body = self.read(RESULTS, &job.id)?;
+        let Some(body) = self.bytes(&job.id, true).await? else {
+            return Err(JobError::Expired(job.id.clone()).into());
+        };
         let mut resp = Response::new(full(body));
         *resp.status_mut() = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
         for (k, v) in &answer.headers {
@@ -718,28 +805,45 @@ impl Jobs {
     }
 
     /// Cancels a job: a queued one never reaches the upstream and is charged
-    /// nothing; a running one is stopped (if it was sent, it was paid).
-    fn cancel(&self, mut job: Job) -> Result<Response<Body>, ProxyError> {
+    /// nothing; a running one is stopped (if it was sent, it was paid). With
+    /// Redis, a job running on another replica stops when that replica next
+    /// renews its lease.
+    async fn cancel(&self, mut job: Job) -> Result<Response<Body>, ProxyError> {
         if !job.state.is_done() {
+            let before = job.state;
+            job.state = State::Cancelled;
+            job.finished_at = Some(now_ms());
+            if !self
+                .change(&job, &[State::Queued, State::Running], None)
+                .await?
+            {
+                // It ended meanwhile: say how.
+                let now = self.load(&job.id).await?;
+                let Some(now) = now else {
+                    return Err(JobError::NotFound(job.id).into());
+                };
+                return Ok(json_response(StatusCode::OK, &self.view(&now).await?));
+            }
+            job.state = before;
+            self.update(&mut job, State::Cancelled);
             {
                 let mut mem = self.lock();
                 mem.queued.retain(|q| *q != job.id);
                 match mem.running.remove(&job.id) {
                     Some(task) => task.abort(),
-                    None if job.state == State::Running => {
+                    None if before == State::Running => {
                         mem.cancelled.insert(job.id.clone());
                     }
                     None => {}
                 }
-                mem.leave(&job.tenant);
+                if !self.shared() {
+                    mem.leave(&job.tenant);
+                }
             }
-            self.update(&mut job, State::Cancelled);
-            job.finished_at = Some(now_ms());
-            self.save(&job, None, None, false)?;
             self.metrics
                 .job_done(job.finished_at.unwrap_or(0).saturating_sub(job.created_at) as f64 / 1e3);
         }
-        Ok(json_response(StatusCode::OK, &self.view(&job)))
+        Ok(json_response(StatusCode::OK, &self.view(&job).await?))
     }
 
     /// Runs queued jobs through `inner`, at most `jobs.max_running` at once.
@@ -750,6 +854,11 @@ impl Jobs {
         let weak = Arc::downgrade(self);
         let wake = self.wake.clone();
         let slots = Arc::new(Semaphore::new(self.config.max_running));
+        // Redis is asked now and then for jobs other replicas queued.
+        let idle = match self.store {
+            Store::Local(_) => Duration::from_secs(5),
+            Store::Shared(_) => Duration::from_millis(250),
+        };
         tokio::spawn(async move {
             loop {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -757,16 +866,14 @@ impl Jobs {
                 };
                 let job = loop {
                     let Some(jobs) = weak.upgrade() else { return };
-                    let next = jobs.lock().queued.pop_front();
-                    match next {
+                    let woken = wake.notified();
+                    tokio::pin!(woken);
+                    woken.as_mut().enable();
+                    match jobs.claim().await {
                         Some(id) => break (jobs, id),
                         None => {
-                            let woken = wake.notified();
-                            tokio::pin!(woken);
-                            woken.as_mut().enable();
                             drop(jobs);
-                            // Also wakes now and then, to end with the store.
-                            let _ = tokio::time::timeout(Duration::from_secs(5), woken).await;
+                            let _ = tokio::time::timeout(idle, woken).await;
                         }
                     }
                 };
@@ -781,30 +888,108 @@ impl Jobs {
             }
         });
         let weak = Arc::downgrade(self);
+        let tick = match &self.store {
+            Store::Local(_) => SWEEP_EVERY,
+            Store::Shared(r) => {
+                (r.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1))
+            }
+        };
         tokio::spawn(async move {
+            let mut last_sweep: Option<tokio::time::Instant> = None;
             loop {
                 let Some(jobs) = weak.upgrade() else { return };
-                jobs.sweep();
+                if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                    jobs.sweep().await;
+                    last_sweep = Some(tokio::time::Instant::now());
+                }
+                if jobs.shared() {
+                    jobs.keep_leases().await;
+                }
                 drop(jobs);
-                tokio::time::sleep(SWEEP_EVERY).await;
+                tokio::time::sleep(tick).await;
             }
         });
     }
 
-    /// One job, from the store to its answer.
-    async fn run<S: crate::layers::Inner>(self: &Arc<Self>, id: &str, mut inner: S) {
-        let Ok(Some(mut job)) = self.load(id) else {
+    /// With Redis: renews this replica's leases (stopping the jobs it no
+    /// longer holds: cancelled, or taken over while Redis was away), takes
+    /// over jobs whose replica died, and reads the shared counts.
+    async fn keep_leases(self: &Arc<Self>) {
+        let Store::Shared(r) = &self.store else {
             return;
         };
-        if job.state != State::Queued {
+        let held: Vec<String> = self.lock().held.iter().cloned().collect();
+        if let Ok(lost) = r.job_renew(&held).await {
+            let mut mem = self.lock();
+            for id in lost {
+                mem.held.remove(&id);
+                if let Some(task) = mem.running.remove(&id) {
+                    tracing::info!(job = %id, "job stopped: cancelled, or no longer this replica's");
+                    task.abort();
+                }
+            }
+        }
+        if let Ok(orphans) = r.job_orphans().await {
+            for id in orphans {
+                self.take_over(&id).await;
+            }
+        }
+        if let Ok(counts) = r.job_counts().await {
+            self.metrics.jobs_shared(counts.queued, counts.running);
+            self.lock().shared = counts;
+        }
+    }
+
+    /// A job whose replica died: back to the queue, or failed as the
+    /// after-send policy says if it may have reached the upstream.
+    async fn take_over(self: &Arc<Self>, id: &str) {
+        let Ok(Some(mut job)) = self.load(id).await else {
             return;
+        };
+        let was = job.state;
+        if was == State::Running {
+            interrupted(&mut job, self.after_send);
+        }
+        tracing::info!(job = %id, now = job.state.label(), "job taken over from a replica that stopped");
+        if self.change(&job, &[was], None).await.unwrap_or(false) && job.state.is_done() {
+            self.metrics.job_moved(None, Some(job.state.label()));
+            if job.webhook.is_some() {
+                let me = self.clone();
+                tokio::spawn(async move { me.deliver(job).await });
+            }
+        }
+    }
+
+    /// One job, from the store to its answer.
+    async fn run<S: crate::layers::Inner>(self: &Arc<Self>, id: &str, inner: S) {
+        if !self.run_once(id, inner).await {
+            self.lock().held.remove(id);
+        }
+    }
+
+    /// [`Jobs::run`]; true when the job is still held, to go back to the queue.
+    async fn run_once<S: crate::layers::Inner>(self: &Arc<Self>, id: &str, mut inner: S) -> bool {
+        let Ok(Some(mut job)) = self.load(id).await else {
+            return false;
+        };
+        if job.state != State::Queued {
+            return false;
         }
         self.update(&mut job, State::Running);
         job.started_at = Some(now_ms());
-        if self.persist(&job, None).await.is_err() {
-            return;
+        if !self
+            .change(&job, &[State::Queued], None)
+            .await
+            .unwrap_or(false)
+        {
+            return false;
         }
-        let body = self.read(BODIES, id).unwrap_or_default();
+        let body = match self.bytes(id, false).await {
+            Ok(body) => body.unwrap_or_default(),
+            // Left running: it goes back to the queue after its lease (or
+            // the next start).
+            Err(_) => return false,
+        };
         let me = self.clone();
         let job_id = id.to_string();
         // In a task of its own, so that a cancel can abort it.
@@ -857,29 +1042,27 @@ impl Jobs {
         let still_ours = self.lock().running.remove(id).is_some();
         let Ok((parts, body, mut job)) = outcome else {
             // Cancelled: the cancel recorded it.
-            return;
+            return false;
         };
         if !still_ours {
-            return;
+            return false;
         }
         // penstock's own refusal to wait that long for budget: a job has no
         // client waiting, so it goes back to the head of the queue and tries
-        // again when the budget could take it.
+        // again when the budget could take it. Meanwhile it stays running
+        // (and, with Redis, leased), so a crash now still finds it.
         if let Ok(b) = &body
             && let Some(after) = waited_too_long(parts.status, &parts.headers, b)
         {
-            job.started_at = None;
-            self.update(&mut job, State::Queued);
-            if self.persist(&job, None).await.is_ok() {
-                let me = self.clone();
-                let id = job.id.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(after).await;
-                    me.lock().queued.push_front(id);
-                    me.wake.notify_one();
-                });
-            }
-            return;
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                job.started_at = None;
+                me.update(&mut job, State::Queued);
+                let _ = me.change(&job, &[State::Running], None).await;
+                me.lock().held.remove(&job.id);
+            });
+            return true;
         }
         let (state, body, error) = match body {
             Ok(body) if parts.status.is_success() => (State::Succeeded, body, None),
@@ -902,33 +1085,49 @@ impl Jobs {
         job.result_bytes = body.len() as u64;
         job.error = error;
         job.finished_at = Some(now_ms());
-        self.update(&mut job, state);
+        let ran = Duration::from_millis(
+            job.finished_at
+                .unwrap_or(0)
+                .saturating_sub(job.started_at.unwrap_or(0)),
+        );
         {
             let mut mem = self.lock();
-            mem.leave(&job.tenant);
-            mem.bytes += job.result_bytes;
-            let ran = Duration::from_millis(
-                job.finished_at
-                    .unwrap_or(0)
-                    .saturating_sub(job.started_at.unwrap_or(0)),
-            );
             mem.typical_run = Some(match mem.typical_run {
                 Some(t) => (t * 7 + ran) / 8,
                 None => ran,
             });
         }
-        if let Err(e) = self.persist(&job, Some(body)).await {
-            tracing::error!(job = %job.id, error = %e, "cannot store a finished job");
+        let mut ended = job.clone();
+        ended.state = state;
+        if !self
+            .change_surely(&ended, &[State::Running], Some(body))
+            .await
+        {
+            return false;
+        }
+        self.update(&mut job, state);
+        if !self.shared() {
+            let mut mem = self.lock();
+            mem.leave(&job.tenant);
+            mem.bytes += job.result_bytes;
         }
         self.metrics
             .job_done(job.finished_at.unwrap_or(0).saturating_sub(job.created_at) as f64 / 1e3);
-        if self.lock().bytes > self.config.max_bytes.as_u64() {
-            self.sweep();
+        let held = {
+            let mem = self.lock();
+            match self.shared() {
+                false => mem.bytes,
+                true => mem.shared.bytes.saturating_add(job.result_bytes),
+            }
+        };
+        if held > self.config.max_bytes.as_u64() {
+            self.sweep().await;
         }
         if job.webhook.is_some() {
             let me = self.clone();
             tokio::spawn(async move { me.deliver(job).await });
         }
+        false
     }
 
     /// Records in the store, once, that the job's call has gone upstream.
@@ -942,79 +1141,41 @@ impl Jobs {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if ctx.tally.get().sent {
-                    let _ = me.mark_sent(&id);
+                    let _ = match &me.store {
+                        Store::Local(l) => {
+                            let id = id.clone();
+                            Self::blocking(l, move |l| l.mark_sent(&id)).await
+                        }
+                        Store::Shared(r) => r.job_mark_sent(&id).await.map_err(unavailable),
+                    };
                     return;
                 }
             }
         })
     }
 
-    /// Marks a running job sent, in one write transaction (so a job finished
-    /// meanwhile is not turned back).
-    fn mark_sent(&self, id: &str) -> Result<(), redb::Error> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(JOBS)?;
-            let job = table
-                .get(id)?
-                .and_then(|v| serde_json::from_slice::<Job>(v.value()).ok());
-            if let Some(mut job) = job.filter(|j| j.state == State::Running) {
-                job.sent = true;
-                let v = serde_json::to_vec(&job).unwrap_or_default();
-                table.insert(id, v.as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
     /// Expires finished jobs past `jobs.ttl`, then the oldest finished ones
-    /// while answers hold more than `jobs.max_bytes`; forgets expired ones
-    /// after another `jobs.ttl`.
-    fn sweep(&self) {
-        let now = now_ms();
-        let ttl = self.config.ttl.as_millis() as u64;
-        let mut done: Vec<Job> = Vec::new();
-        if let Ok(txn) = self.db.begin_read()
-            && let Ok(table) = txn.open_table(JOBS)
-            && let Ok(iter) = table.iter()
-        {
-            for (_, v) in iter.flatten() {
-                if let Ok(job) = serde_json::from_slice::<Job>(v.value())
-                    && job.state.is_done()
-                {
-                    done.push(job);
-                }
-            }
-        }
-        done.sort_by_key(|j| j.finished_at.unwrap_or(0));
-        let mut bytes = self.lock().bytes;
+    /// while answers hold more than `jobs.max_bytes`.
+    async fn sweep(&self) {
+        let ttl = self.config.ttl;
         let max = self.config.max_bytes.as_u64();
-        for mut job in done {
-            let finished = job.finished_at.unwrap_or(0);
-            if job.state == State::Expired {
-                if finished.saturating_add(2 * ttl) < now {
-                    let _ = self.forget(&job);
+        match &self.store {
+            Store::Local(l) => {
+                let bytes = self.lock().bytes;
+                let ttl = ttl.as_millis() as u64;
+                let swept = Self::blocking(l, move |l| Ok(l.sweep(ttl, max, bytes))).await;
+                if let Ok((bytes, moved)) = swept {
+                    self.lock().bytes = bytes;
+                    for (from, to) in moved {
+                        self.metrics
+                            .job_moved(Some(from.label()), to.map(State::label));
+                    }
                 }
-                continue;
             }
-            if finished.saturating_add(ttl) < now || bytes > max {
-                bytes = bytes.saturating_sub(job.result_bytes);
-                self.update(&mut job, State::Expired);
-                job.result_bytes = 0;
-                job.answer = None;
-                let _ = self.save(&job, None, None, true);
+            Store::Shared(r) => {
+                let _ = r.job_sweep(ttl, max).await;
             }
         }
-        self.lock().bytes = bytes;
-    }
-
-    fn forget(&self, job: &Job) -> Result<(), redb::Error> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(JOBS)?.remove(job.id.as_str())?;
-        txn.commit()?;
-        self.metrics.job_moved(Some(job.state.label()), None);
-        Ok(())
     }
 
     /// Tells the job's webhook, signed as Standard Webhooks specifies, with
@@ -1023,10 +1184,11 @@ impl Jobs {
         let (Some(delivery), Some(secret)) = (job.webhook.clone(), self.secret.clone()) else {
             return;
         };
+        let data = self.view(&job).await.unwrap_or_default();
         let payload = serde_json::json!({
             "type": format!("job.{}", job.state.label()),
             "timestamp": now_ms() / 1000,
-            "data": self.view(&job),
+            "data": data,
         })
         .to_string();
         let msg_id = format!("msg_{}", job.id);
@@ -1063,7 +1225,7 @@ impl Jobs {
                     delivery.state = "delivered".into();
                     delivery.last_error = None;
                     self.metrics.webhook("delivered");
-                    self.record_delivery(&job.id, &delivery);
+                    self.record_delivery(&job.id, &delivery).await;
                     return;
                 }
                 Err(e) => {
@@ -1072,7 +1234,7 @@ impl Jobs {
                     delivery.state = if last { "failed" } else { "pending" }.into();
                     self.metrics
                         .webhook(if last { "gave_up" } else { "failed" });
-                    self.record_delivery(&job.id, &delivery);
+                    self.record_delivery(&job.id, &delivery).await;
                     if last {
                         return;
                     }
@@ -1083,20 +1245,34 @@ impl Jobs {
         }
     }
 
-    fn record_delivery(&self, id: &str, delivery: &Delivery) {
-        if let Ok(Some(mut job)) = self.load(id) {
+    async fn record_delivery(&self, id: &str, delivery: &Delivery) {
+        if let Ok(Some(mut job)) = self.load(id).await
+            && job.state.is_done()
+        {
             job.webhook = Some(delivery.clone());
-            let _ = self.save(&job, None, None, false);
+            let _ = self.change(&job, &[job.state], None).await;
         }
     }
 
     pub fn status(&self) -> JobsStatus {
         let mem = self.lock();
-        JobsStatus {
-            queued: mem.queued.len(),
-            running: mem.running.len(),
-            bytes: mem.bytes,
-            durable: self.config.path.is_some(),
+        match self.store {
+            Store::Local(_) => JobsStatus {
+                store: "redb",
+                queued: mem.queued.len() as u64,
+                running: mem.running.len() as u64,
+                running_here: mem.running.len(),
+                bytes: mem.bytes,
+                durable: self.config.path.is_some(),
+            },
+            Store::Shared(_) => JobsStatus {
+                store: "redis",
+                queued: mem.shared.queued,
+                running: mem.shared.running,
+                running_here: mem.running.len(),
+                bytes: mem.shared.bytes,
+                durable: true,
+            },
         }
     }
 }
@@ -1121,46 +1297,6 @@ fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Opti
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map_or(Duration::from_secs(1), Duration::from_millis);
     Some(after.clamp(Duration::from_secs(1), Duration::from_secs(60)))
-}
-
-/// A new job for the group commit, and whom to tell when it is durable.
-struct Accepted {
-    id: String,
-    record: Vec<u8>,
-    body: Bytes,
-    done: std::sync::mpsc::SyncSender<Result<(), String>>,
-}
-
-/// Writes new jobs: each transaction takes every job waiting for it, so a
-/// burst of submits shares a few commits. Ends when the jobs are dropped.
-fn group_commit(db: &redb::Database, accepted: &std::sync::mpsc::Receiver<Accepted>) {
-    while let Ok(first) = accepted.recv() {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match accepted.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        let written = (|| -> Result<(), redb::Error> {
-            let txn = db.begin_write()?;
-            {
-                let mut jobs = txn.open_table(JOBS)?;
-                let mut bodies = txn.open_table(BODIES)?;
-                for a in &batch {
-                    jobs.insert(a.id.as_str(), a.record.as_slice())?;
-                    bodies.insert(a.id.as_str(), a.body.as_ref())?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })();
-        for a in batch {
-            let _ = a
-                .done
-                .send(written.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        }
-    }
 }
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
@@ -1229,12 +1365,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
             return Box::pin(self.inner.call(req));
         };
         if req.uri().path().starts_with(PREFIX) {
-            // The store's reads and commits (an fsync) block: off the workers.
-            return Box::pin(async move {
-                tokio::task::spawn_blocking(move || jobs.api(&req))
-                    .await
-                    .unwrap_or_else(|e| Err(store_err(e)))
-            });
+            return Box::pin(async move { jobs.api(&req).await });
         }
         let asks = req.method() == Method::POST
             && req
@@ -1243,11 +1374,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
                 .as_ref()
                 .is_some_and(|c| wants_async(&c.headers) && c.route != Route::Other);
         if asks {
-            return Box::pin(async move {
-                tokio::task::spawn_blocking(move || jobs.submit(req))
-                    .await
-                    .unwrap_or_else(|e| Err(store_err(e)))
-            });
+            return Box::pin(async move { jobs.submit(req).await });
         }
         Box::pin(self.inner.call(req))
     }

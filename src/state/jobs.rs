@@ -1,0 +1,439 @@
+//! Async jobs shared by every replica. A job is a hash (its record, as the
+//! jobs layer encodes it, and its state); the queue is one sorted set in
+//! submit order; a running job is in a second sorted set scored by when its
+//! lease ends, with its holder in a hash. Every change of state is one script
+//! that checks the state it expects, so a cancel on one replica and an end on
+//! another never both win. A replica renews its running jobs' leases; a job
+//! whose lease has lapsed (its replica died) is taken over by another.
+//! Request bodies and answers are stored as answers are (in pieces).
+//!
+//! The job keys share one Cluster hash tag, `{jobs}`; bodies and answers
+//! have their own.
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use redis::AsyncCommands;
+use std::time::Duration;
+
+use super::client::{Redis, Unavailable};
+use super::store::{Answer, Kind};
+
+/// What a submit came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    Accepted,
+    /// Refused: too many jobs waiting `"in all"` or `"for this client"`.
+    Full(&'static str),
+}
+
+/// A job as stored: its record and what scripts keep beside it.
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    pub record: Vec<u8>,
+    pub state: String,
+    /// An attempt reached the upstream.
+    pub sent: bool,
+    /// Its answer was dropped to keep `jobs.max_bytes`.
+    pub evicted: bool,
+}
+
+/// Counts for `/status`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobCounts {
+    pub queued: u64,
+    pub running: u64,
+    pub bytes: u64,
+}
+
+/// A change of a job's state: the states it may be in, the one it goes to.
+pub struct Change<'a> {
+    pub id: &'a str,
+    pub tenant: &'a str,
+    pub seq: u64,
+    pub expect: &'a [&'a str],
+    pub state: &'a str,
+    pub done: bool,
+    pub record: &'a [u8],
+    pub finished_ms: u64,
+    pub result_bytes: u64,
+    /// How long an ended job's record is kept.
+    pub keep: Duration,
+}
+
+const SUBMIT: &str = r#"
+local total = tonumber(redis.call('HGET', KEYS[1], '*') or '0')
+if total >= tonumber(ARGV[2]) then return 1 end
+local mine = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if mine >= tonumber(ARGV[3]) then return 2 end
+redis.call('HINCRBY', KEYS[1], '*', 1)
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('HSET', KEYS[3], 'rec', ARGV[6], 'state', 'queued', 'tenant', ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -2001)
+return 0
+"#;
+
+/// KEYS: job, queue, running, holders, counts, ended, bytes.
+const CHANGE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return 0 end
+local allowed = false
+for s in string.gmatch(ARGV[1], '%S+') do
+  if s == cur then allowed = true end
+end
+if not allowed then return 0 end
+local new = ARGV[2]
+local id = ARGV[4]
+redis.call('HSET', KEYS[1], 'rec', ARGV[3], 'state', new)
+local was_live = (cur == 'queued' or cur == 'running')
+if new == 'queued' then
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('ZADD', KEYS[2], ARGV[6], id)
+elseif ARGV[7] == '1' then
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  if was_live then
+    redis.call('HINCRBY', KEYS[5], '*', -1)
+    if redis.call('HINCRBY', KEYS[5], ARGV[5], -1) <= 0 then
+      redis.call('HDEL', KEYS[5], ARGV[5])
+    end
+    redis.call('ZADD', KEYS[6], ARGV[8], id)
+    redis.call('INCRBY', KEYS[7], ARGV[9])
+    redis.call('HSET', KEYS[1], 'bytes', ARGV[9])
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[10])
+end
+return 1
+"#;
+
+/// KEYS: queue, running, holders. Takes the first queued job for a lease.
+const CLAIM: &str = r#"
+local first = redis.call('ZPOPMIN', KEYS[1])
+if #first == 0 then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), first[1])
+redis.call('HSET', KEYS[3], first[1], ARGV[1])
+return first[1]
+"#;
+
+/// KEYS: running, holders. Renews this replica's leases; returns the ids it
+/// no longer holds (cancelled, or taken over).
+const RENEW: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = {}
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"#;
+
+/// KEYS: running, holders. Takes over jobs whose lease has lapsed.
+const ORPHANS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 32)
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+  redis.call('HSET', KEYS[2], id, ARGV[1])
+end
+return ids
+"#;
+
+/// KEYS: ended, bytes, job key prefix (not a key: jobs share the hash tag).
+/// Drops answers past `ttl`, then the oldest while over `max_bytes`; returns
+/// the ids whose answers to delete.
+const SWEEP: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = {}
+local function drop(id)
+  local job = ARGV[3] .. id
+  local b = tonumber(redis.call('HGET', job, 'bytes') or '0')
+  redis.call('DECRBY', KEYS[2], b)
+  if redis.call('EXISTS', job) == 1 then
+    redis.call('HSET', job, 'evicted', '1')
+  end
+  redis.call('ZREM', KEYS[1], id)
+  table.insert(gone, id)
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'LIMIT', 0, 1000)) do
+  drop(id)
+end
+while #gone < 2000 and tonumber(redis.call('GET', KEYS[2]) or '0') > tonumber(ARGV[2]) do
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if #oldest == 0 then
+    redis.call('SET', KEYS[2], 0)
+    break
+  end
+  drop(oldest[1])
+end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < 0 then redis.call('SET', KEYS[2], 0) end
+return gone
+"#;
+
+/// Submit, change, claim, renew, orphans, sweep: hashed once.
+static SCRIPTS: std::sync::LazyLock<[redis::Script; 6]> = std::sync::LazyLock::new(|| {
+    [SUBMIT, CHANGE, CLAIM, RENEW, ORPHANS, SWEEP].map(redis::Script::new)
+});
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().clamp(1, u64::MAX as u128) as u64
+}
+
+impl Redis {
+    fn jobs_key(&self, what: &str) -> String {
+        format!("{}jobs:{{jobs}}:{what}", self.base)
+    }
+
+    fn job_key(&self, id: &str) -> String {
+        self.jobs_key(&format!("job:{id}"))
+    }
+
+    /// The next number in the shared submit order.
+    pub async fn job_seq(&self) -> Result<u64, Unavailable> {
+        let mut conn = self.conn()?;
+        self.timed(conn.incr(self.jobs_key("seq"), 1u64)).await
+    }
+
+    /// Stores a new job and its request body and queues it, unless the
+    /// tenant or everyone has too many jobs waiting.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn job_submit(
+        &self,
+        id: &str,
+        tenant: &str,
+        seq: u64,
+        record: &[u8],
+        body: Bytes,
+        max_total: usize,
+        max_per_tenant: usize,
+        keep: Duration,
+    ) -> Result<Submitted, Unavailable> {
+        let answer = Answer {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body,
+        };
+        self.put(Kind::JobBody, id, &answer, keep).await?;
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[0].prepare_invoke();
+        inv.key(self.jobs_key("counts"))
+            .key(self.jobs_key("queue"))
+            .key(self.job_key(id))
+            .key(self.jobs_key(&format!("tenant:{tenant}")))
+            .arg(tenant)
+            .arg(max_total)
+            .arg(max_per_tenant)
+            .arg(id)
+            .arg(seq)
+            .arg(record);
+        Ok(
+            match self.timed(inv.invoke_async::<i64>(&mut conn)).await? {
+                0 => Submitted::Accepted,
+                1 => Submitted::Full("in all"),
+                _ => Submitted::Full("for this client"),
+            },
+        )
+    }
+
+    /// A job's record, if it is still kept.
+    pub async fn job_load(&self, id: &str) -> Result<Option<StoredJob>, Unavailable> {
+        let mut conn = self.conn()?;
+        type Fields = (
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let (record, state, sent, evicted): Fields = self
+            .timed(
+                redis::cmd("HMGET")
+                    .arg(self.job_key(id))
+                    .arg(&["rec", "state", "sent", "evicted"])
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(match (record, state) {
+            (Some(record), Some(state)) => Some(StoredJob {
+                record,
+                state,
+                sent: sent.is_some(),
+                evicted: evicted.is_some(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// A job's request body (`answer` false) or answer body.
+    pub async fn job_bytes(&self, id: &str, answer: bool) -> Result<Option<Bytes>, Unavailable> {
+        let kind = if answer {
+            Kind::JobResult
+        } else {
+            Kind::JobBody
+        };
+        Ok(self.get(kind, id).await?.map(|a| a.body))
+    }
+
+    /// Moves a job to another state if it is in one `change.expect` names;
+    /// an ended job's answer is stored first, kept for `ttl`.
+    pub async fn job_change(
+        &self,
+        change: &Change<'_>,
+        answer: Option<Bytes>,
+        ttl: Duration,
+    ) -> Result<bool, Unavailable> {
+        if let Some(body) = answer {
+            let answer = Answer {
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
+                body,
+            };
+            self.put(Kind::JobResult, change.id, &answer, ttl).await?;
+        }
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[1].prepare_invoke();
+        inv.key(self.job_key(change.id))
+            .key(self.jobs_key("queue"))
+            .key(self.jobs_key("running"))
+            .key(self.jobs_key("holders"))
+            .key(self.jobs_key("counts"))
+            .key(self.jobs_key("ended"))
+            .key(self.jobs_key("bytes"))
+            .arg(change.expect.join(" "))
+            .arg(change.state)
+            .arg(change.record)
+            .arg(change.id)
+            .arg(change.tenant)
+            .arg(change.seq)
+            .arg(if change.done { "1" } else { "0" })
+            .arg(change.finished_ms)
+            .arg(change.result_bytes)
+            .arg(millis(change.keep));
+        let changed = self.timed(inv.invoke_async::<i64>(&mut conn)).await? == 1;
+        if changed && change.done {
+            // The request body is not needed any more.
+            let del = conn.del::<_, ()>(self.answer_key(Kind::JobBody, change.id));
+            let _ = self.timed(del).await;
+        }
+        Ok(changed)
+    }
+
+    /// Takes the first queued job, leased to this replica.
+    pub async fn job_claim(&self) -> Result<Option<String>, Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[2].prepare_invoke();
+        inv.key(self.jobs_key("queue"))
+            .key(self.jobs_key("running"))
+            .key(self.jobs_key("holders"))
+            .arg(&self.replica)
+            .arg(millis(self.lease));
+        self.timed(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Renews the leases on `ids`; returns those this replica no longer holds.
+    pub async fn job_renew(&self, ids: &[String]) -> Result<Vec<String>, Unavailable> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[3].prepare_invoke();
+        inv.key(self.jobs_key("running"))
+            .key(self.jobs_key("holders"))
+            .arg(&self.replica)
+            .arg(millis(self.lease));
+        for id in ids {
+            inv.arg(id);
+        }
+        self.timed(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Takes over running jobs whose lease lapsed: their replica is gone.
+    pub async fn job_orphans(&self) -> Result<Vec<String>, Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[4].prepare_invoke();
+        inv.key(self.jobs_key("running"))
+            .key(self.jobs_key("holders"))
+            .arg(&self.replica)
+            .arg(millis(self.lease));
+        self.timed(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Records that a running job's call has reached the upstream.
+    pub async fn job_mark_sent(&self, id: &str) -> Result<(), Unavailable> {
+        let mut conn = self.conn()?;
+        self.timed(conn.hset::<_, _, _, ()>(self.job_key(id), "sent", "1"))
+            .await
+    }
+
+    /// Where a queued job stands in the shared queue (0 is next).
+    pub async fn job_position(&self, id: &str) -> Result<Option<u64>, Unavailable> {
+        let mut conn = self.conn()?;
+        self.timed(conn.zrank(self.jobs_key("queue"), id)).await
+    }
+
+    /// A tenant's latest jobs, newest first, at most `max`.
+    pub async fn job_list(&self, tenant: &str, max: usize) -> Result<Vec<StoredJob>, Unavailable> {
+        let mut conn = self.conn()?;
+        let key = self.jobs_key(&format!("tenant:{tenant}"));
+        let stop = max.saturating_sub(1) as isize;
+        let ids: Vec<String> = self.timed(conn.zrevrange(&key, 0, stop)).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut gone = Vec::new();
+        for id in ids {
+            match self.job_load(&id).await? {
+                Some(job) => out.push(job),
+                None => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            let _ = self.timed(conn.zrem::<_, _, ()>(&key, gone)).await;
+        }
+        Ok(out)
+    }
+
+    /// Drops answers past `ttl`, then the oldest while more than
+    /// `max_bytes` are kept.
+    pub async fn job_sweep(&self, ttl: Duration, max_bytes: u64) -> Result<usize, Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[5].prepare_invoke();
+        inv.key(self.jobs_key("ended"))
+            .key(self.jobs_key("bytes"))
+            .arg(millis(ttl))
+            .arg(max_bytes)
+            .arg(self.job_key(""));
+        let gone: Vec<String> = self.timed(inv.invoke_async(&mut conn)).await?;
+        for id in &gone {
+            let del = conn.del::<_, ()>(self.answer_key(Kind::JobResult, id));
+            let _ = self.timed(del).await;
+        }
+        Ok(gone.len())
+    }
+
+    /// Jobs queued and running across replicas, and the bytes of answers kept.
+    pub async fn job_counts(&self) -> Result<JobCounts, Unavailable> {
+        let mut conn = self.conn()?;
+        let (queued, running, bytes): (u64, u64, Option<i64>) = self
+            .timed(
+                redis::pipe()
+                    .zcard(self.jobs_key("queue"))
+                    .zcard(self.jobs_key("running"))
+                    .get(self.jobs_key("bytes"))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(JobCounts {
+            queued,
+            running,
+            bytes: bytes.unwrap_or(0).max(0) as u64,
+        })
+    }
+}
