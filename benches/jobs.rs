@@ -1,6 +1,7 @@
 //! Async jobs: how fast a submit is answered when jobs are durable (redb at
-//! `jobs.path`, committed before the 202), and how 50 jobs at once fare against
-//! an upstream allowing 10 requests in any second (0.2–0.6 s an image).
+//! `jobs.path`, committed before the 202; or Redis, two replicas sharing one
+//! queue), and how 50 jobs at once fare against an upstream allowing 10
+//! requests in any second (0.2–0.6 s an image).
 //! `cargo bench --bench jobs`
 
 #[path = "common/mod.rs"]
@@ -14,6 +15,17 @@ use serde_json::{Value, json};
 
 fn main() {
     common::block_on(async {
+        scenario("redb", None).await;
+        match common::RedisServer::start() {
+            Some(redis) => scenario("redis, 2 replicas", Some(&redis.url())).await,
+            None => println!("jobs: redis-server is not installed; Redis not measured"),
+        }
+    });
+}
+
+/// 50 jobs at once, submitted round-robin to the replicas.
+async fn scenario(store: &str, redis: Option<&str>) {
+    {
         let fake = Fake::start(Behaviour {
             limits: Some(Limits {
                 requests: 10,
@@ -33,12 +45,33 @@ fn main() {
             ..BudgetConfig::default()
         }];
         config.jobs.path = Some(dir.path().join("jobs.redb"));
-        let p = penstock::start(&config, |_| None).await.unwrap();
-        let url = format!("http://{}", p.addr);
+        if let Some(redis) = redis {
+            config.state.backend = penstock::config::Backend::Redis;
+            config.state.redis_url = redis.to_string();
+        }
+        let mut replicas = vec![penstock::start(&config, |_| None).await.unwrap()];
+        if redis.is_some() {
+            replicas.push(penstock::start(&config, |_| None).await.unwrap());
+            for r in &replicas {
+                let status = format!("http://{}/status", r.admin_addr);
+                for _ in 0..200 {
+                    let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
+                    if body.contains(r#""healthy":true"#) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let urls: Vec<String> = replicas
+            .iter()
+            .map(|p| format!("http://{}", p.addr))
+            .collect();
+        let url = urls[0].clone();
         let client = reqwest::Client::new();
         let started = Instant::now();
         let submits = (0..50).map(|i| {
-            let (client, url) = (client.clone(), url.clone());
+            let (client, url) = (client.clone(), urls[i % urls.len()].clone());
             async move {
                 let t = Instant::now();
                 let resp = client
@@ -82,7 +115,7 @@ fn main() {
         let wall = started.elapsed();
         let ideal = Duration::from_millis(4 * 1050 + 400);
         println!(
-            "jobs: 50 image generations submitted at once with Prefer: respond-async, durable store"
+            "jobs ({store}): 50 image generations submitted at once with Prefer: respond-async"
         );
         println!(
             "submit answered: p50 {}, p99 {}, max {}; all 50 in {}",
@@ -98,5 +131,5 @@ fn main() {
             ideal.as_secs_f64(),
             wall.as_secs_f64() / ideal.as_secs_f64()
         );
-    });
+    }
 }

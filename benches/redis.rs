@@ -11,7 +11,6 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fake_openai::{Behaviour, Fake};
@@ -55,30 +54,12 @@ async fn measure(url: &str, total: usize, concurrency: usize, redis_pid: &str) -
 }
 
 fn main() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let Ok(mut redis) = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-    else {
+    let Some(redis) = common::RedisServer::start() else {
         println!("redis: redis-server is not installed; nothing measured");
         return;
     };
-    let redis_pid = redis.id().to_string();
+    let port = redis.port;
+    let redis_pid = redis.pid();
     common::block_on(async {
         let total = env("BENCH_REQUESTS", 20_000);
         let fake = Fake::start(Behaviour {
@@ -304,6 +285,5 @@ fn main() {
             wall.as_secs_f64() / ideal.as_secs_f64()
         );
     });
-    let _ = redis.kill();
-    let _ = redis.wait();
+    drop(redis);
 }
