@@ -432,14 +432,7 @@ async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
         assert_eq!(v["status"], "succeeded", "{v}");
     }
     // What had completed before the kill reached the upstream once.
-    let prompts: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).ok()?;
-            Some(v["prompt"].as_str()?.to_string())
-        })
-        .collect();
+    let prompts = answered_prompts(&fake);
     for i in completed {
         let prompt = format!("durable {i}");
         assert_eq!(
@@ -498,13 +491,30 @@ async fn jobs_wait_longer_for_budget_than_a_client_would() {
     assert_eq!(h.fake.calls(), 5);
 }
 
-/// A replica of penstock in this process, keeping jobs in `redis`.
-async fn redis_replica(upstream: &str, redis: &str, max_running: usize) -> Harness2 {
+/// The prompts of the calls the fake answered, in order.
+fn answered_prompts(fake: &Fake) -> Vec<String> {
+    fake.requests()
+        .iter()
+        .filter_map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).ok()?;
+            Some(v["prompt"].as_str()?.to_string())
+        })
+        .collect()
+}
+
+/// A config keeping jobs (and budgets) in `redis`, with a 1 s lease.
+fn redis_config(upstream: &str, redis: &str) -> penstock::Config {
     let mut c = config_for(upstream);
     c.state.backend = penstock::config::Backend::Redis;
     c.state.redis_url = redis.to_string();
     c.state.heartbeat = Duration::from_millis(200);
     c.state.lease = Duration::from_secs(1);
+    c
+}
+
+/// A replica of penstock in this process, keeping jobs in `redis`.
+async fn redis_replica(upstream: &str, redis: &str, max_running: usize) -> Harness2 {
+    let mut c = redis_config(upstream, redis);
     c.jobs.max_running = max_running;
     c.validate("test").expect("valid config");
     let running = penstock::start(&c, |_| None).await.expect("starts");
@@ -597,14 +607,7 @@ async fn with_redis_any_replica_answers_cancels_and_lists_any_job() {
         "cancelled"
     );
     // Both replicas took jobs from the one queue, and each ran once.
-    let prompts: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).ok()?;
-            Some(v["prompt"].as_str()?.to_string())
-        })
-        .collect();
+    let prompts = answered_prompts(&fake);
     for i in 0..5 {
         let prompt = format!("shared {i}");
         assert_eq!(
@@ -682,14 +685,7 @@ async fn with_redis_a_dead_replicas_jobs_are_taken_over_after_its_lease() {
     );
     let queued = finished(&second.url, "sk-a", &queued_id).await;
     assert_eq!(queued["status"], "succeeded", "{queued}");
-    let images: Vec<String> = fake
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).ok()?;
-            Some(v["prompt"].as_str()?.to_string())
-        })
-        .collect();
+    let images = answered_prompts(&fake);
     // The fake records a call when it answers it: the calls the killed
     // replica had in flight are counted, not recorded.
     assert_eq!(images, ["still queued"], "the image job was not sent again");
@@ -706,9 +702,7 @@ async fn with_redis_caps_hold_across_replicas_and_a_cancel_stops_a_job_running_e
         ..Behaviour::default()
     })
     .await;
-    let mut c = config_for(&fake.url());
-    c.state.backend = penstock::config::Backend::Redis;
-    c.state.redis_url = redis.url();
+    let mut c = redis_config(&fake.url(), &redis.url());
     c.state.lease = Duration::from_millis(600);
     c.jobs.max_per_tenant = 2;
     c.jobs.max_running = 1;
@@ -786,9 +780,7 @@ async fn with_redis_an_answer_past_its_ttl_is_expired_on_every_replica() {
         return;
     };
     let fake = Fake::start(Behaviour::default()).await;
-    let mut c = config_for(&fake.url());
-    c.state.backend = penstock::config::Backend::Redis;
-    c.state.redis_url = redis.url();
+    let mut c = redis_config(&fake.url(), &redis.url());
     c.jobs.ttl = Duration::from_secs(1);
     let a = penstock::start(&c, |_| None).await.unwrap();
     let b = penstock::start(&c, |_| None).await.unwrap();
