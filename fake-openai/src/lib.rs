@@ -931,7 +931,10 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     let (lo, hi) = b.latency;
     let latency = lo + (hi.saturating_sub(lo)).mul_f64(st.random());
     let stream_total = if call.stream { latency } else { Duration::ZERO };
-    tokio::time::sleep(latency - stream_total).await;
+    // A zero sleep still waits for the timer's next tick (a millisecond).
+    if latency > stream_total {
+        tokio::time::sleep(latency - stream_total).await;
+    }
 
     let every = |n: Option<u64>| n.is_some_and(|n| n > 0 && seq.is_multiple_of(n));
     if every(b.reset_every) || (b.reset_rate > 0.0 && st.random() < b.reset_rate) {

@@ -1,0 +1,416 @@
+//! As fast as nginx: the penstock binary (budgets that never bind, cache
+//! lookups, metrics and the access log on) against nginx `proxy_pass` with
+//! upstream keep-alive, and against the upstream alone, all in front of the
+//! same fast upstream (a minimal hyper server answering a fixed chat
+//! completion: the fake's own work would hide the proxies' cost), loaded by
+//! `wrk -t2 -c32` in alternating runs. Prints
+//! req/s, the ratios, CPU µs per request of the proxy's processes, p50/p99
+//! and penstock's RSS. Needs `wrk` (and `nginx` for the baseline); says so
+//! and ends where they are missing.
+//! `cargo bench --bench nginx` (BENCH_SECONDS, BENCH_ROUNDS to change the load)
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"The answer is blowing in the wind."},"finish_reason":"stop"}],"usage":{"prompt_tokens":17,"completion_tokens":9,"total_tokens":26}}"#;
+
+/// A minimal upstream on one thread of its own: every request gets the same
+/// chat completion, as fast as hyper can answer. Its address.
+fn fast_upstream() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            use http_body_util::BodyExt;
+                            let _ = req.into_body().collect().await;
+                            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(ANSWER.as_bytes()),
+                            ));
+                            resp.headers_mut().insert(
+                                "content-type",
+                                http::HeaderValue::from_static("application/json"),
+                            );
+                            resp.headers_mut().insert(
+                                "x-request-id",
+                                http::HeaderValue::from_static("req_bench"),
+                            );
+                            Ok::<_, std::convert::Infallible>(resp)
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}"#;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The fields of `/proc/{pid}/stat` after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// CPU time (user + system) of `pids`, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| stat_fields(*pid))
+        .map(|f| {
+            let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            n(11) + n(12)
+        })
+        .sum()
+}
+
+/// `pid` and its children.
+fn family(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if stat_fields(child).is_some_and(|f| f.get(1) == Some(&pid.to_string())) {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn ticks_per_second() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    requests: u64,
+    seconds: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_request: Option<f64>,
+    non_2xx: u64,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// "1.23ms", "456.00us", "1.2s" → µs.
+fn micros(v: &str) -> f64 {
+    let at = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(at);
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match unit {
+        "us" => n,
+        "ms" => n * 1e3,
+        "s" => n * 1e6,
+        "m" => n * 60e6,
+        _ => n,
+    }
+}
+
+/// One wrk run against `url`; CPU counted over `pids`.
+fn wrk(url: &str, script: &std::path::Path, conns: u32, secs: u64, pids: &[u32]) -> Sample {
+    let threads = conns.min(2);
+    let before = cpu_ticks(pids);
+    let out = Command::new("wrk")
+        .args([
+            format!("-t{threads}"),
+            format!("-c{conns}"),
+            format!("-d{secs}s"),
+            "--latency".into(),
+            "-s".into(),
+            script.display().to_string(),
+            url.into(),
+        ])
+        .output()
+        .expect("wrk runs");
+    let after = cpu_ticks(pids);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut s = Sample::default();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("50%") {
+            s.p50_us = micros(v.trim());
+        } else if let Some(v) = t.strip_prefix("99%") {
+            s.p99_us = micros(v.trim());
+        } else if t.contains("requests in") {
+            let f: Vec<&str> = t.split_whitespace().collect();
+            s.requests = f.first().and_then(|v| v.parse().ok()).unwrap_or(0);
+            s.seconds = f
+                .get(3)
+                .map_or(0.0, |v| micros(v.trim_end_matches(',')) / 1e6);
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            s.non_2xx = v.trim().parse().unwrap_or(0);
+        }
+    }
+    if !pids.is_empty() && s.requests > 0 {
+        let us = after.saturating_sub(before) as f64 * 1e6 / ticks_per_second() as f64;
+        s.cpu_us_per_request = Some(us / s.requests as f64);
+    }
+    s
+}
+
+fn nginx_conf(dir: &std::path::Path, upstream_port: u16, port: u16) -> std::path::PathBuf {
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\ndaemon off;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n\
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n\
+         scgi_temp_path {d}/scgi;\n  upstream fake {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://fake;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn until_listening(port: u16) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+fn main() {
+    if !installed("wrk") {
+        println!("nginx: wrk is not installed (Debian: apt-get install wrk); nothing measured");
+        return;
+    }
+    let secs = env("BENCH_SECONDS", 5);
+    let rounds = env("BENCH_ROUNDS", 2);
+    common::block_on(async move {
+        let upstream = fast_upstream();
+        let upstream_port = upstream.port();
+        let upstream_url = format!("http://{upstream}");
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("post.lua");
+        std::fs::write(
+            &script,
+            format!(
+                "wrk.method = \"POST\"\nwrk.body = '{BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer sk-bench\"\n"
+            ),
+        )
+        .unwrap();
+
+        // penstock, the binary, as deployed: a budget that never binds, the
+        // cache looked up, metrics, the access log written to a file.
+        let port = free_port();
+        let config = dir.path().join("penstock.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n\
+                 [[budget]]\nname = \"text\"\nmodels = [\"gpt-4o*\"]\nrpm = 100000000\ntpm = 100000000000\n",
+                upstream_url
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("penstock.log")).unwrap();
+        let mut penstock = Command::new(env!("CARGO_BIN_EXE_penstock"))
+            .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+            .stderr(log)
+            .spawn()
+            .expect("penstock starts");
+        until_listening(port).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let idle_rss = rss_kib(penstock.id());
+
+        let nginx_port = free_port();
+        let mut nginx = None;
+        if installed("nginx") {
+            let conf = nginx_conf(dir.path(), upstream_port, nginx_port);
+            nginx = Command::new("nginx")
+                .args([
+                    "-c",
+                    conf.to_str().unwrap(),
+                    "-p",
+                    dir.path().to_str().unwrap(),
+                ])
+                .stderr(Stdio::null())
+                .spawn()
+                .ok();
+            until_listening(nginx_port).await;
+        } else {
+            println!("nginx: nginx is not installed (Debian: apt-get install nginx); no baseline");
+        }
+
+        let mut targets: Vec<(&str, String, Vec<u32>)> = vec![
+            (
+                "upstream",
+                format!("{upstream_url}/v1/chat/completions"),
+                vec![],
+            ),
+            (
+                "penstock",
+                format!("http://127.0.0.1:{port}/v1/chat/completions"),
+                vec![penstock.id()],
+            ),
+        ];
+        if let Some(n) = &nginx {
+            targets.push((
+                "nginx",
+                format!("http://127.0.0.1:{nginx_port}/v1/chat/completions"),
+                family(n.id()),
+            ));
+        }
+        let names: Vec<String> = targets.iter().map(|(n, _, _)| n.to_string()).collect();
+        let (runs, quiet) = tokio::task::spawn_blocking(move || {
+            // Warm every path, then alternate.
+            for (_, url, _) in &targets {
+                wrk(url, &script, 32, 1, &[]);
+            }
+            let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+            for _ in 0..rounds {
+                for (i, (_, url, pids)) in targets.iter().enumerate() {
+                    runs[i].push(wrk(url, &script, 32, secs, pids));
+                }
+            }
+            // Latency on one connection: far below the peak rate.
+            let quiet: Vec<Sample> = targets
+                .iter()
+                .map(|(_, url, _)| wrk(url, &script, 1, secs.min(3), &[]))
+                .collect();
+            (runs, quiet)
+        })
+        .await
+        .unwrap();
+        let busy_rss = rss_kib(penstock.id());
+        let best: Vec<Sample> = runs
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .max_by(|a, b| a.rate().total_cmp(&b.rate()))
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let upstream_rate = best[0].rate();
+        let nginx_rate = names
+            .iter()
+            .position(|n| n == "nginx")
+            .map(|i| best[i].rate());
+        println!(
+            "nginx: wrk -t2 -c32 -d{secs}s, POST /v1/chat/completions, {rounds} alternating rounds (best of each), {} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!(
+            "{:<10} {:>10} {:>10} {:>8} {:>11} {:>10} {:>10}",
+            "target", "req/s", "/upstream", "/nginx", "cpu µs/req", "p50", "p99"
+        );
+        for (name, s) in names.iter().zip(&best) {
+            let cpu = s
+                .cpu_us_per_request
+                .map_or("-".to_string(), |c| format!("{c:.1}"));
+            let vs_nginx = nginx_rate.map_or("-".to_string(), |n| format!("{:.2}", s.rate() / n));
+            let errors = match s.non_2xx {
+                0 => String::new(),
+                n => format!("  ({n} non-2xx)"),
+            };
+            println!(
+                "{:<10} {:>10.0} {:>10.2} {:>8} {:>11} {:>8.0}µs {:>8.0}µs{errors}",
+                name,
+                s.rate(),
+                s.rate() / upstream_rate,
+                vs_nginx,
+                cpu,
+                s.p50_us,
+                s.p99_us,
+            );
+        }
+        println!(
+            "one connection (latency far below the peak rate), added over the upstream alone:"
+        );
+        for (name, s) in names.iter().zip(&quiet) {
+            println!(
+                "{:<10} p50 {:>6.0}µs  p99 {:>6.0}µs  added p50 {:>5.0}µs  p99 {:>5.0}µs",
+                name,
+                s.p50_us,
+                s.p99_us,
+                s.p50_us - quiet[0].p50_us,
+                s.p99_us - quiet[0].p99_us
+            );
+        }
+        println!(
+            "penstock RSS: idle {:.1} MiB, after the load {:.1} MiB",
+            idle_rss as f64 / 1024.0,
+            busy_rss as f64 / 1024.0
+        );
+        let _ = penstock.kill();
+        let _ = penstock.wait();
+        if let Some(mut n) = nginx {
+            let _ = Command::new("kill").arg(n.id().to_string()).status();
+            let _ = n.wait();
+        }
+    });
+}
