@@ -690,6 +690,12 @@ pub struct ServerConfig {
     /// in flight, kept for a retry); beyond it, 503 with `retry-after-ms`.
     #[serde(default = "default_max_buffered")]
     pub max_buffered: ByteSize,
+    /// Threads serving the proxy port, each with a runtime and a listener of
+    /// its own (`SO_REUSEPORT`: the kernel spreads connections over them) and
+    /// its own upstream connections; budgets, cache, breaker and metrics are
+    /// one for all. 0: one per core. 1: serve on the caller's runtime.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 fn default_header_read_timeout() -> Duration {
@@ -821,6 +827,7 @@ impl Default for ServerConfig {
             body_read_timeout: default_body_read_timeout(),
             max_connections: default_max_connections(),
             max_buffered: default_max_buffered(),
+            threads: 0,
         }
     }
 }
@@ -1264,6 +1271,15 @@ impl Config {
         }
         check_image_tables(&self.estimate.image_output_tokens)
             .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
+        if self.server.threads > 1024 {
+            return Err(bad(
+                "server.threads",
+                format!(
+                    "{} threads: expected at most 1024 (0 is one per core)",
+                    self.server.threads
+                ),
+            ));
+        }
         if self.server.max_connections == 0 {
             return Err(bad(
                 "server.max_connections",

@@ -9,7 +9,7 @@
 //!    queue, pool) and metrics;
 //! 5. [`layers`]: the services of the stack (edge, coalesce, client caps,
 //!    retry, budget, upstream);
-//! 6. wiring: [`stack`], [`admin`], [`server`] and `main`.
+//! 6. wiring: [`stack`], [`admin`], [`server`], [`logsink`] and `main`.
 //!
 //! `tests/floors.rs` fails when an import goes the other way.
 #![forbid(unsafe_code)]
@@ -25,6 +25,7 @@ pub mod logic;
 pub mod layers;
 
 pub mod admin;
+pub mod logsink;
 pub mod server;
 pub mod stack;
 

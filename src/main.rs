@@ -37,19 +37,25 @@ enum LogFormat {
     Json,
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs go to stderr through [`penstock::logsink`]: lines gather in memory
+/// and a thread of their own writes them every few milliseconds, so a
+/// request's line costs no `write` on the worker. The guard writes what is
+/// left when `main` ends.
+fn init_logs(format: LogFormat) -> penstock::logsink::Flushed {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PENSTOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal, never into a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = penstock::logsink::stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
@@ -81,7 +87,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => {
-            init_logs(cli.log_format);
+            let _flushed_at_exit = init_logs(cli.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {

@@ -56,13 +56,22 @@ pub async fn start(
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Running, StartError> {
     let (stack, shared) = crate::stack::build::<Incoming>(config, env)?;
-    let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, what, source })
+    let threads = match config.server.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
-    let proxy = bind(config.listen, "listen").await?;
-    let admin_listener = bind(config.admin_listen, "admin_listen").await?;
+    let proxy = listen(config.listen, threads > 1).map_err(|source| StartError::Bind {
+        addr: config.listen,
+        what: "listen",
+        source,
+    })?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            what: "admin_listen",
+            source,
+        })?;
     let addr = proxy.local_addr().expect("bound socket has an address");
     let admin_addr = admin_listener
         .local_addr()
@@ -73,42 +82,104 @@ pub async fn start(
     let grace = config.server.shutdown_grace;
 
     let limits = Limits {
-        max_connections: connection_cap(config.server.max_connections),
+        // One cap for all the proxy's threads.
+        slots: Arc::new(tokio::sync::Semaphore::new(connection_cap(
+            config.server.max_connections,
+        ))),
         header_read_timeout: config.server.header_read_timeout,
     };
-    let proxy_task = tokio::spawn(serve(
-        proxy,
-        limits,
-        // The edge is always ready (it waits inside calls), so each request calls
-        // it directly: no `oneshot` keeping room for a service and a request
-        // for the request's whole life.
-        service_fn(move |req| crate::layers::call_now(&mut stack.clone(), req)),
-        stopped.clone(),
-        grace,
-        Some(state.clone()),
-    ));
+    // The edge is always ready (it waits inside calls), so each request calls
+    // it directly: no `oneshot` keeping room for a service and a request for
+    // the request's whole life.
+    let proxy_svc = service_fn(move |req| crate::layers::call_now(&mut stack.clone(), req));
+    let mut tasks = Vec::new();
+    if threads <= 1 {
+        let proxy = TcpListener::from_std(proxy).map_err(|source| StartError::Bind {
+            addr,
+            what: "listen",
+            source,
+        })?;
+        tasks.push(tokio::spawn(serve(
+            proxy,
+            limits.clone(),
+            proxy_svc,
+            stopped.clone(),
+            grace,
+            Some(state.clone()),
+        )));
+    } else {
+        // One runtime per thread, each accepting on its own socket: a
+        // request's tasks, timers and upstream connection stay on the thread
+        // that accepted it, with no hand-over between threads.
+        let mut listeners = vec![proxy];
+        for _ in 1..threads {
+            listeners.push(listen(addr, true).map_err(|source| StartError::Bind {
+                addr,
+                what: "listen",
+                source,
+            })?);
+        }
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            let (limits, svc, stopped, state) = (
+                limits.clone(),
+                proxy_svc.clone(),
+                stopped.clone(),
+                state.clone(),
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|source| StartError::Bind {
+                    addr,
+                    what: "listen",
+                    source,
+                })?;
+            std::thread::Builder::new()
+                .name(format!("penstock-proxy-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                serve(listener, limits, svc, stopped, grace, Some(state)).await
+                            }
+                            Err(e) => tracing::error!(error = %e, "a proxy thread cannot listen"),
+                        }
+                    });
+                    let _ = done.send(());
+                })
+                .map_err(|source| StartError::Bind {
+                    addr,
+                    what: "listen",
+                    source,
+                })?;
+            tasks.push(tokio::spawn(async move {
+                let _ = finished.await;
+            }));
+        }
+    }
     let admin_state = state.clone();
     let admin_svc = service_fn(move |req| admin::handle(admin_state.clone(), req));
     // The admin port has a few connections of its own, apart from the proxy's.
     let admin_limits = Limits {
-        max_connections: ADMIN_CONNECTIONS,
+        slots: Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS)),
         header_read_timeout: config.server.header_read_timeout,
     };
-    let admin_task = tokio::spawn(serve(
+    tasks.push(tokio::spawn(serve(
         admin_listener,
         admin_limits,
         admin_svc,
         stopped,
         grace,
         None,
-    ));
+    )));
     state.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, %admin_addr, upstream = %crate::vocab::url::BaseUrl::redact(&config.upstream.base_url), "penstock listening");
+    tracing::info!(%addr, %admin_addr, threads, upstream = %crate::vocab::url::BaseUrl::redact(&config.upstream.base_url), "penstock listening");
     Ok(Running {
         addr,
         admin_addr,
         stop,
-        tasks: vec![proxy_task, admin_task],
+        tasks,
     })
 }
 
@@ -120,10 +191,32 @@ const ADMIN_CONNECTIONS: usize = 64;
 const RESERVED_FDS: u64 = 128;
 
 /// What one listener allows its clients.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Limits {
-    max_connections: usize,
+    /// Open connections, shared by the listener's threads.
+    slots: Arc<tokio::sync::Semaphore>,
     header_read_timeout: Duration,
+}
+
+/// A listening socket on `addr` (backlog 1024, `SO_REUSEADDR` as tokio's
+/// own); with `shared`, `SO_REUSEPORT` too, so that each proxy thread can
+/// have its own.
+fn listen(addr: SocketAddr, shared: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    #[cfg(unix)]
+    {
+        socket.set_reuse_address(true)?;
+        if shared {
+            socket.set_reuse_port(true)?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = shared;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Raises the soft open-file limit to the hard one, and caps client
@@ -179,7 +272,7 @@ async fn serve<S>(
         .keep_alive_interval(Some(limits.header_read_timeout))
         .keep_alive_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let slots = limits.slots;
     loop {
         // At the cap, stop accepting: further connections wait in the backlog.
         let slot = tokio::select! {

@@ -478,3 +478,49 @@ async fn a_client_over_its_own_cap_is_refused_at_once_and_others_are_not() {
     }
     assert_eq!(h.fake.calls(), 5, "the refusal cost no upstream call");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_holds_across_every_proxy_thread() {
+    // Four proxy threads, each with its own runtime, listener and upstream
+    // connections: one ledger for all of them.
+    let h = start_with(
+        Behaviour {
+            limits: Some(ten_per_second()),
+            latency: (Duration::from_millis(200), Duration::from_millis(600)),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.server.threads = 4;
+            c.budgets = vec![budget(&["gpt-image-*"], Some(600), None, None)];
+        },
+        |_| None,
+    )
+    .await;
+    // A connection of its own for each request: the kernel spreads them over
+    // the four listeners.
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let url = h.url.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap();
+                client
+                    .post(format!("{url}/v1/images/generations"))
+                    .header("authorization", "Bearer sk-test")
+                    .header("cache-control", "no-store")
+                    .json(&json!({"model": "gpt-image-1", "prompt": format!("thread {i}"), "quality": "low", "size": "1024x1024"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(h.fake.answered(429), 0, "the upstream never refused a call");
+    assert_eq!(h.fake.calls(), 40);
+}

@@ -14,7 +14,7 @@ const FLOORS: [&[&str]; 6] = [
     &["state"],
     &["logic"],
     &["layers"],
-    &["stack", "admin", "server", "crate"],
+    &["stack", "admin", "server", "logsink", "crate"],
 ];
 
 fn floor(module: &str) -> usize {

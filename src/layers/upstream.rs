@@ -132,7 +132,10 @@ pub struct Upstream {
 }
 
 struct Inner {
-    client: HttpsClient,
+    /// One client (one connection pool) per thread: a proxy thread's
+    /// requests use the connections its own runtime drives.
+    clients: thread_local::ThreadLocal<HttpsClient>,
+    make: Box<dyn Fn() -> HttpsClient + Send + Sync>,
     base: BaseUrl,
     sidecar: Option<SidecarAuth>,
     attempt_timeout: Duration,
@@ -213,19 +216,23 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            // Pings find a dead HTTP/2 connection while a long generation is
-            // due and no bytes flow; they need a timer to run at all.
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(config.keep_alive_interval)
-            .http2_keep_alive_timeout(config.keep_alive_interval.min(Duration::from_secs(20)))
-            .http2_keep_alive_while_idle(true)
-            .build(https);
+        let (pool_idle, keep_alive) = (config.pool_idle_timeout, config.keep_alive_interval);
+        let make = move || {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(pool_idle)
+                .pool_timer(TokioTimer::new())
+                // Pings find a dead HTTP/2 connection while a long generation is
+                // due and no bytes flow; they need a timer to run at all.
+                .timer(TokioTimer::new())
+                .http2_keep_alive_interval(keep_alive)
+                .http2_keep_alive_timeout(keep_alive.min(Duration::from_secs(20)))
+                .http2_keep_alive_while_idle(true)
+                .build(https.clone())
+        };
         Ok(Upstream {
             inner: Arc::new(Inner {
-                client,
+                clients: thread_local::ThreadLocal::new(),
+                make: Box::new(make),
                 base,
                 sidecar,
                 attempt_timeout: config.attempt_timeout,
@@ -349,13 +356,18 @@ impl tower::Service<Request<Payload>> for Upstream {
 }
 
 impl Inner {
+    /// This thread's client.
+    fn client(&self) -> &HttpsClient {
+        self.clients.get_or(|| (self.make)())
+    }
+
     /// Sends one attempt; classifies its answer, reading an error's body whole.
     async fn attempt(
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<Response<Body>, ProxyError> {
-        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
+        let resp = match tokio::time::timeout(timeout, self.client().request(req)).await {
             Err(_) => return Err(Failure::Timeout(timeout).into()),
             Ok(Err(e)) if e.is_connect() => {
                 return Err(Failure::Unreachable(error_chain(&e)).into());

@@ -32,6 +32,9 @@ pub fn config_for(upstream: &str) -> Config {
     // Retries as in production, only with short backoffs.
     c.retry.initial_backoff = Duration::from_millis(10);
     c.retry.max_backoff = Duration::from_millis(100);
+    // Served on the test's own runtime, where a test's log subscriber sees
+    // it; the binary (and the tests that start it) use one per core.
+    c.server.threads = 1;
     c
 }
 
