@@ -128,6 +128,122 @@ pub fn stderr() -> (Sink<std::io::Stderr>, Flushed) {
     sink(std::io::stderr())
 }
 
+/// JSON lines, one object per event with its fields flattened in:
+/// `{"timestamp":…,"level":"INFO","message":…,<fields>,"target":…}`, the
+/// shape of `tracing-subscriber`'s flattened JSON, written field by field
+/// into the line instead of through a map of values (a request's line is on
+/// every request's path).
+pub struct Json;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Json
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let mut line = String::with_capacity(512);
+        line.push_str("{\"timestamp\":\"");
+        use std::fmt::Write as _;
+        let _ = write!(
+            line,
+            "{}",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        );
+        line.push_str("\",\"level\":\"");
+        line.push_str(meta.level().as_str());
+        line.push('"');
+        event.record(&mut Fields(&mut line));
+        line.push_str(",\"target\":");
+        escaped(&mut line, meta.target());
+        line.push_str("}\n");
+        writer.write_str(&line)
+    }
+}
+
+/// Writes each field as `,"name":value`.
+struct Fields<'a>(&'a mut String);
+
+impl Fields<'_> {
+    fn key(&mut self, field: &tracing::field::Field) {
+        self.0.push(',');
+        escaped(self.0, field.name());
+        self.0.push(':');
+    }
+}
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.key(field);
+        escaped(self.0, value);
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.key(field);
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{value}");
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.key(field);
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{value}");
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.key(field);
+        self.0.push_str(if value { "true" } else { "false" });
+    }
+
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.key(field);
+        if value.is_finite() {
+            use std::fmt::Write as _;
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            self.0.push_str("null");
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.key(field);
+        let text = format!("{value:?}");
+        escaped(self.0, &text);
+    }
+}
+
+/// `value` as a JSON string.
+fn escaped(out: &mut String, value: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, c) in value.char_indices() {
+        let escape = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&value[plain..i]);
+        if escape.is_empty() {
+            use std::fmt::Write as _;
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + c.len_utf8();
+    }
+    out.push_str(&value[plain..]);
+    out.push('"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +289,46 @@ mod tests {
             next[t] += 1;
         }
         assert_eq!(next, [5000; 4], "no line lost");
+    }
+
+    #[test]
+    fn lines_are_json_with_the_fields_flattened_in() {
+        use tracing_subscriber::fmt::MakeWriter as _;
+        let seen = Seen::default();
+        let (sink, guard) = sink(seen.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(Json)
+            .with_writer(move || sink.make_writer())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                target: "penstock::access",
+                text = "a \"quoted\"\n\u{1} line \\ é",
+                n = 42u64,
+                neg = -3i64,
+                ok = true,
+                cost = 7.95e-6,
+                nan = f64::NAN,
+                missing = Option::<u64>::None,
+                shown = %"displayed",
+                "request"
+            );
+        });
+        drop(guard);
+        let text = String::from_utf8(seen.0.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["target"], "penstock::access");
+        assert_eq!(v["text"], "a \"quoted\"\n\u{1} line \\ é");
+        assert_eq!(v["n"], 42);
+        assert_eq!(v["neg"], -3);
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["cost"], 7.95e-6);
+        assert!(v["nan"].is_null());
+        assert!(v.get("missing").is_none());
+        assert_eq!(v["shown"], "displayed");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
     }
 
     #[test]

@@ -53,7 +53,7 @@ fn init_logs(format: LogFormat) -> penstock::logsink::Flushed {
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder.event_format(penstock::logsink::Json).init(),
     }
     guard
 }
