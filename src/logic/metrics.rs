@@ -5,7 +5,9 @@
 //! No key, prompt or image byte ever becomes a label. Each penstock instance has a
 //! registry of its own, so tests can assert exact values.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
@@ -33,15 +35,15 @@ const MAX_MODELS: usize = 64;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: &'static str,
-    model: String,
+    model: Arc<str>,
     status: u16,
-    cache: String,
+    cache: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
     route: &'static str,
-    model: String,
+    model: Arc<str>,
     outcome: &'static str,
 }
 
@@ -53,7 +55,7 @@ struct AfterSendLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Event {
-    event: String,
+    event: Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,12 +76,12 @@ struct PoolDim {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Model {
-    model: String,
+    model: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelKind {
-    model: String,
+    model: Arc<str>,
     kind: &'static str,
 }
 
@@ -128,8 +130,22 @@ pub struct Metrics {
     jobs: Family<JobState, Gauge>,
     job_seconds: Histogram,
     webhooks: Family<Outcome, Counter>,
-    models: Mutex<HashSet<String>>,
+    /// Model labels seen, shared by every series that names them.
+    models: Mutex<HashSet<Arc<str>>>,
     pub prices: Prices,
+}
+
+/// A cache outcome as a label: the known ones without an allocation.
+fn cache_label(cache: &str) -> Cow<'static, str> {
+    match cache {
+        "" => Cow::Borrowed(""),
+        "hit" => Cow::Borrowed("hit"),
+        "miss" => Cow::Borrowed("miss"),
+        "coalesced" => Cow::Borrowed("coalesced"),
+        "bypass" => Cow::Borrowed("bypass"),
+        "stale" => Cow::Borrowed("stale"),
+        other => Cow::Owned(other.to_string()),
+    }
 }
 
 impl Metrics {
@@ -247,23 +263,29 @@ impl Metrics {
 
     /// The model as a label: itself for the first models seen (up to a cap, and
     /// only plain names), "other" after.
-    pub fn model_label(&self, model: Option<&str>) -> String {
+    pub fn model_label(&self, model: Option<&str>) -> Arc<str> {
+        static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
+        static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "other".into());
         let Some(model) = model else {
-            return "none".into();
+            return NONE.clone();
         };
         let plain = model.len() <= 64
             && model
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
         if !plain {
-            return "other".into();
+            return OTHER.clone();
         }
         let mut seen = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.contains(model) || (seen.len() < MAX_MODELS && seen.insert(model.to_string())) {
-            model.to_string()
-        } else {
-            "other".into()
+        if let Some(label) = seen.get(model) {
+            return label.clone();
         }
+        if seen.len() < MAX_MODELS {
+            let label: Arc<str> = model.into();
+            seen.insert(label.clone());
+            return label;
+        }
+        OTHER.clone()
     }
 
     pub fn request(&self, route: &'static str, model: Option<&str>, status: u16, cache: &str) {
@@ -273,13 +295,13 @@ impl Metrics {
                 route,
                 model,
                 status,
-                cache: cache.to_string(),
+                cache: cache_label(cache),
             })
             .inc();
         if !cache.is_empty() {
             self.cache_events
                 .get_or_create(&Event {
-                    event: cache.to_string(),
+                    event: cache_label(cache),
                 })
                 .inc();
         }
@@ -424,15 +446,15 @@ mod tests {
     #[test]
     fn model_labels_are_capped_and_plain() {
         let m = Metrics::new(&BTreeMap::new());
-        assert_eq!(m.model_label(Some("gpt-image-1")), "gpt-image-1");
-        assert_eq!(m.model_label(Some("a model {with} junk")), "other");
-        assert_eq!(m.model_label(None), "none");
+        assert_eq!(&*m.model_label(Some("gpt-image-1")), "gpt-image-1");
+        assert_eq!(&*m.model_label(Some("a model {with} junk")), "other");
+        assert_eq!(&*m.model_label(None), "none");
         for i in 0..200 {
             m.model_label(Some(&format!("m{i}")));
         }
-        assert_eq!(m.model_label(Some("m199")), "other");
+        assert_eq!(&*m.model_label(Some("m199")), "other");
         assert_eq!(
-            m.model_label(Some("gpt-image-1")),
+            &*m.model_label(Some("gpt-image-1")),
             "gpt-image-1",
             "already seen"
         );

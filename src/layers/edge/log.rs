@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::Method;
+use http::{HeaderValue, Method};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -24,25 +24,29 @@ pub struct Line {
     pub route: Route,
     pub status: u16,
     pub head_ms: u64,
-    pub upstream_request_id: Option<String>,
-    pub queue_ms: Option<String>,
-    pub attempts: Option<String>,
-    pub cache: Option<String>,
+    /// Answer headers, kept as they are (a clone of a header value copies
+    /// no bytes) and read as text only when the line is written.
+    pub upstream_request_id: Option<HeaderValue>,
+    pub queue_ms: Option<HeaderValue>,
+    pub attempts: Option<HeaderValue>,
+    pub cache: Option<HeaderValue>,
     pub received: Instant,
     pub ctx: Option<Arc<RequestContext>>,
     pub metrics: Arc<Metrics>,
+}
+
+/// A kept header value as text, if it is text.
+fn text(v: &Option<HeaderValue>) -> Option<&str> {
+    v.as_ref().and_then(|v| v.to_str().ok())
 }
 
 impl Line {
     fn emit(&self, complete: bool) {
         let ctx = self.ctx.as_deref();
         let model = ctx.and_then(|c| c.model.as_deref());
-        self.metrics.request(
-            self.route.label(),
-            model,
-            self.status,
-            self.cache.as_deref().unwrap_or(""),
-        );
+        let cache = text(&self.cache);
+        self.metrics
+            .request(self.route.label(), model, self.status, cache.unwrap_or(""));
         let acc = ctx.map(|c| c.tally.get()).unwrap_or_default();
         tracing::info!(
             target: "penstock::access",
@@ -57,10 +61,10 @@ impl Line {
             latency_ms = self.head_ms,
             duration_ms = self.received.elapsed().as_millis() as u64,
             complete,
-            upstream_request_id = self.upstream_request_id.as_deref(),
-            queue_ms = self.queue_ms.as_deref(),
-            attempts = self.attempts.as_deref(),
-            cache = self.cache.as_deref(),
+            upstream_request_id = text(&self.upstream_request_id),
+            queue_ms = text(&self.queue_ms),
+            attempts = text(&self.attempts),
+            cache,
             estimated_tokens = ctx.map(|c| c.cost.tokens),
             tokens = acc.tokens,
             cost_usd = acc.cost_usd,

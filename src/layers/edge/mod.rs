@@ -347,12 +347,7 @@ where
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
                 resp.headers_mut().insert("x-penstock-request-id", v);
             }
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
+            let header = |name: &str| resp.headers().get(name).cloned();
             let line = Line {
                 upstream_request_id: header("x-request-id"),
                 queue_ms: header("x-penstock-queue-ms"),
