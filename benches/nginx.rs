@@ -224,14 +224,6 @@ fn nginx_conf(dir: &std::path::Path, upstream_port: u16, port: u16) -> std::path
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn until_listening(port: u16) {
     for _ in 0..400 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -265,7 +257,7 @@ fn main() {
 
         // penstock, the binary, as deployed: a budget that never binds, the
         // cache looked up, metrics, the access log written to a file.
-        let port = free_port();
+        let port = common::free_port();
         let config = dir.path().join("penstock.toml");
         std::fs::write(
             &config,
@@ -286,7 +278,7 @@ fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle_rss = rss_kib(penstock.id());
 
-        let nginx_port = free_port();
+        let nginx_port = common::free_port();
         let mut nginx = None;
         if installed("nginx") {
             let conf = nginx_conf(dir.path(), upstream_port, nginx_port);

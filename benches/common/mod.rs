@@ -118,6 +118,14 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// A port free on 127.0.0.1 when asked.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// A `redis-server` of the benchmark's own on a free port (no snapshots),
 /// stopped when dropped; `None` where it is not installed.
 pub struct RedisServer {
@@ -128,11 +136,7 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Option<RedisServer> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
+        let port = free_port();
         let dir = tempfile::tempdir().ok()?;
         let child = std::process::Command::new("redis-server")
             .args([
