@@ -208,6 +208,13 @@ fn wrk(url: &str, script: &std::path::Path, conns: u32, secs: u64, pids: &[u32])
     s
 }
 
+/// A wrk script sending the chat body with one of `keys` API keys in turn.
+fn keys_script(keys: usize) -> String {
+    format!(
+        "local n = 0\nlocal body = '{BODY}'\nrequest = function()\n  n = n + 1\n  local key = \"Bearer sk-tenant-\" .. (n % {keys})\n  return wrk.format(\"POST\", nil, {{[\"Content-Type\"] = \"application/json\", [\"Authorization\"] = key}}, body)\nend\n"
+    )
+}
+
 fn nginx_conf(dir: &std::path::Path, upstream_port: u16, port: u16) -> std::path::PathBuf {
     let d = dir.display();
     let conf = format!(
@@ -317,7 +324,8 @@ fn main() {
             ));
         }
         let names: Vec<String> = targets.iter().map(|(n, _, _)| n.to_string()).collect();
-        let (runs, quiet) = tokio::task::spawn_blocking(move || {
+        let many_keys = dir.path().to_path_buf();
+        let (runs, quiet, spread) = tokio::task::spawn_blocking(move || {
             // Warm every path, then alternate.
             for (_, url, _) in &targets {
                 wrk(url, &script, 32, 1, &[]);
@@ -333,7 +341,21 @@ fn main() {
                 .iter()
                 .map(|(_, url, _)| wrk(url, &script, 1, secs.min(3), &[]))
                 .collect();
-            (runs, quiet)
+            // Cost growth: the same load spread over many API keys (each its own
+            // tenant and its own pool), against penstock alone.
+            let penstock_target = &targets[1];
+            let spread: Vec<(usize, Sample)> = [1usize, 100, 1000]
+                .iter()
+                .map(|&keys| {
+                    let script = many_keys.join(format!("keys-{keys}.lua"));
+                    std::fs::write(&script, keys_script(keys)).unwrap();
+                    (
+                        keys,
+                        wrk(&penstock_target.1, &script, 32, secs, &penstock_target.2),
+                    )
+                })
+                .collect();
+            (runs, quiet, spread)
         })
         .await
         .unwrap();
@@ -391,6 +413,19 @@ fn main() {
                 s.p99_us,
                 s.p50_us - quiet[0].p50_us,
                 s.p99_us - quiet[0].p99_us
+            );
+        }
+        println!(
+            "penstock with the load spread over API keys (each a tenant and a pool of its own):"
+        );
+        for (keys, s) in &spread {
+            println!(
+                "{:>5} keys  {:>8.0} req/s  ({:.2} of one key)  p99 {:>6.0}µs  cpu {:>5.1} µs/req",
+                keys,
+                s.rate(),
+                s.rate() / spread[0].1.rate(),
+                s.p99_us,
+                s.cpu_us_per_request.unwrap_or(0.0)
             );
         }
         println!(
