@@ -88,7 +88,14 @@ fn main() -> ExitCode {
         }
         Command::Serve => {
             let _flushed_at_exit = init_logs(cli.log_format);
-            let runtime = match tokio::runtime::Runtime::new() {
+            // With proxy threads of their own, this runtime only runs the admin
+            // port and background work (budgets' timers, Redis, jobs): one
+            // worker is enough. Serving the proxy itself, it gets one per core.
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if config.server.threads != 1 {
+                builder.worker_threads(1);
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("penstock: cannot start the runtime: {e}");
