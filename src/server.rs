@@ -37,6 +37,10 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Told when every proxy thread has drained: until then each keeps its
+    /// runtime running, as tasks one thread started (a pool's admission, a
+    /// shared call) may serve another's requests.
+    drained: watch::Sender<bool>,
 }
 
 impl Running {
@@ -46,6 +50,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.drained.send(true);
     }
 }
 
@@ -93,6 +98,7 @@ pub async fn start(
     // the request's whole life.
     let proxy_svc = service_fn(move |req| crate::layers::call_now(&mut stack.clone(), req));
     let mut tasks = Vec::new();
+    let (drained, all_drained) = watch::channel(false);
     if threads <= 1 {
         let proxy = TcpListener::from_std(proxy).map_err(|source| StartError::Bind {
             addr,
@@ -127,6 +133,7 @@ pub async fn start(
                 stopped.clone(),
                 state.clone(),
             );
+            let mut all_drained = all_drained.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -145,8 +152,10 @@ pub async fn start(
                             }
                             Err(e) => tracing::error!(error = %e, "a proxy thread cannot listen"),
                         }
+                        let _ = done.send(());
+                        // A closed channel (penstock dropped) ends the wait too.
+                        let _ = all_drained.wait_for(|d| *d).await;
                     });
-                    let _ = done.send(());
                 })
                 .map_err(|source| StartError::Bind {
                     addr,
@@ -180,6 +189,7 @@ pub async fn start(
         admin_addr,
         stop,
         tasks,
+        drained,
     })
 }
 
