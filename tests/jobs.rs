@@ -742,6 +742,13 @@ async fn with_redis_caps_hold_across_replicas_and_a_cancel_stops_a_job_running_e
         submit(here, "sk-b", &image("other"), &[]).await.status(),
         202
     );
+    // The refused jobs' bodies were not kept: three jobs, three bodies.
+    let bodies: Vec<String> = redis::cmd("KEYS")
+        .arg("*jobbody*")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(bodies.len(), 3, "{bodies:?}");
     // Both replicas are busy (one job each at a time): "other" waits.
     while fake.calls() < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;

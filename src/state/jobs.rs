@@ -198,6 +198,14 @@ impl Redis {
         self.jobs_key(&format!("job:{id}"))
     }
 
+    /// Deletes a stored body or answer's head; its pieces expire with it.
+    async fn drop_answer(&self, kind: Kind, id: &str) {
+        if let Ok(mut conn) = self.conn() {
+            let del = conn.del::<_, ()>(self.answer_key(kind, id));
+            let _ = self.timed(del).await;
+        }
+    }
+
     /// The next number in the shared submit order.
     pub async fn job_seq(&self) -> Result<u64, Unavailable> {
         let mut conn = self.conn()?;
@@ -223,8 +231,25 @@ impl Redis {
             headers: HeaderMap::new(),
             body,
         };
-        self.put(Kind::JobBody, id, &answer, keep).await?;
+        // Most refusals are seen before the body is stored (the script below
+        // is what holds the caps).
         let mut conn = self.conn()?;
+        let (total, mine): (Option<u64>, Option<u64>) = self
+            .timed(
+                redis::cmd("HMGET")
+                    .arg(self.jobs_key("counts"))
+                    .arg("*")
+                    .arg(tenant)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if total.unwrap_or(0) >= max_total as u64 {
+            return Ok(Submitted::Full("in all"));
+        }
+        if mine.unwrap_or(0) >= max_per_tenant as u64 {
+            return Ok(Submitted::Full("for this client"));
+        }
+        self.put(Kind::JobBody, id, &answer, keep).await?;
         let mut inv = SCRIPTS[0].prepare_invoke();
         inv.key(self.jobs_key("counts"))
             .key(self.jobs_key("queue"))
@@ -236,13 +261,20 @@ impl Redis {
             .arg(id)
             .arg(seq)
             .arg(record);
-        Ok(
-            match self.timed(inv.invoke_async::<i64>(&mut conn)).await? {
-                0 => Submitted::Accepted,
-                1 => Submitted::Full("in all"),
-                _ => Submitted::Full("for this client"),
-            },
-        )
+        let submitted = match self.timed(inv.invoke_async::<i64>(&mut conn)).await {
+            Ok(0) => Submitted::Accepted,
+            Ok(1) => Submitted::Full("in all"),
+            Ok(_) => Submitted::Full("for this client"),
+            Err(e) => {
+                self.drop_answer(Kind::JobBody, id).await;
+                return Err(e);
+            }
+        };
+        if submitted != Submitted::Accepted {
+            // Refused: its body is not kept.
+            self.drop_answer(Kind::JobBody, id).await;
+        }
+        Ok(submitted)
     }
 
     /// A job's record, if it is still kept.
@@ -321,8 +353,7 @@ impl Redis {
         let changed = self.timed(inv.invoke_async::<i64>(&mut conn)).await? == 1;
         if changed && change.done {
             // The request body is not needed any more.
-            let del = conn.del::<_, ()>(self.answer_key(Kind::JobBody, change.id));
-            let _ = self.timed(del).await;
+            self.drop_answer(Kind::JobBody, change.id).await;
         }
         Ok(changed)
     }
@@ -412,8 +443,7 @@ impl Redis {
             .arg(self.job_key(""));
         let gone: Vec<String> = self.timed(inv.invoke_async(&mut conn)).await?;
         for id in &gone {
-            let del = conn.del::<_, ()>(self.answer_key(Kind::JobResult, id));
-            let _ = self.timed(del).await;
+            self.drop_answer(Kind::JobResult, id).await;
         }
         Ok(gone.len())
     }
