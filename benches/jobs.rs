@@ -53,14 +53,7 @@ async fn scenario(store: &str, redis: Option<&str>) {
         if redis.is_some() {
             replicas.push(penstock::start(&config, |_| None).await.unwrap());
             for r in &replicas {
-                let status = format!("http://{}/status", r.admin_addr);
-                for _ in 0..200 {
-                    let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
-                    if body.contains(r#""healthy":true"#) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                common::until_healthy(r.admin_addr).await;
             }
         }
         let urls: Vec<String> = replicas

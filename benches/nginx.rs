@@ -20,57 +20,21 @@ const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","creat
 /// A minimal upstream on one thread of its own: every request gets the same
 /// chat completion, as fast as hyper can answer. Its address.
 fn fast_upstream() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            use http_body_util::BodyExt;
-                            let _ = req.into_body().collect().await;
-                            let mut resp = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_static(ANSWER.as_bytes()),
-                            ));
-                            resp.headers_mut().insert(
-                                "content-type",
-                                http::HeaderValue::from_static("application/json"),
-                            );
-                            resp.headers_mut().insert(
-                                "x-request-id",
-                                http::HeaderValue::from_static("req_bench"),
-                            );
-                            Ok::<_, std::convert::Infallible>(resp)
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    });
-    addr
-}
-
-const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}"#;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    common::serve_on_thread(hyper::service::service_fn(
+        |req: hyper::Request<hyper::body::Incoming>| async move {
+            use http_body_util::BodyExt;
+            let _ = req.into_body().collect().await;
+            let body = http_body_util::Full::new(bytes::Bytes::from_static(ANSWER.as_bytes()));
+            let mut resp = hyper::Response::new(body.boxed());
+            resp.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp.headers_mut()
+                .insert("x-request-id", http::HeaderValue::from_static("req_bench"));
+            Ok::<_, std::convert::Infallible>(resp)
+        },
+    ))
 }
 
 fn installed(program: &str) -> bool {
@@ -82,21 +46,10 @@ fn installed(program: &str) -> bool {
         .is_ok()
 }
 
-/// The fields of `/proc/{pid}/stat` after the command name.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-/// CPU time (user + system) of `pids`, in clock ticks.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+/// CPU time (user + system) of `pids`, in microseconds.
+fn cpu_us(pids: &[u32]) -> f64 {
     pids.iter()
-        .filter_map(|pid| stat_fields(*pid))
-        .map(|f| {
-            let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            n(11) + n(12)
-        })
+        .map(|pid| common::cpu_us(&pid.to_string()))
         .sum()
 }
 
@@ -108,7 +61,9 @@ fn family(pid: u32) -> Vec<u32> {
             let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            if stat_fields(child).is_some_and(|f| f.get(1) == Some(&pid.to_string())) {
+            if common::stat_fields(&child.to_string())
+                .is_some_and(|f| f.get(1) == Some(&pid.to_string()))
+            {
                 out.push(child);
             }
         }
@@ -125,15 +80,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn ticks_per_second() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100)
 }
 
 #[derive(Default, Clone)]
@@ -169,7 +115,7 @@ fn micros(v: &str) -> f64 {
 /// One wrk run against `url`; CPU counted over `pids`.
 fn wrk(url: &str, script: &std::path::Path, conns: u32, secs: u64, pids: &[u32]) -> Sample {
     let threads = conns.min(2);
-    let before = cpu_ticks(pids);
+    let before = cpu_us(pids);
     let out = Command::new("wrk")
         .args([
             format!("-t{threads}"),
@@ -182,7 +128,7 @@ fn wrk(url: &str, script: &std::path::Path, conns: u32, secs: u64, pids: &[u32])
         ])
         .output()
         .expect("wrk runs");
-    let after = cpu_ticks(pids);
+    let after = cpu_us(pids);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut s = Sample::default();
     for line in text.lines() {
@@ -202,16 +148,16 @@ fn wrk(url: &str, script: &std::path::Path, conns: u32, secs: u64, pids: &[u32])
         }
     }
     if !pids.is_empty() && s.requests > 0 {
-        let us = after.saturating_sub(before) as f64 * 1e6 / ticks_per_second() as f64;
-        s.cpu_us_per_request = Some(us / s.requests as f64);
+        s.cpu_us_per_request = Some((after - before).max(0.0) / s.requests as f64);
     }
     s
 }
 
 /// A wrk script sending the chat body with one of `keys` API keys in turn.
 fn keys_script(keys: usize) -> String {
+    let body = common::CHAT;
     format!(
-        "local n = 0\nlocal body = '{BODY}'\nrequest = function()\n  n = n + 1\n  local key = \"Bearer sk-tenant-\" .. (n % {keys})\n  return wrk.format(\"POST\", nil, {{[\"Content-Type\"] = \"application/json\", [\"Authorization\"] = key}}, body)\nend\n"
+        "local n = 0\nlocal body = '{body}'\nrequest = function()\n  n = n + 1\n  local key = \"Bearer sk-tenant-\" .. (n % {keys})\n  return wrk.format(\"POST\", nil, {{[\"Content-Type\"] = \"application/json\", [\"Authorization\"] = key}}, body)\nend\n"
     )
 }
 
@@ -246,18 +192,19 @@ fn main() {
         println!("nginx: wrk is not installed (Debian: apt-get install wrk); nothing measured");
         return;
     }
-    let secs = env("BENCH_SECONDS", 5);
-    let rounds = env("BENCH_ROUNDS", 2);
+    let secs: u64 = common::env("BENCH_SECONDS", 5);
+    let rounds: u64 = common::env("BENCH_ROUNDS", 2);
     common::block_on(async move {
         let upstream = fast_upstream();
         let upstream_port = upstream.port();
         let upstream_url = format!("http://{upstream}");
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("post.lua");
+        let body = common::CHAT;
         std::fs::write(
             &script,
             format!(
-                "wrk.method = \"POST\"\nwrk.body = '{BODY}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer sk-bench\"\n"
+                "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer sk-bench\"\n"
             ),
         )
         .unwrap();

@@ -7,20 +7,11 @@ mod common;
 
 use fake_openai::{Behaviour, Fake};
 
-const BODY: &[u8] = br#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}"#;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
     common::block_on(async {
-        let total = env("BENCH_REQUESTS", 20_000);
-        let concurrency = env("BENCH_CONCURRENCY", 32);
+        let total: usize = common::env("BENCH_REQUESTS", 20_000);
+        let concurrency: usize = common::env("BENCH_CONCURRENCY", 32);
         let fake = Fake::start(Behaviour {
             record_bodies: false,
             ..Behaviour::default()
@@ -32,11 +23,11 @@ fn main() {
         let direct_url = format!("{}/v1/chat/completions", fake.url());
         let proxy_url = format!("http://{}/v1/chat/completions", p.addr);
         // Warm both paths (connections, pools), then measure alternately.
-        common::run(&direct_url, BODY, 2_000, concurrency).await;
-        common::run(&proxy_url, BODY, 2_000, concurrency).await;
+        common::run(&direct_url, common::CHAT.as_bytes(), 2_000, concurrency).await;
+        common::run(&proxy_url, common::CHAT.as_bytes(), 2_000, concurrency).await;
         fake.clear();
-        let direct = common::run(&direct_url, BODY, total, concurrency).await;
-        let proxied = common::run(&proxy_url, BODY, total, concurrency).await;
+        let direct = common::run(&direct_url, common::CHAT.as_bytes(), total, concurrency).await;
+        let proxied = common::run(&proxy_url, common::CHAT.as_bytes(), total, concurrency).await;
         assert_eq!(
             direct.failed + proxied.failed,
             0,

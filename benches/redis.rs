@@ -16,26 +16,6 @@ use std::time::Duration;
 use fake_openai::{Behaviour, Fake};
 use penstock::config::{Backend, BudgetConfig};
 
-const BODY: &[u8] = br#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}"#;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// CPU time (user + system) of a process so far, in microseconds.
-fn cpu_us(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces), from field 3 on.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15: 12 and 13 after the state field.
-    (ticks(11) + ticks(12)) * 1e6 / 100.0
-}
-
 struct Measured {
     run: common::Run,
     cpu_self: f64,
@@ -43,12 +23,12 @@ struct Measured {
 }
 
 async fn measure(url: &str, total: usize, concurrency: usize, redis_pid: &str) -> Measured {
-    let (s0, r0) = (cpu_us("self"), cpu_us(redis_pid));
-    let run = common::run(url, BODY, total, concurrency).await;
+    let (s0, r0) = (common::cpu_us("self"), common::cpu_us(redis_pid));
+    let run = common::run(url, common::CHAT.as_bytes(), total, concurrency).await;
     let n = (run.ok + run.failed).max(1) as f64;
     Measured {
-        cpu_self: (cpu_us("self") - s0) / n,
-        cpu_redis: (cpu_us(redis_pid) - r0) / n,
+        cpu_self: (common::cpu_us("self") - s0) / n,
+        cpu_redis: (common::cpu_us(redis_pid) - r0) / n,
         run,
     }
 }
@@ -61,7 +41,7 @@ fn main() {
     let port = redis.port;
     let redis_pid = redis.pid();
     common::block_on(async {
-        let total = env("BENCH_REQUESTS", 20_000);
+        let total: usize = common::env("BENCH_REQUESTS", 20_000);
         let fake = Fake::start(Behaviour {
             record_bodies: false,
             ..Behaviour::default()
@@ -79,14 +59,7 @@ fn main() {
         config.state.redis_url = format!("redis://127.0.0.1:{port}");
         let shared = penstock::start(&config, |_| None).await.unwrap();
         // Until the replica has connected and heard its heartbeat.
-        let status = format!("http://{}/status", shared.admin_addr);
-        for _ in 0..200 {
-            let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
-            if body.contains(r#""healthy":true"#) && body.contains(r#""backend":"redis""#) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::until_healthy(shared.admin_addr).await;
         let urls = [
             (
                 "memory",
@@ -98,7 +71,7 @@ fn main() {
             ),
         ];
         for (_, url) in &urls {
-            common::run(url, BODY, 2_000, 32).await;
+            common::run(url, common::CHAT.as_bytes(), 2_000, 32).await;
         }
         let mut one = Vec::new();
         let mut many = Vec::new();
@@ -248,14 +221,7 @@ fn main() {
             replicas.push(penstock::start(&config, |_| None).await.unwrap());
         }
         for r in &replicas {
-            let status = format!("http://{}/status", r.admin_addr);
-            for _ in 0..200 {
-                let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
-                if body.contains(r#""healthy":true"#) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            common::until_healthy(r.admin_addr).await;
         }
         let client = reqwest::Client::new();
         let started = std::time::Instant::now();

@@ -25,63 +25,39 @@ fn micros_now() -> u64 {
 
 /// An upstream streaming `EVENTS` chunks 10 ms apart; its address.
 fn streaming_upstream() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            use http_body_util::BodyExt;
-                            let _ = req.into_body().collect().await;
-                            let (tx, rx) = tokio::sync::mpsc::channel::<
-                                Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
-                            >(4);
-                            tokio::spawn(async move {
-                                for i in 0..EVENTS {
-                                    tokio::time::sleep(Duration::from_millis(10)).await;
-                                    let event = format!(
-                                        "data: {{\"id\":\"chatcmpl-s\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}}}}],\"sent_us\":{}}}\n\n",
-                                        micros_now()
-                                    );
-                                    if tx.send(Ok(hyper::body::Frame::data(Bytes::from(event)))).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                let _ = tx
-                                    .send(Ok(hyper::body::Frame::data(Bytes::from_static(
-                                        b"data: [DONE]\n\n",
-                                    ))))
-                                    .await;
-                            });
-                            let body = StreamBody::new(tokio_stream(rx));
-                            let mut resp = hyper::Response::new(body);
-                            resp.headers_mut().insert(
-                                "content-type",
-                                http::HeaderValue::from_static("text/event-stream"),
-                            );
-                            Ok::<_, std::convert::Infallible>(resp)
-                        },
+    common::serve_on_thread(hyper::service::service_fn(
+        |req: hyper::Request<hyper::body::Incoming>| async move {
+            use http_body_util::BodyExt;
+            let _ = req.into_body().collect().await;
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+            >(4);
+            tokio::spawn(async move {
+                for i in 0..EVENTS {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let event = format!(
+                        "data: {{\"id\":\"chatcmpl-s\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{i} \"}}}}],\"sent_us\":{}}}\n\n",
+                        micros_now()
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-    });
-    addr
+                    if tx
+                        .send(Ok(hyper::body::Frame::data(Bytes::from(event))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let done = Bytes::from_static(b"data: [DONE]\n\n");
+                let _ = tx.send(Ok(hyper::body::Frame::data(done))).await;
+            });
+            let mut resp = hyper::Response::new(BodyExt::boxed(StreamBody::new(tokio_stream(rx))));
+            resp.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            Ok::<_, std::convert::Infallible>(resp)
+        },
+    ))
 }
 
 /// The receiver as a stream.
@@ -130,10 +106,7 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let streams = std::env::var("BENCH_STREAMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let streams: usize = common::env("BENCH_STREAMS", 20);
     LazyLock::force(&EPOCH);
     common::block_on(async move {
         let upstream = streaming_upstream();

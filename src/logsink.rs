@@ -7,6 +7,7 @@
 //! A line reaches stderr at most [`EVERY`] after it was logged, and on exit
 //! when the [`Flushed`] guard is dropped.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -147,101 +148,110 @@ where
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
         let meta = event.metadata();
-        let mut line = String::with_capacity(512);
-        line.push_str("{\"timestamp\":\"");
-        use std::fmt::Write as _;
-        let _ = write!(
-            line,
-            "{}",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        );
-        line.push_str("\",\"level\":\"");
-        line.push_str(meta.level().as_str());
-        line.push('"');
-        event.record(&mut Fields(&mut line));
-        line.push_str(",\"target\":");
-        escaped(&mut line, meta.target());
-        line.push_str("}\n");
-        writer.write_str(&line)
+        // Written straight into the subscriber's line buffer: no line of our own.
+        write!(
+            writer,
+            "{{\"timestamp\":\"{}\",\"level\":\"{}\"",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+            meta.level().as_str()
+        )?;
+        let mut fields = Fields {
+            out: &mut writer,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str(",\"target\":")?;
+        quoted(&mut writer, format_args!("{}", meta.target()))?;
+        writer.write_str("}\n")
     }
 }
 
 /// Writes each field as `,"name":value`.
-struct Fields<'a>(&'a mut String);
+struct Fields<'a> {
+    out: &'a mut dyn std::fmt::Write,
+    /// The first failed write, if any (a visitor cannot return one).
+    result: std::fmt::Result,
+}
 
 impl Fields<'_> {
-    fn key(&mut self, field: &tracing::field::Field) {
-        self.0.push(',');
-        escaped(self.0, field.name());
-        self.0.push(':');
+    fn field(&mut self, field: &tracing::field::Field, value: std::fmt::Arguments<'_>, text: bool) {
+        if self.result.is_err() {
+            return;
+        }
+        self.result = (|| {
+            self.out.write_char(',')?;
+            quoted(self.out, format_args!("{}", field.name()))?;
+            self.out.write_char(':')?;
+            match text {
+                true => quoted(self.out, value),
+                false => self.out.write_fmt(value),
+            }
+        })();
     }
 }
 
 impl tracing::field::Visit for Fields<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.key(field);
-        escaped(self.0, value);
+        self.field(field, format_args!("{value}"), true);
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.key(field);
-        use std::fmt::Write as _;
-        let _ = write!(self.0, "{value}");
+        self.field(field, format_args!("{value}"), false);
     }
 
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.key(field);
-        use std::fmt::Write as _;
-        let _ = write!(self.0, "{value}");
+        self.field(field, format_args!("{value}"), false);
     }
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.key(field);
-        self.0.push_str(if value { "true" } else { "false" });
+        self.field(field, format_args!("{value}"), false);
     }
 
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
-        self.key(field);
-        if value.is_finite() {
-            use std::fmt::Write as _;
-            let _ = write!(self.0, "{value:?}");
-        } else {
-            self.0.push_str("null");
+        match value.is_finite() {
+            true => self.field(field, format_args!("{value:?}"), false),
+            false => self.field(field, format_args!("null"), false),
         }
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.key(field);
-        let text = format!("{value:?}");
-        escaped(self.0, &text);
+        self.field(field, format_args!("{value:?}"), true);
     }
 }
 
-/// `value` as a JSON string.
-fn escaped(out: &mut String, value: &str) {
-    out.push('"');
-    let mut plain = 0;
-    for (i, c) in value.char_indices() {
-        let escape = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if (c as u32) < 0x20 => "",
-            _ => continue,
-        };
-        out.push_str(&value[plain..i]);
-        if escape.is_empty() {
-            use std::fmt::Write as _;
-            let _ = write!(out, "\\u{:04x}", c as u32);
-        } else {
-            out.push_str(escape);
+/// `value` as a JSON string, escaped as it is formatted (no copy of it).
+fn quoted(out: &mut dyn std::fmt::Write, value: std::fmt::Arguments<'_>) -> std::fmt::Result {
+    out.write_char('"')?;
+    Escaping(out).write_fmt(value)?;
+    out.write_char('"')
+}
+
+/// Passes text on with JSON's string escapes.
+struct Escaping<'a>(&'a mut dyn std::fmt::Write);
+
+impl std::fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, value: &str) -> std::fmt::Result {
+        let mut plain = 0;
+        for (i, c) in value.char_indices() {
+            let escape = match c {
+                '"' => "\\\"",
+                '\\' => "\\\\",
+                '\n' => "\\n",
+                '\r' => "\\r",
+                '\t' => "\\t",
+                c if (c as u32) < 0x20 => "",
+                _ => continue,
+            };
+            self.0.write_str(&value[plain..i])?;
+            match escape {
+                "" => write!(self.0, "\\u{:04x}", c as u32)?,
+                escape => self.0.write_str(escape)?,
+            }
+            plain = i + c.len_utf8();
         }
-        plain = i + c.len_utf8();
+        self.0.write_str(&value[plain..])
     }
-    out.push_str(&value[plain..]);
-    out.push('"');
 }
 
 #[cfg(test)]

@@ -78,6 +78,13 @@ pub async fn start(
             source,
         })?;
     let addr = proxy.local_addr().expect("bound socket has an address");
+    // Whatever keeps the proxy port from being served (another socket on
+    // it, a thread or runtime that cannot start) is reported against it.
+    let proxy_err = |source| StartError::Bind {
+        addr,
+        what: "listen",
+        source,
+    };
     let admin_addr = admin_listener
         .local_addr()
         .expect("bound socket has an address");
@@ -100,11 +107,7 @@ pub async fn start(
     let mut tasks = Vec::new();
     let (drained, all_drained) = watch::channel(false);
     if threads <= 1 {
-        let proxy = TcpListener::from_std(proxy).map_err(|source| StartError::Bind {
-            addr,
-            what: "listen",
-            source,
-        })?;
+        let proxy = TcpListener::from_std(proxy).map_err(proxy_err)?;
         tasks.push(tokio::spawn(serve(
             proxy,
             limits.clone(),
@@ -119,11 +122,7 @@ pub async fn start(
         // that accepted it, with no hand-over between threads.
         let mut listeners = vec![proxy];
         for _ in 1..threads {
-            listeners.push(listen(addr, true).map_err(|source| StartError::Bind {
-                addr,
-                what: "listen",
-                source,
-            })?);
+            listeners.push(listen(addr, true).map_err(proxy_err)?);
         }
         for (i, listener) in listeners.into_iter().enumerate() {
             let (done, finished) = tokio::sync::oneshot::channel::<()>();
@@ -137,11 +136,7 @@ pub async fn start(
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|source| StartError::Bind {
-                    addr,
-                    what: "listen",
-                    source,
-                })?;
+                .map_err(proxy_err)?;
             std::thread::Builder::new()
                 .name(format!("penstock-proxy-{i}"))
                 .spawn(move || {
@@ -157,11 +152,7 @@ pub async fn start(
                         let _ = all_drained.wait_for(|d| *d).await;
                     });
                 })
-                .map_err(|source| StartError::Bind {
-                    addr,
-                    what: "listen",
-                    source,
-                })?;
+                .map_err(proxy_err)?;
             tasks.push(tokio::spawn(async move {
                 let _ = finished.await;
             }));

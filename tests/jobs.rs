@@ -394,11 +394,7 @@ async fn a_webhook_is_signed_retried_until_delivered_and_confined_to_allowed_pre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
-    let fake = Fake::start(Behaviour {
-        latency: (Duration::from_millis(200), Duration::from_millis(200)),
-        ..Behaviour::default()
-    })
-    .await;
+    let fake = fake_taking(Duration::from_millis(200)).await;
     let dir = tempfile::tempdir().unwrap();
     let path = config_file(
         &dir,
@@ -513,20 +509,10 @@ fn redis_config(upstream: &str, redis: &str) -> penstock::Config {
 }
 
 /// A replica of penstock in this process, keeping jobs in `redis`.
-async fn redis_replica(upstream: &str, redis: &str, max_running: usize) -> Harness2 {
+async fn redis_replica(upstream: &str, redis: &str, max_running: usize) -> Replica {
     let mut c = redis_config(upstream, redis);
     c.jobs.max_running = max_running;
-    c.validate("test").expect("valid config");
-    let running = penstock::start(&c, |_| None).await.expect("starts");
-    Harness2 {
-        url: format!("http://{}", running.addr),
-        _running: running,
-    }
-}
-
-struct Harness2 {
-    _running: penstock::Running,
-    url: String,
+    replica(&c).await
 }
 
 async fn list(url: &str, key: &str) -> Vec<Value> {
@@ -559,11 +545,7 @@ async fn with_redis_any_replica_answers_cancels_and_lists_any_job() {
     let Some(redis) = support::redis_server::RedisServer::start().await else {
         return;
     };
-    let fake = Fake::start(Behaviour {
-        latency: (Duration::from_millis(400), Duration::from_millis(400)),
-        ..Behaviour::default()
-    })
-    .await;
+    let fake = fake_taking(Duration::from_millis(400)).await;
     // One job at a time on each: the third and later wait in Redis.
     let a = redis_replica(&fake.url(), &redis.url(), 1).await;
     let b = redis_replica(&fake.url(), &redis.url(), 1).await;
@@ -630,19 +612,12 @@ async fn with_redis_a_dead_replicas_jobs_are_taken_over_after_its_lease() {
     let Some(redis) = support::redis_server::RedisServer::start().await else {
         return;
     };
-    let fake = Fake::start(Behaviour {
-        latency: (Duration::from_secs(2), Duration::from_secs(2)),
-        ..Behaviour::default()
-    })
-    .await;
+    let fake = fake_taking(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let path = config_file(
         &dir,
         &fake.url(),
-        &format!(
-            "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n[jobs]\nmax_running = 2\n",
-            redis.url()
-        ),
+        &format!("{}[jobs]\nmax_running = 2\n", redis.state_toml()),
     );
     // The first replica: a real process, killed with SIGKILL.
     let (mut first, url) = spawn_penstock(&path).await;
@@ -697,11 +672,7 @@ async fn with_redis_caps_hold_across_replicas_and_a_cancel_stops_a_job_running_e
     let Some(redis) = support::redis_server::RedisServer::start().await else {
         return;
     };
-    let fake = Fake::start(Behaviour {
-        latency: (Duration::from_secs(3), Duration::from_secs(3)),
-        ..Behaviour::default()
-    })
-    .await;
+    let fake = fake_taking(Duration::from_secs(3)).await;
     let mut c = redis_config(&fake.url(), &redis.url());
     c.state.lease = Duration::from_millis(600);
     c.jobs.max_per_tenant = 2;
@@ -801,4 +772,23 @@ async fn with_redis_an_answer_past_its_ttl_is_expired_on_every_replica() {
         assert_eq!(v["error"]["code"], "penstock_job_expired");
     }
     assert!(list(&b, "sk-a").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_away_a_submit_is_refused_with_a_retry_not_accepted_unstored() {
+    let Some(mut redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour::default()).await;
+    let a = redis_replica(&fake.url(), &redis.url(), 1).await;
+    a.until_state(true, 1).await;
+    redis.kill();
+    let resp = submit(&a.url, "sk-a", &image("while away"), &[]).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after-ms"));
+    assert_eq!(
+        json(resp).await["error"]["code"],
+        "penstock_state_unavailable"
+    );
+    assert_eq!(fake.calls(), 0, "nothing ran that was not stored");
 }

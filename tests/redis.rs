@@ -7,8 +7,8 @@ mod support;
 
 use std::time::Duration;
 
+use penstock::Config;
 use penstock::config::{Backend, BudgetConfig};
-use penstock::{Config, Running};
 use serde_json::json;
 use support::redis_server::RedisServer;
 use support::*;
@@ -24,53 +24,6 @@ fn shared_config(upstream: &str, redis: &str) -> Config {
         ..BudgetConfig::default()
     }];
     c
-}
-
-struct Replica {
-    /// Serves while it is kept.
-    _running: Running,
-    url: String,
-    admin: String,
-}
-
-async fn replica(config: &Config) -> Replica {
-    config.validate("test").expect("valid config");
-    let running = penstock::start(config, |_| None).await.expect("starts");
-    Replica {
-        url: format!("http://{}", running.addr),
-        admin: format!("http://{}", running.admin_addr),
-        _running: running,
-    }
-}
-
-impl Replica {
-    async fn status(&self) -> serde_json::Value {
-        json(
-            http()
-                .get(format!("{}/status", self.admin))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
-    }
-
-    /// Waits until this replica's view of Redis is `healthy` (and sees `live`
-    /// replicas at least).
-    async fn until_state(&self, healthy: bool, live: usize) {
-        for _ in 0..400 {
-            let s = self.status().await;
-            let seen = s["state"]["live_replicas"].as_array().map_or(0, Vec::len);
-            if s["state"]["healthy"] == healthy && (!healthy || seen >= live) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!(
-            "redis never became healthy={healthy}: {}",
-            self.status().await
-        );
-    }
 }
 
 async fn replicas(n: usize, config: &Config) -> Vec<Replica> {
@@ -153,11 +106,7 @@ async fn one_prompt_at_three_replicas_costs_one_call_and_a_second_wave_none() {
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let fake = Fake::start(Behaviour {
-        latency: (Duration::from_millis(800), Duration::from_millis(800)),
-        ..Behaviour::default()
-    })
-    .await;
+    let fake = fake_taking(Duration::from_millis(800)).await;
     let group = replicas(3, &shared_config(&fake.url(), &redis.url())).await;
     for wave in 0..2 {
         let calls = group.iter().map(|r| async move {
@@ -295,20 +244,9 @@ async fn a_replica_killed_while_leading_a_shared_call_is_taken_over_after_its_le
     let Some(redis) = RedisServer::start().await else {
         return;
     };
-    let fake = Fake::start(Behaviour {
-        latency: (Duration::from_secs(2), Duration::from_secs(2)),
-        ..Behaviour::default()
-    })
-    .await;
+    let fake = fake_taking(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = config_file(
-        &dir,
-        &fake.url(),
-        &format!(
-            "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n",
-            redis.url()
-        ),
-    );
+    let path = config_file(&dir, &fake.url(), &redis.state_toml());
     // The leader: a real process, killed with SIGKILL.
     let (mut leader, leader_url) = spawn_penstock(&path).await;
     let mut config = shared_config(&fake.url(), &redis.url());

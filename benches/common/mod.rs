@@ -174,3 +174,96 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The chat completion body the throughput benches send.
+pub const CHAT: &str = r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}"#;
+
+/// The environment variable `name` parsed, or `default`.
+pub fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The fields of `/proc/{pid}/stat` after the command name (which may hold
+/// spaces); `pid` may be `self`.
+pub fn stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// CPU time (user + system) of a process so far, in microseconds.
+pub fn cpu_us(pid: &str) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let per_second = *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let Some(f) = stat_fields(pid) else {
+        return 0.0;
+    };
+    // utime and stime: fields 14 and 15, 11 and 12 after the command name.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) * 1e6 / per_second
+}
+
+/// Waits until the penstock whose admin port is `admin` has connected to
+/// Redis and heard its heartbeat.
+pub async fn until_healthy(admin: std::net::SocketAddr) {
+    let status = format!("http://{admin}/status");
+    for _ in 0..200 {
+        let body = reqwest::get(&status).await.unwrap().text().await.unwrap();
+        if body.contains(r#""healthy":true"#) && body.contains(r#""backend":"redis""#) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Serves `service` over HTTP/1 on 127.0.0.1, on one thread and runtime of
+/// its own (a stand-in upstream); its address.
+pub fn serve_on_thread<S>(service: S) -> std::net::SocketAddr
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<
+                http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>,
+            >,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}

@@ -185,6 +185,23 @@ static SCRIPTS: std::sync::LazyLock<[redis::Script; 6]> = std::sync::LazyLock::n
     [SUBMIT, CHANGE, CLAIM, RENEW, ORPHANS, SWEEP].map(redis::Script::new)
 });
 
+/// A job's `rec`, `state`, `sent` and `evicted` fields.
+type JobFields = (
+    Option<Vec<u8>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn stored((record, state, sent, evicted): JobFields) -> Option<StoredJob> {
+    Some(StoredJob {
+        record: record?,
+        state: state?,
+        sent: sent.is_some(),
+        evicted: evicted.is_some(),
+    })
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, u64::MAX as u128) as u64
 }
@@ -280,29 +297,18 @@ impl Redis {
     /// A job's record, if it is still kept.
     pub async fn job_load(&self, id: &str) -> Result<Option<StoredJob>, Unavailable> {
         let mut conn = self.conn()?;
-        type Fields = (
-            Option<Vec<u8>>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
-        let (record, state, sent, evicted): Fields = self
-            .timed(
-                redis::cmd("HMGET")
-                    .arg(self.job_key(id))
-                    .arg(&["rec", "state", "sent", "evicted"])
-                    .query_async(&mut conn),
-            )
+        let fields: JobFields = self
+            .timed(self.job_fields(id).query_async(&mut conn))
             .await?;
-        Ok(match (record, state) {
-            (Some(record), Some(state)) => Some(StoredJob {
-                record,
-                state,
-                sent: sent.is_some(),
-                evicted: evicted.is_some(),
-            }),
-            _ => None,
-        })
+        Ok(stored(fields))
+    }
+
+    /// The command reading what [`StoredJob`] holds of a job.
+    fn job_fields(&self, id: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.job_key(id))
+            .arg(&["rec", "state", "sent", "evicted"]);
+        cmd
     }
 
     /// A job's request body (`answer` false) or answer body.
@@ -375,8 +381,22 @@ impl Redis {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
+        self.leases(&SCRIPTS[3], ids).await
+    }
+
+    /// Takes over running jobs whose lease lapsed: their replica is gone.
+    pub async fn job_orphans(&self) -> Result<Vec<String>, Unavailable> {
+        self.leases(&SCRIPTS[4], &[]).await
+    }
+
+    /// Runs a lease script (renew, orphans) for this replica over `ids`.
+    async fn leases(
+        &self,
+        script: &redis::Script,
+        ids: &[String],
+    ) -> Result<Vec<String>, Unavailable> {
         let mut conn = self.conn()?;
-        let mut inv = SCRIPTS[3].prepare_invoke();
+        let mut inv = script.prepare_invoke();
         inv.key(self.jobs_key("running"))
             .key(self.jobs_key("holders"))
             .arg(&self.replica)
@@ -384,17 +404,6 @@ impl Redis {
         for id in ids {
             inv.arg(id);
         }
-        self.timed(inv.invoke_async(&mut conn)).await
-    }
-
-    /// Takes over running jobs whose lease lapsed: their replica is gone.
-    pub async fn job_orphans(&self) -> Result<Vec<String>, Unavailable> {
-        let mut conn = self.conn()?;
-        let mut inv = SCRIPTS[4].prepare_invoke();
-        inv.key(self.jobs_key("running"))
-            .key(self.jobs_key("holders"))
-            .arg(&self.replica)
-            .arg(millis(self.lease));
         self.timed(inv.invoke_async(&mut conn)).await
     }
 
@@ -417,10 +426,19 @@ impl Redis {
         let key = self.jobs_key(&format!("tenant:{tenant}"));
         let stop = max.saturating_sub(1) as isize;
         let ids: Vec<String> = self.timed(conn.zrevrange(&key, 0, stop)).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip for them all.
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.add_command(self.job_fields(id));
+        }
+        let found: Vec<JobFields> = self.timed(pipe.query_async(&mut conn)).await?;
         let mut out = Vec::with_capacity(ids.len());
         let mut gone = Vec::new();
-        for id in ids {
-            match self.job_load(&id).await? {
+        for (id, fields) in ids.into_iter().zip(found) {
+            match stored(fields) {
                 Some(job) => out.push(job),
                 None => gone.push(id),
             }

@@ -122,6 +122,64 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
+/// A penstock in this process.
+pub struct Replica {
+    /// Serves while it is kept.
+    pub _running: Running,
+    pub url: String,
+    pub admin: String,
+}
+
+/// Starts a penstock on `config` in this process.
+pub async fn replica(config: &Config) -> Replica {
+    config.validate("test").expect("valid config");
+    let running = penstock::start(config, |_| None).await.expect("starts");
+    Replica {
+        url: format!("http://{}", running.addr),
+        admin: format!("http://{}", running.admin_addr),
+        _running: running,
+    }
+}
+
+impl Replica {
+    pub async fn status(&self) -> serde_json::Value {
+        json(
+            http()
+                .get(format!("{}/status", self.admin))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Waits until this replica's view of Redis is `healthy` (and sees `live`
+    /// replicas at least).
+    pub async fn until_state(&self, healthy: bool, live: usize) {
+        for _ in 0..400 {
+            let s = self.status().await;
+            let seen = s["state"]["live_replicas"].as_array().map_or(0, Vec::len);
+            if s["state"]["healthy"] == healthy && (!healthy || seen >= live) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "redis never became healthy={healthy}: {}",
+            self.status().await
+        );
+    }
+}
+
+/// The fake taking `latency` for every call.
+pub async fn fake_taking(latency: Duration) -> Fake {
+    Fake::start(Behaviour {
+        latency: (latency, latency),
+        ..Behaviour::default()
+    })
+    .await
+}
+
 /// The fake at ten requests a second, 0.2 to 0.6 s an image (the README's
 /// rehearsal).
 pub fn ten_per_second() -> Behaviour {

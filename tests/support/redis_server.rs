@@ -102,6 +102,15 @@ impl RedisServer {
     }
 
     /// A connection for the test's own look at what penstock wrote.
+    /// A config file's `[state]` naming this server, with a 200 ms heartbeat
+    /// and a 1 s lease.
+    pub fn state_toml(&self) -> String {
+        format!(
+            "[state]\nbackend = \"redis\"\nredis_url = \"{}\"\nheartbeat = \"200ms\"\nlease = \"1s\"\n",
+            self.url()
+        )
+    }
+
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
