@@ -63,6 +63,16 @@ impl BaseUrl {
         self.scheme == Scheme::HTTPS
     }
 
+    /// The scheme and authority alone: where connections go.
+    pub fn origin(&self) -> Uri {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default()
+    }
+
     /// The upstream URL for a request's path and query.
     pub fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         let pq = pq.map_or("/", PathAndQuery::as_str);

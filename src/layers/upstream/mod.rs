@@ -1,6 +1,8 @@
-//! The call to the upstream: a pooled hyper-util client over rustls (HTTP/1.1 and
-//! HTTP/2 by ALPN), the URL rewrite, hop-by-hop header removal, sidecar credentials
+//! The call to the upstream: pooled connections ([`conns`]) over rustls (HTTP/1.1
+//! and HTTP/2 by ALPN), the URL rewrite, hop-by-hop header removal, sidecar credentials
 //! and the per-attempt timeout. Response bodies are handed on as they stream in.
+
+pub mod conns;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,9 +13,7 @@ use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -122,8 +122,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// The innermost service: one attempt against the upstream. Cloned into every
 /// request's futures, so it is one pointer.
 #[derive(Clone)]
@@ -132,10 +130,9 @@ pub struct Upstream {
 }
 
 struct Inner {
-    /// One client (one connection pool) per thread: a proxy thread's
-    /// requests use the connections its own runtime drives.
-    clients: thread_local::ThreadLocal<HttpsClient>,
-    make: Box<dyn Fn() -> HttpsClient + Send + Sync>,
+    /// Connections, pooled per thread: a proxy thread's requests use the
+    /// connections its own runtime drives.
+    conns: conns::Conns,
     base: BaseUrl,
     sidecar: Option<SidecarAuth>,
     attempt_timeout: Duration,
@@ -216,23 +213,15 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let (pool_idle, keep_alive) = (config.pool_idle_timeout, config.keep_alive_interval);
-        let make = move || {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(pool_idle)
-                .pool_timer(TokioTimer::new())
-                // Pings find a dead HTTP/2 connection while a long generation is
-                // due and no bytes flow; they need a timer to run at all.
-                .timer(TokioTimer::new())
-                .http2_keep_alive_interval(keep_alive)
-                .http2_keep_alive_timeout(keep_alive.min(Duration::from_secs(20)))
-                .http2_keep_alive_while_idle(true)
-                .build(https.clone())
-        };
+        let origin = base.origin();
         Ok(Upstream {
             inner: Arc::new(Inner {
-                clients: thread_local::ThreadLocal::new(),
-                make: Box::new(make),
+                conns: conns::Conns::new(
+                    https,
+                    origin,
+                    config.pool_idle_timeout,
+                    config.keep_alive_interval,
+                ),
                 base,
                 sidecar,
                 attempt_timeout: config.attempt_timeout,
@@ -356,24 +345,19 @@ impl tower::Service<Request<Payload>> for Upstream {
 }
 
 impl Inner {
-    /// This thread's client.
-    fn client(&self) -> &HttpsClient {
-        self.clients.get_or(|| (self.make)())
-    }
-
     /// Sends one attempt; classifies its answer, reading an error's body whole.
     async fn attempt(
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<Response<Body>, ProxyError> {
-        let resp = match tokio::time::timeout(timeout, self.client().request(req)).await {
+        let (resp, lent) = match tokio::time::timeout(timeout, self.conns.send(req)).await {
             Err(_) => return Err(Failure::Timeout(timeout).into()),
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(Failure::Unreachable(error_chain(&e)).into());
+            Ok(Err(conns::SendError::Connect(e))) => return Err(Failure::Unreachable(e).into()),
+            Ok(Err(conns::SendError::Connection(e))) => {
+                return Err(Failure::Connection(e).into());
             }
-            Ok(Err(e)) => return Err(Failure::Connection(error_chain(&e)).into()),
-            Ok(Ok(resp)) => resp,
+            Ok(Ok(answer)) => answer,
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -381,12 +365,17 @@ impl Inner {
             parts
                 .extensions
                 .insert(classify(parts.status, &parts.headers, b""));
-            let body = Idle::wrap(body, self.read_timeout);
+            let body = Idle::wrap(body, self.read_timeout, lent);
             return Ok(Response::from_parts(parts, body));
         }
         let read = Limited::new(body, MAX_ERROR_BODY).collect();
         let mut bytes = match tokio::time::timeout(timeout, read).await {
-            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Ok(b)) => {
+                if let Some(lent) = lent {
+                    lent.give_back();
+                }
+                b.to_bytes()
+            }
             Ok(Err(e)) => return Err(Failure::Connection(e.to_string()).into()),
             Err(_) => return Err(Failure::Timeout(timeout).into()),
         };
@@ -411,24 +400,33 @@ impl Inner {
 pin_project_lite::pin_project! {
     /// An answer's body that fails when the upstream sends nothing for
     /// `timeout`: a stalled body or stream ends instead of hanging its client
-    /// (and everyone waiting on a shared call) for ever.
+    /// (and everyone waiting on a shared call) for ever. Read to its end, it
+    /// gives its connection back to the pool.
     struct Idle {
         #[pin]
         inner: hyper::body::Incoming,
         #[pin]
         sleep: tokio::time::Sleep,
         timeout: Duration,
+        lent: Option<conns::Lent>,
     }
 }
 
 impl Idle {
-    fn wrap(inner: hyper::body::Incoming, timeout: Duration) -> Body {
-        Idle {
+    fn wrap(inner: hyper::body::Incoming, timeout: Duration, lent: Option<conns::Lent>) -> Body {
+        let mut idle = Idle {
             inner,
             sleep: tokio::time::sleep(timeout),
             timeout,
+            lent,
+        };
+        // An answer with no body is over already.
+        if http_body::Body::is_end_stream(&idle.inner)
+            && let Some(lent) = idle.lent.take()
+        {
+            lent.give_back();
         }
-        .boxed()
+        idle.boxed()
     }
 }
 
@@ -441,10 +439,22 @@ impl http_body::Body for Idle {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
-        match this.inner.poll_frame(cx) {
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
                 let next = tokio::time::Instant::now() + *this.timeout;
                 this.sleep.as_mut().reset(next);
+                let ended = match &frame {
+                    None => true,
+                    Some(Ok(_)) => this.inner.is_end_stream(),
+                    Some(Err(_)) => {
+                        // A broken connection is not given back.
+                        this.lent.take();
+                        false
+                    }
+                };
+                if ended && let Some(lent) = this.lent.take() {
+                    lent.give_back();
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => match this.sleep.poll(cx) {
@@ -465,18 +475,6 @@ impl http_body::Body for Idle {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// "outer: inner: innermost", since hyper's top-level messages alone say little.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]
