@@ -490,3 +490,65 @@ async fn a_large_prompt_is_priced_off_the_async_workers_and_forwarded_whole() {
     );
     assert_eq!(estimated, (77_000 + 2 + 4 + 10) as f64);
 }
+
+/// A chat completion through `url`; its status.
+async fn chat_status(url: &str) -> u16 {
+    http()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("authorization", "Bearer sk-test-client")
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_one_the_upstream_closed_is_replaced() {
+    let h = start(Behaviour {
+        idle_close: Some(Duration::from_millis(100)),
+        ..Behaviour::default()
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(chat_status(&h.url).await, 200);
+    }
+    assert_eq!(h.fake.connections(), 1, "one connection served all five");
+    // The upstream closes the idle connection; the next call takes a new one
+    // and its client never sees the closed one.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(chat_status(&h.url).await, 200);
+    assert_eq!(h.fake.connections(), 2);
+    assert_eq!(h.fake.calls(), 6);
+}
+
+#[tokio::test]
+async fn a_stream_its_client_dropped_does_not_spoil_the_next_call() {
+    let h = start(Behaviour {
+        stream_interval: Duration::from_millis(50),
+        ..Behaviour::default()
+    })
+    .await;
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .header("authorization", "Bearer sk-test-client")
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "a long story"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    assert!(body.next().await.unwrap().is_ok());
+    drop(body);
+    // The half-read connection is not lent again: the next calls succeed.
+    for _ in 0..3 {
+        assert_eq!(chat_status(&h.url).await, 200);
+    }
+    assert_eq!(h.fake.calls(), 4);
+    assert_eq!(
+        h.fake.connections(),
+        2,
+        "the dropped stream's connection closed, the next three shared one"
+    );
+}

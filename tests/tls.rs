@@ -63,6 +63,12 @@ async fn private_ca_from_ca_file_is_trusted_and_http2_is_negotiated() {
     let seen = &fake.requests()[0];
     assert_eq!(seen.version, http::Version::HTTP_2, "ALPN picked h2");
     assert_eq!(seen.path, "/v1/images/generations");
+    // Calls at once share the one HTTP/2 connection.
+    let calls = (0..4).map(|_| http().get(format!("http://{}/v1/models", p.addr)).send());
+    for resp in futures_util::future::join_all(calls).await {
+        assert_eq!(resp.unwrap().status(), 200);
+    }
+    assert_eq!(fake.connections(), 1, "one multiplexed connection");
 }
 
 #[tokio::test]

@@ -102,6 +102,9 @@ pub struct Behaviour {
     /// `Accept-Encoding` allows, brotli before gzip before deflate, as OpenAI's
     /// edge does.
     pub compress: bool,
+    /// Close a keep-alive connection idle this long, as OpenAI's edge closes
+    /// idle connections (a client must not send on one it just closed).
+    pub idle_close: Option<Duration>,
 }
 
 impl Default for Behaviour {
@@ -123,6 +126,7 @@ impl Default for Behaviour {
             key_projects: Vec::new(),
             announce_limits: true,
             compress: true,
+            idle_close: None,
         }
     }
 }
@@ -156,6 +160,7 @@ struct State {
     seq: AtomicU64,
     /// Calls that arrived, answered or not (a caller may give up first).
     arrived: AtomicUsize,
+    connections: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -203,6 +208,7 @@ impl Fake {
             rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
             seq: AtomicU64::new(0),
             arrived: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         });
@@ -215,12 +221,22 @@ impl Fake {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                st.connections.fetch_add(1, Ordering::Relaxed);
+                let idle_close = st.behaviour.lock().unwrap().idle_close;
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let builder =
+                    let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if let Some(idle) = idle_close {
+                        // hyper's header-read timeout also ends a keep-alive
+                        // connection idle that long.
+                        builder
+                            .http1()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(idle);
+                    }
                     match acceptor {
                         Some(acceptor) => {
                             if let Ok(tls) = acceptor.accept(stream).await {
@@ -264,6 +280,11 @@ impl Fake {
     /// before the answer ([`Fake::requests`] holds the answered ones).
     pub fn calls(&self) -> usize {
         self.state.arrived.load(Ordering::Relaxed)
+    }
+
+    /// How many connections the fake has accepted.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::Relaxed)
     }
 
     /// How many calls reached the fake on `path`.
