@@ -149,108 +149,169 @@ where
     ) -> std::fmt::Result {
         let meta = event.metadata();
         // Written straight into the subscriber's line buffer: no line of our own.
-        write!(
-            writer,
-            "{{\"timestamp\":\"{}\",\"level\":\"{}\"",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
-            meta.level().as_str()
-        )?;
+        writer.write_str("{\"timestamp\":\"")?;
+        timestamp(&mut writer, std::time::SystemTime::now())?;
+        writer.write_str("\",\"level\":\"")?;
+        writer.write_str(meta.level().as_str())?;
+        writer.write_char('"')?;
         let mut fields = Fields {
             out: &mut writer,
             result: Ok(()),
         };
         event.record(&mut fields);
         fields.result?;
-        writer.write_str(",\"target\":")?;
-        quoted(&mut writer, format_args!("{}", meta.target()))?;
-        writer.write_str("}\n")
+        writer.write_str(",\"target\":\"")?;
+        escape(&mut writer, meta.target())?;
+        writer.write_str("\"}\n")
     }
 }
 
-/// Writes each field as `,"name":value`.
+/// `time` as RFC 3339 in UTC with microseconds, `2026-11-27T20:35:37.123456Z`.
+/// The date and time of day are formatted once a second per thread.
+fn timestamp(out: &mut dyn std::fmt::Write, time: std::time::SystemTime) -> std::fmt::Result {
+    use std::cell::RefCell;
+    thread_local! {
+        /// The second last formatted, and its text up to the fraction.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            text.clear();
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            // "…:SSZ" without its "Z", to take the fraction.
+            text.pop();
+            text.push('.');
+            *at = secs;
+        }
+        out.write_str(text)
+    })?;
+    let mut digits = [b'0'; 6];
+    let mut n = since.subsec_micros();
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.write_str(std::str::from_utf8(&digits).unwrap_or("000000"))?;
+    out.write_char('Z')
+}
+
+/// A field visitor that writes each field as `,"name":value`.
 struct Fields<'a> {
     out: &'a mut dyn std::fmt::Write,
-    /// The first failed write, if any (a visitor cannot return one).
     result: std::fmt::Result,
 }
 
 impl Fields<'_> {
-    fn field(&mut self, field: &tracing::field::Field, value: std::fmt::Arguments<'_>, text: bool) {
+    fn field(
+        &mut self,
+        field: &tracing::field::Field,
+        value: impl FnOnce(&mut dyn std::fmt::Write) -> std::fmt::Result,
+    ) {
         if self.result.is_err() {
             return;
         }
+        // A field's name is an identifier penstock's code chose: nothing to escape.
         self.result = (|| {
-            self.out.write_char(',')?;
-            quoted(self.out, format_args!("{}", field.name()))?;
-            self.out.write_char(':')?;
-            match text {
-                true => quoted(self.out, value),
-                false => self.out.write_fmt(value),
-            }
+            self.out.write_str(",\"")?;
+            self.out.write_str(field.name())?;
+            self.out.write_str("\":")?;
+            value(self.out)
         })();
     }
 }
 
 impl tracing::field::Visit for Fields<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.field(field, format_args!("{value}"), true);
+        self.field(field, |out| {
+            out.write_char('"')?;
+            escape(out, value)?;
+            out.write_char('"')
+        });
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.field(field, format_args!("{value}"), false);
+        self.field(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
     }
 
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.field(field, format_args!("{value}"), false);
+        self.field(field, |out| {
+            out.write_str(itoa::Buffer::new().format(value))
+        });
     }
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.field(field, format_args!("{value}"), false);
+        self.field(field, |out| {
+            out.write_str(if value { "true" } else { "false" })
+        });
     }
 
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        // JSON has no NaN nor infinities.
         match value.is_finite() {
-            true => self.field(field, format_args!("{value:?}"), false),
-            false => self.field(field, format_args!("null"), false),
+            true => self.field(field, |out| {
+                out.write_str(ryu::Buffer::new().format_finite(value))
+            }),
+            false => self.field(field, |out| out.write_str("null")),
         }
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.field(field, format_args!("{value:?}"), true);
+        self.field(field, |out| {
+            out.write_char('"')?;
+            write!(Escaping(out), "{value:?}")?;
+            out.write_char('"')
+        });
     }
 }
 
-/// `value` as a JSON string, escaped as it is formatted (no copy of it).
-fn quoted(out: &mut dyn std::fmt::Write, value: std::fmt::Arguments<'_>) -> std::fmt::Result {
-    out.write_char('"')?;
-    Escaping(out).write_fmt(value)?;
-    out.write_char('"')
+/// Bytes a JSON string cannot hold as they are: quote, backslash, controls.
+/// The bytes of a multi-byte character (0x80 and up) are never among them,
+/// so every cut between plain runs falls between characters.
+static ESCAPED: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// Writes `value` with what a JSON string cannot hold as is escaped.
+fn escape(out: &mut dyn std::fmt::Write, value: &str) -> std::fmt::Result {
+    let bytes = value.as_bytes();
+    let mut plain = 0;
+    while let Some(at) = bytes[plain..].iter().position(|&b| ESCAPED[b as usize]) {
+        let i = plain + at;
+        out.write_str(&value[plain..i])?;
+        match bytes[i] {
+            b'"' => out.write_str("\\\"")?,
+            b'\\' => out.write_str("\\\\")?,
+            b'\n' => out.write_str("\\n")?,
+            b'\r' => out.write_str("\\r")?,
+            b'\t' => out.write_str("\\t")?,
+            b => write!(out, "\\u{b:04x}")?,
+        }
+        plain = i + 1;
+    }
+    out.write_str(&value[plain..])
 }
 
-/// Passes text on with JSON's string escapes.
+/// Escapes what is written through it as a JSON string's content.
 struct Escaping<'a>(&'a mut dyn std::fmt::Write);
 
 impl std::fmt::Write for Escaping<'_> {
     fn write_str(&mut self, value: &str) -> std::fmt::Result {
-        let mut plain = 0;
-        for (i, c) in value.char_indices() {
-            let escape = match c {
-                '"' => "\\\"",
-                '\\' => "\\\\",
-                '\n' => "\\n",
-                '\r' => "\\r",
-                '\t' => "\\t",
-                c if (c as u32) < 0x20 => "",
-                _ => continue,
-            };
-            self.0.write_str(&value[plain..i])?;
-            match escape {
-                "" => write!(self.0, "\\u{:04x}", c as u32)?,
-                escape => self.0.write_str(escape)?,
-            }
-            plain = i + c.len_utf8();
-        }
-        self.0.write_str(&value[plain..])
+        escape(self.0, value)
     }
 }
 
@@ -339,6 +400,17 @@ mod tests {
         assert!(v.get("missing").is_none());
         assert_eq!(v["shown"], "displayed");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_with_microseconds_across_seconds() {
+        let base = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        for offset_us in [0u64, 1, 999_999, 1_000_000, 1_000_001, 86_400_000_000 + 42] {
+            let t = base + Duration::from_micros(offset_us);
+            let mut ours = String::new();
+            timestamp(&mut ours, t).unwrap();
+            assert_eq!(ours, humantime::format_rfc3339_micros(t).to_string());
+        }
     }
 
     #[test]

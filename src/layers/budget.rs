@@ -32,6 +32,7 @@ use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::RateLimitHeaders;
+use crate::vocab::headers::name;
 use crate::vocab::usage::Usage;
 
 /// The most of an answer decoded to find its `usage`; a body that inflates past
@@ -372,7 +373,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 queued = ctx.tally.get().queued;
             }
             let queued = HeaderValue::from(queued.as_millis() as u64);
-            resp.headers_mut().insert("x-penstock-queue-ms", queued);
+            resp.headers_mut().insert(name::QUEUE_MS, queued);
             match classified.map(|c| c.class) {
                 Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), refund, account)),
                 Some(Class::QuotaExhausted) if !quota_cooldown.is_zero() => {

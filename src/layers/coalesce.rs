@@ -29,6 +29,7 @@ use crate::state::{Answer, Kind, Lease, Redis};
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
 use crate::vocab::error::{Personal, Problem, ProxyError};
+use crate::vocab::headers::name;
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -178,10 +179,10 @@ impl Stored {
             resp.headers_mut().remove(header::CONTENT_LENGTH);
         }
         let h = resp.headers_mut();
-        h.insert("x-penstock-cache", HeaderValue::from_static(outcome));
+        h.insert(name::CACHE, HeaderValue::from_static(outcome));
         if outcome != "miss" {
-            h.remove("x-penstock-queue-ms");
-            h.insert("x-penstock-attempts", HeaderValue::from_static("0"));
+            h.remove(name::QUEUE_MS);
+            h.insert(name::ATTEMPTS, HeaderValue::from_static("0"));
             for name in PER_CALL {
                 h.remove(name);
             }
@@ -503,7 +504,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
             return Box::pin(crate::layers::call_now(&mut service, req).map(|result| {
                 let mut resp = result?;
                 resp.headers_mut()
-                    .insert("x-penstock-cache", HeaderValue::from_static("bypass"));
+                    .insert(name::CACHE, HeaderValue::from_static("bypass"));
                 Ok(resp)
             }));
         };

@@ -19,6 +19,7 @@ use tower::Service;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::vocab::body::Body;
+use crate::vocab::headers::name;
 
 use super::edge::respond;
 use crate::config::{AfterSend, RetryConfig};
@@ -121,9 +122,9 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
                     }
                 };
                 let h = resp.headers_mut();
-                h.insert("x-penstock-attempts", attempts);
+                h.insert(name::ATTEMPTS, attempts);
                 if gave_up {
-                    h.insert("x-should-retry", HeaderValue::from_static("false"));
+                    h.insert(name::SHOULD_RETRY, HeaderValue::from_static("false"));
                 }
                 Ok(resp)
             }),

@@ -18,6 +18,7 @@ use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis, R
 use crate::vocab::cost::Cost;
 use crate::vocab::error::Problem;
 use crate::vocab::headers::RateLimitHeaders;
+use crate::vocab::headers::name;
 
 /// Why a request was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +85,8 @@ impl Tripped {
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
         let h = resp.headers_mut();
-        h.insert("x-penstock-circuit", http::HeaderValue::from_static("open"));
-        h.insert("x-should-retry", http::HeaderValue::from_static("false"));
+        h.insert(name::CIRCUIT, http::HeaderValue::from_static("open"));
+        h.insert(name::SHOULD_RETRY, http::HeaderValue::from_static("false"));
         (resp.into_parts().0, self.body.clone())
     }
 }

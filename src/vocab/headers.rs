@@ -3,7 +3,27 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
+
+/// Header names penstock reads or writes on every request, made once: a name
+/// given as text is parsed and hashed again on each lookup.
+pub mod name {
+    use http::HeaderName;
+
+    pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+    pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
+    pub const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+    pub const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+    pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-penstock-request-id");
+    pub const QUEUE_MS: HeaderName = HeaderName::from_static("x-penstock-queue-ms");
+    pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-penstock-attempts");
+    pub const CACHE: HeaderName = HeaderName::from_static("x-penstock-cache");
+    pub const CIRCUIT: HeaderName = HeaderName::from_static("x-penstock-circuit");
+    pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-penstock-max-wait-ms");
+    pub const STAINLESS_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");
+    pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+}
 
 /// The longest delay penstock takes from a number it was sent: a day. Beyond
 /// it a client's or an upstream's figure means "a long time", and arithmetic
@@ -20,17 +40,17 @@ pub fn seconds(secs: f64) -> Option<Duration> {
 
 /// `retry-after-ms`, else `retry-after` as seconds or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let get = |name: &str| {
+    let get = |name: HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    let ms = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok());
+    let ms = get(name::RETRY_AFTER_MS).and_then(|v| v.parse::<f64>().ok());
     if let Some(ms) = ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {
         return seconds(ms / 1000.0);
     }
-    let v = get("retry-after")?;
+    let v = get(http::header::RETRY_AFTER)?;
     if let Ok(secs) = v.parse::<f64>() {
         return seconds(secs);
     }
@@ -114,28 +134,28 @@ pub struct RateLimitHeaders {
 
 /// `x-ratelimit-{remaining,reset,limit}-{requests,tokens,images}`, by
 /// dimension: looked up by name on every answer, so never formatted.
-const NAMES: [[&str; 3]; 3] = [
+const NAMES: [[HeaderName; 3]; 3] = [
     [
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-requests",
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+        HeaderName::from_static("x-ratelimit-limit-requests"),
     ],
     [
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
-        "x-ratelimit-limit-tokens",
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
     ],
     [
-        "x-ratelimit-remaining-images",
-        "x-ratelimit-reset-images",
-        "x-ratelimit-limit-images",
+        HeaderName::from_static("x-ratelimit-remaining-images"),
+        HeaderName::from_static("x-ratelimit-reset-images"),
+        HeaderName::from_static("x-ratelimit-limit-images"),
     ],
 ];
 
 impl RateLimitHeaders {
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let dim = |[remaining, reset, _]: [&str; 3]| {
+        let get = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let dim = |[remaining, reset, _]: &[HeaderName; 3]| {
             let remaining = get(remaining)?.trim().parse::<i64>().ok()?;
             let reset = parse_go_duration(get(reset)?)?;
             (remaining >= 0).then_some(Remaining {
@@ -143,12 +163,12 @@ impl RateLimitHeaders {
                 reset,
             })
         };
-        let limit = |[_, _, limit]: [&str; 3]| get(limit)?.trim().parse::<u64>().ok();
+        let limit = |[_, _, limit]: &[HeaderName; 3]| get(limit)?.trim().parse::<u64>().ok();
         RateLimitHeaders {
-            requests: dim(NAMES[0]),
-            tokens: dim(NAMES[1]),
-            images: dim(NAMES[2]),
-            limits: NAMES.map(limit),
+            requests: dim(&NAMES[0]),
+            tokens: dim(&NAMES[1]),
+            images: dim(&NAMES[2]),
+            limits: [limit(&NAMES[0]), limit(&NAMES[1]), limit(&NAMES[2])],
         }
     }
 }

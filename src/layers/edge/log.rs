@@ -51,7 +51,7 @@ impl Line {
         tracing::info!(
             target: "penstock::access",
             request_id = self.id,
-            method = %self.method,
+            method = self.method.as_str(),
             path = self.path,
             route = self.route.label(),
             model,

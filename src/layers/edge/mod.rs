@@ -30,7 +30,7 @@ use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
-use crate::vocab::headers::seconds;
+use crate::vocab::headers::{name, seconds};
 use crate::vocab::route::Route;
 use log::{Line, Logged};
 use parse::{Parsed, RequestError, hash_json, parse_body};
@@ -39,7 +39,7 @@ use parse::{Parsed, RequestError, hash_json, parse_body};
 fn key_id(headers: &HeaderMap) -> Arc<str> {
     let credential = headers
         .get(header::AUTHORIZATION)
-        .or_else(|| headers.get("api-key"))
+        .or_else(|| headers.get(name::API_KEY))
         .map(HeaderValue::as_bytes);
     match credential {
         Some(c) => key_id_of(c).into(),
@@ -58,7 +58,7 @@ const MAX_SCOPE: usize = 64;
 /// `@org/project` when the request names the organization or project whose
 /// limits (and bill) it spends, else "".
 fn org_project(headers: &HeaderMap) -> String {
-    let get = |name: &str| {
+    let get = |name: HeaderName| {
         let v = headers
             .get(name)
             .and_then(|v| v.to_str().ok())
@@ -66,7 +66,7 @@ fn org_project(headers: &HeaderMap) -> String {
             .trim();
         &v[..v.floor_char_boundary(MAX_SCOPE)]
     };
-    let (org, project) = (get("openai-organization"), get("openai-project"));
+    let (org, project) = (get(name::OPENAI_ORGANIZATION), get(name::OPENAI_PROJECT));
     if org.is_empty() && project.is_empty() {
         String::new()
     } else {
@@ -345,14 +345,14 @@ where
             };
             let mut resp = result.unwrap_or_else(respond::into_response);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
-                resp.headers_mut().insert("x-penstock-request-id", v);
+                resp.headers_mut().insert(name::REQUEST_ID, v);
             }
-            let header = |name: &str| resp.headers().get(name).cloned();
+            let header = |name: HeaderName| resp.headers().get(name).cloned();
             let line = Line {
-                upstream_request_id: header("x-request-id"),
-                queue_ms: header("x-penstock-queue-ms"),
-                attempts: header("x-penstock-attempts"),
-                cache: header("x-penstock-cache"),
+                upstream_request_id: header(name::UPSTREAM_REQUEST_ID),
+                queue_ms: header(name::QUEUE_MS),
+                attempts: header(name::ATTEMPTS),
+                cache: header(name::CACHE),
                 id,
                 method,
                 path,
@@ -608,15 +608,15 @@ fn azure_deployment(path: &str) -> Option<String> {
 /// The client's own bound on waiting: `x-penstock-max-wait-ms`, or the SDK's
 /// whole-request timeout (`x-stainless-timeout`, seconds), whichever is shorter.
 fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
-    let num = |name: &str| {
+    let num = |name: HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0)
     };
-    let ms = num("x-penstock-max-wait-ms").and_then(|ms| seconds(ms / 1000.0));
-    let sdk = num("x-stainless-timeout").and_then(seconds);
+    let ms = num(name::MAX_WAIT_MS).and_then(|ms| seconds(ms / 1000.0));
+    let sdk = num(name::STAINLESS_TIMEOUT).and_then(seconds);
     match (ms, sdk) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::vocab::body::{Body, full};
 use crate::vocab::error::{Personal, ProxyError};
+use crate::vocab::headers::name;
 
 /// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -58,15 +59,18 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     if let Some(wait) = problem.retry_after() {
         // Capacity returns at a known time: say when, within what SDKs obey.
         let wait = wait.clamp(Duration::from_millis(1), MAX_RETRY_AFTER);
-        h.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+        h.insert(
+            name::RETRY_AFTER_MS,
+            HeaderValue::from(wait.as_millis() as u64),
+        );
         h.insert(
             "retry-after",
             HeaderValue::from(wait.as_secs_f64().ceil() as u64),
         );
-        h.insert("x-should-retry", HeaderValue::from_static("true"));
+        h.insert(name::SHOULD_RETRY, HeaderValue::from_static("true"));
     } else if status.is_client_error() {
         // A client-side mistake will not get better by sending it again.
-        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        h.insert(name::SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     (resp.into_parts().0, Bytes::from(body.to_string()))
 }

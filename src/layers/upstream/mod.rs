@@ -24,6 +24,7 @@ use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::Payload;
 use crate::vocab::error::{Problem, ProxyError};
+use crate::vocab::headers::name;
 use crate::vocab::url::BaseUrl;
 
 /// Why an attempt got no answer from the upstream.
@@ -278,15 +279,19 @@ impl Upstream {
         }
         if let Some(auth) = &self.inner.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
-            for name in ["api-key", "openai-organization", "openai-project"] {
+            for name in [
+                name::API_KEY,
+                name::OPENAI_ORGANIZATION,
+                name::OPENAI_PROJECT,
+            ] {
                 h.remove(name);
             }
             h.insert(header::AUTHORIZATION, auth.authorization.clone());
             if let Some(org) = &auth.organization {
-                h.insert("openai-organization", org.clone());
+                h.insert(name::OPENAI_ORGANIZATION, org.clone());
             }
             if let Some(project) = &auth.project {
-                h.insert("openai-project", project.clone());
+                h.insert(name::OPENAI_PROJECT, project.clone());
             }
         }
         Ok(Request::from_parts(parts, Full::new(body.bytes)))
