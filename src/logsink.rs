@@ -147,28 +147,37 @@ where
         mut writer: tracing_subscriber::fmt::format::Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
+        use std::cell::RefCell;
+        thread_local! {
+            /// The line being formatted: appended to directly, then handed to
+            /// the subscriber's writer in one call.
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
         let meta = event.metadata();
-        // Written straight into the subscriber's line buffer: no line of our own.
-        writer.write_str("{\"timestamp\":\"")?;
-        timestamp(&mut writer, std::time::SystemTime::now())?;
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(meta.level().as_str())?;
-        writer.write_char('"')?;
-        let mut fields = Fields {
-            out: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":\"")?;
-        escape(&mut writer, meta.target())?;
-        writer.write_str("\"}\n")
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            line.push_str("{\"timestamp\":\"");
+            timestamp(line, std::time::SystemTime::now());
+            line.push_str("\",\"level\":\"");
+            line.push_str(meta.level().as_str());
+            line.push('"');
+            event.record(&mut Fields { out: line });
+            line.push_str(",\"target\":\"");
+            escape(line, meta.target());
+            line.push_str("\"}\n");
+            let result = writer.write_str(line);
+            // A rare long line does not keep its memory.
+            if line.capacity() > 16 * 1024 {
+                *line = String::new();
+            }
+            result
+        })
     }
 }
 
 /// `time` as RFC 3339 in UTC with microseconds, `2026-11-27T20:35:37.123456Z`.
 /// The date and time of day are formatted once a second per thread.
-fn timestamp(out: &mut dyn std::fmt::Write, time: std::time::SystemTime) -> std::fmt::Result {
+fn timestamp(out: &mut String, time: std::time::SystemTime) {
     use std::cell::RefCell;
     thread_local! {
         /// The second last formatted, and its text up to the fraction.
@@ -188,67 +197,53 @@ fn timestamp(out: &mut dyn std::fmt::Write, time: std::time::SystemTime) -> std:
             text.push('.');
             *at = secs;
         }
-        out.write_str(text)
-    })?;
+        out.push_str(text);
+    });
     let mut digits = [b'0'; 6];
     let mut n = since.subsec_micros();
     for d in digits.iter_mut().rev() {
         *d = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    out.write_str(std::str::from_utf8(&digits).unwrap_or("000000"))?;
-    out.write_char('Z')
+    out.push_str(std::str::from_utf8(&digits).unwrap_or("000000"));
+    out.push('Z');
 }
 
 /// A field visitor that writes each field as `,"name":value`.
 struct Fields<'a> {
-    out: &'a mut dyn std::fmt::Write,
-    result: std::fmt::Result,
+    out: &'a mut String,
 }
 
 impl Fields<'_> {
-    fn field(
-        &mut self,
-        field: &tracing::field::Field,
-        value: impl FnOnce(&mut dyn std::fmt::Write) -> std::fmt::Result,
-    ) {
-        if self.result.is_err() {
-            return;
-        }
+    fn field(&mut self, field: &tracing::field::Field, value: impl FnOnce(&mut String)) {
         // A field's name is an identifier penstock's code chose: nothing to escape.
-        self.result = (|| {
-            self.out.write_str(",\"")?;
-            self.out.write_str(field.name())?;
-            self.out.write_str("\":")?;
-            value(self.out)
-        })();
+        self.out.push_str(",\"");
+        self.out.push_str(field.name());
+        self.out.push_str("\":");
+        value(self.out);
     }
 }
 
 impl tracing::field::Visit for Fields<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         self.field(field, |out| {
-            out.write_char('"')?;
-            escape(out, value)?;
-            out.write_char('"')
+            out.push('"');
+            escape(out, value);
+            out.push('"');
         });
     }
 
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.field(field, |out| {
-            out.write_str(itoa::Buffer::new().format(value))
-        });
+        self.field(field, |out| out.push_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.field(field, |out| {
-            out.write_str(itoa::Buffer::new().format(value))
-        });
+        self.field(field, |out| out.push_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
         self.field(field, |out| {
-            out.write_str(if value { "true" } else { "false" })
+            out.push_str(if value { "true" } else { "false" })
         });
     }
 
@@ -256,17 +251,18 @@ impl tracing::field::Visit for Fields<'_> {
         // JSON has no NaN nor infinities.
         match value.is_finite() {
             true => self.field(field, |out| {
-                out.write_str(ryu::Buffer::new().format_finite(value))
+                out.push_str(ryu::Buffer::new().format_finite(value))
             }),
-            false => self.field(field, |out| out.write_str("null")),
+            false => self.field(field, |out| out.push_str("null")),
         }
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         self.field(field, |out| {
-            out.write_char('"')?;
-            write!(Escaping(out), "{value:?}")?;
-            out.write_char('"')
+            out.push('"');
+            // Writing into a String cannot fail.
+            let _ = write!(Escaping(out), "{value:?}");
+            out.push('"');
         });
     }
 }
@@ -287,31 +283,34 @@ static ESCAPED: [bool; 256] = {
 };
 
 /// Writes `value` with what a JSON string cannot hold as is escaped.
-fn escape(out: &mut dyn std::fmt::Write, value: &str) -> std::fmt::Result {
+fn escape(out: &mut String, value: &str) {
     let bytes = value.as_bytes();
     let mut plain = 0;
     while let Some(at) = bytes[plain..].iter().position(|&b| ESCAPED[b as usize]) {
         let i = plain + at;
-        out.write_str(&value[plain..i])?;
+        out.push_str(&value[plain..i]);
         match bytes[i] {
-            b'"' => out.write_str("\\\"")?,
-            b'\\' => out.write_str("\\\\")?,
-            b'\n' => out.write_str("\\n")?,
-            b'\r' => out.write_str("\\r")?,
-            b'\t' => out.write_str("\\t")?,
-            b => write!(out, "\\u{b:04x}")?,
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            b => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
         }
         plain = i + 1;
     }
-    out.write_str(&value[plain..])
+    out.push_str(&value[plain..]);
 }
 
 /// Escapes what is written through it as a JSON string's content.
-struct Escaping<'a>(&'a mut dyn std::fmt::Write);
+struct Escaping<'a>(&'a mut String);
 
 impl std::fmt::Write for Escaping<'_> {
     fn write_str(&mut self, value: &str) -> std::fmt::Result {
-        escape(self.0, value)
+        escape(self.0, value);
+        Ok(())
     }
 }
 
@@ -408,7 +407,7 @@ mod tests {
         for offset_us in [0u64, 1, 999_999, 1_000_000, 1_000_001, 86_400_000_000 + 42] {
             let t = base + Duration::from_micros(offset_us);
             let mut ours = String::new();
-            timestamp(&mut ours, t).unwrap();
+            timestamp(&mut ours, t);
             assert_eq!(ours, humantime::format_rfc3339_micros(t).to_string());
         }
     }

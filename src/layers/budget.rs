@@ -426,8 +426,13 @@ impl Account {
     /// Records the answer once: tokens estimated and reported, images, cost.
     fn record(&self, usage: Option<&Usage>) {
         let ctx = self.ctx.as_deref();
+        let label = match ctx {
+            Some(c) => c.model_label.clone(),
+            None => self.metrics.model_label(None),
+        };
         let usd = self.metrics.answered(
             ctx.and_then(|c| c.model.as_deref()),
+            &label,
             ctx.map_or(0, |c| c.cost.tokens),
             usage,
             ctx.and_then(|c| c.image.as_ref()),

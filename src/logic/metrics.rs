@@ -288,12 +288,13 @@ impl Metrics {
         OTHER.clone()
     }
 
-    pub fn request(&self, route: &'static str, model: Option<&str>, status: u16, cache: &str) {
-        let model = self.model_label(model);
+    /// A request's answer; `model` is its label ([`Metrics::model_label`]),
+    /// found once per request.
+    pub fn request(&self, route: &'static str, model: &Arc<str>, status: u16, cache: &str) {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
-                model,
+                model: model.clone(),
                 status,
                 cache: cache_label(cache),
             })
@@ -310,15 +311,14 @@ impl Metrics {
     pub fn attempt(
         &self,
         route: &'static str,
-        model: Option<&str>,
+        model: &Arc<str>,
         outcome: &'static str,
         seconds: f64,
     ) {
-        let model = self.model_label(model);
         self.attempts
             .get_or_create(&AttemptLabels {
                 route,
-                model,
+                model: model.clone(),
                 outcome,
             })
             .inc();
@@ -340,11 +340,11 @@ impl Metrics {
     pub fn answered(
         &self,
         model: Option<&str>,
+        label: &Arc<str>,
         estimated_tokens: u64,
         usage: Option<&Usage>,
         image: Option<&ImageAsk>,
     ) -> f64 {
-        let label = self.model_label(model);
         let tokens = |kind| ModelKind {
             model: label.clone(),
             kind,
@@ -363,7 +363,11 @@ impl Metrics {
                 .inc_by(ask.n);
         }
         let usd = self.prices.cost(model.unwrap_or(""), usage, image);
-        self.cost.get_or_create(&Model { model: label }).inc_by(usd);
+        self.cost
+            .get_or_create(&Model {
+                model: label.clone(),
+            })
+            .inc_by(usd);
         usd
     }
 
@@ -463,8 +467,9 @@ mod tests {
     #[test]
     fn text_comes_out_in_prometheus_form() {
         let m = Metrics::new(&BTreeMap::new());
-        m.request("images.generations", Some("gpt-image-1"), 200, "miss");
-        m.attempt("images.generations", Some("gpt-image-1"), "success", 0.3);
+        let label = m.model_label(Some("gpt-image-1"));
+        m.request("images.generations", &label, 200, "miss");
+        m.attempt("images.generations", &label, "success", 0.3);
         let text = m.encode(&[], false);
         assert!(text.contains(
             "penstock_requests_total{route=\"images.generations\",model=\"gpt-image-1\",status=\"200\",cache=\"miss\"} 1"

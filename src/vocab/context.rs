@@ -26,6 +26,8 @@ pub struct RequestContext {
     pub route: Route,
     /// The `model` field of a JSON or multipart body, when there is one.
     pub model: Option<String>,
+    /// The model as metrics name it (capped, plain), found once.
+    pub model_label: Arc<str>,
     /// The client asked for a streamed response.
     pub stream: bool,
     pub tenant: Tenant,

@@ -456,6 +456,7 @@ where
         id,
         route,
         stream: parsed.stream(),
+        model_label: config.metrics.model_label(model.as_deref()),
         model,
         tenant,
         credential,

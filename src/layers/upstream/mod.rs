@@ -341,8 +341,11 @@ impl tower::Service<Request<Payload>> for Upstream {
             if let Some(m) = &inner.metrics {
                 let outcome = crate::logic::classify::attempt_label(&result);
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
-                let model = ctx.as_ref().and_then(|c| c.model.as_deref());
-                m.attempt(route, model, outcome, sent.elapsed().as_secs_f64());
+                let model = match &ctx {
+                    Some(c) => c.model_label.clone(),
+                    None => m.model_label(None),
+                };
+                m.attempt(route, &model, outcome, sent.elapsed().as_secs_f64());
             }
             result
         })
