@@ -203,7 +203,9 @@ impl Conns {
                 return Ok(Checkout::H1(sender, home, true));
             }
         }
-        self.connect(home).await
+        // Boxed: a new connection is rare, and its future is large; unboxed it
+        // would grow every request's.
+        Box::pin(self.connect(home)).await
     }
 
     async fn connect(&self, home: Arc<Mutex<Local>>) -> Result<Checkout, SendError> {
