@@ -442,6 +442,13 @@ impl Pool {
         }
     }
 
+    /// Whether the admission task has anything to do when budget or a slot
+    /// comes free: a queued request, or a shared ledger to keep. With none, it
+    /// is left asleep (it often runs on another thread: waking it costs both).
+    fn anyone_waiting(&self, st: &State) -> bool {
+        self.shared().is_some() || !st.queue.is_empty()
+    }
+
     /// Waits (fairly, up to `max_wait`) until `cost` fits, then charges it.
     pub async fn acquire(
         self: &Arc<Self>,
@@ -973,7 +980,11 @@ impl Permit {
 
     /// Replaces the estimate with what the call really cost.
     pub fn settle(&self, actual: &Cost) {
-        self.pool.lock().ledger.settle(self.ticket, actual);
+        let waiting = {
+            let mut st = self.pool.lock();
+            st.ledger.settle(self.ticket, actual);
+            self.pool.anyone_waiting(&st)
+        };
         if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked)
             && *actual != self.cost
         {
@@ -982,7 +993,9 @@ impl Permit {
                 let _ = redis.settle(&key, booked.id, &actual).await;
             });
         }
-        self.pool.wake.notify_one();
+        if waiting {
+            self.pool.wake.notify_one();
+        }
     }
 
     /// Folds in the upstream's `x-ratelimit-*` from this call's response.
@@ -1049,8 +1062,11 @@ impl Drop for Permit {
         let mut st = self.pool.lock();
         st.in_flight -= 1;
         probe_done(&mut st, self.probe);
+        let waiting = self.pool.anyone_waiting(&st);
         drop(st);
-        self.pool.wake.notify_one();
+        if waiting {
+            self.pool.wake.notify_one();
+        }
     }
 }
 
