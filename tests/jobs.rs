@@ -393,7 +393,7 @@ async fn a_webhook_is_signed_retried_until_delivered_and_confined_to_allowed_pre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
-    const JOBS: usize = 20;
+    const JOBS: usize = 30;
     let fake = fake_taking(Duration::from_millis(200)).await;
     let dir = tempfile::tempdir().unwrap();
     let path = config_file(
@@ -405,7 +405,7 @@ async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
         ),
     );
     let (mut first, url) = spawn_penstock(&path).await;
-    // Submitted at once: the 20 take four seconds of budget to run.
+    // Submitted at once: the 30 take six seconds of budget to run.
     let submits = (0..JOBS).map(|i| {
         let url = url.clone();
         async move { submit_id(&url, "sk-a", &format!("durable {i}")).await }
