@@ -286,7 +286,7 @@ fn main() {
             // Latency on one connection: far below the peak rate.
             let quiet: Vec<Sample> = targets
                 .iter()
-                .map(|(_, url, _)| wrk(url, &script, 1, secs.min(3), &[]))
+                .map(|(_, url, pids)| wrk(url, &script, 1, secs.min(3), pids))
                 .collect();
             // Cost growth: the same load spread over many API keys (each its own
             // tenant and its own pool), against penstock alone.
@@ -353,8 +353,11 @@ fn main() {
             "one connection (latency far below the peak rate), added over the upstream alone:"
         );
         for (name, s) in names.iter().zip(&quiet) {
+            let cpu = s
+                .cpu_us_per_request
+                .map_or(String::new(), |c| format!("  cpu {c:>5.1} µs/req"));
             println!(
-                "{:<10} p50 {:>6.0}µs  p99 {:>6.0}µs  added p50 {:>5.0}µs  p99 {:>5.0}µs",
+                "{:<10} p50 {:>6.0}µs  p99 {:>6.0}µs  added p50 {:>5.0}µs  p99 {:>5.0}µs{cpu}",
                 name,
                 s.p50_us,
                 s.p99_us,

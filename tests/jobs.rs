@@ -34,14 +34,24 @@ async fn submit_id(url: &str, key: &str, prompt: &str) -> String {
         .to_string()
 }
 
-async fn job(url: &str, key: &str, id: &str) -> (u16, Value) {
-    let resp = http()
-        .get(format!("{url}/penstock/v1/jobs/{id}"))
+/// A call to the jobs API (`path` after `/penstock/v1/jobs`) as `key`'s tenant.
+async fn jobs_api(method: reqwest::Method, url: &str, key: &str, path: &str) -> reqwest::Response {
+    http()
+        .request(method, format!("{url}/penstock/v1/jobs{path}"))
         .header("authorization", format!("Bearer {key}"))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn job(url: &str, key: &str, id: &str) -> (u16, Value) {
+    let resp = jobs_api(reqwest::Method::GET, url, key, &format!("/{id}")).await;
     (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// A job's answer, as `GET …/result` gives it.
+async fn result(url: &str, key: &str, id: &str) -> reqwest::Response {
+    jobs_api(reqwest::Method::GET, url, key, &format!("/{id}/result")).await
 }
 
 /// Polls until the job has ended; its view.
@@ -116,12 +126,7 @@ async fn fifty_jobs_are_accepted_at_once_and_all_succeed_without_upstream_rate_l
         let v = finished(&h.url, "sk-a", id).await;
         assert_eq!(v["status"], "succeeded", "{v}");
         assert_eq!(v["response"]["status"], 200);
-        let result = http()
-            .get(format!("{}/penstock/v1/jobs/{id}/result", h.url))
-            .header("authorization", "Bearer sk-a")
-            .send()
-            .await
-            .unwrap();
+        let result = result(&h.url, "sk-a", id).await;
         assert_eq!(result.status(), 200);
         assert!(
             result.headers()["content-type"]
@@ -160,43 +165,16 @@ async fn a_tenant_cannot_read_cancel_or_list_another_tenants_jobs() {
     let (status, v) = job(&h.url, "sk-b", &id).await;
     assert_eq!(status, 404);
     assert_eq!(v["error"]["code"], "penstock_job_not_found");
-    for path in [
-        format!("/penstock/v1/jobs/{id}/result"),
-        format!("/penstock/v1/jobs/{id}"),
-    ] {
-        let resp = http()
-            .get(format!("{}{path}", h.url))
-            .header("authorization", "Bearer sk-b")
-            .send()
-            .await
-            .unwrap();
+    for path in [format!("/{id}/result"), format!("/{id}")] {
+        let resp = jobs_api(reqwest::Method::GET, &h.url, "sk-b", &path).await;
         assert_eq!(resp.status(), 404);
     }
-    let cancel = http()
-        .delete(format!("{}/penstock/v1/jobs/{id}", h.url))
-        .header("authorization", "Bearer sk-b")
-        .send()
-        .await
-        .unwrap();
+    let cancel = jobs_api(reqwest::Method::DELETE, &h.url, "sk-b", &format!("/{id}")).await;
     assert_eq!(cancel.status(), 404);
-    let list = |key: &'static str| {
-        let url = h.url.clone();
-        async move {
-            http()
-                .get(format!("{url}/penstock/v1/jobs"))
-                .header("authorization", format!("Bearer {key}"))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(list("sk-b").await["data"].as_array().unwrap().len(), 0);
-    let mine = list("sk-a").await;
-    assert_eq!(mine["data"].as_array().unwrap().len(), 1);
-    assert_eq!(mine["data"][0]["status"], "succeeded");
+    assert_eq!(list(&h.url, "sk-b").await.len(), 0);
+    let mine = list(&h.url, "sk-a").await;
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["status"], "succeeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,15 +195,7 @@ async fn a_cancelled_queued_job_never_reaches_the_upstream() {
     let (_, third) = job(&h.url, "sk-a", &ids[2]).await;
     assert_eq!(third["status"], "queued");
     assert!(third["position"].as_u64().is_some(), "{third}");
-    let cancelled: Value = http()
-        .delete(format!("{}/penstock/v1/jobs/{}", h.url, ids[2]))
-        .header("authorization", "Bearer sk-a")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled = cancel(&h.url, "sk-a", &ids[2]).await;
     assert_eq!(cancelled["status"], "cancelled");
     for id in &ids[..2] {
         assert_eq!(finished(&h.url, "sk-a", id).await["status"], "succeeded");
@@ -235,12 +205,7 @@ async fn a_cancelled_queued_job_never_reaches_the_upstream() {
         "cancelled"
     );
     assert_eq!(h.fake.calls(), 2, "the cancelled job was never sent");
-    let result = http()
-        .get(format!("{}/penstock/v1/jobs/{}/result", h.url, ids[2]))
-        .header("authorization", "Bearer sk-a")
-        .send()
-        .await
-        .unwrap();
+    let result = result(&h.url, "sk-a", &ids[2]).await;
     assert_eq!(result.status(), 409);
 }
 
@@ -518,12 +483,8 @@ async fn redis_replica(upstream: &str, redis: &str, max_running: usize) -> Repli
 }
 
 async fn list(url: &str, key: &str) -> Vec<Value> {
-    let v: Value = http()
-        .get(format!("{url}/penstock/v1/jobs"))
-        .header("authorization", format!("Bearer {key}"))
-        .send()
+    let v: Value = jobs_api(reqwest::Method::GET, url, key, "")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -531,12 +492,8 @@ async fn list(url: &str, key: &str) -> Vec<Value> {
 }
 
 async fn cancel(url: &str, key: &str, id: &str) -> Value {
-    http()
-        .delete(format!("{url}/penstock/v1/jobs/{id}"))
-        .header("authorization", format!("Bearer {key}"))
-        .send()
+    jobs_api(reqwest::Method::DELETE, url, key, &format!("/{id}"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap()
@@ -576,12 +533,7 @@ async fn with_redis_any_replica_answers_cancels_and_lists_any_job() {
             v["response"]["body"]["data"][0]["b64_json"].is_string(),
             "{v}"
         );
-        let result = http()
-            .get(format!("{}/penstock/v1/jobs/{id}/result", a.url))
-            .header("authorization", "Bearer sk-a")
-            .send()
-            .await
-            .unwrap();
+        let result = result(&a.url, "sk-a", id).await;
         assert_eq!(result.status(), 200);
         let body: Value = result.json().await.unwrap();
         assert!(body["data"][0]["b64_json"].is_string());

@@ -161,6 +161,8 @@ struct State {
     /// Calls that arrived, answered or not (a caller may give up first).
     arrived: AtomicUsize,
     connections: AtomicUsize,
+    /// Connections accepted and not yet closed.
+    open: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -209,6 +211,7 @@ impl Fake {
             seq: AtomicU64::new(0),
             arrived: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         });
@@ -222,10 +225,12 @@ impl Fake {
                 };
                 let _ = stream.set_nodelay(true);
                 st.connections.fetch_add(1, Ordering::Relaxed);
+                st.open.fetch_add(1, Ordering::Relaxed);
                 let idle_close = st.behaviour.lock().unwrap().idle_close;
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let closed = st.clone();
                     let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
                     let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -247,6 +252,7 @@ impl Fake {
                             let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                         }
                     }
+                    closed.open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
@@ -280,6 +286,11 @@ impl Fake {
     /// before the answer ([`Fake::requests`] holds the answered ones).
     pub fn calls(&self) -> usize {
         self.state.arrived.load(Ordering::Relaxed)
+    }
+
+    /// How many of its connections are open now.
+    pub fn open_connections(&self) -> usize {
+        self.state.open.load(Ordering::Relaxed)
     }
 
     /// How many connections the fake has accepted.

@@ -41,6 +41,10 @@ struct Args {
     /// Never compress answers, whatever the client accepts.
     #[arg(long)]
     no_compression: bool,
+    /// Close a keep-alive connection idle this many seconds, as the load
+    /// balancers in front of OpenAI do (0: never).
+    #[arg(long, default_value_t = 60)]
+    idle_close_s: u64,
 }
 
 #[tokio::main]
@@ -60,6 +64,7 @@ async fn main() {
         insufficient_quota: args.insufficient_quota,
         announce_limits: !args.no_rate_limit_headers,
         compress: !args.no_compression,
+        idle_close: (args.idle_close_s > 0).then(|| Duration::from_secs(args.idle_close_s)),
         limits: args.rps.map(|requests| Limits {
             requests,
             tokens: args.tokens,

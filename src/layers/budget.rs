@@ -31,8 +31,7 @@ use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
-use crate::vocab::headers::RateLimitHeaders;
-use crate::vocab::headers::name;
+use crate::vocab::headers::{RateLimitHeaders, name};
 use crate::vocab::usage::Usage;
 
 /// The most of an answer decoded to find its `usage`; a body that inflates past
@@ -426,13 +425,9 @@ impl Account {
     /// Records the answer once: tokens estimated and reported, images, cost.
     fn record(&self, usage: Option<&Usage>) {
         let ctx = self.ctx.as_deref();
-        let label = match ctx {
-            Some(c) => c.model_label.clone(),
-            None => self.metrics.model_label(None),
-        };
         let usd = self.metrics.answered(
             ctx.and_then(|c| c.model.as_deref()),
-            &label,
+            &self.metrics.label_of(ctx),
             ctx.map_or(0, |c| c.cost.tokens),
             usage,
             ctx.and_then(|c| c.image.as_ref()),

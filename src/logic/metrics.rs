@@ -288,6 +288,15 @@ impl Metrics {
         OTHER.clone()
     }
 
+    /// The model label of a request: the one its context found at the edge,
+    /// or "none" without a context.
+    pub fn label_of(&self, ctx: Option<&crate::vocab::context::RequestContext>) -> Arc<str> {
+        match ctx {
+            Some(c) => c.model_label.clone(),
+            None => self.model_label(None),
+        }
+    }
+
     /// A request's answer; `model` is its label ([`Metrics::model_label`]),
     /// found once per request.
     pub fn request(&self, route: &'static str, model: &Arc<str>, status: u16, cache: &str) {

@@ -17,8 +17,7 @@ use super::queue::FairQueue;
 use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis, RemoteLimits};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::Problem;
-use crate::vocab::headers::RateLimitHeaders;
-use crate::vocab::headers::name;
+use crate::vocab::headers::{RateLimitHeaders, name};
 
 /// Why a request was not admitted.
 #[derive(Debug, thiserror::Error)]

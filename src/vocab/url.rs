@@ -73,19 +73,39 @@ impl BaseUrl {
             .unwrap_or_default()
     }
 
-    /// The upstream URL for a request's path and query.
-    pub fn join(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let pq = pq.map_or("/", PathAndQuery::as_str);
-        let path_and_query = if self.prefix.is_empty() {
-            PathAndQuery::try_from(pq)?
-        } else {
-            PathAndQuery::try_from(format!("{}{pq}", self.prefix))?
+    /// `Host` for requests to it: the authority, its default port left out.
+    pub fn host(&self) -> http::HeaderValue {
+        let default = if self.is_https() { 443 } else { 80 };
+        let host = match self.authority.port_u16() {
+            Some(p) if p != default => self.authority.as_str(),
+            _ => self.authority.host(),
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
+        // An authority is valid header text.
+        http::HeaderValue::from_str(host).unwrap_or(http::HeaderValue::from_static("localhost"))
+    }
+
+    /// The upstream's path and query for a request's: the base URL's path
+    /// prefix put before it (taken as it is when there is none).
+    pub fn path(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, http::Error> {
+        let root = PathAndQuery::from_static("/");
+        let pq = pq.unwrap_or(&root);
+        if self.prefix.is_empty() {
+            return Ok(pq.clone());
+        }
+        Ok(PathAndQuery::try_from(format!("{}{pq}", self.prefix))?)
+    }
+
+    /// The absolute URL of an upstream path (from [`BaseUrl::path`]).
+    pub fn absolute(&self, path: PathAndQuery) -> Uri {
+        Uri::from_parts({
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(self.authority.clone());
+            parts.path_and_query = Some(path);
+            parts
+        })
+        // Scheme, authority and path are each valid, and so is their sum.
+        .unwrap_or_default()
     }
 }
 
@@ -96,20 +116,26 @@ mod tests {
     #[test]
     fn base_url_joins_paths_and_prefixes() {
         let b = BaseUrl::parse("https://api.openai.com").unwrap();
+        assert_eq!(b.host(), "api.openai.com");
+        assert_eq!(
+            BaseUrl::parse("http://127.0.0.1:80").unwrap().host(),
+            "127.0.0.1"
+        );
+        assert_eq!(BaseUrl::parse("https://h:8443/x").unwrap().host(), "h:8443");
         let pq = PathAndQuery::from_static("/v1/models?limit=2");
         assert_eq!(
-            b.join(Some(&pq)).unwrap().to_string(),
+            b.absolute(b.path(Some(&pq)).unwrap()).to_string(),
             "https://api.openai.com/v1/models?limit=2"
         );
         let b = BaseUrl::parse("http://127.0.0.1:9/openai/").unwrap();
         assert_eq!(
-            b.join(Some(&pq)).unwrap().to_string(),
+            b.absolute(b.path(Some(&pq)).unwrap()).to_string(),
             "http://127.0.0.1:9/openai/v1/models?limit=2"
         );
         assert!(BaseUrl::parse("ftp://x").is_err());
         let b = BaseUrl::parse("https://user:sk-secret@example.com/v").unwrap();
         assert!(b.credentials);
-        let joined = b.join(Some(&pq)).unwrap().to_string();
+        let joined = b.absolute(b.path(Some(&pq)).unwrap()).to_string();
         assert_eq!(joined, "https://example.com/v/v1/models?limit=2");
         assert!(BaseUrl::parse("/v1").is_err());
     }

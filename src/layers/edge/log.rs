@@ -45,10 +45,7 @@ impl Line {
         let ctx = self.ctx.as_deref();
         let model = ctx.and_then(|c| c.model.as_deref());
         let cache = text(&self.cache);
-        let label = match ctx {
-            Some(c) => c.model_label.clone(),
-            None => self.metrics.model_label(None),
-        };
+        let label = self.metrics.label_of(ctx);
         self.metrics
             .request(self.route.label(), &label, self.status, cache.unwrap_or(""));
         let acc = ctx.map(|c| c.tally.get()).unwrap_or_default();

@@ -64,7 +64,7 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
             HeaderValue::from(wait.as_millis() as u64),
         );
         h.insert(
-            "retry-after",
+            http::header::RETRY_AFTER,
             HeaderValue::from(wait.as_secs_f64().ceil() as u64),
         );
         h.insert(name::SHOULD_RETRY, HeaderValue::from_static("true"));

@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower::Service;
 
+use crate::vocab::url::BaseUrl;
+
 type Body = Full<Bytes>;
 
 /// Why no answer came.
@@ -41,9 +43,9 @@ const SEND_TRIES: usize = 4;
 /// A pool of upstream connections, one set per thread that uses it.
 pub struct Conns {
     connector: HttpsConnector<HttpConnector>,
-    /// Where connections go: the base URL's scheme and authority.
-    origin: Uri,
-    /// `Host` for HTTP/1.1 requests: the authority, its default port left out.
+    /// Where connections go; HTTP/2 requests carry its scheme and authority.
+    base: BaseUrl,
+    /// `Host` of HTTP/1.1 requests.
     host: HeaderValue,
     idle_timeout: Duration,
     h2: http2::Builder<TokioExecutor>,
@@ -78,31 +80,18 @@ impl Lent {
 }
 
 enum Checkout {
-    H1(http1::SendRequest<Body>, Arc<Mutex<Local>>, bool),
+    /// An HTTP/1.1 connection; whether it was reused rather than made.
+    H1(http1::SendRequest<Body>, bool),
     H2(http2::SendRequest<Body>),
 }
 
 impl Conns {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
-        origin: Uri,
+        base: BaseUrl,
         idle_timeout: Duration,
         keep_alive: Duration,
     ) -> Conns {
-        let host = origin
-            .authority()
-            .map(|a| {
-                let default = match origin.scheme_str() {
-                    Some("https") => 443,
-                    _ => 80,
-                };
-                match a.port_u16() {
-                    Some(p) if p != default => a.as_str().to_string(),
-                    _ => a.host().to_string(),
-                }
-            })
-            .and_then(|h| HeaderValue::try_from(h).ok())
-            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         // Pings find a dead HTTP/2 connection while a long generation is due
         // and no bytes flow.
@@ -112,8 +101,8 @@ impl Conns {
             .keep_alive_while_idle(true);
         Conns {
             connector,
-            origin,
-            host,
+            host: base.host(),
+            base,
             idle_timeout,
             h2,
             local: thread_local::ThreadLocal::new(),
@@ -131,19 +120,26 @@ impl Conns {
         })
     }
 
-    /// Sends `req` (its URI absolute) and returns the answer's head, with the
-    /// HTTP/1.1 connection to give back once its body is read.
+    /// Sends `req` (its URI in origin form, `/path?query`) and returns the
+    /// answer's head, with the HTTP/1.1 connection to give back once its body
+    /// is read.
     pub async fn send(
         &self,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Option<Lent>), SendError> {
-        let absolute = req.uri().clone();
+        let home = self.local().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // A request comes back unsent only when its connection had just closed;
         // a few tries find one that has not.
         for _ in 0..SEND_TRIES {
-            match self.checkout().await? {
+            match self.checkout(&home).await? {
                 Checkout::H2(mut sender) => {
-                    *req.uri_mut() = absolute.clone();
+                    // HTTP/2 carries the scheme and authority in the URI.
+                    *req.uri_mut() = self.base.absolute(path.clone());
                     return match sender.try_send_request(req).await {
                         Ok(resp) => Ok((resp, None)),
                         Err(mut e) => match e.take_message() {
@@ -157,13 +153,16 @@ impl Conns {
                         },
                     };
                 }
-                Checkout::H1(mut sender, home, reused) => {
-                    *req.uri_mut() = origin_form(&absolute);
+                Checkout::H1(mut sender, reused) => {
+                    *req.uri_mut() = Uri::from(path.clone());
                     req.headers_mut()
                         .entry(header::HOST)
                         .or_insert_with(|| self.host.clone());
                     match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok((resp, Some(Lent { sender, home }))),
+                        Ok(resp) => {
+                            let home = home.clone();
+                            return Ok((resp, Some(Lent { sender, home })));
+                        }
                         Err(mut e) => match e.take_message() {
                             Some(again) if reused => req = again,
                             _ => return Err(SendError::Connection(chain(&e.into_error()))),
@@ -178,8 +177,7 @@ impl Conns {
     }
 
     /// A ready connection: an idle one of this thread's, else a new one.
-    async fn checkout(&self) -> Result<Checkout, SendError> {
-        let home = self.local().clone();
+    async fn checkout(&self, home: &Mutex<Local>) -> Result<Checkout, SendError> {
         loop {
             let found = {
                 let mut local = home.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,7 +198,7 @@ impl Conns {
             // A connection given back as its body ended may not have turned
             // to the next request yet.
             if sender.ready().await.is_ok() {
-                return Ok(Checkout::H1(sender, home, true));
+                return Ok(Checkout::H1(sender, true));
             }
         }
         // Boxed: a new connection is rare, and its future is large; unboxed it
@@ -208,11 +206,11 @@ impl Conns {
         Box::pin(self.connect(home)).await
     }
 
-    async fn connect(&self, home: Arc<Mutex<Local>>) -> Result<Checkout, SendError> {
+    async fn connect(&self, home: &Mutex<Local>) -> Result<Checkout, SendError> {
         let io = self
             .connector
             .clone()
-            .call(self.origin.clone())
+            .call(self.base.origin())
             .await
             .map_err(|e| SendError::Connect(chain(&*e)))?;
         if io.connected().is_negotiated_h2() {
@@ -221,11 +219,7 @@ impl Conns {
                 .handshake(io)
                 .await
                 .map_err(|e| SendError::Connect(chain(&e)))?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
-                }
-            });
+            tokio::spawn(drive(conn));
             let mut local = home.lock().unwrap_or_else(|e| e.into_inner());
             // Another request of this thread may have made one meanwhile.
             let sender = match &local.h2 {
@@ -240,16 +234,19 @@ impl Conns {
         let (mut sender, conn) = http1::handshake(io)
             .await
             .map_err(|e| SendError::Connect(chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        tokio::spawn(drive(conn));
         sender
             .ready()
             .await
             .map_err(|e| SendError::Connect(chain(&e)))?;
-        Ok(Checkout::H1(sender, home, false))
+        Ok(Checkout::H1(sender, false))
+    }
+}
+
+/// Runs a connection until it closes.
+async fn drive(conn: impl Future<Output = hyper::Result<()>>) {
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "upstream connection ended with an error");
     }
 }
 
@@ -267,17 +264,8 @@ async fn sweep(local: Weak<Mutex<Local>>, timeout: Duration) {
     }
 }
 
-/// `/path?query` of an absolute URI.
-fn origin_form(uri: &Uri) -> Uri {
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(pq)
-}
-
 /// "outer: inner: innermost", since hyper's top-level messages alone say little.
-pub fn chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::CertificateDer;
@@ -214,12 +214,11 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let origin = base.origin();
         Ok(Upstream {
             inner: Arc::new(Inner {
                 conns: conns::Conns::new(
                     https,
-                    origin,
+                    base.clone(),
                     config.pool_idle_timeout,
                     config.keep_alive_interval,
                 ),
@@ -234,10 +233,12 @@ impl Upstream {
 
     fn upstream_request(&self, req: Request<Payload>) -> Result<Request<Full<Bytes>>, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        // Origin form: the connection sets what HTTP/1.1 or HTTP/2 needs.
         parts.uri = self
             .inner
             .base
-            .join(parts.uri.path_and_query())
+            .path(parts.uri.path_and_query())
+            .map(Uri::from)
             .map_err(|e| Failure::InvalidPath(e.to_string()))?;
         // The upstream connection picks its own protocol version.
         parts.version = http::Version::HTTP_11;
@@ -310,7 +311,7 @@ impl tower::Service<Request<Payload>> for Upstream {
     type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        // The pooled client has no readiness of its own: connections are made per call.
+        // The connection pool has no readiness of its own: connections are taken per call.
         Poll::Ready(Ok(()))
     }
 
@@ -341,10 +342,7 @@ impl tower::Service<Request<Payload>> for Upstream {
             if let Some(m) = &inner.metrics {
                 let outcome = crate::logic::classify::attempt_label(&result);
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
-                let model = match &ctx {
-                    Some(c) => c.model_label.clone(),
-                    None => m.model_label(None),
-                };
+                let model = m.label_of(ctx.as_deref());
                 m.attempt(route, &model, outcome, sent.elapsed().as_secs_f64());
             }
             result

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Instructions per proxied request: penstock (release build, a budget that
+# never binds, cache lookups, metrics, the JSON access log) under callgrind, in
+# front of an nginx answering a fixed chat completion. Collection starts after
+# a warm-up; the total is divided by the requests wrk counted. Unlike CPU time
+# on a shared machine, the count barely moves between runs, so it shows what
+# one change to the hot path is worth.
+# Needs valgrind, nginx and wrk (Debian: apt-get install valgrind nginx wrk).
+# `bash benches/instructions.sh` (SECONDS_MEASURED to change the load)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in valgrind callgrind_control callgrind_annotate nginx wrk; do
+    command -v "$tool" >/dev/null || { echo "instructions: $tool is not installed"; exit 1; }
+done
+cargo build --release -q
+dir=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up=$(free_port); px=$(free_port)
+cleanup() {
+    [ -f "$dir/nginx.pid" ] && kill "$(cat "$dir/nginx.pid")" 2>/dev/null || true
+    [ -n "${vg:-}" ] && kill "$vg" 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini-2024-07-18","choices":[{"index":0,"message":{"role":"assistant","content":"The answer is blowing in the wind."},"finish_reason":"stop"}],"usage":{"prompt_tokens":17,"completion_tokens":9,"total_tokens":26}}'
+cat > "$dir/nginx.conf" <<CONF
+worker_processes 1;
+error_log $dir/error.log;
+pid $dir/nginx.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $dir;
+  server {
+    listen 127.0.0.1:$up;
+    location / { default_type application/json; return 200 '$answer'; }
+  }
+}
+CONF
+nginx -c "$dir/nginx.conf" -p "$dir"
+cat > "$dir/penstock.toml" <<CONF
+listen = "127.0.0.1:$px"
+admin_listen = "127.0.0.1:0"
+[upstream]
+base_url = "http://127.0.0.1:$up"
+[[budget]]
+name = "text"
+models = ["gpt-4o*"]
+rpm = 100000000
+tpm = 100000000000
+CONF
+cat > "$dir/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"how many roads must a man walk down"}]}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+LUA
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
+    target/release/penstock --config "$dir/penstock.toml" --log-format json \
+    2>"$dir/penstock.log" >/dev/null &
+vg=$!
+for _ in $(seq 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$px/" 2>/dev/null && break
+    sleep 0.2
+done
+url="http://127.0.0.1:$px/v1/chat/completions"
+wrk -t1 -c4 -d3s -s "$dir/post.lua" "$url" >/dev/null
+callgrind_control -i on "$vg" >/dev/null 2>&1
+n=$(wrk -t1 -c4 -d"${SECONDS_MEASURED:-8}"s -s "$dir/post.lua" "$url" | awk '/requests in/ {print $1}')
+callgrind_control -i off "$vg" >/dev/null 2>&1
+callgrind_control -d "$vg" >/dev/null 2>&1
+sleep 1
+out=$(ls -t "$dir"/cg.out* | head -1)
+total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "instructions: $n requests, $((total / n)) instructions per proxied request"
+if [ -n "${KEEP_PROFILE:-}" ]; then cp "$out" "$KEEP_PROFILE"; echo "profile kept at $KEEP_PROFILE (callgrind_annotate --inclusive=yes)"; fi
