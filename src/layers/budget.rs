@@ -348,9 +348,9 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .acquire(&ctx.tenant.0, ctx.cost, max_wait)
                 .await
                 .map_err(ProxyError::from)?;
-            account
-                .metrics
-                .queue_wait(&pool.name, permit.queued.as_secs_f64());
+            pool.queue_wait
+                .get_or_init(|| account.metrics.queue_wait(&pool.name))
+                .observe(permit.queued.as_secs_f64());
             let mut resp = crate::layers::call_now(&mut inner, req).await?;
             let classified = resp.extensions().get::<Classified>().copied();
             {

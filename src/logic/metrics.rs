@@ -6,10 +6,10 @@
 //! registry of its own, so tests can assert exact values.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use super::pool::PoolStatus;
 use super::prices::Prices;
 use crate::config::PriceConfig;
+use crate::vocab::context::{ModelLabel, RequestContext};
 use crate::vocab::cost::ImageAsk;
 use crate::vocab::usage::Usage;
 
@@ -130,9 +131,43 @@ pub struct Metrics {
     jobs: Family<JobState, Gauge>,
     job_seconds: Histogram,
     webhooks: Family<Outcome, Counter>,
-    /// Model labels seen, shared by every series that names them.
-    models: Mutex<HashSet<Arc<str>>>,
+    /// Plain model names seen, by their slot in `series`.
+    models: Mutex<HashMap<Arc<str>, usize>>,
+    /// Each model label's series, resolved once: "none", "other", then the
+    /// plain names in the order seen.
+    series: Box<[OnceLock<Series>]>,
     pub prices: Prices,
+}
+
+const SLOT_NONE: usize = 0;
+const SLOT_OTHER: usize = 1;
+const FIRST_NAMED: usize = 2;
+
+/// Label sets a model's series have met, each with its counter: a handful
+/// (routes, statuses, cache outcomes), found without hashing. Past the cap,
+/// the family is asked.
+const MAX_REMEMBERED: usize = 32;
+
+/// The counters of one model label, resolved when the label is first used.
+struct Series {
+    estimated: Counter,
+    actual: Counter,
+    images: Counter,
+    cost: Usd,
+    /// The price entry of a plain name; "none" and "other" stand for many
+    /// models, priced one by one.
+    price: Option<Option<usize>>,
+    /// (route, status, cache) -> requests, and the cache event.
+    requests: Mutex<Vec<(RequestKey, Counter, Option<Counter>)>>,
+    /// (route, outcome) -> attempts, and the route's upstream duration.
+    attempts: Mutex<Vec<(AttemptKey, Counter, Histogram)>>,
+}
+
+type RequestKey = (&'static str, u16, Cow<'static, str>);
+type AttemptKey = (&'static str, &'static str);
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A cache outcome as a label: the known ones without an allocation.
@@ -168,7 +203,10 @@ impl Metrics {
             jobs: Family::default(),
             job_seconds: Histogram::new(JOB_BUCKETS),
             webhooks: Family::default(),
-            models: Mutex::new(HashSet::new()),
+            models: Mutex::new(HashMap::new()),
+            series: (0..FIRST_NAMED + MAX_MODELS)
+                .map(|_| OnceLock::new())
+                .collect(),
             prices: Prices::new(prices),
         };
         let r = &mut m.registry;
@@ -263,85 +301,162 @@ impl Metrics {
 
     /// The model as a label: itself for the first models seen (up to a cap, and
     /// only plain names), "other" after.
-    pub fn model_label(&self, model: Option<&str>) -> Arc<str> {
+    pub fn model_label(&self, model: Option<&str>) -> ModelLabel {
         static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
         static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "other".into());
+        let other = || ModelLabel {
+            name: OTHER.clone(),
+            slot: SLOT_OTHER,
+        };
         let Some(model) = model else {
-            return NONE.clone();
+            return ModelLabel {
+                name: NONE.clone(),
+                slot: SLOT_NONE,
+            };
         };
         let plain = model.len() <= 64
             && model
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
         if !plain {
-            return OTHER.clone();
+            return other();
         }
-        let mut seen = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(label) = seen.get(model) {
-            return label.clone();
+        let mut seen = locked(&self.models);
+        if let Some((name, slot)) = seen.get_key_value(model) {
+            return ModelLabel {
+                name: name.clone(),
+                slot: *slot,
+            };
         }
         if seen.len() < MAX_MODELS {
-            let label: Arc<str> = model.into();
-            seen.insert(label.clone());
-            return label;
+            let name: Arc<str> = model.into();
+            let slot = FIRST_NAMED + seen.len();
+            seen.insert(name.clone(), slot);
+            return ModelLabel { name, slot };
         }
-        OTHER.clone()
+        other()
     }
 
     /// The model label of a request: the one its context found at the edge,
     /// or "none" without a context.
-    pub fn label_of(&self, ctx: Option<&crate::vocab::context::RequestContext>) -> Arc<str> {
+    pub fn label_of(&self, ctx: Option<&RequestContext>) -> ModelLabel {
         match ctx {
             Some(c) => c.model_label.clone(),
             None => self.model_label(None),
         }
     }
 
+    /// The series of a label, made on its first use.
+    fn series(&self, label: &ModelLabel) -> &Series {
+        let slot = match label.slot < self.series.len() {
+            true => label.slot,
+            false => SLOT_OTHER,
+        };
+        self.series[slot].get_or_init(|| {
+            let model = |model: &Arc<str>| Model {
+                model: model.clone(),
+            };
+            let kind = |kind| ModelKind {
+                model: label.name.clone(),
+                kind,
+            };
+            // One statement each: a family's guard lives to the end of its
+            // statement, and the next `get_or_create` of the same family
+            // may need to write.
+            let estimated = self.tokens.get_or_create(&kind("estimated")).clone();
+            let actual = self.tokens.get_or_create(&kind("actual")).clone();
+            let images = self.images.get_or_create(&model(&label.name)).clone();
+            let cost = self.cost.get_or_create(&model(&label.name)).clone();
+            Series {
+                estimated,
+                actual,
+                images,
+                cost,
+                price: (slot >= FIRST_NAMED).then(|| self.prices.find(&label.name)),
+                requests: Mutex::new(Vec::new()),
+                attempts: Mutex::new(Vec::new()),
+            }
+        })
+    }
+
     /// A request's answer; `model` is its label ([`Metrics::model_label`]),
     /// found once per request.
-    pub fn request(&self, route: &'static str, model: &Arc<str>, status: u16, cache: &str) {
-        self.requests
+    pub fn request(&self, route: &'static str, model: &ModelLabel, status: u16, cache: &str) {
+        let key: RequestKey = (route, status, cache_label(cache));
+        let mut known = locked(&self.series(model).requests);
+        if let Some((_, requests, event)) = known.iter().find(|(k, _, _)| *k == key) {
+            requests.inc();
+            if let Some(event) = event {
+                event.inc();
+            }
+            return;
+        }
+        let requests = self
+            .requests
             .get_or_create(&RequestLabels {
                 route,
-                model: model.clone(),
+                model: model.name.clone(),
                 status,
-                cache: cache_label(cache),
+                cache: key.2.clone(),
             })
-            .inc();
-        if !cache.is_empty() {
+            .clone();
+        let event = (!cache.is_empty()).then(|| {
             self.cache_events
                 .get_or_create(&Event {
-                    event: cache_label(cache),
+                    event: key.2.clone(),
                 })
-                .inc();
+                .clone()
+        });
+        requests.inc();
+        if let Some(event) = &event {
+            event.inc();
+        }
+        if known.len() < MAX_REMEMBERED {
+            known.push((key, requests, event));
         }
     }
 
     pub fn attempt(
         &self,
         route: &'static str,
-        model: &Arc<str>,
+        model: &ModelLabel,
         outcome: &'static str,
         seconds: f64,
     ) {
-        self.attempts
+        let mut known = locked(&self.series(model).attempts);
+        if let Some((_, attempts, duration)) = known.iter().find(|(k, _, _)| *k == (route, outcome))
+        {
+            attempts.inc();
+            duration.observe(seconds);
+            return;
+        }
+        let attempts = self
+            .attempts
             .get_or_create(&AttemptLabels {
                 route,
-                model: model.clone(),
+                model: model.name.clone(),
                 outcome,
             })
-            .inc();
-        self.upstream_duration
+            .clone();
+        let duration = self
+            .upstream_duration
             .get_or_create(&Route { route })
-            .observe(seconds);
+            .clone();
+        attempts.inc();
+        duration.observe(seconds);
+        if known.len() < MAX_REMEMBERED {
+            known.push(((route, outcome), attempts, duration));
+        }
     }
 
-    pub fn queue_wait(&self, pool: &str, seconds: f64) {
+    /// A pool's histogram of waits for budget, kept by the pool so that an
+    /// observation looks nothing up.
+    pub fn queue_wait(&self, pool: &str) -> Histogram {
         self.queue_wait
             .get_or_create(&Pool {
                 pool: pool.to_string(),
             })
-            .observe(seconds);
+            .clone()
     }
 
     /// A finished upstream answer: tokens estimated and reported, images, cost.
@@ -349,34 +464,24 @@ impl Metrics {
     pub fn answered(
         &self,
         model: Option<&str>,
-        label: &Arc<str>,
+        label: &ModelLabel,
         estimated_tokens: u64,
         usage: Option<&Usage>,
         image: Option<&ImageAsk>,
     ) -> f64 {
-        let tokens = |kind| ModelKind {
-            model: label.clone(),
-            kind,
-        };
-        self.tokens
-            .get_or_create(&tokens("estimated"))
-            .inc_by(estimated_tokens);
+        let series = self.series(label);
+        series.estimated.inc_by(estimated_tokens);
         if let Some(u) = usage {
-            self.tokens.get_or_create(&tokens("actual")).inc_by(u.total);
+            series.actual.inc_by(u.total);
         }
         if let Some(ask) = image {
-            self.images
-                .get_or_create(&Model {
-                    model: label.clone(),
-                })
-                .inc_by(ask.n);
+            series.images.inc_by(ask.n);
         }
-        let usd = self.prices.cost(model.unwrap_or(""), usage, image);
-        self.cost
-            .get_or_create(&Model {
-                model: label.clone(),
-            })
-            .inc_by(usd);
+        let usd = match series.price {
+            Some(entry) => self.prices.cost_at(entry, usage, image),
+            None => self.prices.cost(model.unwrap_or(""), usage, image),
+        };
+        series.cost.inc_by(usd);
         usd
     }
 
@@ -459,31 +564,65 @@ mod tests {
     #[test]
     fn model_labels_are_capped_and_plain() {
         let m = Metrics::new(&BTreeMap::new());
-        assert_eq!(&*m.model_label(Some("gpt-image-1")), "gpt-image-1");
-        assert_eq!(&*m.model_label(Some("a model {with} junk")), "other");
-        assert_eq!(&*m.model_label(None), "none");
+        let name = |model: Option<&str>| m.model_label(model).name;
+        assert_eq!(&*name(Some("gpt-image-1")), "gpt-image-1");
+        assert_eq!(&*name(Some("a model {with} junk")), "other");
+        assert_eq!(&*name(None), "none");
         for i in 0..200 {
             m.model_label(Some(&format!("m{i}")));
         }
-        assert_eq!(&*m.model_label(Some("m199")), "other");
-        assert_eq!(
-            &*m.model_label(Some("gpt-image-1")),
-            "gpt-image-1",
-            "already seen"
-        );
+        assert_eq!(&*name(Some("m199")), "other");
+        assert_eq!(&*name(Some("gpt-image-1")), "gpt-image-1", "already seen");
     }
 
     #[test]
     fn text_comes_out_in_prometheus_form() {
         let m = Metrics::new(&BTreeMap::new());
         let label = m.model_label(Some("gpt-image-1"));
-        m.request("images.generations", &label, 200, "miss");
-        m.attempt("images.generations", &label, "success", 0.3);
+        // Twice each: the second time through the series' remembered counters.
+        for _ in 0..2 {
+            m.request("images.generations", &label, 200, "miss");
+            m.attempt("images.generations", &label, "success", 0.3);
+        }
+        m.request("images.generations", &label, 429, "");
+        let usage = Usage {
+            input: 50,
+            input_images: 0,
+            output: 4160,
+            total: 4210,
+        };
+        let usd = m.answered(Some("gpt-image-1"), &label, 4000, Some(&usage), None);
+        assert_eq!(usd, m.prices.cost("gpt-image-1", Some(&usage), None));
+        assert!(usd > 0.0);
+        // A model past the cap is "other", and still priced by its own name.
+        let other = crate::vocab::context::ModelLabel {
+            name: "other".into(),
+            slot: SLOT_OTHER,
+        };
+        let other_usd = m.answered(Some("gpt-4o-mini"), &other, 10, Some(&usage), None);
+        assert_eq!(other_usd, m.prices.cost("gpt-4o-mini", Some(&usage), None));
         let text = m.encode(&[], false);
         assert!(text.contains(
-            "penstock_requests_total{route=\"images.generations\",model=\"gpt-image-1\",status=\"200\",cache=\"miss\"} 1"
+            "penstock_requests_total{route=\"images.generations\",model=\"gpt-image-1\",status=\"200\",cache=\"miss\"} 2"
         ), "{text}");
-        assert!(text.contains("penstock_cache_events_total{event=\"miss\"} 1"));
-        assert!(text.contains("penstock_upstream_duration_seconds_bucket{le=\"0.5\",route=\"images.generations\"} 1"), "{text}");
+        assert!(text.contains(
+            "penstock_requests_total{route=\"images.generations\",model=\"gpt-image-1\",status=\"429\",cache=\"\"} 1"
+        ), "{text}");
+        assert!(
+            text.contains("penstock_cache_events_total{event=\"miss\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "penstock_upstream_attempts_total{route=\"images.generations\",model=\"gpt-image-1\",outcome=\"success\"} 2"
+        ), "{text}");
+        assert!(text.contains("penstock_upstream_duration_seconds_bucket{le=\"0.5\",route=\"images.generations\"} 2"), "{text}");
+        assert!(
+            text.contains("penstock_tokens_total{model=\"gpt-image-1\",kind=\"actual\"} 4210"),
+            "{text}"
+        );
+        assert!(
+            text.contains("penstock_tokens_total{model=\"other\",kind=\"estimated\"} 10"),
+            "{text}"
+        );
     }
 }

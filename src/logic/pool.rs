@@ -266,6 +266,8 @@ pub struct Pool {
     max_depth: usize,
     /// The shared ledger, with the Redis backend.
     remote: Option<Remote>,
+    /// Its waits for budget, as metrics record them: found on first use.
+    pub queue_wait: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// `/status` view of a pool.
@@ -348,6 +350,7 @@ impl Pool {
             depth,
             max_depth,
             remote,
+            queue_wait: std::sync::OnceLock::new(),
         });
         tokio::spawn(drive(pool.clone()));
         pool

@@ -89,7 +89,23 @@ impl Prices {
     /// USD for an answer: by its tokens when the model has token prices and the
     /// answer reported `usage`, else by the image; 0 for a model without prices.
     pub fn cost(&self, model: &str, usage: Option<&Usage>, image: Option<&ImageAsk>) -> f64 {
-        let Some((_, p)) = self.0.iter().find(|(g, _)| g.matches(model)) else {
+        self.cost_at(self.find(model), usage, image)
+    }
+
+    /// Which entry prices `model`, for [`Prices::cost_at`]: looked up once for
+    /// a model seen again and again.
+    pub fn find(&self, model: &str) -> Option<usize> {
+        self.0.iter().position(|(g, _)| g.matches(model))
+    }
+
+    /// [`Prices::cost`] by the entry [`Prices::find`] gave.
+    pub fn cost_at(
+        &self,
+        entry: Option<usize>,
+        usage: Option<&Usage>,
+        image: Option<&ImageAsk>,
+    ) -> f64 {
+        let Some((_, p)) = entry.and_then(|i| self.0.get(i)) else {
             return 0.0;
         };
         if let (Some(u), Some(input)) = (usage, p.input_per_mtok) {

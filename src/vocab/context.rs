@@ -18,6 +18,15 @@ use super::route::Route;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tenant(pub Arc<str>);
 
+/// A model as metrics name it: a plain name among the first seen, else
+/// "other" (or "none"), and the slot where that label's series are kept, so
+/// counting a request looks nothing up by name.
+#[derive(Debug, Clone)]
+pub struct ModelLabel {
+    pub name: Arc<str>,
+    pub slot: usize,
+}
+
 /// Everything later layers need to know about a request, parsed once.
 #[derive(Debug)]
 pub struct RequestContext {
@@ -27,7 +36,7 @@ pub struct RequestContext {
     /// The `model` field of a JSON or multipart body, when there is one.
     pub model: Option<String>,
     /// The model as metrics name it (capped, plain), found once.
-    pub model_label: Arc<str>,
+    pub model_label: ModelLabel,
     /// The client asked for a streamed response.
     pub stream: bool,
     pub tenant: Tenant,

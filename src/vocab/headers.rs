@@ -132,43 +132,51 @@ pub struct RateLimitHeaders {
     pub limits: [Option<u64>; 3],
 }
 
-/// `x-ratelimit-{remaining,reset,limit}-{requests,tokens,images}`, by
-/// dimension: looked up by name on every answer, so never formatted.
-const NAMES: [[HeaderName; 3]; 3] = [
-    [
-        HeaderName::from_static("x-ratelimit-remaining-requests"),
-        HeaderName::from_static("x-ratelimit-reset-requests"),
-        HeaderName::from_static("x-ratelimit-limit-requests"),
-    ],
-    [
-        HeaderName::from_static("x-ratelimit-remaining-tokens"),
-        HeaderName::from_static("x-ratelimit-reset-tokens"),
-        HeaderName::from_static("x-ratelimit-limit-tokens"),
-    ],
-    [
-        HeaderName::from_static("x-ratelimit-remaining-images"),
-        HeaderName::from_static("x-ratelimit-reset-images"),
-        HeaderName::from_static("x-ratelimit-limit-images"),
-    ],
-];
-
 impl RateLimitHeaders {
+    /// One pass over the answer's headers: names are compared, never hashed,
+    /// and an answer without rate-limit headers costs a prefix test per name.
+    /// A name sent twice counts by its first value.
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
-        let get = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        let dim = |[remaining, reset, _]: &[HeaderName; 3]| {
-            let remaining = get(remaining)?.trim().parse::<i64>().ok()?;
-            let reset = parse_go_duration(get(reset)?)?;
+        // [dimension][remaining, reset, limit]
+        let mut found: [[Option<&str>; 3]; 3] = Default::default();
+        for (name, value) in headers {
+            let Some(rest) = name.as_str().strip_prefix("x-ratelimit-") else {
+                continue;
+            };
+            let Some((what, dim)) = rest.split_once('-') else {
+                continue;
+            };
+            let what = match what {
+                "remaining" => 0,
+                "reset" => 1,
+                "limit" => 2,
+                _ => continue,
+            };
+            let dim = match dim {
+                "requests" => 0,
+                "tokens" => 1,
+                "images" => 2,
+                _ => continue,
+            };
+            let slot = &mut found[dim][what];
+            if slot.is_none() {
+                *slot = Some(value.to_str().unwrap_or(""));
+            }
+        }
+        let dim = |[remaining, reset, _]: [Option<&str>; 3]| {
+            let remaining = remaining?.trim().parse::<i64>().ok()?;
+            let reset = parse_go_duration(reset?)?;
             (remaining >= 0).then_some(Remaining {
                 remaining: remaining as u64,
                 reset,
             })
         };
-        let limit = |[_, _, limit]: &[HeaderName; 3]| get(limit)?.trim().parse::<u64>().ok();
+        let limit = |[_, _, limit]: [Option<&str>; 3]| limit?.trim().parse::<u64>().ok();
         RateLimitHeaders {
-            requests: dim(&NAMES[0]),
-            tokens: dim(&NAMES[1]),
-            images: dim(&NAMES[2]),
-            limits: [limit(&NAMES[0]), limit(&NAMES[1]), limit(&NAMES[2])],
+            requests: dim(found[0]),
+            tokens: dim(found[1]),
+            images: dim(found[2]),
+            limits: [limit(found[0]), limit(found[1]), limit(found[2])],
         }
     }
 }

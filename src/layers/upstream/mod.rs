@@ -97,7 +97,7 @@ pub enum BuildError {
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `host`,
 /// which the client sets for the upstream's authority, and `content-length`, which
 /// it derives from the buffered body.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -111,21 +111,19 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Drops hop-by-hop headers, including those the `Connection` header names.
 /// One pass over the names finds those present (most messages carry none, or
-/// only `connection`), and only those are removed.
+/// only `connection`); nothing is hashed or allocated unless one is.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
+    let listed = |k: &HeaderName| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|name| name.trim().eq_ignore_ascii_case(k.as_str()))
+    };
     let present: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| HOP_BY_HOP.contains(k) || named.contains(k))
+        .filter(|k| HOP_BY_HOP.contains(k) || listed(k))
         .cloned()
         .collect();
     for name in present {
