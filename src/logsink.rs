@@ -282,24 +282,47 @@ static ESCAPED: [bool; 256] = {
     t
 };
 
-/// Writes `value` with what a JSON string cannot hold as is escaped.
+/// Whether any of the 8 bytes in `w` is one [`ESCAPED`] holds: a control
+/// byte, a quote or a backslash (the classic zero-byte tests, exact for "any").
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    below_space | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\'))) != 0
+}
+
+/// Writes `value` with what a JSON string cannot hold as is escaped. Plain
+/// text is skipped 8 bytes at a time.
 fn escape(out: &mut String, value: &str) {
     let bytes = value.as_bytes();
     let mut plain = 0;
-    while let Some(at) = bytes[plain..].iter().position(|&b| ESCAPED[b as usize]) {
-        let i = plain + at;
-        out.push_str(&value[plain..i]);
-        match bytes[i] {
-            b'"' => out.push_str("\\\""),
-            b'\\' => out.push_str("\\\\"),
-            b'\n' => out.push_str("\\n"),
-            b'\r' => out.push_str("\\r"),
-            b'\t' => out.push_str("\\t"),
-            b => {
-                let _ = write!(out, "\\u{b:04x}");
-            }
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            && !word_needs_escape(u64::from_le_bytes(word))
+        {
+            i += 8;
+            continue;
         }
-        plain = i + 1;
+        let b = bytes[i];
+        if ESCAPED[b as usize] {
+            out.push_str(&value[plain..i]);
+            match b {
+                b'"' => out.push_str("\\\""),
+                b'\\' => out.push_str("\\\\"),
+                b'\n' => out.push_str("\\n"),
+                b'\r' => out.push_str("\\r"),
+                b'\t' => out.push_str("\\t"),
+                b => {
+                    let _ = write!(out, "\\u{b:04x}");
+                }
+            }
+            plain = i + 1;
+        }
+        i += 1;
     }
     out.push_str(&value[plain..]);
 }
@@ -409,6 +432,22 @@ mod tests {
             let mut ours = String::new();
             timestamp(&mut ours, t);
             assert_eq!(ours, humantime::format_rfc3339_micros(t).to_string());
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text, escaped, reads back as itself in JSON, and a word is
+        /// skipped whole only when none of its bytes needs escaping.
+        #[test]
+        fn escaped_text_reads_back_as_itself(text in "(?s).{0,64}", word in proptest::prelude::any::<[u8; 8]>()) {
+            let mut out = String::new();
+            escape(&mut out, &text);
+            let back: String = serde_json::from_str(&format!("\"{out}\"")).unwrap();
+            proptest::prop_assert_eq!(back, text);
+            proptest::prop_assert_eq!(
+                word_needs_escape(u64::from_le_bytes(word)),
+                word.iter().any(|&b| ESCAPED[b as usize])
+            );
         }
     }
 

@@ -41,10 +41,28 @@ fn key_id(headers: &HeaderMap) -> Arc<str> {
         .get(header::AUTHORIZATION)
         .or_else(|| headers.get(name::API_KEY))
         .map(HeaderValue::as_bytes);
-    match credential {
-        Some(c) => key_id_of(c).into(),
-        None => "anonymous".into(),
+    let Some(credential) = credential else {
+        return "anonymous".into();
+    };
+    // A client sends the same key again and again: each thread remembers the
+    // ids of the last keys it hashed (the keys themselves stay in memory, as
+    // they do in the request's headers; they are never logged).
+    thread_local! {
+        static KNOWN: std::cell::RefCell<std::collections::HashMap<Box<[u8]>, Arc<str>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
     }
+    const MOST_KNOWN: usize = 4096;
+    KNOWN.with_borrow_mut(|known| {
+        if let Some(id) = known.get(credential) {
+            return id.clone();
+        }
+        let id: Arc<str> = key_id_of(credential).into();
+        if known.len() >= MOST_KNOWN {
+            known.clear();
+        }
+        known.insert(credential.into(), id.clone());
+        id
+    })
 }
 
 /// The id of a credential header's value (`Bearer sk-...`, or Azure's key).
@@ -293,17 +311,29 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn next_request_id() -> String {
     // Unique within a process run; the start time keeps restarts apart in logs.
-    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let epoch = EPOCH.get_or_init(|| {
-        std::time::SystemTime::now()
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
+        let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() & 0xff_ffff)
-            .unwrap_or(0)
+            .unwrap_or(0);
+        format!("ps-{epoch:06x}-")
     });
-    format!(
-        "ps-{epoch:06x}-{:x}",
-        NEXT_ID.fetch_add(1, Ordering::Relaxed)
-    )
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
+    push_hex(&mut id, n);
+    id
+}
+
+/// `n` in lowercase hex without leading zeros, as `{:x}` writes it.
+fn push_hex(out: &mut String, n: u64) {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(char::from(
+            b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize],
+        ));
+    }
 }
 
 impl<S, B> Service<Request<B>> for Edge<S>
@@ -592,7 +622,7 @@ where
 /// Marks credential headers sensitive: their `Debug` prints nothing, and HTTP/2
 /// never indexes them. Nothing logs them; this keeps it so.
 fn credentials_marked_sensitive(mut headers: HeaderMap) -> HeaderMap {
-    for name in [header::AUTHORIZATION, HeaderName::from_static("api-key")] {
+    for name in [header::AUTHORIZATION, name::API_KEY] {
         if let http::header::Entry::Occupied(mut values) = headers.entry(name) {
             values.iter_mut().for_each(|v| v.set_sensitive(true));
         }
@@ -627,6 +657,40 @@ fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_hex_counters_after_the_start_time() {
+        for n in [0u64, 9, 15, 16, 255, 0xdead_beef, u64::MAX] {
+            let mut out = String::new();
+            push_hex(&mut out, n);
+            assert_eq!(out, format!("{n:x}"));
+        }
+        let (a, b) = (next_request_id(), next_request_id());
+        assert_ne!(a, b);
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 3, "{a}");
+        assert_eq!((parts[0], parts[1].len()), ("ps", 6), "{a}");
+        assert!(
+            parts[1..]
+                .iter()
+                .all(|p| u64::from_str_radix(p, 16).is_ok()),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn a_credential_has_the_same_id_each_time_and_ids_differ_by_key() {
+        let headers = |key: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(key).unwrap());
+            h
+        };
+        let a = key_id(&headers("Bearer sk-a"));
+        assert_eq!(&*a, key_id_of(b"Bearer sk-a"));
+        assert_eq!(key_id(&headers("Bearer sk-a")), a, "remembered");
+        assert_ne!(key_id(&headers("Bearer sk-b")), a);
+        assert_eq!(&*key_id(&HeaderMap::new()), "anonymous");
+    }
     use serde_json::Value;
 
     fn test_metrics() -> Arc<Metrics> {
