@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::Value;
+use crate::vocab::json::Json;
 use wildmatch::WildMatch;
 
 use crate::config::EstimateConfig;
@@ -57,7 +57,7 @@ pub struct MultipartSummary {
 
 /// A parsed body, as the estimator sees it.
 pub enum Body<'a> {
-    Json(&'a Value),
+    Json(&'a Json<'a>),
     Multipart(&'a MultipartSummary),
     None,
 }
@@ -120,7 +120,7 @@ impl Estimator {
                 let mut tokens: u64 = 2;
                 for m in v
                     .get("messages")
-                    .and_then(Value::as_array)
+                    .and_then(Json::as_array)
                     .into_iter()
                     .flatten()
                 {
@@ -165,14 +165,15 @@ impl Estimator {
     }
 
     /// Tokens of a chat message's `content`: a string, or parts of text and images.
-    fn content_tokens(&self, model: &str, content: Option<&Value>) -> u64 {
+    fn content_tokens(&self, model: &str, content: Option<&Json<'_>>) -> u64 {
         match content {
-            Some(Value::String(s)) => self.count_tokens(model, s),
-            Some(Value::Array(parts)) => parts
+            Some(Json::String(s)) => self.count_tokens(model, s),
+            Some(Json::Array(parts)) => parts
                 .iter()
-                .map(|p| match p.get("type").and_then(Value::as_str) {
-                    Some("text") => self
-                        .count_tokens(model, p.get("text").and_then(Value::as_str).unwrap_or("")),
+                .map(|p| match p.get("type").and_then(Json::as_str) {
+                    Some("text") => {
+                        self.count_tokens(model, p.get("text").and_then(Json::as_str).unwrap_or(""))
+                    }
                     Some("image_url" | "input_image") => CHAT_IMAGE_TOKENS,
                     _ => self.strings_tokens(model, Some(p)),
                 })
@@ -183,17 +184,17 @@ impl Estimator {
 
     /// Tokens of every string inside a value (prompts given as strings, arrays of
     /// strings, token arrays or nested input items).
-    fn strings_tokens(&self, model: &str, v: Option<&Value>) -> u64 {
+    fn strings_tokens(&self, model: &str, v: Option<&Json<'_>>) -> u64 {
         match v {
-            Some(Value::String(s)) => self.count_tokens(model, s),
-            Some(Value::Number(_)) => 1,
-            Some(Value::Array(a)) => a
+            Some(Json::String(s)) => self.count_tokens(model, s),
+            Some(Json::Number(_)) => 1,
+            Some(Json::Array(a)) => a
                 .iter()
                 .map(|x| self.strings_tokens(model, Some(x)))
                 .fold(0, u64::saturating_add),
-            Some(Value::Object(o)) => o
+            Some(Json::Object(o)) => o
                 .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "type" | "role" | "model" | "id"))
+                .filter(|(k, _)| !matches!(k.as_ref(), "type" | "role" | "model" | "id"))
                 .map(|(_, x)| self.strings_tokens(model, Some(x)))
                 .fold(0, u64::saturating_add),
             _ => 0,
@@ -242,8 +243,8 @@ pub fn image_ask(route: Route, body: Body<'_>) -> Option<ImageAsk> {
     })
 }
 
-fn uint(v: &Value, key: &str) -> Option<u64> {
-    v.get(key).and_then(Value::as_u64)
+fn uint(v: &Json<'_>, key: &str) -> Option<u64> {
+    v.get(key).and_then(Json::as_u64)
 }
 
 /// Output tokens of one image. An open or unknown quality takes the dearest row;
@@ -314,10 +315,10 @@ struct ImageParams {
 }
 
 impl ImageParams {
-    fn from_json(v: &Value) -> ImageParams {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+    fn from_json(v: &Json<'_>) -> ImageParams {
+        let s = |k: &str| v.get(k).and_then(Json::as_str).map(str::to_string);
         let images = match v.get("images") {
-            Some(Value::Array(a)) => a.iter().map(|_| InputImage { size: None }).collect(),
+            Some(Json::Array(a)) => a.iter().map(|_| InputImage { size: None }).collect(),
             Some(_) => vec![InputImage { size: None }],
             None => Vec::new(),
         };
@@ -326,7 +327,7 @@ impl ImageParams {
             n: uint(v, "n").unwrap_or(1).clamp(1, 10),
             size: s("size"),
             quality: s("quality"),
-            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            stream: v.get("stream").and_then(Json::as_bool).unwrap_or(false),
             partial_images: uint(v, "partial_images").unwrap_or(0),
             high_fidelity: s("input_fidelity").as_deref() == Some("high"),
             images,
@@ -352,6 +353,13 @@ impl ImageParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test's `json!` value as the estimator reads bodies.
+    fn j(v: &serde_json::Value) -> Json<'static> {
+        serde_json::from_str::<Json>(&v.to_string())
+            .unwrap()
+            .into_owned()
+    }
     use serde_json::json;
 
     fn est() -> Estimator {
@@ -362,11 +370,11 @@ mod tests {
         .unwrap()
     }
 
-    fn image(v: Value) -> Cost {
+    fn image(v: serde_json::Value) -> Cost {
         est().estimate(
             Route::ImagesGenerations,
             v["model"].as_str(),
-            Body::Json(&v),
+            Body::Json(&j(&v)),
         )
     }
 
@@ -414,13 +422,13 @@ mod tests {
         let c = e.estimate(
             Route::ImagesGenerations,
             Some("gpt-image-2"),
-            Body::Json(&v),
+            Body::Json(&j(&v)),
         );
         assert_eq!(c.tokens, 9000);
         let c = e.estimate(
             Route::ImagesGenerations,
             Some("gpt-image-1"),
-            Body::Json(&v),
+            Body::Json(&j(&v)),
         );
         assert_eq!(c.tokens, 4160);
         let mut bad = EstimateConfig::default();
@@ -494,12 +502,12 @@ mod tests {
             {"role": "system", "content": "be brief"},
             {"role": "user", "content": [{"type": "text", "text": "hello there"}, {"type": "image_url", "image_url": {"url": "x"}}]},
         ]});
-        let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&v));
+        let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&j(&v)));
         // 2 + (4 + 8 chars) + (4 + 11 chars + an image) + 2 * 100, four characters
         // a token as OpenAI's limiter counts.
         assert_eq!(c.tokens, 2 + 6 + 772 + 200);
         let v = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
-        let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&v));
+        let c = e.estimate(Route::ChatCompletions, Some("gpt-4o"), Body::Json(&j(&v)));
         assert_eq!(
             c.tokens,
             2 + 5 + 4096,
@@ -509,7 +517,7 @@ mod tests {
         let c = e.estimate(
             Route::Embeddings,
             Some("text-embedding-3-small"),
-            Body::Json(&v),
+            Body::Json(&j(&v)),
         );
         assert_eq!(c.tokens, 3 + 2, "11 and 5 characters");
         // Characters, not bytes; a text of one repeated letter is no cheaper.
@@ -517,7 +525,7 @@ mod tests {
         assert_eq!(e.count_tokens("m", &"a".repeat(4000)), 1000);
         // An unknown operation still gets a conservative estimate.
         let v = json!({"model": "new-thing", "question": "why"});
-        let c = e.estimate(Route::Other, Some("new-thing"), Body::Json(&v));
+        let c = e.estimate(Route::Other, Some("new-thing"), Body::Json(&j(&v)));
         assert!(c.tokens >= 4096);
     }
 }

@@ -8,6 +8,7 @@ pub mod context;
 pub mod cost;
 pub mod error;
 pub mod headers;
+pub mod json;
 pub mod route;
 pub mod url;
 pub mod usage;

@@ -456,6 +456,7 @@ where
     let (cost, parsed) = if bytes.len() > TOKENIZE_INLINE {
         let (priced, model) = (config.clone(), model.clone());
         let size = bytes.len() as u64;
+        let parsed = parsed.into_owned();
         tokio::task::spawn_blocking(move || {
             let cost = priced
                 .estimator
@@ -691,7 +692,7 @@ mod tests {
         assert_ne!(key_id(&headers("Bearer sk-b")), a);
         assert_eq!(&*key_id(&HeaderMap::new()), "anonymous");
     }
-    use serde_json::Value;
+    use crate::vocab::json::Json;
 
     fn test_metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(&Default::default()))
@@ -721,7 +722,7 @@ mod tests {
         let tenant = Tenant("key:a".into());
         let key = |body: &'static str, path: &str| {
             let parts = Request::post(path).body(()).unwrap().into_parts().0;
-            let v: Value = serde_json::from_str(body).unwrap();
+            let v: Json = serde_json::from_str(body).unwrap();
             config.cache_key(
                 &parts,
                 &tenant,
@@ -739,6 +740,14 @@ mod tests {
         );
         assert!(a.is_some());
         assert_eq!(a, b, "key order and whitespace do not matter");
+        assert_eq!(
+            a,
+            key(
+                r#"{"n":3,"model":"gpt-image-1","prompt":"a \u0066ox","n":1}"#,
+                "/v1/images/generations"
+            ),
+            "a key sent twice counts by its last value, escapes by what they mean"
+        );
         assert_ne!(
             a,
             key(
@@ -761,7 +770,7 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        let v: Value =
+        let v: Json =
             serde_json::from_str(r#"{"model":"gpt-image-1","prompt":"a fox","n":1}"#).unwrap();
         assert_ne!(
             a,

@@ -7,10 +7,10 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{HeaderMap, header};
-use serde_json::Value;
 
 use crate::logic::estimate::{self, InputImage, MultipartSummary};
 use crate::vocab::error::Problem;
+use crate::vocab::json::Json;
 use crate::vocab::route::Route;
 
 /// A request penstock cannot take as it came.
@@ -71,38 +71,45 @@ impl Problem for RequestError {
     }
 }
 
-/// Hashes a JSON value by meaning: object keys sorted, whitespace gone.
-pub fn hash_json(h: &mut blake3::Hasher, v: &Value) {
+/// Hashes a JSON value by meaning: object keys sorted, whitespace gone, a key
+/// sent twice counted by its last value (as it is read).
+pub fn hash_json(h: &mut blake3::Hasher, v: &Json<'_>) {
     match v {
-        Value::Null => {
+        Json::Null => {
             h.update(b"n");
         }
-        Value::Bool(b) => {
+        Json::Bool(b) => {
             h.update(if *b { b"t" } else { b"f" });
         }
-        Value::Number(n) => {
+        Json::Number(n) => {
             h.update(b"#");
             h.update(n.to_string().as_bytes());
             h.update(b";");
         }
-        Value::String(s) => {
+        Json::String(s) => {
             h.update(b"s");
             h.update(&(s.len() as u64).to_le_bytes());
             h.update(s.as_bytes());
         }
-        Value::Array(a) => {
+        Json::Array(a) => {
             h.update(b"[");
             h.update(&(a.len() as u64).to_le_bytes());
             for x in a {
                 hash_json(h, x);
             }
         }
-        Value::Object(o) => {
-            h.update(b"{");
-            h.update(&(o.len() as u64).to_le_bytes());
+        Json::Object(o) => {
+            // Sorted stably by key, then of equal keys only the last sent.
             let mut entries: Vec<_> = o.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            for (k, x) in entries {
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            let last = |i: usize| entries.get(i + 1).is_none_or(|next| next.0 != entries[i].0);
+            let kept: Vec<_> = (0..entries.len())
+                .filter(|&i| last(i))
+                .map(|i| entries[i])
+                .collect();
+            h.update(b"{");
+            h.update(&(kept.len() as u64).to_le_bytes());
+            for (k, x) in kept {
                 h.update(&(k.len() as u64).to_le_bytes());
                 h.update(k.as_bytes());
                 hash_json(h, x);
@@ -111,14 +118,24 @@ pub fn hash_json(h: &mut blake3::Hasher, v: &Value) {
     }
 }
 
-/// A body as penstock understood it; dropped once the context is built.
-pub enum Parsed {
-    Json(Value),
+/// A body as penstock understood it; dropped once the context is built. Its
+/// JSON borrows the body's bytes.
+pub enum Parsed<'a> {
+    Json(Json<'a>),
     Multipart(MultipartSummary),
     None,
 }
 
-impl Parsed {
+impl<'a> Parsed<'a> {
+    /// The same, owning its text, to be moved off this task.
+    pub fn into_owned(self) -> Parsed<'static> {
+        match self {
+            Parsed::Json(v) => Parsed::Json(v.into_owned()),
+            Parsed::Multipart(m) => Parsed::Multipart(m),
+            Parsed::None => Parsed::None,
+        }
+    }
+
     pub fn view(&self) -> estimate::Body<'_> {
         match self {
             Parsed::Json(v) => estimate::Body::Json(v),
@@ -129,7 +146,7 @@ impl Parsed {
 
     pub fn model(&self) -> Option<&str> {
         match self {
-            Parsed::Json(v) => v.get("model").and_then(Value::as_str),
+            Parsed::Json(v) => v.get("model").and_then(Json::as_str),
             Parsed::Multipart(m) => m.fields.get("model").map(|s| s.trim()),
             Parsed::None => None,
         }
@@ -137,7 +154,7 @@ impl Parsed {
 
     pub fn stream(&self) -> bool {
         match self {
-            Parsed::Json(v) => v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            Parsed::Json(v) => v.get("stream").and_then(Json::as_bool).unwrap_or(false),
             Parsed::Multipart(m) => m.fields.get("stream").is_some_and(|s| s.trim() == "true"),
             Parsed::None => false,
         }
@@ -153,18 +170,18 @@ fn content_type(headers: &HeaderMap) -> &str {
 
 /// Parses the body once. Malformed JSON, or malformed multipart on an image
 /// route, is refused here rather than spent upstream.
-pub async fn parse_body(
+pub async fn parse_body<'a>(
     route: Route,
     headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Parsed, RequestError> {
+    body: &'a Bytes,
+) -> Result<Parsed<'a>, RequestError> {
     let ct = content_type(headers);
     let mime = ct.split(';').next().unwrap_or("").trim();
     if body.is_empty() {
         return Ok(Parsed::None);
     }
     if mime.eq_ignore_ascii_case("application/json") {
-        return serde_json::from_slice::<Value>(body)
+        return serde_json::from_slice::<Json>(body)
             .map(Parsed::Json)
             .map_err(|e| RequestError::Invalid {
                 message: format!("the request body is not valid JSON: {e}"),
@@ -186,7 +203,7 @@ pub async fn parse_body(
     // does not parse is passed on as it is.
     if !mime.to_ascii_lowercase().starts_with("multipart/")
         && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
-        && let Ok(v) = serde_json::from_slice::<Value>(body)
+        && let Ok(v) = serde_json::from_slice::<Json>(body)
     {
         return Ok(Parsed::Json(v));
     }
@@ -289,9 +306,8 @@ mod tests {
         assert_eq!(p.model(), Some("gpt-image-1"));
         assert!(p.stream());
         // Valid JSON of another shape passes on.
-        let p = parse_body(Route::Other, &h, &Bytes::from_static(b"[1,2]"))
-            .await
-            .unwrap();
+        let array = Bytes::from_static(b"[1,2]");
+        let p = parse_body(Route::Other, &h, &array).await.unwrap();
         assert!(p.model().is_none());
         let e = parse_body(Route::Other, &h, &Bytes::from_static(b"{\"model\":"))
             .await
@@ -315,9 +331,8 @@ mod tests {
         let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-image-1\r\n--XyZ\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n".to_vec();
         body.extend_from_slice(&png);
         body.extend_from_slice(b"\r\n--XyZ--\r\n");
-        let p = parse_body(Route::ImagesEdits, &h, &Bytes::from(body))
-            .await
-            .unwrap();
+        let body = Bytes::from(body);
+        let p = parse_body(Route::ImagesEdits, &h, &body).await.unwrap();
         assert_eq!(p.model(), Some("gpt-image-1"));
         let Parsed::Multipart(m) = p else {
             panic!("multipart")
