@@ -113,19 +113,28 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// One pass over the names finds those present (most messages carry none, or
 /// only `connection`); nothing is hashed or allocated unless one is.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed = |k: &HeaderName| {
-        headers
+    let mut present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(k))
+        .cloned()
+        .collect();
+    if present.contains(&header::CONNECTION) {
+        let listed = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|name| name.trim().eq_ignore_ascii_case(k.as_str()))
-    };
-    let present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| HOP_BY_HOP.contains(k) || listed(k))
-        .cloned()
-        .collect();
+            .map(str::trim)
+            // `keep-alive` and the like are gone already.
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
+        let listed: Vec<HeaderName> = listed.filter(|n| headers.contains_key(n)).collect();
+        present.extend(listed);
+    }
     for name in present {
         headers.remove(name);
     }
