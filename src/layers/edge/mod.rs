@@ -377,12 +377,28 @@ where
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
                 resp.headers_mut().insert(name::REQUEST_ID, v);
             }
-            let header = |name: HeaderName| resp.headers().get(name).cloned();
+            // One pass over the answer's names: compared, not hashed.
+            let [
+                mut upstream_request_id,
+                mut queue_ms,
+                mut attempts,
+                mut cache,
+            ] = [None, None, None, None];
+            for (name, value) in resp.headers() {
+                let slot = match name {
+                    n if *n == name::UPSTREAM_REQUEST_ID => &mut upstream_request_id,
+                    n if *n == name::QUEUE_MS => &mut queue_ms,
+                    n if *n == name::ATTEMPTS => &mut attempts,
+                    n if *n == name::CACHE => &mut cache,
+                    _ => continue,
+                };
+                slot.get_or_insert_with(|| value.clone());
+            }
             let line = Line {
-                upstream_request_id: header(name::UPSTREAM_REQUEST_ID),
-                queue_ms: header(name::QUEUE_MS),
-                attempts: header(name::ATTEMPTS),
-                cache: header(name::CACHE),
+                upstream_request_id,
+                queue_ms,
+                attempts,
+                cache,
                 id,
                 method,
                 path,
