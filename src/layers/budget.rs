@@ -430,7 +430,7 @@ impl Account {
             &self.metrics.label_of(ctx),
             ctx.map_or(0, |c| c.cost.tokens),
             usage,
-            ctx.and_then(|c| c.image.as_ref()),
+            ctx.and_then(|c| c.image.as_deref()),
         );
         if let Some(ctx) = ctx {
             ctx.tally.update(|t| {

@@ -335,7 +335,7 @@ fn record_saving(
     let usd = metrics.prices.cost(
         ctx.and_then(|c| c.model.as_deref()).unwrap_or(""),
         usage.as_ref(),
-        ctx.and_then(|c| c.image.as_ref()),
+        ctx.and_then(|c| c.image.as_deref()),
     );
     metrics.saved(reason, usd);
     if let Some(c) = ctx {

@@ -196,7 +196,9 @@ impl Policy {
 }
 
 impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Policy {
-    type Future = tokio::time::Sleep;
+    /// Boxed: the backoff lives inline in every call's retry state, and most
+    /// calls never back off (a timer is some 100 bytes per waiting request).
+    type Future = std::pin::Pin<Box<tokio::time::Sleep>>;
 
     fn retry(
         &mut self,
@@ -212,7 +214,7 @@ impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Poli
                 .metrics
                 .failed_after_send(route.label(), delay.is_some());
         }
-        Some(tokio::time::sleep(delay?))
+        Some(Box::pin(tokio::time::sleep(delay?)))
     }
 
     fn clone_request(&mut self, req: &Request<Payload>) -> Option<Request<Payload>> {

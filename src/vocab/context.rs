@@ -50,8 +50,9 @@ pub struct RequestContext {
     /// method, path and the body's meaning); `None` when not cacheable.
     pub cache_key: Option<CacheKey>,
     pub cache_mode: CacheMode,
-    /// For image requests: what was asked, to price by the image.
-    pub image: Option<ImageAsk>,
+    /// For image requests: what was asked, to price by the image. Boxed: a
+    /// context lives as long as its request waits, and most are not images.
+    pub image: Option<Box<ImageAsk>>,
     /// What the request turned out to cost, filled in as it is learned.
     pub tally: Tally,
     /// The client's headers. They travel here, shared, rather than in the

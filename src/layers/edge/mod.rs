@@ -32,6 +32,7 @@ use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::{name, seconds};
 use crate::vocab::route::Route;
+use futures_util::future::{Either, ready};
 use log::{Line, Logged};
 use parse::{Parsed, RequestError, hash_json, parse_body};
 
@@ -363,16 +364,22 @@ where
         let route = Route::from_path(&path);
         // Started here, outside the future below, and boxed apart: parsing's
         // state (the request, a multipart parser) is large and done before the
-        // wait for budget; inside, every queued request would carry it.
-        let buffered = Box::pin(buffer(req, config.clone(), route, id.clone(), received));
-        Box::pin(async move {
-            let (ctx, result) = match buffered.await {
+        // wait for budget; inside, every queued request would carry it. It
+        // ends by calling the rest of the stack, so what waits below is the
+        // context and that call's future, one pointer.
+        let (buffer_config, buffer_id) = (config.clone(), id.clone());
+        let started = Box::pin(async move {
+            match buffer(req, buffer_config, route, buffer_id, received).await {
                 Ok(req) => {
                     let ctx = req.body().ctx.clone();
-                    (ctx, crate::layers::call_now(&mut inner, req).await)
+                    (ctx, Either::Left(crate::layers::call_now(&mut inner, req)))
                 }
-                Err(e) => (None, Err(e)),
-            };
+                Err(e) => (None, Either::Right(Box::pin(ready(Err(e))))),
+            }
+        });
+        Box::pin(async move {
+            let (ctx, call) = started.await;
+            let result = call.await;
             let mut resp = result.unwrap_or_else(respond::into_response);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
                 resp.headers_mut().insert(name::REQUEST_ID, v);
@@ -511,7 +518,7 @@ where
         max_wait: client_max_wait(&parts.headers),
         cache_key,
         cache_mode: CacheMode::from_headers(&parts.headers),
-        image,
+        image: image.map(Box::new),
         tally: Tally::default(),
         headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
         received,
