@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
+use futures_util::future::{BoxFuture, Either, Shared};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tower::Service;
@@ -478,11 +478,18 @@ impl Inner {
     }
 }
 
+/// What a call through the stack gives.
+type Called = Result<Response<Body>, ProxyError>;
+
 impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
-    // Boxed: a cache lookup and a wait on a shared call.
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    // A call that is not looked up goes on as the inner future, only marked;
+    // a cache lookup and a wait on a shared call are boxed.
+    type Future = futures_util::future::Either<
+        futures_util::future::Map<S::Future, fn(Called) -> Called>,
+        BoxFuture<'static, Called>,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -501,14 +508,15 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
             .filter(|_| mode != CacheMode::Bypass)
         else {
             // Mapped, not awaited in an async block, which would keep it twice.
-            return Box::pin(crate::layers::call_now(&mut service, req).map(|result| {
+            let bypassed: fn(Called) -> Called = |result| {
                 let mut resp = result?;
                 resp.headers_mut()
                     .insert(name::CACHE, HeaderValue::from_static("bypass"));
                 Ok(resp)
-            }));
+            };
+            return Either::Left(crate::layers::call_now(&mut service, req).map(bypassed));
         };
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             let caller = ctx.as_deref().map(|c| &c.headers);
             if mode == CacheMode::Refresh {
                 // A fresh call, stored for the next ones; it joins nothing.
@@ -576,7 +584,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
                 }
                 return Ok(stored.response(outcome, caller));
             }
-        })
+        }))
     }
 }
 

@@ -1354,18 +1354,24 @@ pub struct JobsService<S> {
 impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    /// A call that is not a job goes on as the inner service's own future, not
+    /// boxed again.
+    type Future = futures_util::future::Either<
+        S::Future,
+        BoxFuture<'static, Result<Response<Body>, ProxyError>>,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Payload>) -> Self::Future {
+        use futures_util::future::Either;
         let Some(jobs) = self.jobs.clone() else {
-            return Box::pin(self.inner.call(req));
+            return Either::Left(self.inner.call(req));
         };
         if req.uri().path().starts_with(PREFIX) {
-            return Box::pin(async move { jobs.api(&req).await });
+            return Either::Right(Box::pin(async move { jobs.api(&req).await }));
         }
         let asks = req.method() == Method::POST
             && req
@@ -1374,8 +1380,8 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
                 .as_ref()
                 .is_some_and(|c| wants_async(&c.headers) && c.route != Route::Other);
         if asks {
-            return Box::pin(async move { jobs.submit(req).await });
+            return Either::Right(Box::pin(async move { jobs.submit(req).await }));
         }
-        Box::pin(self.inner.call(req))
+        Either::Left(self.inner.call(req))
     }
 }
