@@ -7,9 +7,14 @@
 # one change to the hot path is worth.
 # Needs valgrind, nginx and wrk (Debian: apt-get install valgrind nginx wrk).
 # `bash benches/instructions.sh` (SECONDS_MEASURED to change the load)
+# `bash benches/instructions.sh syscalls`: instead, system calls per request on
+# one connection, counted by `strace -f -c` on the running binary (needs strace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for tool in valgrind callgrind_control callgrind_annotate nginx wrk; do
+mode=${1:-instructions}
+tools="valgrind callgrind_control callgrind_annotate nginx wrk"
+[ "$mode" = syscalls ] && tools="strace nginx wrk"
+for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "instructions: $tool is not installed"; exit 1; }
 done
 cargo build --release -q
@@ -55,15 +60,35 @@ wrk.body = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","c
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-bench"
 LUA
+wait_listening() {
+    for _ in $(seq 100); do
+        curl -s -o /dev/null "http://127.0.0.1:$px/" 2>/dev/null && break
+        sleep 0.2
+    done
+}
+url="http://127.0.0.1:$px/v1/chat/completions"
+if [ "$mode" = syscalls ]; then
+    target/release/penstock --config "$dir/penstock.toml" --log-format json \
+        2>"$dir/penstock.log" >/dev/null &
+    vg=$!
+    wait_listening
+    wrk -t1 -c1 -d2s -s "$dir/post.lua" "$url" >/dev/null
+    strace -f -c -o "$dir/strace.txt" -p "$vg" 2>/dev/null &
+    st=$!
+    sleep 1
+    n=$(wrk -t1 -c1 -d"${SECONDS_MEASURED:-5}"s -s "$dir/post.lua" "$url" | awk '/requests in/ {print $1}')
+    kill -INT "$st"
+    wait "$st" 2>/dev/null || true
+    echo "syscalls on one connection: $n requests"
+    awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" && $4 / n >= 0.01 {
+        printf "  %-14s %6.2f per request\n", $NF, $4 / n }' "$dir/strace.txt"
+    exit 0
+fi
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
     target/release/penstock --config "$dir/penstock.toml" --log-format json \
     2>"$dir/penstock.log" >/dev/null &
 vg=$!
-for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$px/" 2>/dev/null && break
-    sleep 0.2
-done
-url="http://127.0.0.1:$px/v1/chat/completions"
+wait_listening
 wrk -t1 -c4 -d3s -s "$dir/post.lua" "$url" >/dev/null
 callgrind_control -i on "$vg" >/dev/null 2>&1
 n=$(wrk -t1 -c4 -d"${SECONDS_MEASURED:-8}"s -s "$dir/post.lua" "$url" | awk '/requests in/ {print $1}')

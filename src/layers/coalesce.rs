@@ -29,7 +29,7 @@ use crate::state::{Answer, Kind, Lease, Redis};
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
 use crate::vocab::error::{Personal, Problem, ProxyError};
-use crate::vocab::headers::name;
+use crate::vocab::headers::{name, remove_where};
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -186,14 +186,7 @@ impl Stored {
             for name in PER_CALL {
                 h.remove(name);
             }
-            let rate_limits: Vec<_> = h
-                .keys()
-                .filter(|k| k.as_str().starts_with("x-ratelimit-"))
-                .cloned()
-                .collect();
-            for name in rate_limits {
-                h.remove(name);
-            }
+            remove_where(h, |k| k.as_str().starts_with("x-ratelimit-"));
         }
         resp
     }
@@ -486,7 +479,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Error = ProxyError;
     // A call that is not looked up goes on as the inner future, only marked;
     // a cache lookup and a wait on a shared call are boxed.
-    type Future = futures_util::future::Either<
+    type Future = Either<
         futures_util::future::Map<S::Future, fn(Called) -> Called>,
         BoxFuture<'static, Called>,
     >;

@@ -353,6 +353,7 @@ impl ImageParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     /// A test's `json!` value as the estimator reads bodies.
     fn j(v: &serde_json::Value) -> Json<'static> {
@@ -360,7 +361,6 @@ mod tests {
             .unwrap()
             .into_owned()
     }
-    use serde_json::json;
 
     fn est() -> Estimator {
         Estimator::new(&EstimateConfig {

@@ -154,20 +154,47 @@ struct Series {
     actual: Counter,
     images: Counter,
     cost: Usd,
-    /// The price entry of a plain name; "none" and "other" stand for many
-    /// models, priced one by one.
-    price: Option<Option<usize>>,
+    price: Priced,
     /// (route, status, cache) -> requests, and the cache event.
-    requests: Mutex<Vec<(RequestKey, Counter, Option<Counter>)>>,
+    requests: Remembered<RequestKey, (Counter, Option<Counter>)>,
     /// (route, outcome) -> attempts, and the route's upstream duration.
-    attempts: Mutex<Vec<(AttemptKey, Counter, Histogram)>>,
+    attempts: Remembered<AttemptKey, (Counter, Histogram)>,
 }
 
+/// How a label's answers are priced.
+enum Priced {
+    /// A plain name: its price entry, found once.
+    Entry(Option<usize>),
+    /// "none" and "other" stand for many models: each answer by its own name.
+    ByName,
+}
+
+/// Label sets met, each with its handles, searched in order.
+type Remembered<K, V> = Mutex<Vec<(K, V)>>;
 type RequestKey = (&'static str, u16, Cow<'static, str>);
 type AttemptKey = (&'static str, &'static str);
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `counted` on the handles remembered for `key`, made by `make` from the
+/// families the first time and remembered up to [`MAX_REMEMBERED`] keys.
+fn remembered<K: PartialEq, V>(
+    known: &Remembered<K, V>,
+    key: K,
+    make: impl FnOnce(&K) -> V,
+    counted: impl FnOnce(&V),
+) {
+    let mut known = locked(known);
+    if let Some((_, handles)) = known.iter().find(|(k, _)| *k == key) {
+        return counted(handles);
+    }
+    let handles = make(&key);
+    counted(&handles);
+    if known.len() < MAX_REMEMBERED {
+        known.push((key, handles));
+    }
 }
 
 /// A cache outcome as a label: the known ones without an allocation.
@@ -372,7 +399,10 @@ impl Metrics {
                 actual,
                 images,
                 cost,
-                price: (slot >= FIRST_NAMED).then(|| self.prices.find(&label.name)),
+                price: match slot >= FIRST_NAMED {
+                    true => Priced::Entry(self.prices.find(&label.name)),
+                    false => Priced::ByName,
+                },
                 requests: Mutex::new(Vec::new()),
                 attempts: Mutex::new(Vec::new()),
             }
@@ -383,37 +413,36 @@ impl Metrics {
     /// found once per request.
     pub fn request(&self, route: &'static str, model: &ModelLabel, status: u16, cache: &str) {
         let key: RequestKey = (route, status, cache_label(cache));
-        let mut known = locked(&self.series(model).requests);
-        if let Some((_, requests, event)) = known.iter().find(|(k, _, _)| *k == key) {
-            requests.inc();
-            if let Some(event) = event {
-                event.inc();
-            }
-            return;
-        }
-        let requests = self
-            .requests
-            .get_or_create(&RequestLabels {
-                route,
-                model: model.name.clone(),
-                status,
-                cache: key.2.clone(),
-            })
-            .clone();
-        let event = (!cache.is_empty()).then(|| {
-            self.cache_events
-                .get_or_create(&Event {
-                    event: key.2.clone(),
+        let make = |(route, status, cache): &RequestKey| {
+            let requests = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    route,
+                    model: model.name.clone(),
+                    status: *status,
+                    cache: cache.clone(),
                 })
-                .clone()
-        });
-        requests.inc();
-        if let Some(event) = &event {
-            event.inc();
-        }
-        if known.len() < MAX_REMEMBERED {
-            known.push((key, requests, event));
-        }
+                .clone();
+            let event = (!cache.is_empty()).then(|| {
+                self.cache_events
+                    .get_or_create(&Event {
+                        event: cache.clone(),
+                    })
+                    .clone()
+            });
+            (requests, event)
+        };
+        remembered(
+            &self.series(model).requests,
+            key,
+            make,
+            |(requests, event)| {
+                requests.inc();
+                if let Some(event) = event {
+                    event.inc();
+                }
+            },
+        );
     }
 
     pub fn attempt(
@@ -423,30 +452,30 @@ impl Metrics {
         outcome: &'static str,
         seconds: f64,
     ) {
-        let mut known = locked(&self.series(model).attempts);
-        if let Some((_, attempts, duration)) = known.iter().find(|(k, _, _)| *k == (route, outcome))
-        {
-            attempts.inc();
-            duration.observe(seconds);
-            return;
-        }
-        let attempts = self
-            .attempts
-            .get_or_create(&AttemptLabels {
-                route,
-                model: model.name.clone(),
-                outcome,
-            })
-            .clone();
-        let duration = self
-            .upstream_duration
-            .get_or_create(&Route { route })
-            .clone();
-        attempts.inc();
-        duration.observe(seconds);
-        if known.len() < MAX_REMEMBERED {
-            known.push(((route, outcome), attempts, duration));
-        }
+        let make = |&(route, outcome): &AttemptKey| {
+            let attempts = self
+                .attempts
+                .get_or_create(&AttemptLabels {
+                    route,
+                    model: model.name.clone(),
+                    outcome,
+                })
+                .clone();
+            let duration = self
+                .upstream_duration
+                .get_or_create(&Route { route })
+                .clone();
+            (attempts, duration)
+        };
+        remembered(
+            &self.series(model).attempts,
+            (route, outcome),
+            make,
+            |(attempts, duration)| {
+                attempts.inc();
+                duration.observe(seconds);
+            },
+        );
     }
 
     /// A pool's histogram of waits for budget, kept by the pool so that an
@@ -478,8 +507,8 @@ impl Metrics {
             series.images.inc_by(ask.n);
         }
         let usd = match series.price {
-            Some(entry) => self.prices.cost_at(entry, usage, image),
-            None => self.prices.cost(model.unwrap_or(""), usage, image),
+            Priced::Entry(entry) => self.prices.cost_at(entry, usage, image),
+            Priced::ByName => self.prices.cost(model.unwrap_or(""), usage, image),
         };
         series.cost.inc_by(usd);
         usd

@@ -30,6 +30,15 @@ pub mod name {
 /// on instants stays far from overflowing.
 pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
 
+/// Removes every header whose name `doomed` picks: the names are found in one
+/// pass, and only those present are looked up to be removed.
+pub fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// Seconds as a duration: `None` for NaN or negative, at most [`MAX_DELAY`].
 pub fn seconds(secs: f64) -> Option<Duration> {
     if secs.is_nan() || secs < 0.0 {

@@ -681,6 +681,7 @@ fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::json::Json;
 
     #[test]
     fn request_ids_are_hex_counters_after_the_start_time() {
@@ -711,11 +712,14 @@ mod tests {
         };
         let a = key_id(&headers("Bearer sk-a"));
         assert_eq!(&*a, key_id_of(b"Bearer sk-a"));
-        assert_eq!(key_id(&headers("Bearer sk-a")), a, "remembered");
+        assert_eq!(key_id(&headers("Bearer sk-a")), a, "the same id again");
+        assert!(
+            Arc::ptr_eq(&key_id(&headers("Bearer sk-a")), &a),
+            "remembered, not hashed again"
+        );
         assert_ne!(key_id(&headers("Bearer sk-b")), a);
         assert_eq!(&*key_id(&HeaderMap::new()), "anonymous");
     }
-    use crate::vocab::json::Json;
 
     fn test_metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(&Default::default()))

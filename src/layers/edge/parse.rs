@@ -99,17 +99,14 @@ pub fn hash_json(h: &mut blake3::Hasher, v: &Json<'_>) {
             }
         }
         Json::Object(o) => {
-            // Sorted stably by key, then of equal keys only the last sent.
-            let mut entries: Vec<_> = o.iter().collect();
+            // Last sent first, sorted stably by key: of equal keys, the first
+            // kept is the last sent.
+            let mut entries: Vec<_> = o.iter().rev().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let last = |i: usize| entries.get(i + 1).is_none_or(|next| next.0 != entries[i].0);
-            let kept: Vec<_> = (0..entries.len())
-                .filter(|&i| last(i))
-                .map(|i| entries[i])
-                .collect();
+            entries.dedup_by(|later, kept| later.0 == kept.0);
             h.update(b"{");
-            h.update(&(kept.len() as u64).to_le_bytes());
-            for (k, x) in kept {
+            h.update(&(entries.len() as u64).to_le_bytes());
+            for (k, x) in entries {
                 h.update(&(k.len() as u64).to_le_bytes());
                 h.update(k.as_bytes());
                 hash_json(h, x);

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
@@ -1356,17 +1356,13 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
     type Error = ProxyError;
     /// A call that is not a job goes on as the inner service's own future, not
     /// boxed again.
-    type Future = futures_util::future::Either<
-        S::Future,
-        BoxFuture<'static, Result<Response<Body>, ProxyError>>,
-    >;
+    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, ProxyError>>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Payload>) -> Self::Future {
-        use futures_util::future::Either;
         let Some(jobs) = self.jobs.clone() else {
             return Either::Left(self.inner.call(req));
         };

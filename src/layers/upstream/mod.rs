@@ -24,7 +24,7 @@ use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::Payload;
 use crate::vocab::error::{Problem, ProxyError};
-use crate::vocab::headers::name;
+use crate::vocab::headers::{name, remove_where};
 use crate::vocab::url::BaseUrl;
 
 /// Why an attempt got no answer from the upstream.
@@ -110,34 +110,25 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Drops hop-by-hop headers, including those the `Connection` header names.
-/// One pass over the names finds those present (most messages carry none, or
-/// only `connection`); nothing is hashed or allocated unless one is.
+/// One lookup of `connection` and one pass over the names find those present
+/// (most messages carry none, or only `connection`); nothing is allocated
+/// unless one is.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut present: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| HOP_BY_HOP.contains(k))
-        .cloned()
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        // `keep-alive` and the like go anyway: no name made for them.
+        .filter(|t| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|h| h.as_str().eq_ignore_ascii_case(t))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    if present.contains(&header::CONNECTION) {
-        let listed = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // `keep-alive` and the like are gone already.
-            .filter(|t| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok());
-        let listed: Vec<HeaderName> = listed.filter(|n| headers.contains_key(n)).collect();
-        present.extend(listed);
-    }
-    for name in present {
-        headers.remove(name);
-    }
+    remove_where(headers, |k| HOP_BY_HOP.contains(k) || listed.contains(k));
 }
 
 /// The innermost service: one attempt against the upstream. Cloned into every
@@ -269,14 +260,7 @@ impl Upstream {
         h.remove(header::HOST);
         h.remove(header::CONTENT_LENGTH);
         // penstock's own request headers are for penstock, not for OpenAI.
-        let own: Vec<HeaderName> = h
-            .keys()
-            .filter(|k| k.as_str().starts_with("x-penstock-"))
-            .cloned()
-            .collect();
-        for name in own {
-            h.remove(name);
-        }
+        remove_where(h, |k| k.as_str().starts_with("x-penstock-"));
         // penstock reads what it must of every answer, so it lets the upstream
         // compress only in codings it can decode. A shared call's answer goes to
         // many callers, whatever they accept: it is asked for uncompressed.
