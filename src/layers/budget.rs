@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -308,7 +307,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: admission is a wait of its own before the inner call.
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    type Future = crate::layers::BoxCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         // Waiting happens inside the call, with a deadline, never here.

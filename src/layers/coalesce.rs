@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, he
 use http_body_util::BodyExt;
 use tower::Service;
 
+use super::Called;
 use super::edge::respond;
 use crate::config::CacheConfig;
 use crate::logic::encoding::{self, Encoding, Tail};
@@ -471,18 +472,13 @@ impl Inner {
     }
 }
 
-/// What a call through the stack gives.
-type Called = Result<Response<Body>, ProxyError>;
-
 impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // A call that is not looked up goes on as the inner future, only marked;
     // a cache lookup and a wait on a shared call are boxed.
-    type Future = Either<
-        futures_util::future::Map<S::Future, fn(Called) -> Called>,
-        BoxFuture<'static, Called>,
-    >;
+    type Future =
+        Either<futures_util::future::Map<S::Future, fn(Called) -> Called>, crate::layers::BoxCall>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))

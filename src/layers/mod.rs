@@ -15,6 +15,12 @@ use crate::vocab::body::Body;
 use crate::vocab::context::Payload;
 use crate::vocab::error::ProxyError;
 
+/// What a call through the stack gives.
+pub type Called = Result<http::Response<Body>, ProxyError>;
+
+/// A boxed call: what a layer that waits or loops inside a call returns.
+pub type BoxCall = futures_util::future::BoxFuture<'static, Called>;
+
 /// A service inside the stack, below the edge: a request with its body buffered
 /// in, a response or penstock's own error out. Every layer asks this of the one
 /// it wraps; cloned into each request's future, so cheap to clone.

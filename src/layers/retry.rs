@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
 use tower::Service;
@@ -85,7 +84,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a retried call is a sequence of attempts and sleeps.
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    type Future = crate::layers::BoxCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
-use futures_util::future::{BoxFuture, Either};
+use futures_util::future::Either;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
@@ -1356,7 +1356,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
     type Error = ProxyError;
     /// A call that is not a job goes on as the inner service's own future, not
     /// boxed again.
-    type Future = Either<S::Future, BoxFuture<'static, Result<Response<Body>, ProxyError>>>;
+    type Future = Either<S::Future, crate::layers::BoxCall>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))

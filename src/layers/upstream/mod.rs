@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
@@ -309,7 +308,7 @@ impl tower::Service<Request<Payload>> for Upstream {
     type Error = ProxyError;
     // Boxed once per attempt: an attempt is a network round trip, and the error
     // path reads the body before answering.
-    type Future = BoxFuture<'static, Result<Response<Body>, ProxyError>>;
+    type Future = crate::layers::BoxCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         // The connection pool has no readiness of its own: connections are taken per call.
