@@ -297,6 +297,25 @@ async fn malformed_json_is_refused_with_a_clear_error_and_costs_nothing() {
     let v = json(resp).await;
     assert_eq!(v["error"]["code"], "penstock_invalid_json");
     assert!(v["error"]["message"].as_str().unwrap().contains("line 1"));
+    // Bytes that are not UTF-8 inside a string are not JSON either.
+    let mut latin1 = br#"{"model": "gpt-image-1", "prompt": "caf"#.to_vec();
+    latin1.extend_from_slice(b"\xe9\"}");
+    let resp = http()
+        .post(format!("{}/v1/images/generations", h.url))
+        .header("content-type", "application/json")
+        .body(latin1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let v = json(resp).await;
+    assert_eq!(v["error"]["code"], "penstock_invalid_json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("UTF-8 (at byte 39)")
+    );
     let resp = http()
         .post(format!("{}/v1/images/edits", h.url))
         .header("content-type", "multipart/form-data; boundary=abc")

@@ -4,7 +4,7 @@
 //! estimate, its `x-ratelimit-*` headers pull the pool down when someone else
 //! spends the same key, and an upstream rate-limit 429 pauses the whole pool.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -100,7 +100,7 @@ impl Registry {
             .collect();
         Registry {
             specs,
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::default()),
             depth: Arc::new(AtomicUsize::new(0)),
             max_depth: config.queue.max_depth,
             max_wait: config.queue.max_wait,

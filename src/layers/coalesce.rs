@@ -9,7 +9,7 @@
 //! waiter runs the init again, which here would be a second paid call; so the
 //! in-flight calls live in a small map of shared futures, and moka only stores.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -282,7 +282,7 @@ impl Layer {
                     .weigher(|_key: &CacheKey, v: &Arc<Stored>| v.weight())
                     .time_to_live(config.ttl)
                     .build(),
-                in_flight: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::default()),
                 max_entry_size: config.max_entry_size.as_u64(),
                 ttl: config.ttl,
                 redis,

@@ -6,7 +6,9 @@
 //! registry of its own, so tests can assert exact values.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, OnceLock};
@@ -230,7 +232,7 @@ impl Metrics {
             jobs: Family::default(),
             job_seconds: Histogram::new(JOB_BUCKETS),
             webhooks: Family::default(),
-            models: Mutex::new(HashMap::new()),
+            models: Mutex::new(HashMap::default()),
             series: (0..FIRST_NAMED + MAX_MODELS)
                 .map(|_| OnceLock::new())
                 .collect(),

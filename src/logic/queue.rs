@@ -6,7 +6,9 @@
 //! call gets its turn a tenth as often as one asking for one. Each lane keeps
 //! running cost totals, so "what is ahead of a new request" is O(clients · log).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::vocab::cost::Cost;
@@ -87,7 +89,7 @@ impl<T> Default for FairQueue<T> {
 impl<T> FairQueue<T> {
     pub fn new(caps: [u64; 3]) -> Self {
         FairQueue {
-            lanes: HashMap::new(),
+            lanes: HashMap::default(),
             heads: BTreeMap::new(),
             clock: 0,
             caps,

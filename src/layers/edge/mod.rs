@@ -49,8 +49,8 @@ fn key_id(headers: &HeaderMap) -> Arc<str> {
     // ids of the last keys it hashed (the keys themselves stay in memory, as
     // they do in the request's headers; they are never logged).
     thread_local! {
-        static KNOWN: std::cell::RefCell<std::collections::HashMap<Box<[u8]>, Arc<str>>> =
-            std::cell::RefCell::new(std::collections::HashMap::new());
+        static KNOWN: std::cell::RefCell<foldhash::HashMap<Box<[u8]>, Arc<str>>> =
+            std::cell::RefCell::new(foldhash::HashMap::default());
     }
     const MOST_KNOWN: usize = 4096;
     KNOWN.with_borrow_mut(|known| {
@@ -108,7 +108,7 @@ pub struct EdgeConfig {
     pub client_id_header: HeaderName,
     pub estimator: Estimator,
     /// Paths whose POSTs get a cache key; `None` when the cache is off.
-    pub cache_paths: Option<std::collections::HashSet<String>>,
+    pub cache_paths: Option<foldhash::HashSet<String>>,
     /// Everyone shares cache entries, not only each tenant.
     pub cache_global: bool,
     /// The longest a request may take (`retry.deadline`).
@@ -121,7 +121,7 @@ pub struct EdgeConfig {
     /// Route label -> the model the upstream uses when a request names none.
     pub default_models: std::collections::BTreeMap<String, String>,
     /// Key id -> the configured project whose pool it pays into.
-    pub projects: std::collections::HashMap<Arc<str>, Arc<str>>,
+    pub projects: foldhash::HashMap<Arc<str>, Arc<str>>,
     pub metrics: Arc<Metrics>,
 }
 

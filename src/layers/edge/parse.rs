@@ -178,7 +178,7 @@ pub async fn parse_body<'a>(
         return Ok(Parsed::None);
     }
     if mime.eq_ignore_ascii_case("application/json") {
-        return serde_json::from_slice::<Json>(body)
+        return json(body)
             .map(Parsed::Json)
             .map_err(|e| RequestError::Invalid {
                 message: format!("the request body is not valid JSON: {e}"),
@@ -200,11 +200,19 @@ pub async fn parse_body<'a>(
     // does not parse is passed on as it is.
     if !mime.to_ascii_lowercase().starts_with("multipart/")
         && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
-        && let Ok(v) = serde_json::from_slice::<Json>(body)
+        && let Ok(v) = json(body)
     {
         return Ok(Parsed::Json(v));
     }
     Ok(Parsed::None)
+}
+
+/// A JSON body, its text checked as UTF-8 once: parsed from a slice,
+/// `serde_json` checks every string again.
+fn json(body: &[u8]) -> Result<Json<'_>, String> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| format!("it is not UTF-8 (at byte {})", e.valid_up_to()))?;
+    serde_json::from_str::<Json>(text).map_err(|e| e.to_string())
 }
 
 /// How much of an image file is kept to read its size (JPEG may put EXIF first).

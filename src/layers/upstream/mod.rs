@@ -93,41 +93,65 @@ pub enum BuildError {
     Tls(#[from] rustls::Error),
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `host`,
-/// which the client sets for the upstream's authority, and `content-length`, which
-/// it derives from the buffered body.
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
 
-/// Drops hop-by-hop headers, including those the `Connection` header names.
-/// One lookup of `connection` and one pass over the names find those present
-/// (most messages carry none, or only `connection`); nothing is allocated
-/// unless one is.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+fn hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Further names the `Connection` header lists as hop-by-hop (most messages
+/// list none, or only `keep-alive` or `close`): nothing is allocated unless
+/// one is.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        // `keep-alive` and the like go anyway: no name made for them.
         .filter(|t| {
-            !HOP_BY_HOP
-                .iter()
-                .any(|h| h.as_str().eq_ignore_ascii_case(t))
+            !t.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(t))
         })
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    remove_where(headers, |k| HOP_BY_HOP.contains(k) || listed.contains(k));
+        .collect()
+}
+
+/// Drops hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    remove_where(headers, |k| hop_by_hop(k) || listed.contains(k));
+}
+
+/// The client's headers as they go upstream, copied in one pass: without
+/// hop-by-hop headers, `host` (set for the upstream's authority),
+/// `content-length` (derived from the buffered body) and penstock's own
+/// `x-penstock-*`, which are for penstock, not for OpenAI.
+fn forwarded(client: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(client);
+    let mut out = HeaderMap::with_capacity(client.len());
+    for (k, v) in client {
+        let dropped = hop_by_hop(k)
+            || k == header::HOST
+            || k == header::CONTENT_LENGTH
+            || k.as_str().starts_with("x-penstock-")
+            || listed.contains(k);
+        if !dropped {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// The innermost service: one attempt against the upstream. Cloned into every
@@ -251,15 +275,11 @@ impl Upstream {
         parts.version = http::Version::HTTP_11;
         // The client's headers come from the request's context, where they are
         // shared by every attempt.
-        if let Some(ctx) = &body.ctx {
-            parts.headers = ctx.headers.clone();
-        }
+        parts.headers = forwarded(match &body.ctx {
+            Some(ctx) => &ctx.headers,
+            None => &parts.headers,
+        });
         let h = &mut parts.headers;
-        strip_hop_by_hop(h);
-        h.remove(header::HOST);
-        h.remove(header::CONTENT_LENGTH);
-        // penstock's own request headers are for penstock, not for OpenAI.
-        remove_where(h, |k| k.as_str().starts_with("x-penstock-"));
         // penstock reads what it must of every answer, so it lets the upstream
         // compress only in codings it can decode. A shared call's answer goes to
         // many callers, whatever they accept: it is asked for uncompressed.
@@ -510,6 +530,38 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), [header::CONTENT_TYPE]);
+    }
+
+    #[test]
+    fn forwarded_headers_keep_the_clients_own_in_order_and_drop_the_rest() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("localhost:8080"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("Close, X-Hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-penstock-max-wait", HeaderValue::from_static("5s"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.append("x-tag", HeaderValue::from_static("a"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-1"),
+        );
+        h.append("x-tag", HeaderValue::from_static("b"));
+        let out = forwarded(&h);
+        let kept: Vec<(&str, &str)> = out
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("x-tag", "a"),
+                ("x-tag", "b"),
+                ("authorization", "Bearer sk-1")
+            ]
+        );
+        // The client's own map is untouched: the next attempt copies it again.
+        assert_eq!(h.len(), 9);
     }
 
     #[test]
