@@ -50,13 +50,18 @@ fn init_logs(format: LogFormat) -> penstock::logsink::Flushed {
     // Colour codes only for a person at a terminal, never into a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = penstock::logsink::stderr();
+    let direct = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.event_format(penstock::logsink::Json).init(),
+        LogFormat::Json => {
+            // A request's line goes straight into the same sink.
+            penstock::vocab::logline::write_directly(move |line| direct.push(line));
+            builder.event_format(penstock::vocab::logline::Json).init()
+        }
     }
     guard
 }

@@ -112,69 +112,105 @@ async fn check_prints_the_effective_config_and_never_a_key() {
     assert_eq!(code, 0, "{stderr}");
 }
 
+/// A running `penstock --log-format json` in front of `fake`, with the log
+/// filter `filter`: its address once it says it listens, and its log lines.
+struct Served {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    log: Vec<String>,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    async fn start(fake: &Fake, filter: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            &dir,
+            &format!(
+                "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\napi_key_env = \"PENSTOCK_TEST_KEY\"\n",
+                fake.url()
+            ),
+        );
+        let mut child = Command::new(BIN)
+            .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
+            .env("PENSTOCK_TEST_KEY", "sk-sidecar-secret")
+            .env("PENSTOCK_LOG", filter)
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        let addr = loop {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .expect("penstock starts")
+                .unwrap()
+                .expect("penstock is running");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            log.push(line);
+            if v["message"] == "penstock listening" {
+                break v["addr"].as_str().unwrap().to_string();
+            }
+        };
+        Served {
+            child,
+            lines,
+            log,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Stops it with SIGTERM, asserts a clean exit, and returns the whole log.
+    async fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        while let Ok(Some(line)) = self.lines.next_line().await {
+            self.log.push(line);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "SIGTERM is a clean exit");
+        self.log
+    }
+
+    async fn generate(&self) {
+        let resp = http()
+            .post(format!("http://{}/v1/images/generations", self.addr))
+            .header("authorization", "Bearer sk-client-secret")
+            .json(&serde_json::json!({"model": "gpt-image-1", "prompt": "a secret garden"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+}
+
+fn request_lines(log: &[String]) -> Vec<serde_json::Value> {
+    log.iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect()
+}
+
 #[tokio::test]
 async fn served_requests_log_one_json_line_without_keys_and_sigterm_stops_cleanly() {
     let fake = Fake::start(Behaviour::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        &dir,
-        &format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\napi_key_env = \"PENSTOCK_TEST_KEY\"\n",
-            fake.url()
-        ),
-    );
-    let mut child = Command::new(BIN)
-        .args(["--config", path.to_str().unwrap(), "--log-format", "json"])
-        .env("PENSTOCK_TEST_KEY", "sk-sidecar-secret")
-        .env("PENSTOCK_LOG", "debug")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("penstock starts")
-            .unwrap()
-            .expect("penstock is running");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-        log.push(line);
-        if v["message"] == "penstock listening" {
-            break v["addr"].as_str().unwrap().to_string();
-        }
-    };
-    let resp = http()
-        .post(format!("http://{addr}/v1/images/generations"))
-        .header("authorization", "Bearer sk-client-secret")
-        .json(&serde_json::json!({"model": "gpt-image-1", "prompt": "a secret garden"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.push(line);
-    }
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "SIGTERM is a clean exit");
+    let served = Served::start(&fake, "debug").await;
+    served.generate().await;
+    let log = served.stop().await;
 
-    let requests: Vec<serde_json::Value> = log
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["message"] == "request")
-        .collect();
+    let requests = request_lines(&log);
     assert_eq!(requests.len(), 1, "one line per request: {log:#?}");
     let r = &requests[0];
     assert_eq!(r["status"], 200);
@@ -183,10 +219,23 @@ async fn served_requests_log_one_json_line_without_keys_and_sigterm_stops_cleanl
     assert_eq!(r["model"], "gpt-image-1");
     assert_eq!(r["upstream_request_id"], "req_1");
     assert!(r["latency_ms"].is_u64() && r["request_id"].as_str().unwrap().starts_with("ps-"));
+    assert_eq!(r["level"], "INFO");
+    assert_eq!(r["target"], "penstock::access");
+    assert!(r["timestamp"].as_str().unwrap().ends_with('Z'));
     let all = log.join("\n");
     assert!(
         !all.contains("secret"),
         "no key or prompt in the logs: {all}"
     );
     assert!(fake.requests()[0].headers["authorization"] == "Bearer sk-sidecar-secret");
+}
+
+#[tokio::test]
+async fn the_log_filter_can_silence_request_lines() {
+    let fake = Fake::start(Behaviour::default()).await;
+    let served = Served::start(&fake, "warn,penstock::server=info").await;
+    served.generate().await;
+    let log = served.stop().await;
+    assert_eq!(fake.calls(), 1);
+    assert!(request_lines(&log).is_empty(), "{log:#?}");
 }

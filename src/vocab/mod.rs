@@ -1,7 +1,8 @@
 //! The first floor: the words every other module speaks. What a request is
 //! (route, context, cost, the body type that carries them), what the upstream's
 //! headers and answers say (rate-limit headers, `usage`), the base URL, and the
-//! error type. Nothing here imports any other penstock module.
+//! error type, and the shape of a JSON log line. Nothing here imports any other
+//! penstock module.
 
 pub mod body;
 pub mod context;
@@ -9,6 +10,7 @@ pub mod cost;
 pub mod error;
 pub mod headers;
 pub mod json;
+pub mod logline;
 pub mod route;
 pub mod url;
 pub mod usage;

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
-use crate::vocab::context::RequestContext;
+use crate::vocab::context::{Accounted, RequestContext};
+use crate::vocab::logline::JsonFields;
 use crate::vocab::route::Route;
 
 /// The one log line of a request, written when its response body ends (or the
@@ -40,36 +41,100 @@ fn text(v: &Option<HeaderValue>) -> Option<&str> {
     v.as_ref().and_then(|v| v.to_str().ok())
 }
 
+/// The target of the request lines.
+const TARGET: &str = "penstock::access";
+
 impl Line {
     fn emit(&self, complete: bool) {
         let ctx = self.ctx.as_deref();
-        let model = ctx.and_then(|c| c.model.as_deref());
-        let cache = text(&self.cache);
         let label = self.metrics.label_of(ctx);
-        self.metrics
-            .request(self.route.label(), &label, self.status, cache.unwrap_or(""));
-        let acc = ctx.map(|c| c.tally.get()).unwrap_or_default();
-        tracing::info!(
-            target: "penstock::access",
-            request_id = self.id,
-            method = self.method.as_str(),
-            path = self.path,
-            route = self.route.label(),
-            model,
-            stream = ctx.is_some_and(|c| c.stream),
-            status = self.status,
-            // Time to the response head, and to its end.
-            latency_ms = self.head_ms,
-            duration_ms = self.received.elapsed().as_millis() as u64,
+        self.metrics.request(
+            self.route.label(),
+            &label,
+            self.status,
+            text(&self.cache).unwrap_or(""),
+        );
+        if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+            return;
+        }
+        let fields = Fields::of(self, complete);
+        if !crate::vocab::logline::write_info(TARGET, "request", |f| fields.write(f)) {
+            fields.trace();
+        }
+    }
+}
+
+/// A line's values, written straight into the JSON log when it is one,
+/// else logged through `tracing`: the same fields, by the same names, either way.
+struct Fields<'a> {
+    line: &'a Line,
+    model: Option<&'a str>,
+    stream: bool,
+    duration_ms: u64,
+    complete: bool,
+    estimated_tokens: Option<u64>,
+    tally: Accounted,
+}
+
+impl<'a> Fields<'a> {
+    fn of(line: &'a Line, complete: bool) -> Self {
+        let ctx = line.ctx.as_deref();
+        Fields {
+            line,
+            model: ctx.and_then(|c| c.model.as_deref()),
+            stream: ctx.is_some_and(|c| c.stream),
+            duration_ms: line.received.elapsed().as_millis() as u64,
             complete,
-            upstream_request_id = text(&self.upstream_request_id),
-            queue_ms = text(&self.queue_ms),
-            attempts = text(&self.attempts),
-            cache,
-            estimated_tokens = ctx.map(|c| c.cost.tokens),
-            tokens = acc.tokens,
-            cost_usd = acc.cost_usd,
-            saved_usd = acc.saved_usd,
+            estimated_tokens: ctx.map(|c| c.cost.tokens),
+            tally: ctx.map(|c| c.tally.get()).unwrap_or_default(),
+        }
+    }
+
+    fn write(&self, f: &mut JsonFields<'_>) {
+        let l = self.line;
+        f.str("request_id", &l.id);
+        f.str("method", l.method.as_str());
+        f.str("path", &l.path);
+        f.str("route", l.route.label());
+        f.opt_str("model", self.model);
+        f.bool("stream", self.stream);
+        f.u64("status", u64::from(l.status));
+        // Time to the response head, and to its end.
+        f.u64("latency_ms", l.head_ms);
+        f.u64("duration_ms", self.duration_ms);
+        f.bool("complete", self.complete);
+        f.opt_str("upstream_request_id", text(&l.upstream_request_id));
+        f.opt_str("queue_ms", text(&l.queue_ms));
+        f.opt_str("attempts", text(&l.attempts));
+        f.opt_str("cache", text(&l.cache));
+        f.opt_u64("estimated_tokens", self.estimated_tokens);
+        f.opt_u64("tokens", self.tally.tokens);
+        f.f64("cost_usd", self.tally.cost_usd);
+        f.f64("saved_usd", self.tally.saved_usd);
+    }
+
+    fn trace(&self) {
+        let l = self.line;
+        tracing::info!(
+            target: TARGET,
+            request_id = l.id,
+            method = l.method.as_str(),
+            path = l.path,
+            route = l.route.label(),
+            model = self.model,
+            stream = self.stream,
+            status = l.status,
+            latency_ms = l.head_ms,
+            duration_ms = self.duration_ms,
+            complete = self.complete,
+            upstream_request_id = text(&l.upstream_request_id),
+            queue_ms = text(&l.queue_ms),
+            attempts = text(&l.attempts),
+            cache = text(&l.cache),
+            estimated_tokens = self.estimated_tokens,
+            tokens = self.tally.tokens,
+            cost_usd = self.tally.cost_usd,
+            saved_usd = self.tally.saved_usd,
             "request"
         );
     }
@@ -127,5 +192,81 @@ impl HttpBody for Logged {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vocab::context::{CacheMode, ModelLabel, Tally, Tenant};
+    use crate::vocab::cost::Cost;
+    use crate::vocab::logline::{info_text, traced_text};
+
+    fn line(ctx: Option<Arc<RequestContext>>) -> Line {
+        Line {
+            id: "ps-00000001".into(),
+            method: Method::POST,
+            path: "/v1/chat/completions".into(),
+            route: Route::ChatCompletions,
+            status: 200,
+            head_ms: 12,
+            upstream_request_id: Some(HeaderValue::from_static("req_1")),
+            queue_ms: Some(HeaderValue::from_static("3")),
+            attempts: None,
+            cache: Some(HeaderValue::from_static("miss")),
+            received: Instant::now(),
+            ctx,
+            metrics: Arc::new(Metrics::new(&Default::default())),
+        }
+    }
+
+    #[test]
+    fn the_direct_line_and_the_traced_line_are_the_same() {
+        let now = Instant::now();
+        let ctx = RequestContext {
+            id: "ps-00000001".into(),
+            route: Route::ChatCompletions,
+            model: Some("gpt-4o-mini".into()),
+            model_label: ModelLabel {
+                name: "gpt-4o-mini".into(),
+                slot: 2,
+            },
+            stream: true,
+            tenant: Tenant("key:abc".into()),
+            credential: "key:abc".into(),
+            cost: Cost {
+                requests: 1,
+                tokens: 40,
+                images: 0,
+            },
+            max_wait: None,
+            cache_key: None,
+            cache_mode: CacheMode::Normal,
+            image: None,
+            tally: Tally::default(),
+            headers: Default::default(),
+            received: now,
+            deadline: now,
+        };
+        ctx.tally.update(|t| {
+            t.tokens = Some(26);
+            t.cost_usd = 1.5e-5;
+        });
+        for line in [line(Some(Arc::new(ctx))), line(None)] {
+            for complete in [true, false] {
+                let fields = Fields::of(&line, complete);
+                let direct = info_text(TARGET, "request", |f| fields.write(f));
+                let traced = traced_text(|| fields.trace());
+                let after_time = |l: &str| l.split_once("\",\"level\"").unwrap().1.to_string();
+                assert_eq!(after_time(&direct), after_time(&traced));
+            }
+        }
+        let plain = line(None);
+        let fields = Fields::of(&plain, true);
+        let v: serde_json::Value =
+            serde_json::from_str(&info_text(TARGET, "request", |f| fields.write(f))).unwrap();
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["cache"], "miss");
+        assert!(v.get("attempts").is_none() && v.get("model").is_none());
     }
 }
