@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower::Service;
@@ -30,7 +30,7 @@ use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
-use crate::vocab::headers::{RateLimitHeaders, name};
+use crate::vocab::headers::{RateLimitHeaders, name, number};
 use crate::vocab::usage::Usage;
 
 /// The most of an answer decoded to find its `usage`; a body that inflates past
@@ -370,7 +370,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 ctx.tally.update(|t| t.queued += permit.queued);
                 queued = ctx.tally.get().queued;
             }
-            let queued = HeaderValue::from(queued.as_millis() as u64);
+            let queued = number(u64::try_from(queued.as_millis()).unwrap_or(u64::MAX));
             resp.headers_mut().insert(name::QUEUE_MS, queued);
             match classified.map(|c| c.class) {
                 Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), refund, account)),

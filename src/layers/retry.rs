@@ -18,7 +18,7 @@ use tower::Service;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::vocab::body::Body;
-use crate::vocab::headers::name;
+use crate::vocab::headers::{name, number};
 
 use super::edge::respond;
 use crate::config::{AfterSend, RetryConfig};
@@ -108,7 +108,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
         // twice (captured, and again where it is awaited), per waiting request.
         Box::pin(
             crate::layers::call_now(&mut retrying, req).map(move |result| {
-                let attempts = HeaderValue::from(attempts.load(Ordering::Relaxed));
+                let attempts = number(u64::from(attempts.load(Ordering::Relaxed)));
                 let (mut resp, gave_up) = match result {
                     Ok(resp) => {
                         let failed = !resp.status().is_success();

@@ -101,25 +101,30 @@ fn money_gone(code: &str) -> bool {
 
 /// Classifies a response from its status, headers and (for errors) its body.
 pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Classified {
-    let retry_after = retry_after(headers);
-    let class = if status.is_success() {
-        Class::Success
+    // Nothing waits after a success: its `retry-after`, if any, is not read.
+    if status.is_success() {
+        return Classified {
+            class: Class::Success,
+            retry_after: None,
+        };
+    }
+    let (code, kind) = error_code(body);
+    let code = code.as_deref().unwrap_or("");
+    let kind = kind.as_deref().unwrap_or("");
+    let class = if money_gone(code) || money_gone(kind) {
+        Class::QuotaExhausted
     } else {
-        let (code, kind) = error_code(body);
-        let code = code.as_deref().unwrap_or("");
-        let kind = kind.as_deref().unwrap_or("");
-        if money_gone(code) || money_gone(kind) {
-            Class::QuotaExhausted
-        } else {
-            match status.as_u16() {
-                429 => Class::RateLimited,
-                408 | 500 | 502 | 503 | 504 => Class::Transient,
-                400..=499 => Class::ClientError,
-                _ => Class::Other,
-            }
+        match status.as_u16() {
+            429 => Class::RateLimited,
+            408 | 500 | 502 | 503 | 504 => Class::Transient,
+            400..=499 => Class::ClientError,
+            _ => Class::Other,
         }
     };
-    Classified { class, retry_after }
+    Classified {
+        class,
+        retry_after: retry_after(headers),
+    }
 }
 
 /// `error.code` and `error.type` of an OpenAI error body, if it is one.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Header names penstock reads or writes on every request, made once: a name
 /// given as text is parsed and hashed again on each lookup.
@@ -33,9 +33,19 @@ pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
 /// Removes every header whose name `doomed` picks: the names are found in one
 /// pass, and only those present are looked up to be removed.
 pub fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
-    let names: Vec<HeaderName> = headers.keys().filter(|k| doomed(k)).cloned().collect();
-    for name in names {
+    // Found and removed one at a time: there are few, and no list is made.
+    while let Some(name) = headers.keys().find(|k| doomed(k)).cloned() {
         headers.remove(name);
+    }
+}
+
+/// A number as a header value. The small ones penstock sends on most answers
+/// (no wait, one attempt) are static text: nothing allocated.
+pub fn number(n: u64) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(n),
     }
 }
 
@@ -194,6 +204,25 @@ impl RateLimitHeaders {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn numbers_are_their_decimal_text_small_or_large() {
+        for n in [0u64, 1, 9, 10, 99, 12_345, u64::MAX] {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string());
+        }
+    }
+
+    #[test]
+    fn remove_where_removes_every_matching_name_and_its_values() {
+        let mut h = HeaderMap::new();
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        h.append("x-b", HeaderValue::from_static("3"));
+        h.append("y", HeaderValue::from_static("4"));
+        remove_where(&mut h, |k| k.as_str().starts_with("x-"));
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("y"));
+    }
 
     #[test]
     fn retry_after_prefers_milliseconds() {

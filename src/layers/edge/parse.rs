@@ -187,7 +187,10 @@ pub async fn parse_body<'a>(
             });
     }
     if mime.eq_ignore_ascii_case("multipart/form-data") && route.is_image() {
-        return multipart_summary(ct, body)
+        // Boxed: the multipart parser's state is kilobytes, and without the
+        // box every request's future would have room for it (and be copied
+        // whole into its own box).
+        return Box::pin(multipart_summary(ct, body))
             .await
             .map(Parsed::Multipart)
             .map_err(|e| RequestError::Invalid {
