@@ -467,8 +467,6 @@ impl http_body::Body for Idle {
         let mut this = self.project();
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + *this.timeout;
-                this.sleep.as_mut().reset(next);
                 let ended = match &frame {
                     None => true,
                     Some(Ok(_)) => this.inner.is_end_stream(),
@@ -478,8 +476,15 @@ impl http_body::Body for Idle {
                         false
                     }
                 };
-                if ended && let Some(lent) = this.lent.take() {
-                    lent.give_back();
+                if ended {
+                    if let Some(lent) = this.lent.take() {
+                        lent.give_back();
+                    }
+                } else {
+                    // The wait starts again for the next frame; after the
+                    // last, nothing waits (no timer to set and take down).
+                    let next = tokio::time::Instant::now() + *this.timeout;
+                    this.sleep.as_mut().reset(next);
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
