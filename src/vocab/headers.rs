@@ -23,6 +23,7 @@ pub mod name {
     pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-penstock-max-wait-ms");
     pub const STAINLESS_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");
     pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const PREFER: HeaderName = HeaderName::from_static("prefer");
 }
 
 /// The longest delay penstock takes from a number it was sent: a day. Beyond

@@ -39,6 +39,7 @@ use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::Payload;
 use crate::vocab::error::{Problem, ProxyError};
+use crate::vocab::headers::name;
 use crate::vocab::route::Route;
 
 /// Where the job API lives: outside `/v1/`, which belongs to the upstream.
@@ -1311,7 +1312,7 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 
 /// The request asks to be answered later (RFC 7240 `Prefer: respond-async`).
 fn wants_async(headers: &HeaderMap) -> bool {
-    headers.get_all("prefer").iter().any(|v| {
+    headers.get_all(name::PREFER).iter().any(|v| {
         v.to_str().is_ok_and(|v| {
             v.split([',', ';'])
                 .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
@@ -1374,7 +1375,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
                 .body()
                 .ctx
                 .as_ref()
-                .is_some_and(|c| wants_async(&c.headers) && c.route != Route::Other);
+                .is_some_and(|c| c.route != Route::Other && wants_async(&c.headers));
         if asks {
             return Either::Right(Box::pin(async move { jobs.submit(req).await }));
         }
