@@ -1,42 +1,60 @@
 //! Where log lines go: into memory first, written to stderr by a thread of
 //! their own every [`EVERY`], many lines per `write`. A request's line then
 //! costs its formatting and a copy on the worker, no system call and no
-//! wake-up of another thread. Nothing is dropped: past [`MOST`] waiting
-//! bytes (stderr blocked or slow), the thread that logs writes them itself,
-//! so logging slows down rather than losing lines or growing without bound.
-//! A line reaches stderr at most [`EVERY`] after it was logged, and on exit
-//! when the [`Flushed`] guard is dropped.
+//! wake-up of another thread. Each thread that logs gathers its lines apart,
+//! so threads logging at once neither take turns at one lock nor pass its
+//! memory between cores. Nothing is dropped: past [`MOST`] waiting bytes
+//! (stderr blocked or slow), the thread that logs writes its own itself, so
+//! logging slows down rather than losing lines or growing without bound. A
+//! line reaches stderr at most [`EVERY`] after it was logged, and on exit when
+//! the [`Flushed`] guard is dropped. One thread's lines keep their order;
+//! lines of different threads logged within [`EVERY`] of each other may not.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use thread_local::ThreadLocal;
 
 /// How often waiting lines are written.
 pub const EVERY: Duration = Duration::from_millis(20);
 
-/// Waiting bytes beyond which the logging thread writes them itself.
+/// A thread's waiting bytes beyond which it writes them itself.
 pub const MOST: usize = 1 << 20;
 
 struct Shared<W> {
-    waiting: Mutex<Vec<u8>>,
-    /// Serialises the writes, so lines keep their order.
+    /// Each logging thread's waiting lines.
+    waiting: ThreadLocal<Mutex<Vec<u8>>>,
+    /// Serialises the writes, so one thread's lines keep their order.
     out: Mutex<W>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl<W: Write> Shared<W> {
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    /// Writes what every thread has waiting.
+    fn flush(&self) {
+        let mut out = lock(&self.out);
+        for waiting in self.waiting.iter() {
+            Self::write(&mut out, waiting);
+        }
+        // Nowhere to report a failing stderr: the lines are gone either way.
+        let _ = out.flush();
     }
 
-    /// Writes what is waiting.
-    fn flush(&self) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let lines = std::mem::take(&mut *self.lock_waiting());
-        if !lines.is_empty() {
-            // Nowhere to report a failing stderr: the lines are gone either way.
-            let _ = out.write_all(&lines);
-            let _ = out.flush();
-        }
+    /// Writes one thread's waiting lines; the thread keeps a buffer as large.
+    fn write(out: &mut W, waiting: &Mutex<Vec<u8>>) {
+        let lines = {
+            let mut waiting = lock(waiting);
+            if waiting.is_empty() {
+                return;
+            }
+            let room = waiting.capacity();
+            std::mem::replace(&mut *waiting, Vec::with_capacity(room))
+        };
+        let _ = out.write_all(&lines);
     }
 }
 
@@ -56,13 +74,16 @@ impl<W> Clone for Sink<W> {
 impl<W: Write> Sink<W> {
     /// Adds `buf` to the waiting bytes; past [`MOST`], writes them.
     pub fn push(&self, buf: &[u8]) {
+        let mine = self.shared.waiting.get_or_default();
         let full = {
-            let mut waiting = self.shared.lock_waiting();
+            let mut waiting = lock(mine);
             waiting.extend_from_slice(buf);
             waiting.len() > MOST
         };
         if full {
-            self.shared.flush();
+            let mut out = lock(&self.shared.out);
+            Shared::write(&mut *out, mine);
+            let _ = out.flush();
         }
     }
 }
@@ -105,7 +126,7 @@ impl Drop for Flushed {
 /// A sink writing to `out`, and its guard.
 pub fn sink<W: Write + Send + 'static>(out: W) -> (Sink<W>, Flushed) {
     let shared = Arc::new(Shared {
-        waiting: Mutex::new(Vec::with_capacity(64 * 1024)),
+        waiting: ThreadLocal::new(),
         out: Mutex::new(out),
     });
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
