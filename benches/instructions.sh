@@ -9,6 +9,8 @@
 # `bash benches/instructions.sh` (SECONDS_MEASURED to change the load)
 # `bash benches/instructions.sh syscalls`: instead, system calls per request on
 # one connection, counted by `strace -f -c` on the running binary (needs strace).
+# `bash benches/instructions.sh baseline`: the same count for `examples/baseline.rs`,
+# the least a hyper proxy built like penstock does for the request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-instructions}
@@ -18,6 +20,7 @@ for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "instructions: $tool is not installed"; exit 1; }
 done
 cargo build --release -q
+[ "$mode" = baseline ] && cargo build --release -q --example baseline
 dir=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(free_port); px=$(free_port)
@@ -84,9 +87,10 @@ if [ "$mode" = syscalls ]; then
         printf "  %-14s %6.2f per request\n", $NF, $4 / n }' "$dir/strace.txt"
     exit 0
 fi
+proxy=(target/release/penstock --config "$dir/penstock.toml" --log-format json)
+[ "$mode" = baseline ] && proxy=(target/release/examples/baseline "127.0.0.1:$px" "127.0.0.1:$up")
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
-    target/release/penstock --config "$dir/penstock.toml" --log-format json \
-    2>"$dir/penstock.log" >/dev/null &
+    "${proxy[@]}" 2>"$dir/penstock.log" >/dev/null &
 vg=$!
 wait_listening
 wrk -t1 -c4 -d3s -s "$dir/post.lua" "$url" >/dev/null
