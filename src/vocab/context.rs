@@ -30,8 +30,6 @@ pub struct ModelLabel {
 /// Everything later layers need to know about a request, parsed once.
 #[derive(Debug)]
 pub struct RequestContext {
-    /// penstock's id for the request, returned as `x-penstock-request-id`.
-    pub id: String,
     pub route: Route,
     /// The `model` field of a JSON or multipart body, when there is one.
     pub model: Option<String>,

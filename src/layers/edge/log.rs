@@ -224,7 +224,6 @@ mod tests {
     fn the_direct_line_and_the_traced_line_are_the_same() {
         let now = Instant::now();
         let ctx = RequestContext {
-            id: "ps-00000001".into(),
             route: Route::ChatCompletions,
             model: Some("gpt-4o-mini".into()),
             model_label: ModelLabel {

@@ -320,7 +320,22 @@ fn next_request_id() -> String {
             .unwrap_or(0);
         format!("ps-{epoch:06x}-")
     });
-    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    // Each thread takes its numbers in blocks: no counter shared between
+    // cores is written per request. Numbers stay unique; across threads they
+    // are not in the order requests came.
+    const BLOCK: u64 = 1024;
+    thread_local! {
+        static TAKEN: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    let n = TAKEN.with(|taken| {
+        let (mut next, mut end) = taken.get();
+        if next == end {
+            next = NEXT_ID.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next.saturating_add(BLOCK);
+        }
+        taken.set((next.saturating_add(1), end));
+        next
+    });
     let mut id = String::with_capacity(prefix.len() + 16);
     id.push_str(prefix);
     push_hex(&mut id, n);
@@ -367,9 +382,9 @@ where
         // wait for budget; inside, every queued request would carry it. It
         // ends by calling the rest of the stack, so what waits below is the
         // context and that call's future, one pointer.
-        let (buffer_config, buffer_id) = (config.clone(), id.clone());
+        let buffer_config = config.clone();
         let started = Box::pin(async move {
-            match buffer(req, buffer_config, route, buffer_id, received).await {
+            match buffer(req, buffer_config, route, received).await {
                 Ok(req) => {
                     let ctx = req.body().ctx.clone();
                     (ctx, Either::Left(crate::layers::call_now(&mut inner, req)))
@@ -433,7 +448,7 @@ where
     B::Error: Into<BoxError>,
 {
     let route = Route::from_path(req.uri().path());
-    buffer(req, config, route, next_request_id(), Instant::now()).await
+    buffer(req, config, route, Instant::now()).await
 }
 
 /// Buffers the body within the limit and attaches the context.
@@ -441,7 +456,6 @@ pub(crate) async fn buffer<B>(
     req: Request<B>,
     config: Arc<EdgeConfig>,
     route: Route,
-    id: String,
     received: Instant,
 ) -> Result<Request<Payload>, ProxyError>
 where
@@ -507,7 +521,6 @@ where
     let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);
     let image = estimate::image_ask(route, parsed.view());
     let ctx = RequestContext {
-        id,
         route,
         stream: parsed.stream(),
         model_label: config.metrics.model_label(model.as_deref()),
@@ -701,6 +714,22 @@ mod tests {
                 .all(|p| u64::from_str_radix(p, 16).is_ok()),
             "{a}"
         );
+    }
+
+    #[test]
+    fn request_ids_are_unique_across_threads() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..3000).map(|_| next_request_id()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for t in threads {
+            for id in t.join().unwrap() {
+                assert!(seen.insert(id.clone()), "{id} twice");
+            }
+        }
+        assert_eq!(seen.len(), 12_000);
     }
 
     #[test]

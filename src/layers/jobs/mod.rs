@@ -1006,9 +1006,7 @@ impl Jobs {
                 Ok(req) => {
                     let route = Route::from_path(req.uri().path());
                     let received = tokio::time::Instant::now();
-                    match super::edge::buffer(req, me.edge.clone(), route, job_id.clone(), received)
-                        .await
-                    {
+                    match super::edge::buffer(req, me.edge.clone(), route, received).await {
                         Ok(req) => {
                             let watch = req
                                 .body()
