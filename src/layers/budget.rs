@@ -19,7 +19,7 @@ use tower::Service;
 use wildmatch::WildMatch;
 
 use crate::config::{Config, LearnConfig, Refund};
-use crate::logic::classify::{Class, Classified};
+use crate::logic::classify::{self, Class};
 use crate::logic::encoding::{Encoding, Tail};
 use crate::logic::learn::Learner;
 use crate::logic::ledger::Limits;
@@ -351,7 +351,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
             let mut resp = crate::layers::call_now(&mut inner, req).await?;
-            let classified = resp.extensions().get::<Classified>().copied();
+            let classified = classify::of(&resp);
             {
                 // Scoped: nothing of it is kept across the awaits below, so it
                 // does not grow every queued request's future.

@@ -45,8 +45,8 @@ impl Class {
     }
 }
 
-/// The classification of a response, kept in its extensions so later layers do
-/// not read the body again.
+/// The classification of an upstream answer, kept in its extensions so later
+/// layers do not read the body again; a success carries none (see [`of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Classified {
     pub class: Class,
@@ -60,14 +60,10 @@ pub struct Classified {
 pub fn attempt(result: &Result<Response<Body>, ProxyError>) -> Classified {
     let class = match result {
         Ok(resp) => {
-            return resp
-                .extensions()
-                .get::<Classified>()
-                .copied()
-                .unwrap_or(Classified {
-                    class: Class::Other,
-                    retry_after: None,
-                });
+            return of(resp).unwrap_or(Classified {
+                class: Class::Other,
+                retry_after: None,
+            });
         }
         Err(e) if e.unanswered().is_some() => Class::Transient,
         Err(_) => Class::Other,
@@ -76,6 +72,18 @@ pub fn attempt(result: &Result<Response<Body>, ProxyError>) -> Classified {
         class,
         retry_after: None,
     }
+}
+
+/// An upstream answer's classification: the one in its extensions, else, for
+/// a success, [`Class::Success`] (the upstream layer attaches nothing to a
+/// success, sparing every answer's extensions their allocations).
+pub fn of(resp: &Response<Body>) -> Option<Classified> {
+    resp.extensions().get::<Classified>().copied().or_else(|| {
+        resp.status().is_success().then_some(Classified {
+            class: Class::Success,
+            retry_after: None,
+        })
+    })
 }
 
 /// The metrics label of an attempt's outcome: the class of an answer, or what
@@ -152,6 +160,22 @@ fn error_code(body: &[u8]) -> (Option<String>, Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_success_is_one_by_its_status_others_by_what_they_carry() {
+        let answer = |status: u16| {
+            let mut resp = Response::new(crate::vocab::body::full(""));
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+            resp
+        };
+        assert_eq!(of(&answer(200)).map(|c| c.class), Some(Class::Success));
+        assert_eq!(of(&answer(404)), None);
+        let mut limited = answer(429);
+        let c = classify(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), b"{}");
+        limited.extensions_mut().insert(c);
+        assert_eq!(of(&limited), Some(c));
+        assert_eq!(attempt(&Ok(answer(404))).class, Class::Other);
+    }
 
     fn body(code: &str, kind: &str) -> Vec<u8> {
         format!(r#"{{"error":{{"message":"m","type":"{kind}","param":null,"code":"{code}"}}}}"#)

@@ -388,9 +388,13 @@ impl Inner {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         if parts.status.is_success() || parts.status.is_informational() {
-            parts
-                .extensions
-                .insert(classify(parts.status, &parts.headers, b""));
+            // A success carries no classification: its status says it
+            // (`classify::of`), and the answer's extensions stay unallocated.
+            if !parts.status.is_success() {
+                parts
+                    .extensions
+                    .insert(classify(parts.status, &parts.headers, b""));
+            }
             let body = Idle::wrap(body, self.read_timeout, lent);
             return Ok(Response::from_parts(parts, body));
         }
