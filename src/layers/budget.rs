@@ -76,7 +76,6 @@ pub struct Registry {
     probe_grace: Duration,
     /// `[learn]`, when on.
     learn: Option<LearnConfig>,
-    last_eviction: Mutex<tokio::time::Instant>,
     /// With the Redis backend: every pool's ledger and breaker are shared.
     redis: Option<Arc<Redis>>,
 }
@@ -108,7 +107,6 @@ impl Registry {
             refund: config.estimate.refund,
             probe_grace: config.queue.probe_grace,
             learn: config.learn.enabled.then(|| config.learn.clone()),
-            last_eviction: Mutex::new(tokio::time::Instant::now()),
             redis,
         }
     }
@@ -128,8 +126,9 @@ impl Registry {
             .specs
             .iter()
             .position(|s| s.globs.iter().any(|g| g.matches(model)));
+        // Idle pools are swept by [`Registry::evict_periodically`], not here:
+        // a request takes this lock and nothing else.
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        self.evict_idle(&mut pools);
         let Some(idx) = idx else {
             return self.learned_pool(&mut pools, model, credential);
         };
@@ -203,16 +202,9 @@ impl Registry {
     }
 
     /// Drops pools nobody uses any more (in pass-through mode every API key has
-    /// its own), at most once per [`EVICT_EVERY`]. Under the map's lock, a pool
-    /// held only by the map and its own admission task cannot be picked up by a
-    /// request meanwhile.
-    fn evict_idle(&self, pools: &mut HashMap<PoolKey, Arc<Pool>>) {
-        let now = tokio::time::Instant::now();
-        let mut last = self.last_eviction.lock().unwrap_or_else(|e| e.into_inner());
-        if now.duration_since(*last) < EVICT_EVERY {
-            return;
-        }
-        *last = now;
+    /// its own). Under the map's lock, a pool held only by the map and its own
+    /// admission task cannot be picked up by a request meanwhile.
+    fn evict_idle(pools: &mut HashMap<PoolKey, Arc<Pool>>) {
         pools.retain(|_, pool| {
             let unused = Arc::strong_count(pool) <= 2 && pool.is_idle();
             if unused {
@@ -265,7 +257,7 @@ impl Registry {
                     return;
                 };
                 let mut pools = registry.pools.lock().unwrap_or_else(|e| e.into_inner());
-                registry.evict_idle(&mut pools);
+                Registry::evict_idle(&mut pools);
             }
         });
     }
@@ -549,7 +541,8 @@ mod tests {
             }],
             ..Config::default()
         };
-        let registry = Registry::new(&config, None);
+        let registry = Arc::new(Registry::new(&config, None));
+        registry.evict_periodically();
         let one = Cost {
             requests: 1,
             tokens: 0,
@@ -582,17 +575,17 @@ mod tests {
             .await
             .unwrap();
         drop(pool_b);
-        tokio::time::advance(Duration::from_secs(59)).await;
+        tokio::time::sleep(Duration::from_secs(59)).await;
         registry.pool("m", &c).unwrap();
         assert_eq!(
             credentials(),
             ["key:a", "key:b", "key:c"],
             "no sweep within a minute"
         );
-        tokio::time::advance(Duration::from_secs(2)).await;
-        registry.pool("m", &c).unwrap();
-        // a's call has left its windows and nobody holds it; b's permit is held.
-        assert_eq!(credentials(), ["key:b", "key:c"]);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // a's call has left its windows and nobody holds it; b's permit is held;
+        // c's pool is held by the map alone, used a second ago, and idle too.
+        assert_eq!(credentials(), ["key:b"]);
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
