@@ -659,9 +659,10 @@ where
 /// Marks credential headers sensitive: their `Debug` prints nothing, and HTTP/2
 /// never indexes them. Nothing logs them; this keeps it so.
 fn credentials_marked_sensitive(mut headers: HeaderMap) -> HeaderMap {
-    for name in [header::AUTHORIZATION, name::API_KEY] {
-        if let http::header::Entry::Occupied(mut values) = headers.entry(name) {
-            values.iter_mut().for_each(|v| v.set_sensitive(true));
+    // One pass over the few headers a request has, names compared, not hashed.
+    for (key, value) in headers.iter_mut() {
+        if key == header::AUTHORIZATION || key == name::API_KEY {
+            value.set_sensitive(true);
         }
     }
     headers
