@@ -11,22 +11,28 @@
 # one connection, counted by `strace -f -c` on the running binary (needs strace).
 # `bash benches/instructions.sh baseline`: the same count for `examples/baseline.rs`,
 # the least a hyper proxy built like penstock does for the request.
+# `bash benches/instructions.sh cpu`: no callgrind; penstock, the baseline and
+# an nginx `proxy_pass` each loaded with `wrk -t2 -c32` in turn (two rounds),
+# and the user and system CPU each spent per request, from /proc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-instructions}
 tools="valgrind callgrind_control callgrind_annotate nginx wrk"
 [ "$mode" = syscalls ] && tools="strace nginx wrk"
+[ "$mode" = cpu ] && tools="nginx wrk"
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "instructions: $tool is not installed"; exit 1; }
 done
 cargo build --release -q
-[ "$mode" = baseline ] && cargo build --release -q --example baseline
+case "$mode" in baseline | cpu) cargo build --release -q --example baseline ;; esac
 dir=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(free_port); px=$(free_port)
 cleanup() {
     [ -f "$dir/nginx.pid" ] && kill "$(cat "$dir/nginx.pid")" 2>/dev/null || true
     [ -n "${vg:-}" ] && kill "$vg" 2>/dev/null || true
+    [ -f "$dir/proxy.pid" ] && kill "$(cat "$dir/proxy.pid")" 2>/dev/null || true
+    [ -n "${base:-}" ] && kill "$base" 2>/dev/null || true
     rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -89,6 +95,55 @@ if [ "$mode" = syscalls ]; then
 fi
 proxy=(target/release/penstock --config "$dir/penstock.toml" --log-format json)
 [ "$mode" = baseline ] && proxy=(target/release/examples/baseline "127.0.0.1:$px" "127.0.0.1:$up")
+if [ "$mode" = cpu ]; then
+    ng=$(free_port); bp=$(free_port)
+    cat > "$dir/proxy.conf" <<CONF
+worker_processes 2;
+error_log $dir/proxy-error.log;
+pid $dir/proxy.pid;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $dir;
+  upstream u { server 127.0.0.1:$up; keepalive 64; }
+  server {
+    listen 127.0.0.1:$ng;
+    location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+    nginx -c "$dir/proxy.conf" -p "$dir"
+    target/release/penstock --config "$dir/penstock.toml" --log-format json \
+        2>"$dir/penstock.log" >/dev/null &
+    vg=$!
+    target/release/examples/baseline "127.0.0.1:$bp" "127.0.0.1:$up" &
+    base=$!
+    wait_listening
+    sleep 0.5
+    tick=$(getconf CLK_TCK)
+    # user and system ticks of the given processes, summed
+    ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u, s}'; }
+    load() { # name port pids...
+        local name=$1 port=$2; shift 2
+        local u="http://127.0.0.1:$port/v1/chat/completions"
+        wrk -t2 -c32 -d2s -s "$dir/post.lua" "$u" >/dev/null
+        read -r u0 s0 < <(ticks "$@")
+        n=$(wrk -t2 -c32 -d"${SECONDS_MEASURED:-6}"s -s "$dir/post.lua" "$u" | awk '/requests in/ {print $1}')
+        read -r u1 s1 < <(ticks "$@")
+        awk -v name="$name" -v n="$n" -v d="${SECONDS_MEASURED:-6}" -v t="$tick" \
+            -v u=$((u1 - u0)) -v s=$((s1 - s0)) 'BEGIN {
+            printf "%-9s %8.0f req/s  user %5.1f  system %5.1f  CPU %5.1f µs/request\n",
+                name, n / d, u * 1e6 / t / n, s * 1e6 / t / n, (u + s) * 1e6 / t / n }'
+    }
+    workers=$(pgrep -P "$(cat "$dir/proxy.pid")" | tr '\n' ' ')
+    for _ in 1 2; do
+        load penstock "$px" "$vg"
+        load baseline "$bp" "$base"
+        # shellcheck disable=SC2086
+        load nginx "$ng" $workers
+    done
+    exit 0
+fi
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/cg.out" \
     "${proxy[@]}" 2>"$dir/penstock.log" >/dev/null &
 vg=$!

@@ -286,41 +286,45 @@ async fn oversized_bodies_get_413_before_anything_is_sent() {
 #[tokio::test]
 async fn malformed_json_is_refused_with_a_clear_error_and_costs_nothing() {
     let h = start(Behaviour::default()).await;
-    let refused = |body: Vec<u8>| {
-        let url = format!("{}/v1/images/generations", h.url);
+    // A 400 with `code`, its message returned.
+    let refused = |path: &str, content_type: &'static str, body: Vec<u8>, code: &'static str| {
+        let url = format!("{}{path}", h.url);
         async move {
             let resp = http()
                 .post(url)
-                .header("content-type", "application/json")
+                .header("content-type", content_type)
                 .body(body)
                 .send()
                 .await
                 .unwrap();
             assert_eq!(resp.status(), 400);
             let v = json(resp).await;
-            assert_eq!(v["error"]["code"], "penstock_invalid_json");
+            assert_eq!(v["error"]["code"], code);
             v["error"]["message"].as_str().unwrap().to_string()
         }
     };
-    let cut = refused(br#"{"model": "gpt-image-1", "prompt": "#.to_vec()).await;
+    let json_refused = |body: Vec<u8>| {
+        refused(
+            "/v1/images/generations",
+            "application/json",
+            body,
+            "penstock_invalid_json",
+        )
+    };
+    let cut = json_refused(br#"{"model": "gpt-image-1", "prompt": "#.to_vec()).await;
     assert!(cut.contains("line 1"), "{cut}");
     // Bytes that are not UTF-8 inside a string are not JSON either.
     let mut latin1 = br#"{"model": "gpt-image-1", "prompt": "caf"#.to_vec();
     latin1.extend_from_slice(b"\xe9\"}");
-    let latin1 = refused(latin1).await;
+    let latin1 = json_refused(latin1).await;
     assert!(latin1.contains("UTF-8 (at byte 39)"), "{latin1}");
-    let resp = http()
-        .post(format!("{}/v1/images/edits", h.url))
-        .header("content-type", "multipart/form-data; boundary=abc")
-        .body("--abc\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nunterminated")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
-    assert_eq!(
-        json(resp).await["error"]["code"],
-        "penstock_invalid_multipart"
-    );
+    refused(
+        "/v1/images/edits",
+        "multipart/form-data; boundary=abc",
+        b"--abc\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nunterminated".to_vec(),
+        "penstock_invalid_multipart",
+    )
+    .await;
     assert_eq!(h.fake.calls(), 0);
 }
 
