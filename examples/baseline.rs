@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: mialloc::Mimalloc = mialloc::Mimalloc;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

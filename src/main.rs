@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use penstock::Config;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: mialloc::Mimalloc = mialloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(
