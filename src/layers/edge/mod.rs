@@ -30,7 +30,7 @@ use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
-use crate::vocab::headers::{name, seconds};
+use crate::vocab::headers::{first_of, name, seconds};
 use crate::vocab::route::Route;
 use futures_util::future::{Either, ready};
 use log::{Line, Logged};
@@ -77,15 +77,12 @@ const MAX_SCOPE: usize = 64;
 /// `@org/project` when the request names the organization or project whose
 /// limits (and bill) it spends, else "".
 fn org_project(headers: &HeaderMap) -> String {
-    let get = |name: HeaderName| {
-        let v = headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .trim();
+    fn text(v: Option<&HeaderValue>) -> &str {
+        let v = v.and_then(|v| v.to_str().ok()).unwrap_or("").trim();
         &v[..v.floor_char_boundary(MAX_SCOPE)]
-    };
-    let (org, project) = (get(name::OPENAI_ORGANIZATION), get(name::OPENAI_PROJECT));
+    }
+    let [org, project] = first_of(headers, [&name::OPENAI_ORGANIZATION, &name::OPENAI_PROJECT]);
+    let (org, project) = (text(org), text(project));
     if org.is_empty() && project.is_empty() {
         String::new()
     } else {
@@ -677,15 +674,14 @@ fn azure_deployment(path: &str) -> Option<String> {
 /// The client's own bound on waiting: `x-penstock-max-wait-ms`, or the SDK's
 /// whole-request timeout (`x-stainless-timeout`, seconds), whichever is shorter.
 fn client_max_wait(headers: &HeaderMap) -> Option<Duration> {
-    let num = |name: HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+    let [ms, sdk] = first_of(headers, [&name::MAX_WAIT_MS, &name::STAINLESS_TIMEOUT]);
+    let num = |v: Option<&HeaderValue>| {
+        v.and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0)
     };
-    let ms = num(name::MAX_WAIT_MS).and_then(|ms| seconds(ms / 1000.0));
-    let sdk = num(name::STAINLESS_TIMEOUT).and_then(seconds);
+    let ms = num(ms).and_then(|ms| seconds(ms / 1000.0));
+    let sdk = num(sdk).and_then(seconds);
     match (ms, sdk) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

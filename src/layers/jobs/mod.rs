@@ -1310,11 +1310,14 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 
 /// The request asks to be answered later (RFC 7240 `Prefer: respond-async`).
 fn wants_async(headers: &HeaderMap) -> bool {
-    headers.get_all(name::PREFER).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split([',', ';'])
-                .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
-        })
+    // A walk over the request's few headers costs less than hashing the name
+    // for a lookup (see `vocab::headers::first_of`); every `Prefer` counts.
+    headers.iter().any(|(k, v)| {
+        k == name::PREFER
+            && v.to_str().is_ok_and(|v| {
+                v.split([',', ';'])
+                    .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+            })
     })
 }
 

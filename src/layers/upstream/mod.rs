@@ -107,7 +107,20 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 fn hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    // A `match` on the (lowercase) name: its length picks the one candidate
+    // compared, where a list would be walked for every header.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Further names the `Connection` header lists as hop-by-hop (most messages
@@ -131,7 +144,18 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Drops hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
-    remove_where(headers, |k| hop_by_hop(k) || listed.contains(k));
+    let doomed = |k: &HeaderName| hop_by_hop(k) || listed.contains(k);
+    // Most answers carry one: `connection`, removed without a second search.
+    let mut found = headers.keys().filter(|k| doomed(k));
+    let only_connection = match (found.next(), found.next()) {
+        (None, _) => return,
+        (Some(k), None) => k == header::CONNECTION,
+        _ => false,
+    };
+    match only_connection {
+        true => drop(headers.remove(header::CONNECTION)),
+        false => remove_where(headers, doomed),
+    }
 }
 
 /// The client's headers as they go upstream, copied in one pass: without
@@ -539,6 +563,14 @@ mod tests {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), [header::CONTENT_TYPE]);
+        // The usual answer: `connection` alone, all its values.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::CONTENT_TYPE]);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
