@@ -106,7 +106,7 @@ fn info_line<R>(
         "INFO",
         target,
         |f| {
-            f.str("message", message);
+            f.plain(crate::field!("message"), message);
             fields(f)
         },
         write,
@@ -177,56 +177,90 @@ fn timestamp(out: &mut String, time: std::time::SystemTime) {
         }
         out.push_str(text);
     });
-    let mut digits = [b'0'; 6];
-    let mut n = since.subsec_micros();
-    for d in digits.iter_mut().rev() {
-        *d = b'0' + (n % 10) as u8;
-        n /= 10;
+    // Six digits of microseconds (below 1,000,000), then the zone.
+    let micros = since.subsec_micros();
+    for place in [100_000, 10_000, 1_000, 100, 10, 1] {
+        out.push(char::from(b'0' + (micros / place % 10) as u8));
     }
-    out.push_str(std::str::from_utf8(&digits).unwrap_or("000000"));
     out.push('Z');
 }
 
-/// Writes fields into a JSON line, each as `,"name":value`. Names are
-/// identifiers penstock's code chose: nothing to escape in them.
+/// A field's name. Names are identifiers penstock's code chose: nothing to
+/// escape in them.
+#[derive(Clone, Copy)]
+pub enum Name<'a> {
+    /// As written in the line, `,"name":`, joined when penstock is built
+    /// ([`field!`](crate::field)): one copy for a field of every request's line.
+    Written(&'static str),
+    /// The bare name (a `tracing` field's).
+    Bare(&'a str),
+}
+
+impl<'a> From<&'a str> for Name<'a> {
+    fn from(name: &'a str) -> Self {
+        Name::Bare(name)
+    }
+}
+
+/// A field name as a JSON line writes it, `,"name":`, joined at compile time.
+#[macro_export]
+macro_rules! field {
+    ($name:literal) => {
+        $crate::vocab::logline::Name::Written(concat!(",\"", $name, "\":"))
+    };
+}
+
+/// Writes fields into a JSON line, each as `,"name":value`.
 pub struct JsonFields<'a> {
     out: &'a mut String,
 }
 
 impl JsonFields<'_> {
-    fn name(&mut self, name: &str) {
-        // Characters pushed one by one: no copy call for two bytes.
-        self.out.push(',');
-        self.out.push('"');
-        self.out.push_str(name);
-        self.out.push('"');
-        self.out.push(':');
+    fn name<'n>(&mut self, name: impl Into<Name<'n>>) {
+        match name.into() {
+            Name::Written(written) => self.out.push_str(written),
+            Name::Bare(name) => {
+                self.out.push_str(",\"");
+                self.out.push_str(name);
+                self.out.push_str("\":");
+            }
+        }
     }
 
-    pub fn str(&mut self, name: &str, value: &str) {
+    pub fn str<'n>(&mut self, name: impl Into<Name<'n>>, value: &str) {
         self.name(name);
         self.out.push('"');
         escape(self.out, value);
         self.out.push('"');
     }
 
-    pub fn u64(&mut self, name: &str, value: u64) {
+    /// Text penstock made itself with nothing to escape in it (an id it
+    /// numbered, a method, a route's label), written as it is.
+    pub fn plain<'n>(&mut self, name: impl Into<Name<'n>>, value: &str) {
+        debug_assert!(!value.bytes().any(|b| ESCAPED[b as usize]), "{value:?}");
+        self.name(name);
+        self.out.push('"');
+        self.out.push_str(value);
+        self.out.push('"');
+    }
+
+    pub fn u64<'n>(&mut self, name: impl Into<Name<'n>>, value: u64) {
         self.name(name);
         self.out.push_str(itoa::Buffer::new().format(value));
     }
 
-    pub fn i64(&mut self, name: &str, value: i64) {
+    pub fn i64<'n>(&mut self, name: impl Into<Name<'n>>, value: i64) {
         self.name(name);
         self.out.push_str(itoa::Buffer::new().format(value));
     }
 
-    pub fn bool(&mut self, name: &str, value: bool) {
+    pub fn bool<'n>(&mut self, name: impl Into<Name<'n>>, value: bool) {
         self.name(name);
         self.out.push_str(if value { "true" } else { "false" });
     }
 
     /// JSON has no NaN nor infinities: those are `null`.
-    pub fn f64(&mut self, name: &str, value: f64) {
+    pub fn f64<'n>(&mut self, name: impl Into<Name<'n>>, value: f64) {
         self.name(name);
         match value.is_finite() {
             // Most requests save nothing: ryu's own text for zero, without ryu.
@@ -237,13 +271,13 @@ impl JsonFields<'_> {
     }
 
     /// An absent value leaves the field out, as `tracing` does with `None`.
-    pub fn opt_str(&mut self, name: &str, value: Option<&str>) {
+    pub fn opt_str<'n>(&mut self, name: impl Into<Name<'n>>, value: Option<&str>) {
         if let Some(v) = value {
             self.str(name, v);
         }
     }
 
-    pub fn opt_u64(&mut self, name: &str, value: Option<u64>) {
+    pub fn opt_u64<'n>(&mut self, name: impl Into<Name<'n>>, value: Option<u64>) {
         if let Some(v) = value {
             self.u64(name, v);
         }

@@ -91,26 +91,28 @@ impl<'a> Fields<'a> {
     }
 
     fn write(&self, f: &mut JsonFields<'_>) {
+        use crate::field;
         let l = self.line;
-        f.str("request_id", &l.id);
-        f.str("method", l.method.as_str());
-        f.str("path", &l.path);
-        f.str("route", l.route.label());
-        f.opt_str("model", self.model);
-        f.bool("stream", self.stream);
-        f.u64("status", u64::from(l.status));
+        // Penstock's own text (its id, the method, the route) needs no escape.
+        f.plain(field!("request_id"), &l.id);
+        f.plain(field!("method"), l.method.as_str());
+        f.str(field!("path"), &l.path);
+        f.plain(field!("route"), l.route.label());
+        f.opt_str(field!("model"), self.model);
+        f.bool(field!("stream"), self.stream);
+        f.u64(field!("status"), u64::from(l.status));
         // Time to the response head, and to its end.
-        f.u64("latency_ms", l.head_ms);
-        f.u64("duration_ms", self.duration_ms);
-        f.bool("complete", self.complete);
-        f.opt_str("upstream_request_id", text(&l.upstream_request_id));
-        f.opt_str("queue_ms", text(&l.queue_ms));
-        f.opt_str("attempts", text(&l.attempts));
-        f.opt_str("cache", text(&l.cache));
-        f.opt_u64("estimated_tokens", self.estimated_tokens);
-        f.opt_u64("tokens", self.tally.tokens);
-        f.f64("cost_usd", self.tally.cost_usd);
-        f.f64("saved_usd", self.tally.saved_usd);
+        f.u64(field!("latency_ms"), l.head_ms);
+        f.u64(field!("duration_ms"), self.duration_ms);
+        f.bool(field!("complete"), self.complete);
+        f.opt_str(field!("upstream_request_id"), text(&l.upstream_request_id));
+        f.opt_str(field!("queue_ms"), text(&l.queue_ms));
+        f.opt_str(field!("attempts"), text(&l.attempts));
+        f.opt_str(field!("cache"), text(&l.cache));
+        f.opt_u64(field!("estimated_tokens"), self.estimated_tokens);
+        f.opt_u64(field!("tokens"), self.tally.tokens);
+        f.f64(field!("cost_usd"), self.tally.cost_usd);
+        f.f64(field!("saved_usd"), self.tally.saved_usd);
     }
 
     fn trace(&self) {
