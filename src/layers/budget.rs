@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -488,7 +488,7 @@ impl HttpBody for Settle {
         let mut this = self.project();
         let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            this.tail.push(data.chunk());
+            this.tail.push(data);
         }
         // A body of known length is not polled past its last byte: settle then.
         if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {

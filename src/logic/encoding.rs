@@ -6,6 +6,7 @@
 
 use std::io::{Read, Write};
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING};
 
@@ -159,6 +160,9 @@ impl Write for Kept {
 }
 
 enum Decoder {
+    /// Not coded, and one chunk seen at most: that chunk, shared rather than
+    /// copied (most answers arrive in one), and the bound on decoded bytes.
+    Whole(Option<Bytes>, u64),
     Identity(Kept),
     Gzip(Box<flate2::write::MultiGzDecoder<Kept>>),
     Deflate(Box<flate2::write::ZlibDecoder<Kept>>),
@@ -179,7 +183,7 @@ impl Tail {
             max: max_decoded,
         };
         Tail(match encoding {
-            Some(Encoding::Identity) => Decoder::Identity(kept),
+            Some(Encoding::Identity) => Decoder::Whole(None, max_decoded),
             Some(Encoding::Gzip) => {
                 Decoder::Gzip(Box::new(flate2::write::MultiGzDecoder::new(kept)))
             }
@@ -193,8 +197,23 @@ impl Tail {
         })
     }
 
-    pub fn push(&mut self, chunk: &[u8]) {
+    pub fn push(&mut self, chunk: &Bytes) {
         let ok = match &mut self.0 {
+            Decoder::Whole(seen @ None, max) => {
+                *seen = Some(chunk.clone());
+                chunk.len() as u64 <= *max
+            }
+            Decoder::Whole(Some(first), max) => {
+                // A second chunk: from here the end is kept by copying.
+                let mut kept = Kept {
+                    tail: Vec::new(),
+                    decoded: 0,
+                    max: *max,
+                };
+                let ok = kept.write_all(first).is_ok() && kept.write_all(chunk).is_ok();
+                self.0 = Decoder::Identity(kept);
+                ok
+            }
             Decoder::Identity(k) => k.write_all(chunk).is_ok(),
             Decoder::Gzip(d) => d.write_all(chunk).is_ok(),
             Decoder::Deflate(d) => d.write_all(chunk).is_ok(),
@@ -209,6 +228,10 @@ impl Tail {
     /// The decoded tail so far (a stream's usage may be read before its end).
     pub fn decoded(&mut self) -> &[u8] {
         let kept = match &mut self.0 {
+            Decoder::Whole(seen, _) => {
+                let whole = seen.as_deref().unwrap_or_default();
+                return &whole[whole.len().saturating_sub(usage::TAIL)..];
+            }
             Decoder::Identity(k) => Some(k),
             Decoder::Gzip(d) => d.flush().ok().map(|_| d.get_mut()),
             Decoder::Deflate(d) => d.flush().ok().map(|_| d.get_mut()),
@@ -247,16 +270,48 @@ mod tests {
         let z = gzip(body);
         let mut tail = Tail::new(Some(Encoding::Gzip), 1 << 20);
         for chunk in z.chunks(7) {
-            tail.push(chunk);
+            tail.push(&Bytes::copy_from_slice(chunk));
         }
         assert_eq!(tail.usage().map(|u| u.total), Some(277));
+    }
+
+    /// A plain body's end is the same whether it came in one chunk (kept
+    /// shared) or in many (copied), and a body over the bound teaches nothing.
+    #[test]
+    fn a_plain_body_gives_its_end_in_one_chunk_or_many() {
+        let mut body = vec![b'x'; usage::TAIL + 100];
+        body.extend_from_slice(br#"{"usage":{"total_tokens":9}}"#);
+        let end = &body[body.len() - usage::TAIL..];
+        let mut one = Tail::new(Some(Encoding::Identity), 1 << 20);
+        one.push(&Bytes::copy_from_slice(&body));
+        assert_eq!(one.decoded(), end);
+        assert_eq!(one.usage().map(|u| u.total), Some(9));
+        for size in [1, 7, 1000, usage::TAIL] {
+            let mut many = Tail::new(Some(Encoding::Identity), 1 << 20);
+            for chunk in body.chunks(size) {
+                many.push(&Bytes::copy_from_slice(chunk));
+            }
+            assert_eq!(many.decoded(), end, "chunks of {size}");
+        }
+        let small = Bytes::from_static(br#"{"usage":{"total_tokens":9}}"#);
+        let mut empty = Tail::new(Some(Encoding::Identity), 1 << 20);
+        assert!(empty.decoded().is_empty());
+        empty.push(&small);
+        assert_eq!(empty.decoded(), &small[..]);
+        for chunks in [&[small.clone()][..], &[small.slice(..5), small.slice(5..)]] {
+            let mut over = Tail::new(Some(Encoding::Identity), 10);
+            for c in chunks {
+                over.push(c);
+            }
+            assert!(over.decoded().is_empty(), "{chunks:?}");
+        }
     }
 
     #[test]
     fn a_body_that_inflates_beyond_the_bound_is_given_up() {
         let z = gzip(&vec![b'a'; 1 << 20]);
         let mut tail = Tail::new(Some(Encoding::Gzip), 1000);
-        tail.push(&z);
+        tail.push(&Bytes::from(z.clone()));
         assert!(tail.decoded().is_empty());
         assert_eq!(decode_all(Some(Encoding::Gzip), &z, 1000), None);
         assert_eq!(
