@@ -24,29 +24,35 @@ const WORD: usize = core::mem::size_of::<usize>();
 // SAFETY: each call is mimalloc's for the same request; blocks from the plain
 // calls are word-aligned (see above), and those calls are only made when the
 // layout asks for no more. `mi_free` frees blocks from either kind of call.
+/// mimalloc's plain call for a layout aligned to a word or less, else its
+/// aligned one.
+#[inline]
+fn by_alignment(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut core::ffi::c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut core::ffi::c_void,
+) -> *mut u8 {
+    // SAFETY: both are mimalloc's allocating calls, which take any size and a
+    // power-of-two alignment (a `Layout`'s always is), and return null when
+    // out of memory.
+    unsafe {
+        match layout.align() <= WORD {
+            true => plain(layout.size()),
+            false => aligned(layout.size(), layout.align()),
+        }
+    }
+    .cast()
+}
+
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as above; the size and alignment are the layout's.
-        unsafe {
-            match layout.align() <= WORD {
-                true => mi::mi_malloc(layout.size()),
-                false => mi::mi_malloc_aligned(layout.size(), layout.align()),
-            }
-        }
-        .cast()
+        by_alignment(layout, mi::mi_malloc, mi::mi_malloc_aligned)
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as above.
-        unsafe {
-            match layout.align() <= WORD {
-                true => mi::mi_zalloc(layout.size()),
-                false => mi::mi_zalloc_aligned(layout.size(), layout.align()),
-            }
-        }
-        .cast()
+        by_alignment(layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
     }
 
     #[inline]
