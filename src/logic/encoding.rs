@@ -24,13 +24,20 @@ pub enum Encoding {
 
 impl Encoding {
     fn parse(name: &str) -> Option<Encoding> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "" | "identity" => Some(Encoding::Identity),
-            "gzip" | "x-gzip" => Some(Encoding::Gzip),
-            "deflate" => Some(Encoding::Deflate),
-            "br" => Some(Encoding::Brotli),
-            _ => None,
-        }
+        // Compared without case, nothing lowercased into a new string.
+        const NAMES: [(&str, Encoding); 6] = [
+            ("", Encoding::Identity),
+            ("identity", Encoding::Identity),
+            ("gzip", Encoding::Gzip),
+            ("x-gzip", Encoding::Gzip),
+            ("deflate", Encoding::Deflate),
+            ("br", Encoding::Brotli),
+        ];
+        let name = name.trim();
+        NAMES
+            .iter()
+            .find(|(known, _)| known.eq_ignore_ascii_case(name))
+            .map(|&(_, e)| e)
     }
 
     /// The encoding of an answer; `None` for one penstock cannot read (an
@@ -49,29 +56,39 @@ impl Encoding {
     }
 }
 
-/// Whether every coding the client's `Accept-Encoding` names is one penstock
-/// reads: the header then goes upstream as it came, copied nowhere.
-pub fn all_readable(headers: &HeaderMap) -> bool {
-    let mut any = false;
-    for item in headers
-        .get_all(ACCEPT_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-    {
-        any = true;
-        if Encoding::parse(item.split(';').next().unwrap_or("")).is_none() {
-            return false;
-        }
-    }
-    any
+/// What goes upstream as `Accept-Encoding`: penstock reads what it must of
+/// every answer, so the upstream may compress only in codings it can decode.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accept {
+    /// Every coding the client names is one penstock reads: the header goes as
+    /// it came, copied nowhere.
+    AsSent,
+    /// The client's codings restricted to those penstock reads (`gzip, br`).
+    Only(String),
+    /// No readable compression named (or no header): `identity`, and the
+    /// upstream answers uncompressed.
+    Identity,
 }
 
-/// The client's `Accept-Encoding` restricted to what penstock can read, so the
-/// upstream never answers in a coding penstock cannot look into. `None` when
-/// nothing remains (the upstream then answers uncompressed).
-pub fn readable_accept_encoding(headers: &HeaderMap) -> Option<String> {
-    let kept: Vec<&str> = headers
-        .get_all(ACCEPT_ENCODING)
+/// The `Accept-Encoding` the upstream gets for the client's `headers` (the
+/// header looked up once).
+pub fn upstream_accept(headers: &HeaderMap) -> Accept {
+    let values = headers.get_all(ACCEPT_ENCODING);
+    if values.iter().next().is_none() {
+        return Accept::Identity;
+    }
+    let mut any = false;
+    let all_readable = values
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .all(|item| {
+            any = true;
+            Encoding::parse(item.split(';').next().unwrap_or("")).is_some()
+        });
+    if any && all_readable {
+        return Accept::AsSent;
+    }
+    let kept: Vec<&str> = values
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -84,7 +101,10 @@ pub fn readable_accept_encoding(headers: &HeaderMap) -> Option<String> {
             )
         })
         .collect();
-    (!kept.is_empty()).then(|| kept.join(", "))
+    match kept.is_empty() {
+        true => Accept::Identity,
+        false => Accept::Only(kept.join(", ")),
+    }
 }
 
 /// Whether a client accepts answers in `encoding` (RFC 9110 12.5.3: identity
@@ -104,14 +124,16 @@ pub fn accepts(headers: &HeaderMap, encoding: Encoding) -> bool {
         .flat_map(|v| v.split(','))
     {
         let mut parts = item.split(';');
-        let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let coding = parts.next().unwrap_or("").trim();
         let refused = parts.any(|p| {
             p.trim()
                 .strip_prefix("q=")
                 .and_then(|q| q.trim().parse::<f32>().ok())
                 .is_some_and(|q| q <= 0.0)
         });
-        if coding == name || (encoding == Encoding::Gzip && coding == "x-gzip") {
+        if coding.eq_ignore_ascii_case(name)
+            || (encoding == Encoding::Gzip && coding.eq_ignore_ascii_case("x-gzip"))
+        {
             return !refused;
         }
         if coding == "*" {
@@ -330,19 +352,41 @@ mod tests {
         );
         assert_eq!(Encoding::of(&headers(CONTENT_ENCODING, "zstd")), None);
         assert_eq!(Encoding::of(&headers(CONTENT_ENCODING, "gzip, br")), None);
-        let h = headers(ACCEPT_ENCODING, "gzip, deflate, br, zstd");
         assert_eq!(
-            readable_accept_encoding(&h).as_deref(),
-            Some("gzip, deflate, br")
+            Encoding::of(&headers(CONTENT_ENCODING, "X-GZIP")),
+            Some(Encoding::Gzip)
+        );
+        let h = headers(ACCEPT_ENCODING, "gzip, deflate;q=0.5, BR, zstd");
+        assert_eq!(
+            upstream_accept(&h),
+            Accept::Only("gzip, deflate;q=0.5, BR".into())
         );
         assert_eq!(
-            readable_accept_encoding(&headers(ACCEPT_ENCODING, "zstd")),
-            None
+            upstream_accept(&headers(ACCEPT_ENCODING, "zstd")),
+            Accept::Identity
+        );
+        assert_eq!(
+            upstream_accept(&headers(ACCEPT_ENCODING, "identity, zstd")),
+            Accept::Identity
         );
         assert!(accepts(&h, Encoding::Gzip) && accepts(&h, Encoding::Identity));
-        assert!(!all_readable(&h), "zstd");
-        assert!(all_readable(&headers(ACCEPT_ENCODING, "gzip, deflate, br")));
-        assert!(!all_readable(&HeaderMap::new()), "nothing to pass on");
+        assert!(
+            accepts(&h, Encoding::Brotli),
+            "names are compared without case"
+        );
+        assert_eq!(
+            upstream_accept(&headers(ACCEPT_ENCODING, "gzip, deflate, br")),
+            Accept::AsSent
+        );
+        assert_eq!(
+            upstream_accept(&headers(ACCEPT_ENCODING, "identity")),
+            Accept::AsSent
+        );
+        assert_eq!(
+            upstream_accept(&HeaderMap::new()),
+            Accept::Identity,
+            "nothing to pass on"
+        );
         let h = headers(ACCEPT_ENCODING, "gzip;q=0, *;q=0");
         assert!(!accepts(&h, Encoding::Gzip) && !accepts(&h, Encoding::Identity));
         assert!(!accepts(&HeaderMap::new(), Encoding::Gzip));

@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::config::UpstreamConfig;
 use crate::logic::classify::classify;
-use crate::logic::encoding::{self, Encoding};
+use crate::logic::encoding::{self, Accept, Encoding};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::Payload;
@@ -308,19 +308,18 @@ impl Upstream {
         // compress only in codings it can decode. A shared call's answer goes to
         // many callers, whatever they accept: it is asked for uncompressed.
         // A header of readable codings only goes as it came.
-        let shared = body.interest.is_some();
-        if shared || !encoding::all_readable(h) {
-            let narrowed = match shared {
-                true => None,
-                false => encoding::readable_accept_encoding(h),
-            };
-            match narrowed.and_then(|a| HeaderValue::try_from(a).ok()) {
-                Some(v) => h.insert(header::ACCEPT_ENCODING, v),
-                None => h.insert(
-                    header::ACCEPT_ENCODING,
-                    HeaderValue::from_static("identity"),
-                ),
-            };
+        let accept = match body.interest.is_some() {
+            true => Accept::Identity,
+            false => encoding::upstream_accept(h),
+        };
+        let narrowed = match accept {
+            Accept::AsSent => None,
+            Accept::Only(codings) => Some(HeaderValue::try_from(codings).ok()),
+            Accept::Identity => Some(None),
+        };
+        if let Some(narrowed) = narrowed {
+            let identity = || HeaderValue::from_static("identity");
+            h.insert(header::ACCEPT_ENCODING, narrowed.unwrap_or_else(identity));
         }
         if let Some(auth) = &self.inner.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
