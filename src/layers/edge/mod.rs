@@ -216,7 +216,12 @@ impl EdgeConfig {
                 true => key.clone(),
                 false => format!("{key}{scope}").into(),
             };
-            let credential = match self.projects.get(&key) {
+            // Most deployments name no projects: no lookup then.
+            let project = match self.projects.is_empty() {
+                true => None,
+                false => self.projects.get(&key),
+            };
+            let credential = match project {
                 Some(project) => format!("project:{project}{scope}").into(),
                 None => tenant.clone(),
             };
