@@ -21,7 +21,9 @@ use crate::vocab::route::Route;
 pub struct Line {
     pub id: String,
     pub method: Method,
-    pub path: String,
+    /// The request's target, shared with it (its text is not copied): the
+    /// line shows its path.
+    pub uri: http::Uri,
     pub route: Route,
     pub status: u16,
     pub head_ms: u64,
@@ -96,7 +98,7 @@ impl<'a> Fields<'a> {
         // Penstock's own text (its id, the method, the route) needs no escape.
         f.plain(field!("request_id"), &l.id);
         f.plain(field!("method"), l.method.as_str());
-        f.str(field!("path"), &l.path);
+        f.str(field!("path"), l.uri.path());
         f.plain(field!("route"), l.route.label());
         f.opt_str(field!("model"), self.model);
         f.bool(field!("stream"), self.stream);
@@ -121,7 +123,7 @@ impl<'a> Fields<'a> {
             target: TARGET,
             request_id = l.id,
             method = l.method.as_str(),
-            path = l.path,
+            path = l.uri.path(),
             route = l.route.label(),
             model = self.model,
             stream = self.stream,
@@ -208,7 +210,7 @@ mod tests {
         Line {
             id: "ps-00000001".into(),
             method: Method::POST,
-            path: "/v1/chat/completions".into(),
+            uri: http::Uri::from_static("/v1/chat/completions"),
             route: Route::ChatCompletions,
             status: 200,
             head_ms: 12,

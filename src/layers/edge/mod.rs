@@ -377,8 +377,8 @@ where
         let received = Instant::now();
         let id = next_request_id();
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let route = Route::from_path(&path);
+        let uri = req.uri().clone();
+        let route = Route::from_path(uri.path());
         // Started here, outside the future below, and boxed apart: parsing's
         // state (the request, a multipart parser) is large and done before the
         // wait for budget; inside, every queued request would carry it. It
@@ -425,7 +425,7 @@ where
                 cache,
                 id,
                 method,
-                path,
+                uri,
                 route,
                 status: resp.status().as_u16(),
                 head_ms: received.elapsed().as_millis() as u64,
