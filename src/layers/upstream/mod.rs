@@ -312,14 +312,16 @@ impl Upstream {
             true => Accept::Identity,
             false => encoding::upstream_accept(h),
         };
-        let narrowed = match accept {
+        let identity = || HeaderValue::from_static("identity");
+        let replaced = match accept {
             Accept::AsSent => None,
-            Accept::Only(codings) => Some(HeaderValue::try_from(codings).ok()),
-            Accept::Identity => Some(None),
+            Accept::Only(codings) => {
+                Some(HeaderValue::try_from(codings).unwrap_or_else(|_| identity()))
+            }
+            Accept::Identity => Some(identity()),
         };
-        if let Some(narrowed) = narrowed {
-            let identity = || HeaderValue::from_static("identity");
-            h.insert(header::ACCEPT_ENCODING, narrowed.unwrap_or_else(identity));
+        if let Some(value) = replaced {
+            h.insert(header::ACCEPT_ENCODING, value);
         }
         if let Some(auth) = &self.inner.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
