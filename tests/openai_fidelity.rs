@@ -98,6 +98,32 @@ async fn usage_is_read_from_a_compressed_stream_passed_on_as_it_came() {
 }
 
 #[tokio::test]
+async fn a_chat_answers_usage_with_openais_breakdowns_is_what_penstock_counts() {
+    let h = start(Behaviour::default()).await;
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .json(&json!({"model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "one two three four five"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    let usage = &answer["usage"];
+    assert!(usage["prompt_tokens_details"].is_object(), "{answer}");
+    assert!(usage["completion_tokens_details"].is_object(), "{answer}");
+    let metrics = h.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "penstock_tokens_total{model=\"gpt-4o-mini\",kind=\"actual\"}"
+        ),
+        usage["total_tokens"].as_f64().unwrap(),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_coalesced_answer_reaches_each_caller_in_a_coding_it_reads() {
     let h = start(Behaviour {
         latency: (Duration::from_millis(300), Duration::from_millis(300)),

@@ -1081,7 +1081,10 @@ fn route(
                 .take(call.output_tokens as usize)
                 .map(str::to_string)
                 .collect();
-            let usage = json!({"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens, "total_tokens": call.input_tokens + call.output_tokens});
+            // OpenAI's shape, with the breakdowns it adds after the three counts.
+            let usage = json!({"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens, "total_tokens": call.input_tokens + call.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}});
             let id = format!("chatcmpl-{seq}");
             if call.stream {
                 let mut events = Vec::new();

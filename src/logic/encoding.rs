@@ -77,15 +77,12 @@ pub fn upstream_accept(headers: &HeaderMap) -> Accept {
     if values.iter().next().is_none() {
         return Accept::Identity;
     }
-    let mut any = false;
+    // A value gives at least one item: `all` is not true of nothing here.
     let all_readable = values
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .all(|item| {
-            any = true;
-            Encoding::parse(item.split(';').next().unwrap_or("")).is_some()
-        });
-    if any && all_readable {
+        .all(|item| Encoding::parse(item.split(';').next().unwrap_or("")).is_some());
+    if all_readable {
         return Accept::AsSent;
     }
     let kept: Vec<&str> = values
@@ -166,6 +163,16 @@ struct Kept {
     max: u64,
 }
 
+impl Kept {
+    fn new(max: u64) -> Kept {
+        Kept {
+            tail: Vec::new(),
+            decoded: 0,
+            max,
+        }
+    }
+}
+
 impl Write for Kept {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.decoded = self.decoded.saturating_add(data.len() as u64);
@@ -199,11 +206,7 @@ pub struct Tail(Decoder);
 impl Tail {
     /// Decoding stops once `max_decoded` bytes came out.
     pub fn new(encoding: Option<Encoding>, max_decoded: u64) -> Tail {
-        let kept = Kept {
-            tail: Vec::new(),
-            decoded: 0,
-            max: max_decoded,
-        };
+        let kept = Kept::new(max_decoded);
         Tail(match encoding {
             Some(Encoding::Identity) => Decoder::Whole(None, max_decoded),
             Some(Encoding::Gzip) => {
@@ -227,11 +230,7 @@ impl Tail {
             }
             Decoder::Whole(Some(first), max) => {
                 // A second chunk: from here the end is kept by copying.
-                let mut kept = Kept {
-                    tail: Vec::new(),
-                    decoded: 0,
-                    max: *max,
-                };
+                let mut kept = Kept::new(*max);
                 let ok = kept.write_all(first).is_ok() && kept.write_all(chunk).is_ok();
                 self.0 = Decoder::Identity(kept);
                 ok

@@ -216,12 +216,7 @@ impl EdgeConfig {
                 true => key.clone(),
                 false => format!("{key}{scope}").into(),
             };
-            // Most deployments name no projects: no lookup then.
-            let project = match self.projects.is_empty() {
-                true => None,
-                false => self.projects.get(&key),
-            };
-            let credential = match project {
+            let credential = match self.projects.get(&key) {
                 Some(project) => format!("project:{project}{scope}").into(),
                 None => tenant.clone(),
             };

@@ -93,24 +93,11 @@ pub enum BuildError {
     Tls(#[from] rustls::Error),
 }
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn hop_by_hop(name: &HeaderName) -> bool {
-    // A `match` on the (lowercase) name: its length picks the one candidate
-    // compared, where a list would be walked for every header.
+/// Whether `name` (lowercase) describes one hop and is never forwarded (RFC
+/// 9110 7.6.1). A `match`: the name's length picks the one candidate compared.
+fn hop_by_hop_name(name: &str) -> bool {
     matches!(
-        name.as_str(),
+        name,
         "connection"
             | "keep-alive"
             | "proxy-connection"
@@ -123,9 +110,13 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+fn hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_name(name.as_str())
+}
+
 /// Further names the `Connection` header lists as hop-by-hop (most messages
 /// list none, or only `keep-alive` or `close`): nothing is allocated unless
-/// one is.
+/// one is, or a token is written in capitals.
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
         .get_all(header::CONNECTION)
@@ -134,8 +125,11 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| {
-            !t.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(t))
+            let lower = match t.bytes().any(|b| b.is_ascii_uppercase()) {
+                true => std::borrow::Cow::Owned(t.to_ascii_lowercase()),
+                false => std::borrow::Cow::Borrowed(*t),
+            };
+            lower != "close" && !hop_by_hop_name(&lower)
         })
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect()
@@ -144,18 +138,7 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 /// Drops hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed = connection_listed(headers);
-    let doomed = |k: &HeaderName| hop_by_hop(k) || listed.contains(k);
-    // Most answers carry one: `connection`, removed without a second search.
-    let mut found = headers.keys().filter(|k| doomed(k));
-    let only_connection = match (found.next(), found.next()) {
-        (None, _) => return,
-        (Some(k), None) => k == header::CONNECTION,
-        _ => false,
-    };
-    match only_connection {
-        true => drop(headers.remove(header::CONNECTION)),
-        false => remove_where(headers, doomed),
-    }
+    remove_where(headers, |k| hop_by_hop(k) || listed.contains(k));
 }
 
 /// The client's headers as they go upstream, copied in one pass: without
