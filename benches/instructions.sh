@@ -7,8 +7,10 @@
 # one change to the hot path is worth.
 # Needs valgrind, nginx and wrk (Debian: apt-get install valgrind nginx wrk).
 # `bash benches/instructions.sh` (SECONDS_MEASURED to change the load)
-# `bash benches/instructions.sh syscalls`: instead, system calls per request on
-# one connection, counted by `strace -f -c` on the running binary (needs strace).
+# `bash benches/instructions.sh syscalls`: instead, system calls and context
+# switches per request under `wrk -t2 -c32`, for penstock, the baseline and an
+# nginx `proxy_pass` in turn, counted by the kernel's tracepoints (`perf stat`;
+# needs perf and the right to trace).
 # `bash benches/instructions.sh baseline`: the same count for `examples/baseline.rs`,
 # the least a hyper proxy built like penstock does for the request.
 # `bash benches/instructions.sh cpu`: no callgrind; penstock, the baseline and
@@ -18,13 +20,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-instructions}
 tools="valgrind callgrind_control callgrind_annotate nginx wrk"
-[ "$mode" = syscalls ] && tools="strace nginx wrk"
+[ "$mode" = syscalls ] && tools="perf nginx wrk"
 [ "$mode" = cpu ] && tools="nginx wrk"
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "instructions: $tool is not installed"; exit 1; }
 done
 cargo build --release -q
-case "$mode" in baseline | cpu) cargo build --release -q --example baseline ;; esac
+case "$mode" in baseline | cpu | syscalls) cargo build --release -q --example baseline ;; esac
 dir=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(free_port); px=$(free_port)
@@ -76,26 +78,9 @@ wait_listening() {
     done
 }
 url="http://127.0.0.1:$px/v1/chat/completions"
-if [ "$mode" = syscalls ]; then
-    target/release/penstock --config "$dir/penstock.toml" --log-format json \
-        2>"$dir/penstock.log" >/dev/null &
-    vg=$!
-    wait_listening
-    wrk -t1 -c1 -d2s -s "$dir/post.lua" "$url" >/dev/null
-    strace -f -c -o "$dir/strace.txt" -p "$vg" 2>/dev/null &
-    st=$!
-    sleep 1
-    n=$(wrk -t1 -c1 -d"${SECONDS_MEASURED:-5}"s -s "$dir/post.lua" "$url" | awk '/requests in/ {print $1}')
-    kill -INT "$st"
-    wait "$st" 2>/dev/null || true
-    echo "syscalls on one connection: $n requests"
-    awk -v n="$n" '$NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" && $4 / n >= 0.01 {
-        printf "  %-14s %6.2f per request\n", $NF, $4 / n }' "$dir/strace.txt"
-    exit 0
-fi
 proxy=(target/release/penstock --config "$dir/penstock.toml" --log-format json)
 [ "$mode" = baseline ] && proxy=(target/release/examples/baseline "127.0.0.1:$px" "127.0.0.1:$up")
-if [ "$mode" = cpu ]; then
+if [ "$mode" = cpu ] || [ "$mode" = syscalls ]; then
     ng=$(free_port); bp=$(free_port)
     cat > "$dir/proxy.conf" <<CONF
 worker_processes 2;
@@ -136,6 +121,29 @@ CONF
                 name, n / d, u * 1e6 / t / n, s * 1e6 / t / n, (u + s) * 1e6 / t / n }'
     }
     workers=$(pgrep -P "$(cat "$dir/proxy.pid")" | tr '\n' ' ')
+    if [ "$mode" = syscalls ]; then
+        events=raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom
+        events=$events,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_futex,context-switches
+        count() { # name port pids...
+            local name=$1 port=$2; shift 2
+            local u="http://127.0.0.1:$port/v1/chat/completions"
+            wrk -t2 -c32 -d1s -s "$dir/post.lua" "$u" >/dev/null
+            perf stat -x, -e "$events" -p "$(echo "$@" | tr ' ' ',' | sed 's/,$//')" \
+                -o "$dir/stat.txt" -- sleep "$((${SECONDS_MEASURED:-4} + 1))" &
+            local st=$!
+            # The count spans the whole load, and a second idle after it.
+            n=$(wrk -t2 -c32 -d"${SECONDS_MEASURED:-4}"s -s "$dir/post.lua" "$u" | awk '/requests in/ {print $1}')
+            wait "$st"
+            awk -F, -v name="$name" -v n="$n" 'BEGIN { printf "%-9s", name }
+                $1 ~ /^[0-9]+$/ { e = $3; sub(/^.*sys_enter_?/, "", e); if (e == "") e = "all";
+                    printf "  %s %.2f", e, $1 / n } END { print "  (per request)" }' "$dir/stat.txt"
+        }
+        count penstock "$px" "$vg"
+        count baseline "$bp" "$base"
+        # shellcheck disable=SC2086
+        count nginx "$ng" $workers
+        exit 0
+    fi
     for _ in 1 2; do
         load penstock "$px" "$vg"
         load baseline "$bp" "$base"
