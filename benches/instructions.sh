@@ -25,6 +25,10 @@ tools="valgrind callgrind_control callgrind_annotate nginx wrk"
 for tool in $tools; do
     command -v "$tool" >/dev/null || { echo "instructions: $tool is not installed"; exit 1; }
 done
+if [ "$mode" = syscalls ] && ! perf stat -e raw_syscalls:sys_enter -o /dev/null -- true 2>/dev/null; then
+    echo "instructions: perf cannot read the kernel's tracepoints here (kernel.perf_event_paranoid, or tracefs not mounted)"
+    exit 1
+fi
 cargo build --release -q
 case "$mode" in baseline | cpu | syscalls) cargo build --release -q --example baseline ;; esac
 dir=$(mktemp -d)
