@@ -6,11 +6,14 @@
 # on a shared machine, the count barely moves between runs, so it shows what
 # one change to the hot path is worth.
 # Needs valgrind, nginx and wrk (Debian: apt-get install valgrind nginx wrk).
-# `bash benches/instructions.sh` (SECONDS_MEASURED to change the load)
-# `bash benches/instructions.sh syscalls`: instead, system calls and context
-# switches per request under `wrk -t2 -c32`, for penstock, the baseline and an
-# nginx `proxy_pass` in turn, counted by the kernel's tracepoints (`perf stat`;
-# needs perf and the right to trace).
+# `bash benches/instructions.sh` (SECONDS_MEASURED to change the load;
+# BUDGET=off to run penstock with no pool (no `[[budget]]`, learning off),
+# PENSTOCK_LOG=warn without
+# its access line: what those parts cost)
+# `bash benches/instructions.sh syscalls`: instead, system calls, context
+# switches and page faults per request under `wrk -t2 -c32`, for penstock, the
+# baseline and an nginx `proxy_pass` in turn, counted by the kernel
+# (`perf stat`; needs perf and the right to read its tracepoints).
 # `bash benches/instructions.sh baseline`: the same count for `examples/baseline.rs`,
 # the least a hyper proxy built like penstock does for the request.
 # `bash benches/instructions.sh cpu`: no callgrind; penstock, the baseline and
@@ -63,6 +66,10 @@ listen = "127.0.0.1:$px"
 admin_listen = "127.0.0.1:0"
 [upstream]
 base_url = "http://127.0.0.1:$up"
+CONF
+# BUDGET=off: no pool at all, configured or learned.
+if [ "${BUDGET:-on}" = off ]; then printf '[learn]\nenabled = false\n' >> "$dir/penstock.toml"; fi
+[ "${BUDGET:-on}" = off ] || cat >> "$dir/penstock.toml" <<CONF
 [[budget]]
 name = "text"
 models = ["gpt-4o*"]
@@ -110,49 +117,47 @@ CONF
     wait_listening
     sleep 0.5
     tick=$(getconf CLK_TCK)
+    secs=${SECONDS_MEASURED:-6}
+    events=raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom
+    events=$events,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_futex
+    events=$events,context-switches,page-faults
     # user and system ticks of the given processes, summed
     ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u, s}'; }
-    load() { # name port pids...
+    # Loads one proxy after a warm-up and prints what this mode counts, per request.
+    measure() { # name port pids...
         local name=$1 port=$2; shift 2
-        local u="http://127.0.0.1:$port/v1/chat/completions"
+        local u="http://127.0.0.1:$port/v1/chat/completions" st
         wrk -t2 -c32 -d2s -s "$dir/post.lua" "$u" >/dev/null
-        read -r u0 s0 < <(ticks "$@")
-        n=$(wrk -t2 -c32 -d"${SECONDS_MEASURED:-6}"s -s "$dir/post.lua" "$u" | awk '/requests in/ {print $1}')
-        read -r u1 s1 < <(ticks "$@")
-        awk -v name="$name" -v n="$n" -v d="${SECONDS_MEASURED:-6}" -v t="$tick" \
-            -v u=$((u1 - u0)) -v s=$((s1 - s0)) 'BEGIN {
-            printf "%-9s %8.0f req/s  user %5.1f  system %5.1f  CPU %5.1f µs/request\n",
-                name, n / d, u * 1e6 / t / n, s * 1e6 / t / n, (u + s) * 1e6 / t / n }'
-    }
-    workers=$(pgrep -P "$(cat "$dir/proxy.pid")" | tr '\n' ' ')
-    if [ "$mode" = syscalls ]; then
-        events=raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom
-        events=$events,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_futex,context-switches
-        count() { # name port pids...
-            local name=$1 port=$2; shift 2
-            local u="http://127.0.0.1:$port/v1/chat/completions"
-            wrk -t2 -c32 -d1s -s "$dir/post.lua" "$u" >/dev/null
-            perf stat -x, -e "$events" -p "$(echo "$@" | tr ' ' ',' | sed 's/,$//')" \
-                -o "$dir/stat.txt" -- sleep "$((${SECONDS_MEASURED:-4} + 1))" &
-            local st=$!
+        if [ "$mode" = cpu ]; then
+            read -r u0 s0 < <(ticks "$@")
+        else
             # The count spans the whole load, and a second idle after it.
-            n=$(wrk -t2 -c32 -d"${SECONDS_MEASURED:-4}"s -s "$dir/post.lua" "$u" | awk '/requests in/ {print $1}')
+            perf stat -x, -e "$events" -p "$(IFS=,; echo "$*")" -o "$dir/stat.txt" \
+                -- sleep $((secs + 1)) &
+            st=$!
+        fi
+        n=$(wrk -t2 -c32 -d"$secs"s -s "$dir/post.lua" "$u" | awk '/requests in/ {print $1}')
+        if [ "$mode" = cpu ]; then
+            read -r u1 s1 < <(ticks "$@")
+            awk -v name="$name" -v n="$n" -v d="$secs" -v t="$tick" \
+                -v u=$((u1 - u0)) -v s=$((s1 - s0)) 'BEGIN {
+                printf "%-9s %8.0f req/s  user %5.1f  system %5.1f  CPU %5.1f µs/request\n",
+                    name, n / d, u * 1e6 / t / n, s * 1e6 / t / n, (u + s) * 1e6 / t / n }'
+        else
             wait "$st"
             awk -F, -v name="$name" -v n="$n" 'BEGIN { printf "%-9s", name }
                 $1 ~ /^[0-9]+$/ { e = $3; sub(/^.*sys_enter_?/, "", e); if (e == "") e = "all";
                     printf "  %s %.2f", e, $1 / n } END { print "  (per request)" }' "$dir/stat.txt"
-        }
-        count penstock "$px" "$vg"
-        count baseline "$bp" "$base"
+        fi
+    }
+    workers=$(pgrep -P "$(cat "$dir/proxy.pid")" | tr '\n' ' ')
+    rounds=2
+    [ "$mode" = syscalls ] && rounds=1
+    for _ in $(seq "$rounds"); do
+        measure penstock "$px" "$vg"
+        measure baseline "$bp" "$base"
         # shellcheck disable=SC2086
-        count nginx "$ng" $workers
-        exit 0
-    fi
-    for _ in 1 2; do
-        load penstock "$px" "$vg"
-        load baseline "$bp" "$base"
-        # shellcheck disable=SC2086
-        load nginx "$ng" $workers
+        measure nginx "$ng" $workers
     done
     exit 0
 fi

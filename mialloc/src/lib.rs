@@ -21,20 +21,21 @@ pub struct Mimalloc;
 /// The alignment every mimalloc block has.
 const WORD: usize = core::mem::size_of::<usize>();
 
-// SAFETY: each call is mimalloc's for the same request; blocks from the plain
-// calls are word-aligned (see above), and those calls are only made when the
-// layout asks for no more. `mi_free` frees blocks from either kind of call.
 /// mimalloc's plain call for a layout aligned to a word or less, else its
 /// aligned one.
+///
+/// # Safety
+/// `plain` and `aligned` are mimalloc's allocating calls (`mi_malloc` and
+/// `mi_malloc_aligned`, or the zeroing pair), which take any size and a
+/// power-of-two alignment, and return null when out of memory.
 #[inline]
-fn by_alignment(
+unsafe fn by_alignment(
     layout: Layout,
     plain: unsafe extern "C" fn(usize) -> *mut core::ffi::c_void,
     aligned: unsafe extern "C" fn(usize, usize) -> *mut core::ffi::c_void,
 ) -> *mut u8 {
-    // SAFETY: both are mimalloc's allocating calls, which take any size and a
-    // power-of-two alignment (a `Layout`'s always is), and return null when
-    // out of memory.
+    // SAFETY: the caller passes mimalloc's calls; a `Layout`'s alignment is a
+    // power of two.
     unsafe {
         match layout.align() <= WORD {
             true => plain(layout.size()),
@@ -44,15 +45,20 @@ fn by_alignment(
     .cast()
 }
 
+// SAFETY: each call is mimalloc's for the same request; blocks from the plain
+// calls are word-aligned (see above), and those calls are only made when the
+// layout asks for no more. `mi_free` frees blocks from either kind of call.
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        by_alignment(layout, mi::mi_malloc, mi::mi_malloc_aligned)
+        // SAFETY: mimalloc's allocating pair.
+        unsafe { by_alignment(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        by_alignment(layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
+        // SAFETY: mimalloc's zeroing pair.
+        unsafe { by_alignment(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]

@@ -7,8 +7,9 @@
 use std::io::{Read, Write};
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::header::GetAll;
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING};
+use http::{HeaderMap, HeaderValue};
 
 use crate::vocab::usage;
 
@@ -70,6 +71,22 @@ pub enum Accept {
     Identity,
 }
 
+/// The items of the client's `Accept-Encoding`, trimmed, each `coding` with
+/// its parameters; a value that is not text is one item no coding matches.
+fn accept_items<'a>(values: &GetAll<'a, HeaderValue>) -> impl Iterator<Item = &'a str> + use<'a> {
+    values
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim)
+}
+
+/// An item's coding, without its parameters.
+fn coding(item: &str) -> &str {
+    item.split_once(';')
+        .map_or(item, |(coding, _)| coding)
+        .trim()
+}
+
 /// The `Accept-Encoding` the upstream gets for the client's `headers` (the
 /// header looked up once).
 pub fn upstream_accept(headers: &HeaderMap) -> Accept {
@@ -77,23 +94,15 @@ pub fn upstream_accept(headers: &HeaderMap) -> Accept {
     if values.iter().next().is_none() {
         return Accept::Identity;
     }
+    let readable = |item: &str| Encoding::parse(coding(item));
     // A value gives at least one item: `all` is not true of nothing here.
-    let all_readable = values
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .all(|item| Encoding::parse(item.split(';').next().unwrap_or("")).is_some());
-    if all_readable {
+    if accept_items(&values).all(|item| readable(item).is_some()) {
         return Accept::AsSent;
     }
-    let kept: Vec<&str> = values
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+    let kept: Vec<&str> = accept_items(&values)
         .filter(|item| {
-            let name = item.split(';').next().unwrap_or("");
             matches!(
-                Encoding::parse(name),
+                readable(item),
                 Some(Encoding::Gzip | Encoding::Deflate | Encoding::Brotli)
             )
         })
@@ -114,15 +123,9 @@ pub fn accepts(headers: &HeaderMap, encoding: Encoding) -> bool {
         Encoding::Brotli => "br",
     };
     let mut star = None;
-    for item in headers
-        .get_all(ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-    {
-        let mut parts = item.split(';');
-        let coding = parts.next().unwrap_or("").trim();
-        let refused = parts.any(|p| {
+    for item in accept_items(&headers.get_all(ACCEPT_ENCODING)) {
+        let coding = coding(item);
+        let refused = item.split(';').skip(1).any(|p| {
             p.trim()
                 .strip_prefix("q=")
                 .and_then(|q| q.trim().parse::<f32>().ok())
