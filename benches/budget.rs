@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fake_openai::{Behaviour, Fake, Limits};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 use penstock::config::BudgetConfig;
 use tower::{Service, ServiceExt};
 
@@ -62,59 +60,6 @@ fn budget(rpm: u64) -> BudgetConfig {
     }
 }
 
-struct Outcome {
-    ok: usize,
-    wall: Duration,
-}
-
-/// 50 simultaneous generations, each retried the way the official SDKs do.
-async fn fifty_users(url: &str) -> Outcome {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let (client, url) = (client.clone(), url.to_string());
-            tokio::spawn(async move {
-                let body = format!(r#"{{"model":"gpt-image-1-mini","prompt":"user {i}","quality":"low","size":"1024x1024"}}"#);
-                for attempt in 0..3u32 {
-                    let req = http::Request::post(&url)
-                        .header("content-type", "application/json")
-                        .header("authorization", "Bearer sk-bench")
-                        .header("x-stainless-retry-count", attempt.to_string())
-                        .body(Full::new(Bytes::from(body.clone())))
-                        .unwrap();
-                    let Ok(resp) = client.request(req).await else { continue };
-                    let status = resp.status();
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after-ms")
-                        .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
-                        .filter(|ms| *ms > 0.0 && *ms <= 60_000.0)
-                        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
-                    let _ = resp.into_body().collect().await;
-                    if status.is_success() {
-                        return true;
-                    }
-                    if attempt < 2 && (status == 429 || status.is_server_error()) {
-                        let jitter = 1.0 - 0.25 * ((i * 7 + attempt as usize * 13) % 100) as f64 / 100.0;
-                        let backoff = Duration::from_secs_f64((0.5 * 2f64.powi(attempt as i32)).min(8.0) * jitter);
-                        tokio::time::sleep(retry_after.unwrap_or(backoff)).await;
-                    }
-                }
-                false
-            })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        ok += t.await.unwrap() as usize;
-    }
-    Outcome {
-        ok,
-        wall: started.elapsed(),
-    }
-}
-
 async fn scenario() {
     let strict = || Behaviour {
         limits: Some(Limits {
@@ -128,13 +73,21 @@ async fn scenario() {
         ..Behaviour::default()
     };
     let direct_fake = Fake::start(strict()).await;
-    let direct = fifty_users(&format!("{}/v1/images/generations", direct_fake.url())).await;
+    let direct = common::fifty_users(
+        "gpt-image-1-mini",
+        &format!("{}/v1/images/generations", direct_fake.url()),
+    )
+    .await;
 
     let fake = Fake::start(strict()).await;
     let mut config = common::config_for(&fake.url());
     config.budgets = vec![budget(600)];
     let p = penstock::start(&config, |_| None).await.unwrap();
-    let proxied = fifty_users(&format!("http://{}/v1/images/generations", p.addr)).await;
+    let proxied = common::fifty_users(
+        "gpt-image-1-mini",
+        &format!("http://{}/v1/images/generations", p.addr),
+    )
+    .await;
 
     let ideal = Duration::from_millis(4400); // 10 now, 10 more each second, ~0.4 s each
     println!(

@@ -41,17 +41,36 @@ pub struct Running {
     /// runtime running, as tasks one thread started (a pool's admission, a
     /// shared call) may serve another's requests.
     drained: watch::Sender<bool>,
+    budgets: Arc<crate::layers::budget::Registry>,
+    grace: Duration,
 }
 
 impl Running {
-    /// Stops accepting and waits for in-flight requests (up to the grace period).
+    /// Stops accepting and waits for in-flight requests (up to the grace
+    /// period). Requests waiting for budget keep their turn meanwhile; those
+    /// still waiting shortly before the grace ends could not go in time and
+    /// are answered then (503 `penstock_shutting_down`), while their
+    /// connections are still open.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        let (budgets, close) = (self.budgets.clone(), closing_time(self.grace));
+        let closer = tokio::spawn(async move {
+            tokio::time::sleep(close).await;
+            budgets.close_queues();
+        });
         for t in self.tasks {
             let _ = t.await;
         }
+        closer.abort();
         let _ = self.drained.send(true);
     }
+}
+
+/// When, into a shutdown's grace, requests still waiting for budget are
+/// answered: a second before it ends (a quarter of a shorter grace), time to
+/// write the answer.
+fn closing_time(grace: Duration) -> Duration {
+    grace.saturating_sub(Duration::from_secs(1).min(grace / 4))
 }
 
 /// Binds both listeners and starts serving. Every part of the stack is built
@@ -89,6 +108,7 @@ pub async fn start(
         .local_addr()
         .expect("bound socket has an address");
 
+    let budgets = shared.budgets.clone();
     let state = Arc::new(admin::State::new(config, shared));
     let (stop, stopped) = watch::channel(false);
     let grace = config.server.shutdown_grace;
@@ -181,6 +201,8 @@ pub async fn start(
         stop,
         tasks,
         drained,
+        budgets,
+        grace,
     })
 }
 

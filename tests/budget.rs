@@ -286,10 +286,12 @@ async fn hopeless_waits_and_a_full_queue_are_refused_at_once_with_retry_after() 
 #[tokio::test]
 async fn the_upstreams_headers_pull_the_pool_down_when_someone_else_spends_the_key() {
     // penstock's budget is generous; the key is shared with another app that has
-    // already spent 8 of the upstream's 10 per second.
+    // already spent 8 of the upstream's 10 per second. (OpenAI's image answers
+    // announce nothing; an upstream whose answers do, as its text answers.)
     let h = start_with(
         Behaviour {
             limits: Some(ten_per_second()),
+            image_answer_limits: true,
             ..Behaviour::default()
         },
         |c| c.budgets = vec![budget(&["gpt-image-*"], Some(6000), None, None)],
@@ -523,4 +525,59 @@ async fn a_limit_holds_across_every_proxy_thread() {
     }
     assert_eq!(h.fake.answered(429), 0, "the upstream never refused a call");
     assert_eq!(h.fake.calls(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_queued_requests_go_while_the_budget_allows_and_the_rest_are_answered() {
+    // One generation a second; ten asked at once; SIGTERM (shutdown) just
+    // after, with a grace of three seconds.
+    let h = start_with(
+        Behaviour {
+            latency: (Duration::from_millis(300), Duration::from_millis(300)),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, None)];
+            c.server.shutdown_grace = Duration::from_secs(3);
+        },
+        |_| None,
+    )
+    .await;
+    let url = format!("{}/v1/images/generations", h.url);
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "gpt-image-1", "prompt": format!("p{i}"), "quality": "low"});
+                let resp = http().post(url).json(&body).send().await.unwrap();
+                let status = resp.status().as_u16();
+                let retry = resp.headers().get("retry-after-ms").is_some();
+                let body: serde_json::Value = resp.json().await.unwrap();
+                (status, retry, body)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Harness { fake, penstock, .. } = h;
+    penstock.shutdown().await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for c in calls {
+        let (status, retry, body) = c.await.expect("every client heard an answer");
+        match status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(body["error"]["code"], "penstock_shutting_down", "{body}");
+                assert!(retry, "a refusal says when to try again");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // At one a second, the calls due before the last second of the grace
+    // went (the first, and those at 1 s and 2 s at most); the rest were told.
+    assert!((1..=3).contains(&ok), "{ok} succeeded");
+    assert_eq!(ok + refused, 10);
+    assert_eq!(fake.calls(), ok, "a refused request reached nobody");
 }

@@ -175,6 +175,8 @@ async fn a_hit_does_not_replay_the_headers_of_the_call_that_made_it() {
                 window: Duration::from_secs(60),
                 ..Limits::default()
             }),
+            // Announced on answers, to show they are not replayed.
+            image_answer_limits: true,
             ..Behaviour::default()
         },
         |c| {

@@ -267,3 +267,75 @@ where
     });
     addr
 }
+
+/// What [`fifty_users`] saw.
+pub struct Outcome {
+    pub ok: usize,
+    pub wall: Duration,
+}
+
+/// `users` simultaneous generations of `model`, each retried the way the
+/// official SDKs do: 2 retries, after `retry-after-ms`, else `retry-after`,
+/// when either is at most 60 s, else after 0.5 s * 2^n with jitter.
+pub async fn fifty_users(model: &str, url: &str) -> Outcome {
+    users(50, model, url).await
+}
+
+/// As [`fifty_users`], with `n` users.
+pub async fn users(n: usize, model: &str, url: &str) -> Outcome {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (client, url, model) = (client.clone(), url.to_string(), model.to_string());
+            tokio::spawn(async move {
+                let body = format!(
+                    r#"{{"model":"{model}","prompt":"user {i}","quality":"low","size":"1024x1024"}}"#
+                );
+                for attempt in 0..3u32 {
+                    let req = http::Request::post(&url)
+                        .header("content-type", "application/json")
+                        .header("authorization", "Bearer sk-bench")
+                        .header("x-stainless-retry-count", attempt.to_string())
+                        .body(Full::new(Bytes::from(body.clone())))
+                        .unwrap();
+                    let Ok(resp) = client.request(req).await else {
+                        continue;
+                    };
+                    let status = resp.status();
+                    let header = |name: &str, scale: f64| {
+                        resp.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
+                            .map(|x| x * scale)
+                    };
+                    let retry_after = header("retry-after-ms", 1.0)
+                        .or_else(|| header("retry-after", 1000.0))
+                        .filter(|ms| *ms > 0.0 && *ms <= 60_000.0)
+                        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                    let _ = resp.into_body().collect().await;
+                    if status.is_success() {
+                        return true;
+                    }
+                    if attempt < 2 && (status == 429 || status.is_server_error()) {
+                        let jitter =
+                            1.0 - 0.25 * ((i * 7 + attempt as usize * 13) % 100) as f64 / 100.0;
+                        let backoff = Duration::from_secs_f64(
+                            (0.5 * 2f64.powi(attempt as i32)).min(8.0) * jitter,
+                        );
+                        tokio::time::sleep(retry_after.unwrap_or(backoff)).await;
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap() as usize;
+    }
+    Outcome {
+        ok,
+        wall: started.elapsed(),
+    }
+}

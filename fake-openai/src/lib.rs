@@ -93,8 +93,17 @@ pub struct Behaviour {
     pub stall_after_bytes: Option<usize>,
     /// Announce the limits in `x-ratelimit-*`, per minute as OpenAI does (an
     /// upstream without limits announces ones too high to matter); off,
-    /// answers carry no rate-limit headers at all.
+    /// answers carry no rate-limit headers at all, refusals included (a quiet
+    /// upstream: only `retry-after` says anything).
     pub announce_limits: bool,
+    /// Image answers carry `x-ratelimit-*` as text answers do. OpenAI's images
+    /// endpoints announce nothing on a success (openai-php/client#288, still
+    /// so): off by default.
+    pub image_answer_limits: bool,
+    /// A refused image call carries `x-ratelimit-limit-images`,
+    /// `-remaining-images` and `-reset-images` (a Go-style duration), as
+    /// OpenAI's 429s for images do; on by default.
+    pub image_refusal_limits: bool,
     /// Keys that belong to one project: (`Authorization` value, project). Calls
     /// with these keys spend their project's limits, shared by its keys.
     pub key_projects: Vec<(String, String)>,
@@ -125,6 +134,8 @@ impl Default for Behaviour {
             stall_after_bytes: None,
             key_projects: Vec::new(),
             announce_limits: true,
+            image_answer_limits: false,
+            image_refusal_limits: true,
             compress: true,
             idle_close: None,
         }
@@ -806,11 +817,8 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     // Admission against the limits happens when the call arrives, as OpenAI does,
     // for the organization/project the call is made for.
     let tokens = call.charged_tokens;
-    let images = if parts.uri.path().starts_with("/v1/images/") {
-        call.n
-    } else {
-        0
-    };
+    let is_image = parts.uri.path().starts_with("/v1/images/");
+    let images = if is_image { call.n } else { 0 };
     let mut rl_headers = HeaderMap::new();
     // Without limits, OpenAI's headers still come, with limits never reached.
     let limits = b.limits.clone().unwrap_or(Limits {
@@ -901,27 +909,42 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
                 Some("rate_limit_exceeded"),
             );
             let h = resp.headers_mut();
-            // A refusal announces the limits too (the contract: "on successful
-            // responses too"), with nothing remaining.
-            if b.announce_limits {
-                let per_minute = |n| limits.per_minute(n);
-                h.insert(
-                    "x-ratelimit-limit-requests",
-                    per_minute(u64::from(limits.requests)).into(),
-                );
-                if let Some(max) = limits.tokens {
-                    h.insert("x-ratelimit-limit-tokens", per_minute(max).into());
+            let per_minute = |n| limits.per_minute(n);
+            if is_image {
+                // OpenAI's image 429s: the image limit (per minute, as the
+                // others; its window is not documented), nothing left, when
+                // it resets, and `retry-after` in whole seconds.
+                if b.announce_limits && b.image_refusal_limits {
+                    let images_limit = limits.images.unwrap_or(u64::from(limits.requests));
+                    h.insert("x-ratelimit-limit-images", per_minute(images_limit).into());
+                    h.insert("x-ratelimit-remaining-images", 0u64.into());
+                    h.insert(
+                        "x-ratelimit-reset-images",
+                        HeaderValue::from_str(&go_duration(wait)).unwrap(),
+                    );
                 }
-                h.insert("x-ratelimit-remaining-requests", 0u64.into());
+            } else {
+                // A refusal announces the limits too (the contract: "on
+                // successful responses too"), with nothing remaining.
+                if b.announce_limits {
+                    h.insert(
+                        "x-ratelimit-limit-requests",
+                        per_minute(u64::from(limits.requests)).into(),
+                    );
+                    if let Some(max) = limits.tokens {
+                        h.insert("x-ratelimit-limit-tokens", per_minute(max).into());
+                    }
+                    h.insert("x-ratelimit-remaining-requests", 0u64.into());
+                    h.insert(
+                        "x-ratelimit-reset-requests",
+                        HeaderValue::from_str(&go_duration(wait)).unwrap(),
+                    );
+                }
                 h.insert(
-                    "x-ratelimit-reset-requests",
-                    HeaderValue::from_str(&go_duration(wait)).unwrap(),
+                    "retry-after-ms",
+                    HeaderValue::from(wait.as_millis().max(1) as u64),
                 );
             }
-            h.insert(
-                "retry-after-ms",
-                HeaderValue::from(wait.as_millis().max(1) as u64),
-            );
             h.insert(
                 "retry-after",
                 HeaderValue::from(wait.as_secs_f64().ceil() as u64),
@@ -1007,7 +1030,8 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     let mut resp = route(&st, &parts, &call, seq, &b, stream_total);
     st.record(&parts, &body, resp.status().as_u16(), b.record_bodies);
     let h = resp.headers_mut();
-    if b.announce_limits {
+    // OpenAI's image answers announce no limits; its text answers do.
+    if b.announce_limits && (!is_image || b.image_answer_limits) {
         h.extend(rl_headers);
     }
     h.insert(

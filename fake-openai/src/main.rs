@@ -35,9 +35,17 @@ struct Args {
     /// Answer every call with 429 insufficient_quota.
     #[arg(long)]
     insufficient_quota: bool,
-    /// Send no x-ratelimit-* headers (penstock then learns from 429s).
+    /// Send no x-ratelimit-* headers at all, not even on refusals (penstock
+    /// then learns from 429s and their retry-after alone).
     #[arg(long)]
     no_rate_limit_headers: bool,
+    /// Image answers announce x-ratelimit-* as text answers do (OpenAI's do
+    /// not: by default a successful image answer carries none).
+    #[arg(long)]
+    image_answer_limits: bool,
+    /// Image 429s carry no x-ratelimit-*-images headers (OpenAI's do).
+    #[arg(long)]
+    no_image_refusal_limits: bool,
     /// Never compress answers, whatever the client accepts.
     #[arg(long)]
     no_compression: bool,
@@ -63,6 +71,8 @@ async fn main() {
         reset_rate: args.reset_rate,
         insufficient_quota: args.insufficient_quota,
         announce_limits: !args.no_rate_limit_headers,
+        image_answer_limits: args.image_answer_limits,
+        image_refusal_limits: !args.no_image_refusal_limits,
         compress: !args.no_compression,
         idle_close: (args.idle_close_s > 0).then(|| Duration::from_secs(args.idle_close_s)),
         limits: args.rps.map(|requests| Limits {

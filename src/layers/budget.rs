@@ -146,6 +146,7 @@ impl Registry {
                     max_in_flight: spec.max_in_flight,
                     probe_grace: self.probe_grace,
                     learner: None,
+                    safety: 1.0,
                     remote: self.remote(&spec.name, &credential),
                 },
                 self.depth.clone(),
@@ -191,7 +192,8 @@ impl Registry {
                 },
                 max_in_flight: None,
                 probe_grace: self.probe_grace,
-                learner: Some(Learner::new(learn.safety, learn.max_in_flight)),
+                learner: Some(Learner::new(learn.max_in_flight)),
+                safety: learn.safety,
                 remote: self.remote(&name, credential),
             },
             self.depth.clone(),
@@ -212,6 +214,21 @@ impl Registry {
             }
             !unused
         });
+    }
+
+    /// Shutting down: every pool answers what still waits (it could not go
+    /// in time) and admits nothing more.
+    pub fn close_queues(&self) {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for pool in pools {
+            pool.close_queue();
+        }
     }
 
     /// How many pools exist.
@@ -350,7 +367,17 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 let hints = RateLimitHeaders::parse(resp.headers());
                 permit.observe(&hints);
                 if let Some(c) = classified {
-                    pool.learn(&hints, c.class == Class::RateLimited);
+                    let rate_limited = c.class == Class::RateLimited;
+                    permit.learn(&hints, rate_limited);
+                    if rate_limited {
+                        // How long to hold the pool: the upstream's retry-after,
+                        // else the reset of what it says is used up.
+                        let delay = c
+                            .retry_after
+                            .or_else(|| hints.exhausted_until())
+                            .unwrap_or(DEFAULT_PAUSE);
+                        pool.pause(tokio::time::Instant::now() + delay);
+                    }
                 }
             }
             if classified.is_some_and(|c| c.class != Class::RateLimited) {
@@ -384,12 +411,6 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     Ok(Response::from_parts(parts, crate::vocab::body::full(body)))
                 }
                 class => {
-                    if class == Some(Class::RateLimited) {
-                        let delay = classified
-                            .and_then(|c| c.retry_after)
-                            .unwrap_or(DEFAULT_PAUSE);
-                        pool.pause(tokio::time::Instant::now() + delay);
-                    }
                     // A call the upstream's limiter refused was not charged its
                     // tokens or images, only counted as a request; what a failed
                     // call was charged is kept unless configured otherwise.

@@ -184,8 +184,14 @@ impl Policy {
         if Instant::now() + delay > self.deadline {
             return None;
         }
-        // Last: a withdrawal is spent only on a retry that will happen.
-        if !self.shared.budget.withdraw() {
+        // Last: a withdrawal is spent only on a retry that will happen. A
+        // rate-limited call's retry draws nothing: it waits for its pool's
+        // pause and probe, which already keep the upstream from a storm, and
+        // a burst refused at once (an open learned pool's first) must not
+        // leave its callers with the upstream's 429.
+        if outcome.class != crate::logic::classify::Class::RateLimited
+            && !self.shared.budget.withdraw()
+        {
             tracing::debug!(attempt, "retry budget exhausted; giving up");
             return None;
         }

@@ -1,10 +1,24 @@
 //! Limits learned from the upstream, for models no configured budget covers.
-//! OpenAI announces a key's limits in `x-ratelimit-limit-*` on its answers:
-//! a learned pool takes them (times a safety fraction) and is then paced like a
-//! configured budget. Where nothing is announced, it learns from the upstream's
-//! 429s as TCP's congestion control does: calls in flight grow by one for each
-//! window's worth of successes and halve on a rate limit. Before the first answer, one call at a
-//! time goes.
+//!
+//! A learned pool constrains nothing until the upstream has refused something:
+//! OpenAI's images endpoints announce no limits on their answers, so a pool
+//! that started cautious would make every generation wait behind the first.
+//! - **Announced** limits (`x-ratelimit-limit-*` on any answer, a 429's
+//!   `-images` included) are taken times a safety fraction, and the pool is
+//!   then paced like a configured budget.
+//! - **Refused, nothing announced**: calls in flight are limited as TCP limits
+//!   its congestion window. The window starts at what was in flight (and not
+//!   refused) when the first 429 came; a later 429 halves it; successes grow
+//!   it back by one each (doubling per round trip) up to where the last 429
+//!   was, then by one per window's worth. 429s of calls sent before the last
+//!   decrease belong to the same event: they only bring the window down to
+//!   what is still in flight.
+//! - An idle pool is dropped (after a minute or two with nothing in its
+//!   windows) and the next one starts open again.
+
+use std::time::SystemTime;
+
+use tokio::time::Instant;
 
 use crate::vocab::headers::RateLimitHeaders;
 
@@ -12,11 +26,11 @@ use crate::vocab::headers::RateLimitHeaders;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Configured,
-    /// Nothing heard yet: one call at a time.
-    Pending,
+    /// Nothing refused, nothing announced: no limit but the ceiling.
+    Open,
     /// From `x-ratelimit-limit-*`.
     Announced,
-    /// From the upstream's 429s, by additive increase and halving.
+    /// From the upstream's 429s, by a window of calls in flight.
     RateLimits,
 }
 
@@ -24,7 +38,7 @@ impl Source {
     pub fn label(self) -> &'static str {
         match self {
             Source::Configured => "configured",
-            Source::Pending => "learned: waiting for the first answer",
+            Source::Open => "learned: open (the upstream has refused nothing)",
             Source::Announced => "learned: x-ratelimit-limit headers",
             Source::RateLimits => "learned: upstream 429s",
         }
@@ -34,31 +48,39 @@ impl Source {
 /// What a learned pool should enforce now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Learned {
-    /// requests, tokens, images per minute.
+    /// requests, tokens, images per minute, as the upstream announced them
+    /// (the pool applies its safety fraction).
     pub per_minute: [Option<u64>; 3],
     pub max_in_flight: Option<usize>,
 }
 
 #[derive(Debug)]
 pub struct Learner {
-    safety: f64,
     ceiling: usize,
     source: Source,
     announced: [Option<u64>; 3],
     /// Calls in flight allowed while learning from 429s.
     window: f64,
+    /// Where the last 429 came: the window grows by doubling up to it.
+    threshold: f64,
+    /// When the window was last brought down: a 429 of a call sent before
+    /// then belongs to that event.
+    decreased: Option<Instant>,
+    /// When the limits last changed (wall clock, for `/status`).
+    changed: SystemTime,
 }
 
 impl Learner {
-    /// `safety`: the fraction of an announced limit used; `ceiling`: the most
-    /// calls in flight learning from 429s may reach.
-    pub fn new(safety: f64, ceiling: usize) -> Learner {
+    /// `ceiling`: the most calls in flight a learned pool admits.
+    pub fn new(ceiling: usize) -> Learner {
         Learner {
-            safety,
             ceiling: ceiling.max(1),
-            source: Source::Pending,
+            source: Source::Open,
             announced: [None; 3],
-            window: 1.0,
+            window: ceiling.max(1) as f64,
+            threshold: ceiling.max(1) as f64,
+            decreased: None,
+            changed: SystemTime::now(),
         }
     }
 
@@ -66,60 +88,112 @@ impl Learner {
         self.source
     }
 
+    /// When the limits last changed.
+    pub fn changed(&self) -> SystemTime {
+        self.changed
+    }
+
     fn current(&self) -> Learned {
         match self.source {
             Source::Announced => Learned {
-                per_minute: self.announced.map(|l| {
-                    // At least one a minute: a limit of zero is "unknown".
-                    l.map(|l| ((l as f64 * self.safety).floor() as u64).max(1))
-                }),
-                max_in_flight: None,
+                per_minute: self.announced,
+                max_in_flight: Some(self.ceiling),
             },
-            _ => Learned {
+            Source::RateLimits => Learned {
                 per_minute: [None; 3],
                 max_in_flight: Some(((self.window + 1e-9).floor() as usize).clamp(1, self.ceiling)),
+            },
+            Source::Open | Source::Configured => Learned {
+                per_minute: [None; 3],
+                max_in_flight: Some(self.ceiling),
             },
         }
     }
 
-    /// An answer's headers; the new limits when they changed.
+    /// Runs `change`; the new limits when they differ from before.
+    fn changing(&mut self, change: impl FnOnce(&mut Learner)) -> Option<Learned> {
+        let before = self.current();
+        let source = self.source;
+        change(self);
+        let now = self.current();
+        let changed = now != before || self.source != source;
+        if changed {
+            self.changed = SystemTime::now();
+        }
+        changed.then_some(now)
+    }
+
+    /// An answer's headers (a success's or a refusal's): limits it announces
+    /// replace those known for their dimensions.
     pub fn on_headers(&mut self, headers: &RateLimitHeaders) -> Option<Learned> {
         let announced = headers.limits.map(|l| l.filter(|l| *l > 0));
         if announced.iter().all(Option::is_none) {
             return None;
         }
-        let before = self.current();
-        self.announced = announced;
-        self.source = Source::Announced;
-        let now = self.current();
-        (now != before).then_some(now)
+        self.changing(|l| {
+            for (known, new) in l.announced.iter_mut().zip(announced) {
+                if new.is_some() {
+                    *known = new;
+                }
+            }
+            l.source = Source::Announced;
+        })
     }
 
-    /// An answer that was not a rate limit, with no limits announced.
-    pub fn on_success(&mut self) -> Option<Learned> {
-        if self.source == Source::Announced {
+    /// An answer that was not a rate limit, with nothing announced;
+    /// `in_flight` counts the pool's calls out, this one included.
+    pub fn on_success(&mut self, in_flight: usize) -> Option<Learned> {
+        if self.source != Source::RateLimits {
             return None;
         }
-        let before = self.current();
-        self.source = Source::RateLimits;
-        // One more call in flight per window's worth of successes, as TCP
-        // grows its window by one segment per round trip.
-        self.window = (self.window + 1.0 / self.window).min(self.ceiling as f64);
-        let now = self.current();
-        (now != before).then_some(now)
+        // A window the traffic does not fill says nothing about a larger one
+        // (RFC 7661): it grows only while in use.
+        if (in_flight as f64) + 1.0 < self.window.floor() {
+            return None;
+        }
+        self.changing(|l| {
+            let step = if l.window < l.threshold {
+                1.0
+            } else {
+                1.0 / l.window
+            };
+            l.window = (l.window + step).min(l.ceiling as f64);
+        })
     }
 
-    /// The upstream refused a call for its rate limit.
-    pub fn on_rate_limited(&mut self) -> Option<Learned> {
+    /// The upstream refused a call for its rate limit, with no limits
+    /// announced. `in_flight` counts the pool's calls out, this one included;
+    /// `sent` is when this call was admitted.
+    pub fn on_rate_limited(&mut self, in_flight: usize, sent: Instant) -> Option<Learned> {
         if self.source == Source::Announced {
             // The pause and the probe handle it; the announced limit stands.
             return None;
         }
-        let before = self.current();
-        self.source = Source::RateLimits;
-        self.window = (self.window / 2.0).max(1.0);
-        let now = self.current();
-        (now != before).then_some(now)
+        let now = Instant::now();
+        // What was still going, this refused call not counted.
+        let going = in_flight.saturating_sub(1).max(1) as f64;
+        self.changing(|l| {
+            match l.decreased {
+                // The first refusal: the window is what the upstream was taking.
+                _ if l.source == Source::Open => {
+                    l.window = going.min(l.window);
+                    l.threshold = l.window;
+                    l.decreased = Some(now);
+                }
+                // Sent before the last decrease: the same event, seen again
+                // as the rest of a burst comes back refused.
+                Some(at) if sent < at => {
+                    l.window = l.window.min(going);
+                    l.threshold = l.threshold.min(l.window.max(going));
+                }
+                _ => {
+                    l.threshold = l.window;
+                    l.window = (l.window / 2.0).max(1.0);
+                    l.decreased = Some(now);
+                }
+            }
+            l.source = Source::RateLimits;
+        })
     }
 
     pub fn learned(&self) -> Learned {
@@ -130,42 +204,112 @@ impl Learner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    fn announced(requests: u64, tokens: u64) -> RateLimitHeaders {
+    fn announced(
+        requests: Option<u64>,
+        tokens: Option<u64>,
+        images: Option<u64>,
+    ) -> RateLimitHeaders {
         RateLimitHeaders {
-            limits: [Some(requests), Some(tokens), None],
+            limits: [requests, tokens, images],
             ..RateLimitHeaders::default()
         }
     }
 
     #[test]
-    fn announced_limits_are_used_with_the_safety_fraction_and_follow_changes() {
-        let mut l = Learner::new(0.95, 64);
-        assert_eq!(l.learned().max_in_flight, Some(1), "one at a time at first");
-        let got = l.on_headers(&announced(600, 100_000)).unwrap();
-        assert_eq!(got.per_minute, [Some(570), Some(95_000), None]);
-        assert_eq!(got.max_in_flight, None);
-        assert_eq!(l.on_headers(&announced(600, 100_000)), None, "unchanged");
-        let lower = l.on_headers(&announced(300, 100_000)).unwrap();
-        assert_eq!(lower.per_minute[0], Some(285));
-        assert_eq!(l.on_rate_limited(), None);
-        assert_eq!(l.source(), Source::Announced);
+    fn a_new_pool_is_open_and_successes_keep_it_so() {
+        let mut l = Learner::new(256);
+        assert_eq!(l.source(), Source::Open);
+        assert_eq!(
+            l.learned(),
+            Learned {
+                per_minute: [None; 3],
+                max_in_flight: Some(256)
+            }
+        );
+        for n in 0..1000 {
+            assert_eq!(l.on_success(n % 300), None);
+        }
+        assert_eq!(l.source(), Source::Open);
     }
 
     #[test]
-    fn without_headers_calls_in_flight_grow_slowly_and_halve() {
-        let mut l = Learner::new(0.95, 8);
-        // Each success adds 1/window: 1, 2, 2.5, 2.9, 3.2, 3.6, 3.8.
-        for _ in 0..6 {
-            l.on_success();
+    fn announced_limits_are_taken_per_dimension_and_follow_changes() {
+        let mut l = Learner::new(64);
+        let got = l
+            .on_headers(&announced(Some(600), Some(100_000), None))
+            .unwrap();
+        assert_eq!(got.per_minute, [Some(600), Some(100_000), None]);
+        assert_eq!(
+            l.on_headers(&announced(Some(600), Some(100_000), None)),
+            None,
+            "unchanged"
+        );
+        // An image 429 announces the image limit alone: the others stay.
+        let got = l.on_headers(&announced(None, None, Some(5))).unwrap();
+        assert_eq!(got.per_minute, [Some(600), Some(100_000), Some(5)]);
+        let lower = l.on_headers(&announced(Some(300), None, None)).unwrap();
+        assert_eq!(lower.per_minute, [Some(300), Some(100_000), Some(5)]);
+        assert_eq!(l.on_rate_limited(10, Instant::now()), None);
+        assert_eq!(l.source(), Source::Announced);
+        // "0" is "unknown": not a limit.
+        assert_eq!(l.on_headers(&announced(Some(0), None, None)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_429_sets_the_window_to_what_was_going_and_a_burst_is_one_event() {
+        let mut l = Learner::new(256);
+        let sent = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        // 50 went at once; 40 come back refused, one after another, each
+        // leaving as it comes: in flight 50, 49, ... 11.
+        for k in 0..40 {
+            l.on_rate_limited(50 - k, sent);
         }
-        assert_eq!(l.learned().max_in_flight, Some(3));
-        l.on_rate_limited();
-        assert_eq!(l.learned().max_in_flight, Some(1), "halved");
-        for _ in 0..100 {
-            l.on_success();
-        }
-        assert_eq!(l.learned().max_in_flight, Some(8), "capped");
         assert_eq!(l.source(), Source::RateLimits);
+        assert_eq!(l.learned().max_in_flight, Some(10), "the ten it took");
+        // A call sent after that, refused: halved.
+        let later = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        l.on_rate_limited(10, later);
+        assert_eq!(l.learned().max_in_flight, Some(5));
+        // Successes in a full window double it back up to 10 ...
+        for _ in 0..5 {
+            l.on_success(10);
+        }
+        assert_eq!(l.learned().max_in_flight, Some(10));
+        // ... then it grows by one per window's worth.
+        for _ in 0..11 {
+            l.on_success(10);
+        }
+        assert_eq!(l.learned().max_in_flight, Some(11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_not_in_use_does_not_grow() {
+        let mut l = Learner::new(256);
+        l.on_rate_limited(9, Instant::now());
+        assert_eq!(l.learned().max_in_flight, Some(8));
+        for _ in 0..100 {
+            l.on_success(2);
+        }
+        assert_eq!(l.learned().max_in_flight, Some(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn halving_stops_at_one_and_growth_at_the_ceiling() {
+        let mut l = Learner::new(8);
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let sent = Instant::now();
+            tokio::time::advance(Duration::from_millis(1)).await;
+            l.on_rate_limited(1, sent);
+        }
+        assert_eq!(l.learned().max_in_flight, Some(1));
+        for _ in 0..1000 {
+            l.on_success(64);
+        }
+        assert_eq!(l.learned().max_in_flight, Some(8));
     }
 }

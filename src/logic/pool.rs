@@ -56,7 +56,17 @@ pub enum Refusal {
     /// cool-down ends instead of sending calls that cannot succeed.
     #[error("the upstream's quota is exhausted (answered by penstock until the cool-down ends)")]
     CircuitOpen(Arc<Tripped>),
+    /// penstock is shutting down and the budget could not take this request
+    /// within what is left of the grace period: sent nowhere, charged nothing.
+    #[error(
+        "penstock is shutting down and budget {pool:?} could not take this request before it stops; send it again (to another replica)"
+    )]
+    ShuttingDown { pool: Arc<str> },
 }
+
+/// How soon a request refused at shutdown may try again (at another replica,
+/// or this one restarted).
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
 
 /// An upstream money error, kept to answer with during the cool-down.
 #[derive(Debug)]
@@ -104,6 +114,7 @@ impl Refusal {
             }
             Refusal::WaitTooLong { wait, max_wait, .. } => wait.saturating_sub(*max_wait),
             Refusal::TooLarge { .. } => Duration::ZERO,
+            Refusal::ShuttingDown { .. } => SHUTDOWN_RETRY,
         }
     }
 
@@ -114,6 +125,7 @@ impl Refusal {
             Refusal::TimedOut { .. } => "penstock_queue_timeout",
             Refusal::CircuitOpen(_) => "penstock_circuit_open",
             Refusal::TooLarge { .. } => "penstock_request_too_large",
+            Refusal::ShuttingDown { .. } => "penstock_shutting_down",
         }
     }
 }
@@ -123,6 +135,8 @@ impl Problem for Refusal {
         match self {
             // Waiting cannot help: the caller must ask for less.
             Refusal::TooLarge { .. } => http::StatusCode::BAD_REQUEST,
+            // Not the budget's fault: this replica is going away.
+            Refusal::ShuttingDown { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
             _ => http::StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -171,8 +185,15 @@ struct Granted {
     not_before: Instant,
 }
 
+/// Why a queued request was turned away instead of admitted.
+#[derive(Debug)]
+enum Turned {
+    Tripped(Arc<Tripped>),
+    ShuttingDown,
+}
+
 /// What a queued request is sent when its wait ends.
-type Admission = Result<Granted, Arc<Tripped>>;
+type Admission = Result<Granted, Turned>;
 
 /// How far ahead the shared ledger may reserve a slot: close enough that a
 /// reservation is not held long, far enough that a replica's next call is
@@ -190,6 +211,11 @@ const DEFER: Duration = Duration::from_millis(15);
 pub struct Remote {
     pub redis: Arc<Redis>,
     pub key: PoolKey,
+}
+
+/// Announced limits times the fraction used; at least one a minute.
+fn scaled(per_minute: [Option<u64>; 3], safety: f64) -> [Option<u64>; 3] {
+    per_minute.map(|l| l.map(|l| ((l as f64 * safety).floor() as u64).max(1)))
 }
 
 /// Limits divided into a replica's share, for while Redis is unavailable.
@@ -226,6 +252,8 @@ struct State {
     in_flight: usize,
     next_id: u64,
     tripped: Option<Arc<Tripped>>,
+    /// Shutting down: nothing more is admitted, the queue is answered.
+    closed_queue: bool,
     /// After an upstream rate limit: one call at a time probes whether capacity
     /// is back, so the end of a pause is not a stampede.
     recovering: bool,
@@ -236,6 +264,8 @@ struct State {
     max_in_flight: Option<usize>,
     /// For a pool no budget configures: what it learns of the upstream's limits.
     learner: Option<Learner>,
+    /// The fraction of a learned limit used.
+    safety: f64,
 }
 
 impl State {
@@ -277,6 +307,9 @@ pub struct PoolStatus {
     pub credential: Arc<str>,
     /// Configured, or learned (and how).
     pub limits: &'static str,
+    /// For a learned pool: when its limits last changed (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits_since: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<usize>,
     pub queue_depth: usize,
@@ -292,6 +325,8 @@ pub struct Settings {
     pub probe_grace: Duration,
     /// Limits learned from the upstream instead of configured.
     pub learner: Option<Learner>,
+    /// The fraction of a learned limit used (1 for a configured one).
+    pub safety: f64,
     /// A ledger shared with other replicas.
     pub remote: Option<Remote>,
 }
@@ -310,10 +345,11 @@ impl Pool {
             mut max_in_flight,
             probe_grace,
             learner,
+            safety,
             remote,
         } = settings;
         if let Some(learned) = learner.as_ref().map(Learner::learned) {
-            limits.per_minute = learned.per_minute;
+            limits.per_minute = scaled(learned.per_minute, safety);
             max_in_flight = learned.max_in_flight;
         }
         let full = limits;
@@ -339,11 +375,13 @@ impl Pool {
                 in_flight: 0,
                 next_id: 0,
                 tripped: None,
+                closed_queue: false,
                 recovering: false,
                 probe_out: None,
                 pauses: 0,
                 max_in_flight,
                 learner,
+                safety,
             }),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -464,6 +502,11 @@ impl Pool {
             if let Some(tripped) = st.tripped(start) {
                 return Err(Refusal::CircuitOpen(tripped));
             }
+            if st.closed_queue {
+                return Err(Refusal::ShuttingDown {
+                    pool: self.name.clone(),
+                });
+            }
             if let Some((d, limit)) = super::ledger::exceeds(&st.full.per_minute, &cost) {
                 return Err(Refusal::TooLarge {
                     pool: self.name.clone(),
@@ -516,9 +559,14 @@ impl Pool {
             admitted: false,
         };
         match tokio::time::timeout_at(start + max_wait, &mut waiting.rx).await {
-            Ok(Ok(Err(tripped))) => {
+            Ok(Ok(Err(turned))) => {
                 waiting.admitted = true;
-                Err(Refusal::CircuitOpen(tripped))
+                Err(match turned {
+                    Turned::Tripped(tripped) => Refusal::CircuitOpen(tripped),
+                    Turned::ShuttingDown => Refusal::ShuttingDown {
+                        pool: self.name.clone(),
+                    },
+                })
             }
             Ok(Ok(Ok(granted))) => {
                 waiting.admitted = true;
@@ -584,9 +632,21 @@ impl Pool {
         };
         while let Some((_, _, tx)) = st.queue.pop() {
             self.depth.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send(Err(tripped.clone()));
+            let _ = tx.send(Err(Turned::Tripped(tripped.clone())));
         }
         true
+    }
+
+    /// At the end of a shutdown's grace: what still waits is answered (it
+    /// could not be admitted in time), and nothing more is admitted.
+    pub fn close_queue(&self) {
+        let mut st = self.lock();
+        st.closed_queue = true;
+        while let Some((_, _, tx)) = st.queue.pop() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(Err(Turned::ShuttingDown));
+        }
+        st.changes += 1;
     }
 
     /// Waiting for a call to end, or for the probe's grace to pass.
@@ -821,45 +881,6 @@ impl Pool {
         self.wake.notify_one();
     }
 
-    /// Learns from an answer, for a pool whose limits are learned: announced
-    /// limits, or a success or a rate limit where none are announced.
-    pub fn learn(&self, headers: &RateLimitHeaders, rate_limited: bool) {
-        if !self.learns {
-            // A configured pool: no lock taken per answer for nothing.
-            return;
-        }
-        let mut st = self.lock();
-        let Some(learner) = st.learner.as_mut() else {
-            return;
-        };
-        let update = learner.on_headers(headers).or_else(|| {
-            if rate_limited {
-                learner.on_rate_limited()
-            } else {
-                learner.on_success()
-            }
-        });
-        if let Some(learned) = update {
-            tracing::info!(
-                pool = %self.name,
-                source = learner.source().label(),
-                requests_per_minute = learned.per_minute[0],
-                tokens_per_minute = learned.per_minute[1],
-                max_in_flight = learned.max_in_flight,
-                "learned the upstream's limits"
-            );
-            st.full.per_minute = learned.per_minute;
-            st.remote_retry = None;
-            let caps = Ledger::new(st.full).burst_caps();
-            let share = share_of(&st.full, st.share);
-            st.ledger.set_limits(share);
-            st.queue.set_caps(caps);
-            st.max_in_flight = learned.max_in_flight;
-            drop(st);
-            self.wake.notify_one();
-        }
-    }
-
     /// Nothing waits, nothing is in flight, and nothing is left in its windows.
     pub fn is_idle(&self) -> bool {
         let mut st = self.lock();
@@ -893,6 +914,10 @@ impl Pool {
                 .as_ref()
                 .map_or(Source::Configured, Learner::source)
                 .label(),
+            limits_since: st
+                .learner
+                .as_ref()
+                .map(|l| humantime::format_rfc3339_seconds(l.changed()).to_string()),
             max_in_flight: st.max_in_flight,
             queue_depth: st.queue.len(),
             in_flight: st.in_flight,
@@ -1025,6 +1050,49 @@ impl Permit {
         }
     }
 
+    /// Learns from this call's answer, for a pool whose limits are learned:
+    /// announced limits, or a success or a rate limit where none are announced.
+    pub fn learn(&self, headers: &RateLimitHeaders, rate_limited: bool) {
+        let pool = &self.pool;
+        if !pool.learns {
+            // A configured pool: no lock taken per answer for nothing.
+            return;
+        }
+        let mut st = pool.lock();
+        let in_flight = st.in_flight;
+        let Some(learner) = st.learner.as_mut() else {
+            return;
+        };
+        let update = learner.on_headers(headers).or_else(|| {
+            if rate_limited {
+                learner.on_rate_limited(in_flight, self.ticket.at)
+            } else {
+                learner.on_success(in_flight)
+            }
+        });
+        let Some(learned) = update else {
+            return;
+        };
+        tracing::info!(
+            pool = %pool.name,
+            source = learner.source().label(),
+            requests_per_minute = learned.per_minute[0],
+            tokens_per_minute = learned.per_minute[1],
+            images_per_minute = learned.per_minute[2],
+            max_in_flight = learned.max_in_flight,
+            "learned the upstream's limits"
+        );
+        st.full.per_minute = scaled(learned.per_minute, st.safety);
+        st.remote_retry = None;
+        let caps = Ledger::new(st.full).burst_caps();
+        let share = share_of(&st.full, st.share);
+        st.ledger.set_limits(share);
+        st.queue.set_caps(caps);
+        st.max_in_flight = learned.max_in_flight;
+        drop(st);
+        pool.wake.notify_one();
+    }
+
     /// The upstream answered this call without a rate limit. Only the probe,
     /// admitted after the pause began, can tell that capacity is back; an
     /// older call's answer says nothing about it.
@@ -1082,6 +1150,7 @@ mod tests {
             max_in_flight,
             probe_grace: Duration::from_secs(2),
             learner: None,
+            safety: 1.0,
             remote: None,
         }
     }

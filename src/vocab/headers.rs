@@ -180,6 +180,17 @@ pub struct RateLimitHeaders {
 }
 
 impl RateLimitHeaders {
+    /// When what the upstream says is used up (nothing remaining) is back:
+    /// the latest reset among such dimensions.
+    pub fn exhausted_until(&self) -> Option<Duration> {
+        [self.requests, self.tokens, self.images]
+            .into_iter()
+            .flatten()
+            .filter(|r| r.remaining == 0)
+            .map(|r| r.reset)
+            .max()
+    }
+
     /// One pass over the answer's headers: names are compared, never hashed,
     /// and an answer without rate-limit headers costs a prefix test per name.
     /// A name sent twice counts by its first value.

@@ -1280,14 +1280,19 @@ impl Jobs {
 /// be longer than `queue.max_wait`, or the queue is full): how long until it
 /// is worth asking again (at least a second, at most a minute).
 fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Duration> {
-    if status != StatusCode::TOO_MANY_REQUESTS {
+    if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let code = v["error"]["code"].as_str()?;
+    // At shutdown too: the job stays (running, never sent) and runs again
+    // after the restart.
     if !matches!(
         code,
-        "penstock_wait_too_long" | "penstock_queue_timeout" | "penstock_queue_full"
+        "penstock_wait_too_long"
+            | "penstock_queue_timeout"
+            | "penstock_queue_full"
+            | "penstock_shutting_down"
     ) {
         return None;
     }
