@@ -292,3 +292,82 @@ fn key(text: &str) -> [u8; 32] {
     penstock::layers::edge::parse::hash_json(&mut h, &v);
     h.finalize().into()
 }
+
+/// What a caller does to a learned pool whose upstream refuses nothing.
+#[derive(Debug, Clone)]
+enum Use {
+    /// A call asks to be admitted.
+    Ask(Cost),
+    /// An admitted call (by index, modulo) is answered without a rate limit,
+    /// announcing nothing, and ends.
+    Answer(usize),
+    /// Time passes, in milliseconds.
+    Wait(u64),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 100, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Against an upstream that refuses nothing and announces nothing (OpenAI's
+    /// images API with room to spare), a learned pool adds no wait to any call
+    /// up to its ceiling of calls in flight.
+    #[test]
+    fn a_learned_pool_adds_no_wait_while_the_upstream_refuses_nothing(
+        uses in prop::collection::vec(prop_oneof![
+            4 => cost(100_000).prop_map(Use::Ask),
+            3 => any::<usize>().prop_map(Use::Answer),
+            1 => (0..5000u64).prop_map(Use::Wait),
+        ], 1..300),
+    ) {
+        use penstock::logic::learn::Learner;
+        use penstock::logic::pool::{Pool, Settings};
+        const CEILING: usize = 64;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let pool = Pool::start(
+                "learned:m".into(),
+                "cred".into(),
+                Settings {
+                    limits: Limits {
+                        per_minute: [None; 3],
+                        burst: Duration::from_secs(1),
+                        margin: Duration::from_millis(50),
+                    },
+                    max_in_flight: None,
+                    probe_grace: Duration::from_secs(2),
+                    learner: Some(Learner::new(CEILING)),
+                    safety: 0.95,
+                    remote: None,
+                },
+                std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+                10_000,
+            );
+            let client: std::sync::Arc<str> = "c".into();
+            let mut out = Vec::new();
+            for u in uses {
+                match u {
+                    Use::Ask(c) if out.len() < CEILING => {
+                        let asked = Instant::now();
+                        let permit = pool.acquire(&client, c, Duration::from_secs(600)).await;
+                        let permit = permit.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                        prop_assert_eq!(Instant::now(), asked, "a call waited");
+                        prop_assert_eq!(permit.queued, Duration::ZERO);
+                        out.push(permit);
+                    }
+                    Use::Ask(_) => {}
+                    Use::Answer(i) if !out.is_empty() => {
+                        let permit = out.swap_remove(i % out.len());
+                        permit.learn(&RateLimitHeaders::default(), false);
+                    }
+                    Use::Answer(_) => {}
+                    Use::Wait(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
