@@ -86,16 +86,18 @@ fn main() {
         }
         // The admission script alone, one call at a time.
         let alone = {
-            use penstock::state::{Candidate, RemoteLimits};
+            use penstock::logic::ledger::Limits;
+            use penstock::state::Candidate;
             let state = penstock::state::Redis::start(&config.state).unwrap();
             while !state.healthy() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let key = state.pool_key("bench", "alone");
-            let limits = RemoteLimits {
+            let limits = Limits {
                 per_minute: [Some(100_000_000), Some(100_000_000_000), None],
                 burst: Duration::from_secs(1),
                 margin: Duration::from_millis(50),
+                safety: 1.0,
             };
             let cost = penstock::vocab::cost::Cost {
                 requests: 1,

@@ -747,6 +747,10 @@ fn default_client_id_header() -> String {
 fn default_burst() -> Duration {
     Duration::from_secs(1)
 }
+/// The longest margin a window may add: the shared ledger keeps a pool's
+/// keys a while past the minute window and its margin.
+const MAX_MARGIN: Duration = Duration::from_secs(10);
+
 fn default_safety_margin() -> Duration {
     Duration::from_millis(50)
 }
@@ -1128,6 +1132,12 @@ impl Config {
                     "expected a duration from above zero to \"60s\"".into(),
                 ));
             }
+            if b.safety_margin > MAX_MARGIN {
+                return Err(bad(
+                    &key("safety_margin"),
+                    "expected a duration of at most \"10s\"".into(),
+                ));
+            }
             if b.max_in_flight == Some(0) {
                 return Err(bad(
                     &key("max_in_flight"),
@@ -1243,6 +1253,12 @@ impl Config {
             return Err(bad(
                 "learn.burst",
                 "expected a duration from above zero to \"60s\"".into(),
+            ));
+        }
+        if self.learn.safety_margin > MAX_MARGIN {
+            return Err(bad(
+                "learn.safety_margin",
+                "expected a duration of at most \"10s\"".into(),
             ));
         }
         if self.queue.max_depth == 0 {

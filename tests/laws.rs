@@ -82,12 +82,14 @@ proptest! {
         rpm in 30..600u64,
         tpm in 5_000..200_000u64,
         ipm in 5..120u64,
+        safety in 0.5..=1.0f64,
         steps in steps(),
     ) {
         let limits = Limits {
             per_minute: [Some(rpm), Some(tpm), Some(ipm)],
             burst: Duration::from_secs(1),
             margin: Duration::ZERO,
+            safety,
         };
         let mut ledger = Ledger::new(limits);
         let caps = ledger.burst_caps();
@@ -131,6 +133,50 @@ proptest! {
             prop_assert!(burst[d] <= caps[d], "burst {d}: {} > {}", burst[d], caps[d]);
             prop_assert!(minute[d] <= limits.per_minute[d].unwrap(), "minute {d}: {}", minute[d]);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Under demand that never lets up, the ledger admits at least the limit
+    /// (times the safety fraction) for the time elapsed, less one window's
+    /// capacity: no rounding loses a share of the limit.
+    #[test]
+    fn over_a_long_run_the_ledger_admits_the_whole_limit(
+        per_minute in 5..20_000u64,
+        safety in 0.5..=1.0f64,
+        burst_ms in 200..5_000u64,
+        minutes in 1..6u64,
+    ) {
+        let limits = Limits {
+            per_minute: [Some(per_minute), None, None],
+            burst: Duration::from_millis(burst_ms),
+            margin: Duration::ZERO,
+            safety,
+        };
+        let mut ledger = Ledger::new(limits);
+        let window = ledger.burst_caps()[0];
+        let one = Cost { requests: 1, tokens: 0, images: 0 };
+        let start = Instant::now();
+        let end = start + Duration::from_secs(60 * minutes);
+        let mut now = start;
+        let mut admitted = 0u64;
+        while now < end {
+            let at = ledger.ready_at(now, &one);
+            if at > now {
+                now = at;
+                continue;
+            }
+            ledger.charge(now, &one);
+            admitted += 1;
+        }
+        let elapsed = (now - start).as_secs_f64().min(60.0 * minutes as f64);
+        let owed = per_minute as f64 * safety * elapsed / 60.0 - window as f64;
+        prop_assert!(
+            admitted as f64 >= owed.floor(),
+            "{admitted} admitted, at least {owed} owed"
+        );
     }
 }
 
@@ -336,11 +382,11 @@ proptest! {
                         per_minute: [None; 3],
                         burst: Duration::from_secs(1),
                         margin: Duration::from_millis(50),
+                        safety: 0.95,
                     },
                     max_in_flight: None,
                     probe_grace: Duration::from_secs(2),
                     learner: Some(Learner::new(CEILING)),
-                    safety: 0.95,
                     remote: None,
                 },
                 std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),

@@ -394,7 +394,8 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
 /// dimension, refunds included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_bookings_never_exceed_a_limit_in_any_window() {
-    use penstock::state::{Booking, Candidate, RemoteLimits};
+    use penstock::logic::ledger::Limits;
+    use penstock::state::{Booking, Candidate};
     use penstock::vocab::cost::Cost;
     let Some(redis) = RedisServer::start().await else {
         return;
@@ -404,11 +405,12 @@ async fn shared_bookings_never_exceed_a_limit_in_any_window() {
         redis_url: redis.url(),
         ..Default::default()
     };
-    let limits = RemoteLimits {
+    let limits = Limits {
         // Two requests and 100 tokens per 100 ms window.
         per_minute: [Some(1200), Some(60_000), None],
         burst: Duration::from_millis(100),
         margin: Duration::ZERO,
+        safety: 1.0,
     };
     let mut tasks = Vec::new();
     for replica in 0..4u64 {
@@ -482,4 +484,164 @@ async fn shared_bookings_never_exceed_a_limit_in_any_window() {
             "{tokens} tokens in the window ending at {end}: {all:?}"
         );
     }
+}
+
+/// A started shared state on `redis`, once healthy.
+async fn shared_state(redis: &RedisServer) -> std::sync::Arc<penstock::state::Redis> {
+    let config = penstock::config::StateConfig {
+        backend: Backend::Redis,
+        redis_url: redis.url(),
+        ..Default::default()
+    };
+    let shared = penstock::state::Redis::start(&config).unwrap();
+    while !shared.healthy() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shared
+}
+
+/// Every key under the pool's hash tag, with its time to live in ms.
+async fn pool_ttls(redis: &RedisServer) -> Vec<(String, i64)> {
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*pool:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        out.push((k, ttl));
+    }
+    out.sort();
+    out
+}
+
+fn one_call() -> penstock::vocab::cost::Cost {
+    penstock::vocab::cost::Cost {
+        requests: 1,
+        tokens: 10,
+        images: 0,
+    }
+}
+
+fn limits_600() -> penstock::logic::ledger::Limits {
+    penstock::logic::ledger::Limits {
+        per_minute: [Some(600), Some(1_000_000), None],
+        burst: Duration::from_secs(1),
+        margin: Duration::from_millis(50),
+        safety: 1.0,
+    }
+}
+
+/// No key of a pool lives shorter than what refers to it: after every kind
+/// of script (book, settle, observe, pause), the pool's keys share one time
+/// to live. (The running sums in the state hash had outlived the windows
+/// they sum, and a pool then looked full for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_keys_are_kept_alive_together_by_every_script() {
+    use penstock::state::{Booking, Candidate};
+    use penstock::vocab::headers::{RateLimitHeaders, Remaining};
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let shared = shared_state(&redis).await;
+    let key = shared.pool_key("ttl", "cred");
+    let candidates = [Candidate {
+        client: "c",
+        weight: 1,
+        cost: one_call(),
+    }];
+    let limits = limits_600();
+    let book = || shared.book(&key, &candidates, &limits, Duration::from_millis(200));
+    let (Booking::Booked { id, at, .. }, _) = book().await.unwrap() else {
+        panic!("an empty pool books at once");
+    };
+    let aligned = |ttls: Vec<(String, i64)>, after: &str| {
+        let (lo, hi) = ttls.iter().fold((i64::MAX, i64::MIN), |(lo, hi), (_, t)| {
+            (lo.min(*t), hi.max(*t))
+        });
+        assert!(ttls.len() >= 5, "{ttls:?}");
+        assert!(lo > 0, "a key without an expiry after {after}: {ttls:?}");
+        assert!(hi - lo < 2_000, "keys expire apart after {after}: {ttls:?}");
+    };
+    aligned(pool_ttls(&redis).await, "book");
+    // Time passes; each later script refreshes all of them.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let headers = RateLimitHeaders {
+        requests: Some(Remaining {
+            remaining: 5,
+            reset: Duration::from_secs(1),
+        }),
+        ..RateLimitHeaders::default()
+    };
+    shared
+        .observe(&key, at, Duration::from_millis(50), &headers)
+        .await
+        .unwrap();
+    aligned(pool_ttls(&redis).await, "observe");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    shared.pause(&key, Duration::from_millis(10)).await.unwrap();
+    aligned(pool_ttls(&redis).await, "pause");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    shared
+        .settle(&key, id, &penstock::vocab::cost::Cost::default())
+        .await
+        .unwrap();
+    aligned(pool_ttls(&redis).await, "settle");
+}
+
+/// Running sums whose entries are gone (a window's keys lost) no longer hold
+/// the pool: an empty window sums to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sums_without_their_entries_do_not_stall_the_pool() {
+    use penstock::state::{Booking, Candidate};
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let shared = shared_state(&redis).await;
+    let key = shared.pool_key("heal", "cred");
+    let candidates = [Candidate {
+        client: "c",
+        weight: 1,
+        cost: one_call(),
+    }];
+    let limits = penstock::logic::ledger::Limits {
+        per_minute: [Some(60), None, None],
+        ..limits_600()
+    };
+    let book = || shared.book(&key, &candidates, &limits, Duration::from_millis(200));
+    assert!(matches!(book().await.unwrap().0, Booking::Booked { .. }));
+    assert!(
+        matches!(book().await.unwrap().0, Booking::Wait(_)),
+        "one a second"
+    );
+    // The windows' sorted sets vanish (as an expiry set apart did), the
+    // sums stay.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*pool:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for k in keys
+        .iter()
+        .filter(|k| k.ends_with(":burst") || k.ends_with(":minute"))
+    {
+        let _: i64 = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // The bucket (one a second) has drained meanwhile.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(
+        matches!(book().await.unwrap().0, Booking::Booked { .. }),
+        "the pool admits again"
+    );
 }

@@ -1,9 +1,19 @@
 //! A pool's ledger. Each admitted call is an entry (when, what it cost); the pool's
 //! use is the sum of entries inside a sliding window, checked twice per dimension:
 //! over the burst window (a minute's limit as the upstream enforces it, over short
-//! windows) and over the minute. Entries can be corrected after the fact (refund or
-//! debt, once `usage` is known), which a GCRA cell count cannot do. The upstream's
-//! own `x-ratelimit-*` view and its 429 pauses are folded in as further limits.
+//! windows: never more than its share, rounded up, in any window) and over the
+//! minute. A token bucket per dimension, filling at the sustained rate (the
+//! limit times the safety fraction), carries what a window could not use into
+//! the next: a share of 9.5 calls a window is 9.5 on average, not 9. Entries can
+//! be corrected after the fact (refund or debt, once `usage` is known). The
+//! upstream's own `x-ratelimit-*` view and its 429 pauses are folded in as
+//! further limits; where that view shows room, a learned pool may use what its
+//! safety fraction holds back.
+//!
+//! What each setting costs at the limit: the safety fraction `s` caps the
+//! sustained rate at `s × limit`; the margin `m` lengthens each window, capping
+//! it at `share / (burst + m)` (4.8 % of a configured limit with the default
+//! 50 ms on a 1 s burst). The lower of the two applies, never both.
 
 // Per-dimension state lives in parallel arrays; indexing them by dimension reads
 // more plainly than zipping four iterators.
@@ -15,6 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::vocab::cost::Cost;
+pub use crate::vocab::cost::Limits;
 use crate::vocab::headers::RateLimitHeaders;
 
 /// The most one call counts for in a dimension: far above any limit (a call
@@ -24,6 +35,15 @@ const MAX_ENTRY: u64 = 1 << 40;
 
 fn bounded(cost: &Cost) -> [u64; 3] {
     cost.dims().map(|c| c.min(MAX_ENTRY))
+}
+
+/// `secs` as a duration, rounded up to the microsecond, at most a day.
+fn seconds_up(secs: f64) -> Duration {
+    let micros = (secs * 1e6).ceil();
+    if micros.is_nan() || micros <= 0.0 {
+        return Duration::ZERO;
+    }
+    Duration::from_micros(micros.min(crate::vocab::headers::MAX_DELAY.as_micros() as f64) as u64)
 }
 
 pub const DIM_NAMES: [&str; 3] = ["requests", "tokens", "images"];
@@ -39,15 +59,6 @@ pub fn exceeds(per_minute: &[Option<u64>; 3], cost: &Cost) -> Option<(usize, u64
     })
 }
 
-/// Per-minute limits of a pool and how they are enforced.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// requests, tokens, images per minute; `None` is unlimited.
-    pub per_minute: [Option<u64>; 3],
-    pub burst: Duration,
-    pub margin: Duration,
-}
-
 /// Identifies an admitted call, to settle it later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
@@ -61,6 +72,9 @@ struct Entry {
     cost: [u64; 3],
 }
 
+/// What the bucket of a dimension tolerates above its fill, in units.
+const EPSILON: f64 = 1e-6;
+
 /// The upstream's word on what remains, until `until`.
 #[derive(Debug, Clone, Copy)]
 struct Hint {
@@ -73,7 +87,11 @@ struct Hint {
 /// Remaining capacity of one dimension, for `/status`.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct DimStatus {
+    /// What the pool admits a minute on average (the limit times the safety
+    /// fraction).
     pub per_minute: u64,
+    /// The limit, as configured or announced.
+    pub limit: u64,
     pub burst_capacity: u64,
     pub burst_remaining: u64,
     pub minute_remaining: u64,
@@ -92,22 +110,30 @@ pub struct Ledger {
     used_minute: [u64; 3],
     hints: [Option<Hint>; 3],
     paused_until: Option<Instant>,
+    /// Per dimension: what the bucket holds of admitted cost, draining at
+    /// `rate` units a second; a call fits while it stays within `depth`.
+    level: [f64; 3],
+    /// When `level` was last drained.
+    level_at: Instant,
+    rate: [f64; 3],
+    depth: [f64; 3],
+    /// What the minute window holds, per dimension.
+    minute_cap: [Option<u64>; 3],
+    /// The ledger holds 1/share of the limits (a replica's share while the
+    /// shared ledger is away).
+    share: u32,
 }
 
 /// What one burst window admits of each per-minute limit.
 pub fn burst_caps(limits: &Limits) -> [u64; 3] {
-    let share = limits.burst.as_secs_f64() / MINUTE.as_secs_f64();
-    limits
-        .per_minute
-        .map(|l| l.map_or(u64::MAX, |l| ((l as f64 * share).floor() as u64).max(1)))
+    limits.burst_caps()
 }
 
 impl Ledger {
     pub fn new(limits: Limits) -> Ledger {
-        let burst_cap = burst_caps(&limits);
-        Ledger {
+        let mut ledger = Ledger {
             limits,
-            burst_cap,
+            burst_cap: [u64::MAX; 3],
             entries: VecDeque::new(),
             first_seq: 0,
             burst_from: 0,
@@ -115,6 +141,36 @@ impl Ledger {
             used_minute: [0; 3],
             hints: [None; 3],
             paused_until: None,
+            level: [0.0; 3],
+            level_at: Instant::now(),
+            rate: [0.0; 3],
+            depth: [0.0; 3],
+            minute_cap: [None; 3],
+            share: 1,
+        };
+        ledger.derive();
+        ledger
+    }
+
+    /// The burst caps, the minute's caps and the buckets' rates and depths,
+    /// from the limits and the share held.
+    fn derive(&mut self) {
+        // A share of a burst window is its whole cap divided, rounded down:
+        // the replicas' shares together never exceed the whole.
+        let n = u64::from(self.share.max(1));
+        self.burst_cap = self
+            .limits
+            .burst_caps()
+            .map(|c| if c == u64::MAX { c } else { (c / n).max(1) });
+        self.rate = self.limits.rates().map(|r| r / n as f64);
+        self.minute_cap = self.limits.per_minute.map(|l| l.map(|l| (l / n).max(1)));
+        // A share of the bucket likewise.
+        let depths = self.limits.depths();
+        for d in 0..3 {
+            self.depth[d] = match self.burst_cap[d] {
+                u64::MAX => 0.0,
+                cap => (depths[d] / n as f64).max(cap as f64),
+            };
         }
     }
 
@@ -122,13 +178,51 @@ impl Ledger {
     /// stays counted.
     pub fn set_limits(&mut self, per_minute: [Option<u64>; 3]) {
         self.limits.per_minute = per_minute;
-        self.burst_cap = burst_caps(&self.limits);
+        self.derive();
     }
 
-    /// The first dimension in which `cost` is more than a whole minute's
-    /// limit, with that limit: such a call can never be admitted.
-    pub fn never_fits(&self, cost: &Cost) -> Option<(usize, u64)> {
-        exceeds(&self.limits.per_minute, cost)
+    /// Holds 1/`share` of the limits from now on (1: all of them).
+    pub fn set_share(&mut self, share: u32) {
+        self.share = share.max(1);
+        self.derive();
+    }
+
+    /// Empties the buckets by what has drained since they were last looked at.
+    fn drain(&mut self, now: Instant) {
+        if now <= self.level_at {
+            return;
+        }
+        let dt = (now - self.level_at).as_secs_f64();
+        for d in 0..3 {
+            self.level[d] = (self.level[d] - self.rate[d] * dt).max(0.0);
+        }
+        self.level_at = now;
+    }
+
+    /// What a call costing `c` of dimension `d` adds to its bucket: all of
+    /// it, or, where the upstream's latest word shows room for it, only the
+    /// safety fraction of it (room no other client of the key is spending).
+    fn bucket_charge(&self, d: usize, c: u64, now: Instant) -> f64 {
+        let room = self.hints[d].is_some_and(|h| h.until > now && h.remaining >= c);
+        match room {
+            true => c as f64 * self.limits.safety_fraction(),
+            false => c as f64,
+        }
+    }
+
+    /// When the bucket of `d` has room for `charge` (`now` if it has).
+    fn bucket_ready(&self, d: usize, charge: f64, now: Instant) -> Instant {
+        let (level, depth, rate) = (self.level[d], self.depth[d], self.rate[d]);
+        if rate <= 0.0 || level + charge <= depth + EPSILON {
+            return now;
+        }
+        // A charge larger than the bucket goes when it is empty.
+        let over = if charge > depth {
+            level
+        } else {
+            level + charge - depth
+        };
+        now + seconds_up(over / rate)
     }
 
     /// What one burst window admits, per dimension (`u64::MAX`: unlimited).
@@ -188,10 +282,11 @@ impl Ledger {
     /// so it is never refused for ever.
     pub fn ready_at(&mut self, now: Instant, cost: &Cost) -> Instant {
         self.expire(now);
+        self.drain(now);
         let mut at = self.paused_until.unwrap_or(now).max(now);
         let c = cost.dims();
         for d in 0..3 {
-            let Some(per_minute) = self.limits.per_minute[d] else {
+            let Some(per_minute) = self.minute_cap[d] else {
                 continue;
             };
             if c[d] == 0 {
@@ -227,6 +322,7 @@ impl Ledger {
             if let Some(h) = self.hints[d].filter(|h| h.remaining < c[d]) {
                 at = at.max(h.until);
             }
+            at = at.max(self.bucket_ready(d, self.bucket_charge(d, c[d], now), now));
         }
         at
     }
@@ -236,9 +332,13 @@ impl Ledger {
     pub fn charge(&mut self, now: Instant, cost: &Cost) -> Ticket {
         let now = self.entries.back().map_or(now, |e| e.at.max(now));
         let c = bounded(cost);
+        self.drain(now);
         for d in 0..3 {
             self.used_burst[d] += c[d];
             self.used_minute[d] += c[d];
+            if self.rate[d] > 0.0 {
+                self.level[d] += self.bucket_charge(d, c[d], now);
+            }
             if let Some(h) = &mut self.hints[d] {
                 h.remaining = h.remaining.saturating_sub(c[d]);
             }
@@ -266,6 +366,9 @@ impl Ledger {
             if in_burst {
                 self.used_burst[d] = self.used_burst[d] - e.cost[d] + new[d];
             }
+            // The bucket: what drained of the old charge stays drained.
+            let delta = new[d] as f64 - e.cost[d] as f64;
+            self.level[d] = (self.level[d] + delta).max(0.0);
             e.cost[d] = new[d];
         }
     }
@@ -315,7 +418,9 @@ impl Ledger {
     /// changes nothing.
     pub fn is_idle(&mut self, now: Instant) -> bool {
         self.expire(now);
+        self.drain(now);
         self.entries.is_empty()
+            && self.level.iter().all(|l| *l <= EPSILON)
             && self.paused_until.is_none()
             && self.hints.iter().all(Option::is_none)
     }
@@ -324,10 +429,11 @@ impl Ledger {
     /// refusing early: whole burst windows for what exceeds the room left now.
     pub fn time_to_serve(&mut self, now: Instant, total: &Cost) -> Duration {
         self.expire(now);
+        self.drain(now);
         let mut wait = self.paused_until.map_or(Duration::ZERO, |p| p - now);
         let t = total.dims();
         for d in 0..3 {
-            let Some(per_minute) = self.limits.per_minute[d] else {
+            let Some(per_minute) = self.minute_cap[d] else {
                 continue;
             };
             let room = self.burst_cap[d].saturating_sub(self.used_burst[d]);
@@ -343,20 +449,30 @@ impl Ledger {
             if let Some(h) = self.hints[d].filter(|h| h.remaining < t[d]) {
                 wait = wait.max(h.until - now);
             }
+            let bucket = self.bucket_ready(d, t[d] as f64, now);
+            wait = wait.max(bucket - now);
         }
         wait
     }
 
     pub fn status(&mut self, now: Instant) -> [Option<DimStatus>; 3] {
         self.expire(now);
+        self.drain(now);
+        let sustained = self.limits.sustained();
+        let n = u64::from(self.share);
         let mut out = [None; 3];
         for d in 0..3 {
-            if let Some(per_minute) = self.limits.per_minute[d] {
+            if let (Some(limit), Some(per_minute)) = (self.minute_cap[d], sustained[d]) {
+                let per_minute = (per_minute / n).max(1);
+                let bucket = (self.depth[d] - self.level[d]).max(0.0).floor() as u64;
                 out[d] = Some(DimStatus {
                     per_minute,
+                    limit,
                     burst_capacity: self.burst_cap[d],
-                    burst_remaining: self.burst_cap[d].saturating_sub(self.used_burst[d]),
-                    minute_remaining: per_minute.saturating_sub(self.used_minute[d]),
+                    burst_remaining: self.burst_cap[d]
+                        .saturating_sub(self.used_burst[d])
+                        .min(bucket),
+                    minute_remaining: limit.saturating_sub(self.used_minute[d]),
                 });
             }
         }
@@ -374,6 +490,7 @@ mod tests {
             per_minute: [rpm, tpm, ipm],
             burst: Duration::from_secs(1),
             margin: Duration::ZERO,
+            safety: 1.0,
         })
     }
 
@@ -484,8 +601,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_call_larger_than_the_burst_goes_when_the_window_is_empty() {
-        // 5 ipm gives a burst share of 1 image; a 10-image call waits for an empty
-        // window (and an empty minute), then goes.
+        // 5 ipm gives a burst share of 1 image; a 10-image call waits for an
+        // empty window (and an empty minute), then goes.
         let mut l = ledger(None, None, Some(5));
         let now = Instant::now();
         let ten = Cost {
@@ -502,8 +619,8 @@ mod tests {
         };
         assert_eq!(
             l.ready_at(now, &one),
-            now + MINUTE,
-            "and pays it off over the minute"
+            now + Duration::from_secs(72),
+            "and pays it off at the sustained rate: 6 images over, at 5 a minute"
         );
     }
 
@@ -565,5 +682,104 @@ mod tests {
             images: 0,
         };
         assert_eq!(l.time_to_serve(now, &few), Duration::ZERO);
+    }
+
+    /// Admits one-request calls as fast as the ledger allows for `secs`,
+    /// with the upstream's word after each call when `hint` says so
+    /// (`remaining` as the fake announces it: its window's room); the calls'
+    /// times.
+    async fn saturate(l: &mut Ledger, secs: u64, hint: Option<u64>) -> Vec<Instant> {
+        let start = Instant::now();
+        let mut sent: Vec<Instant> = Vec::new();
+        while Instant::now() - start < Duration::from_secs(secs) {
+            let now = Instant::now();
+            let at = l.ready_at(now, &req());
+            if at > now {
+                tokio::time::sleep_until(at).await;
+                continue;
+            }
+            let t = l.charge(now, &req());
+            if let Some(cap) = hint {
+                let in_window = sent
+                    .iter()
+                    .rev()
+                    .take_while(|s| now - **s < Duration::from_secs(1))
+                    .count() as u64;
+                let h = RateLimitHeaders {
+                    requests: Some(Remaining {
+                        remaining: cap.saturating_sub(in_window + 1),
+                        reset: Duration::from_secs(1),
+                    }),
+                    ..Default::default()
+                };
+                l.observe(now, t.at, &h);
+            }
+            sent.push(now);
+        }
+        sent
+    }
+
+    fn most_in_any(sent: &[Instant], window: Duration) -> usize {
+        (0..sent.len())
+            .map(|i| {
+                sent[i..]
+                    .iter()
+                    .take_while(|s| **s - sent[i] < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fractional_share_carries_over_and_the_sustained_rate_is_the_limit_times_safety() {
+        // 600 a minute announced, 95 % used: 9.5 a second, where whole calls
+        // per window gave 9 per 1.05 s (8.57 a second).
+        let mut l = Ledger::new(Limits {
+            per_minute: [Some(600), None, None],
+            burst: Duration::from_secs(1),
+            margin: Duration::from_millis(50),
+            safety: 0.95,
+        });
+        let sent = saturate(&mut l, 300, None).await;
+        let rate = sent.len() as f64 / 300.0;
+        assert!(rate >= 0.98 * 9.5, "{rate} a second");
+        assert!(rate <= 9.5 + 0.05, "{rate} a second");
+        // The upstream's own window is never overrun.
+        assert!(most_in_any(&sent, Duration::from_secs(1)) <= 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_limit_with_a_fractional_share_is_used_whole() {
+        // 570 a minute is 9.5 a second: the margin (50 ms) costs less than
+        // the rounding did.
+        let mut l = Ledger::new(Limits {
+            per_minute: [Some(570), None, None],
+            burst: Duration::from_secs(1),
+            margin: Duration::from_millis(50),
+            safety: 1.0,
+        });
+        let sent = saturate(&mut l, 300, None).await;
+        let per_minute = sent.len() as f64 / 5.0;
+        assert!(per_minute >= 0.95 * 570.0, "{per_minute} a minute");
+        assert!(most_in_any(&sent, Duration::from_secs(60)) <= 570);
+        assert!(most_in_any(&sent, Duration::from_millis(1050)) <= 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_the_upstream_confirms_is_used_beyond_the_safety_fraction() {
+        let limits = Limits {
+            per_minute: [Some(600), None, None],
+            burst: Duration::from_secs(1),
+            margin: Duration::from_millis(50),
+            safety: 0.95,
+        };
+        let mut l = Ledger::new(limits);
+        let sent = saturate(&mut l, 120, Some(10)).await;
+        let rate = sent.len() as f64 / 120.0;
+        // As fast as the window with its margin allows: 10 per 1.05 s.
+        assert!(rate > 9.5, "{rate} a second");
+        assert!(most_in_any(&sent, Duration::from_secs(1)) <= 10);
+        assert!(most_in_any(&sent, Duration::from_secs(60)) <= 600);
     }
 }

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::learn::{Learner, Source};
 use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
-use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis, RemoteLimits};
+use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::Problem;
 use crate::vocab::headers::{RateLimitHeaders, name};
@@ -213,18 +213,6 @@ pub struct Remote {
     pub key: PoolKey,
 }
 
-/// Announced limits times the fraction used; at least one a minute.
-fn scaled(per_minute: [Option<u64>; 3], safety: f64) -> [Option<u64>; 3] {
-    per_minute.map(|l| l.map(|l| ((l as f64 * safety).floor() as u64).max(1)))
-}
-
-/// Limits divided into a replica's share, for while Redis is unavailable.
-fn share_of(limits: &Limits, share: u32) -> [Option<u64>; 3] {
-    limits
-        .per_minute
-        .map(|l| l.map(|l| (l / u64::from(share.max(1))).max(1)))
-}
-
 struct State {
     ledger: Ledger,
     /// The pool's whole limits; with Redis, the local ledger holds a share.
@@ -264,8 +252,6 @@ struct State {
     max_in_flight: Option<usize>,
     /// For a pool no budget configures: what it learns of the upstream's limits.
     learner: Option<Learner>,
-    /// The fraction of a learned limit used.
-    safety: f64,
 }
 
 impl State {
@@ -325,8 +311,6 @@ pub struct Settings {
     pub probe_grace: Duration,
     /// Limits learned from the upstream instead of configured.
     pub learner: Option<Learner>,
-    /// The fraction of a learned limit used (1 for a configured one).
-    pub safety: f64,
     /// A ledger shared with other replicas.
     pub remote: Option<Remote>,
 }
@@ -345,23 +329,23 @@ impl Pool {
             mut max_in_flight,
             probe_grace,
             learner,
-            safety,
             remote,
         } = settings;
         if let Some(learned) = learner.as_ref().map(Learner::learned) {
-            limits.per_minute = scaled(learned.per_minute, safety);
+            limits.per_minute = learned.per_minute;
             max_in_flight = learned.max_in_flight;
         }
         let full = limits;
         let share = remote.as_ref().map_or(1, |r| r.redis.fallback_share());
-        limits.per_minute = share_of(&full, share);
+        let mut ledger = Ledger::new(limits);
+        ledger.set_share(share);
         let pool = Arc::new(Pool {
             name,
             credential,
             learns: learner.is_some(),
             probe_grace,
             state: Mutex::new(State {
-                ledger: Ledger::new(limits),
+                ledger,
                 full,
                 share,
                 epoch: 0,
@@ -371,7 +355,7 @@ impl Pool {
                 last_told: None,
                 head_shared: false,
                 changes: 0,
-                queue: FairQueue::new(Ledger::new(full).burst_caps()),
+                queue: FairQueue::new(full.burst_caps()),
                 in_flight: 0,
                 next_id: 0,
                 tripped: None,
@@ -381,7 +365,6 @@ impl Pool {
                 pauses: 0,
                 max_in_flight,
                 learner,
-                safety,
             }),
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -707,11 +690,6 @@ impl Pool {
                     return None;
                 }
             };
-            let limits = RemoteLimits {
-                per_minute: full.per_minute,
-                burst: full.burst,
-                margin: full.margin,
-            };
             let candidates: Vec<Candidate<'_>> = heads
                 .iter()
                 .map(|(client, _, cost, weight)| Candidate {
@@ -722,7 +700,7 @@ impl Pool {
                 .collect();
             let booking = remote
                 .redis
-                .book(&remote.key, &candidates, &limits, HORIZON)
+                .book(&remote.key, &candidates, &full, HORIZON)
                 .await;
             let now = Instant::now();
             match booking {
@@ -793,8 +771,7 @@ impl Pool {
             let mut st = self.lock();
             if st.share != share {
                 st.share = share;
-                let per_minute = share_of(&st.full, share);
-                st.ledger.set_limits(per_minute);
+                st.ledger.set_share(share);
             }
             if st.epoch == epoch {
                 return;
@@ -807,13 +784,7 @@ impl Pool {
                 .filter(|(at, _)| now.duration_since(*at) < window)
                 .map(|(at, c)| (now.duration_since(at), c))
                 .collect();
-            let full = st.full;
-            let limits = RemoteLimits {
-                per_minute: full.per_minute,
-                burst: full.burst,
-                margin: full.margin,
-            };
-            (spent, limits)
+            (spent, st.full)
         };
         if !spent.is_empty() {
             tracing::info!(pool = %self.name, calls = spent.len(), "told the shared ledger what was spent while redis was away");
@@ -1082,11 +1053,10 @@ impl Permit {
             max_in_flight = learned.max_in_flight,
             "learned the upstream's limits"
         );
-        st.full.per_minute = scaled(learned.per_minute, st.safety);
+        st.full.per_minute = learned.per_minute;
         st.remote_retry = None;
-        let caps = Ledger::new(st.full).burst_caps();
-        let share = share_of(&st.full, st.share);
-        st.ledger.set_limits(share);
+        st.ledger.set_limits(learned.per_minute);
+        let caps = st.full.burst_caps();
         st.queue.set_caps(caps);
         st.max_in_flight = learned.max_in_flight;
         drop(st);
@@ -1150,7 +1120,6 @@ mod tests {
             max_in_flight,
             probe_grace: Duration::from_secs(2),
             learner: None,
-            safety: 1.0,
             remote: None,
         }
     }
@@ -1164,6 +1133,7 @@ mod tests {
                     per_minute: [Some(rpm), None, None],
                     burst: Duration::from_secs(1),
                     margin: Duration::ZERO,
+                    safety: 1.0,
                 },
                 None,
             ),
@@ -1304,6 +1274,7 @@ mod tests {
                     per_minute: [Some(6000), None, None],
                     burst: Duration::from_secs(1),
                     margin: Duration::ZERO,
+                    safety: 1.0,
                 },
                 Some(2),
             ),
@@ -1386,6 +1357,7 @@ mod tests {
                     per_minute: [None, None, Some(600)],
                     burst: Duration::from_secs(1),
                     margin: Duration::ZERO,
+                    safety: 1.0,
                 },
                 None,
             ),

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use super::client::{Redis, Unavailable};
-use crate::vocab::cost::Cost;
+use crate::vocab::cost::{Cost, Limits};
 use crate::vocab::headers::RateLimitHeaders;
 
 /// The most one number sent to a script may be: Lua's numbers are doubles,
@@ -31,14 +31,6 @@ pub const MAX_CANDIDATES: usize = 16;
 #[derive(Debug, Clone)]
 pub struct PoolKey {
     keys: [String; 8],
-}
-
-/// A pool's limits as the scripts take them.
-#[derive(Debug, Clone, Copy)]
-pub struct RemoteLimits {
-    pub per_minute: [Option<u64>; 3],
-    pub burst: Duration,
-    pub margin: Duration,
 }
 
 /// A request a replica proposes for admission: its client, its weight in
@@ -71,13 +63,23 @@ local function parse(s)
   local a, b, c = string.match(s, '(%d+),(%d+),(%d+)')
   return {tonumber(a), tonumber(b), tonumber(c)}
 end
+-- A pool's keys live and die together: every script that writes any of them
+-- gives all of them the same time to live (the breaker, KEYS[5], keeps its
+-- own: the cool-down). None so outlives what it counts: running sums never
+-- outlive the entries they sum.
+local function keep_all()
+  for k = 1, #KEYS do
+    if k ~= 5 then redis.call('PEXPIRE', KEYS[k], 240000) end
+  end
+end
 "#;
 
 /// KEYS: state, burst, minute, cost, breaker, heads, seen, finish. ARGV:
 /// mode (`book`, or `force` to record what was spent while Redis was away),
 /// per-minute limits x3 (-1: none), burst ms, margin ms, horizon ms (force:
-/// the charge's age), replica, stale ms, the number of candidates, then per
-/// candidate: client, weight, cost x3.
+/// the charge's age), replica, stale ms, the number of candidates, the
+/// safety fraction, burst caps x3, bucket depths x3, then per candidate:
+/// client, weight, cost x3.
 ///
 /// Fairness across replicas: each client has a virtual finish time here, as
 /// in a replica's own fair queue (start-fair queueing weighted by cost), and
@@ -85,6 +87,11 @@ end
 /// requests of its queue's lanes; the one whose client finishes first (on a
 /// tie: was served longest ago) is the replica's head. A head defers to
 /// another replica's live head that goes before it in that order.
+///
+/// Per dimension, as the in-process ledger: sliding burst and minute windows
+/// (sorted sets of entries, running sums in the state hash), and a bucket
+/// (`q1..q3`, drained at the sustained rate since `qt`) that carries a
+/// window's unused fraction into the next.
 const BOOK: &str = r#"
 local force = ARGV[1] == 'force'
 if not force then
@@ -92,12 +99,14 @@ if not force then
   if br > 0 then return {-2, br} end
 end
 local replica, stale, n = ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local safety = tonumber(ARGV[11])
+local C0 = 17
 local vclock = tonumber(redis.call('HGET', KEYS[1], 'vclock')) or 0
 -- The candidate whose client finishes first; on a tie, the client served
 -- longest ago.
 local pick, start, finish, seq = 1, 0, 0, 0
 for i = 1, n do
-  local b = 10 + (i - 1) * 5
+  local b = C0 + (i - 1) * 5
   local c = ARGV[b + 1]
   local cf = tonumber(redis.call('HGET', KEYS[8], 'f:' .. c)) or 0
   local cs = tonumber(redis.call('HGET', KEYS[8], 's:' .. c)) or 0
@@ -107,7 +116,7 @@ for i = 1, n do
     pick, start, finish, seq = i, s, f, cs
   end
 end
-local pb = 10 + (pick - 1) * 5
+local pb = C0 + (pick - 1) * 5
 local client = ARGV[pb + 1]
 local cost = {tonumber(ARGV[pb + 3]), tonumber(ARGV[pb + 4]), tonumber(ARGV[pb + 5])}
 -- Registers this replica's head, so that others defer to it while it waits.
@@ -115,6 +124,7 @@ local function register()
   redis.call('ZADD', KEYS[6], finish, replica)
   redis.call('ZADD', KEYS[7], now, replica)
   redis.call('HSET', KEYS[8], 'h:' .. replica, seq, 'c:' .. replica, client)
+  keep_all()
 end
 if not force and redis.call('ZCARD', KEYS[6]) > 0 then
   local gone = redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now - stale)
@@ -141,6 +151,8 @@ if not force and redis.call('ZCARD', KEYS[6]) > 0 then
   end
 end
 local lim = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local bcap = {tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])}
+local depth = {tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])}
 local burst = tonumber(ARGV[5])
 local margin = tonumber(ARGV[6])
 local bw = burst + margin
@@ -161,16 +173,40 @@ local function expire(z, window, f, last)
 end
 expire(KEYS[2], bw, 'b', false)
 expire(KEYS[3], mw, 'm', true)
+-- An empty window sums to nothing, whatever a sum says.
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[1], 'b1', 0, 'b2', 0, 'b3', 0)
+end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('HSET', KEYS[1], 'm1', 0, 'm2', 0, 'm3', 0)
+  redis.call('DEL', KEYS[4])
+end
 local st = redis.call('HMGET', KEYS[1], 'b1', 'b2', 'b3', 'm1', 'm2', 'm3', 'paused',
-  'h1r', 'h1u', 'h2r', 'h2u', 'h3r', 'h3u')
+  'h1r', 'h1u', 'h2r', 'h2u', 'h3r', 'h3u', 'qt', 'q1', 'q2', 'q3')
+-- The buckets, drained to `base` at each dimension's rate (a unit per ms).
+local qt = tonumber(st[14]) or now
+local base = math.max(now, qt)
+local rate, lvl, charge = {0, 0, 0}, {0, 0, 0}, {0, 0, 0}
+for d = 1, 3 do
+  if lim[d] >= 0 then
+    rate[d] = lim[d] * safety / 60000
+    lvl[d] = math.max(0, (tonumber(st[14 + d]) or 0) - rate[d] * (base - qt))
+  end
+  charge[d] = cost[d]
+  local hr = tonumber(st[6 + 2 * d])
+  local hu = tonumber(st[7 + 2 * d])
+  -- Room the upstream confirms: the safety fraction need not hold it back.
+  if not force and safety < 1 and hr and hu and hu > now and hr >= cost[d] then
+    charge[d] = cost[d] * safety
+  end
+end
 local at = now
 local paused = tonumber(st[7]) or 0
 if paused > at then at = paused end
 if not force then
   for d = 1, 3 do
     if lim[d] >= 0 and cost[d] > 0 then
-      local bcap = math.max(1, math.floor(lim[d] * burst / 60000))
-      local wins = {{tonumber(st[d]) or 0, bcap, KEYS[2], bw}, {tonumber(st[3 + d]) or 0, lim[d], KEYS[3], mw}}
+      local wins = {{tonumber(st[d]) or 0, bcap[d], KEYS[2], bw}, {tonumber(st[3 + d]) or 0, lim[d], KEYS[3], mw}}
       for _, w in ipairs(wins) do
         local used, cap = w[1], w[2]
         if used + cost[d] > cap then
@@ -191,6 +227,12 @@ if not force then
           end
           if not found and now + w[4] > at then at = now + w[4] end
         end
+      end
+      if rate[d] > 0 and lvl[d] + charge[d] > depth[d] + 0.000001 then
+        local over = lvl[d] + charge[d] - depth[d]
+        if charge[d] > depth[d] then over = lvl[d] end
+        local when = base + math.ceil(over / rate[d])
+        if when > at then at = when end
       end
       local hr = tonumber(st[6 + 2 * d])
       local hu = tonumber(st[7 + 2 * d])
@@ -221,6 +263,7 @@ local id = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('ZADD', KEYS[2], when, id)
 redis.call('ZADD', KEYS[3], when, id)
 redis.call('HSET', KEYS[4], id, string.format('%d,%d,%d', cost[1], cost[2], cost[3]))
+local qnew = math.max(base, when)
 for d = 1, 3 do
   if cost[d] > 0 then
     redis.call('HINCRBY', KEYS[1], 'b' .. d, cost[d])
@@ -228,19 +271,17 @@ for d = 1, 3 do
     local hr = tonumber(st[6 + 2 * d])
     if hr then redis.call('HSET', KEYS[1], 'h' .. d .. 'r', math.max(0, hr - cost[d])) end
   end
+  local l = lvl[d]
+  if rate[d] > 0 then l = math.max(0, l - rate[d] * (qnew - base)) + charge[d] end
+  redis.call('HSET', KEYS[1], 'q' .. d, string.format('%.6f', l))
 end
--- Idle pools vanish: every key lives a while past the minute window,
--- refreshed when half of that is gone.
-local keep = mw + 60000
-if redis.call('PTTL', KEYS[1]) < keep / 2 then
-  for k = 1, 8 do
-    if k ~= 5 then redis.call('PEXPIRE', KEYS[k], keep) end
-  end
-end
+redis.call('HSET', KEYS[1], 'qt', qnew)
+keep_all()
 return {1, id, at - now, when, pick}
 "#;
 
-/// KEYS: state, burst, minute, cost. ARGV: id, cost x3.
+/// KEYS: state, burst, minute, cost, breaker, heads, seen, finish. ARGV: id,
+/// cost x3.
 const SETTLE: &str = r#"
 local old = redis.call('HGET', KEYS[4], ARGV[1])
 if not old then return 0 end
@@ -252,14 +293,19 @@ for d = 1, 3 do
   if delta ~= 0 then
     redis.call('HINCRBY', KEYS[1], 'm' .. d, delta)
     if in_burst then redis.call('HINCRBY', KEYS[1], 'b' .. d, delta) end
+    -- The bucket: what drained of the old charge stays drained.
+    local q = tonumber(redis.call('HGET', KEYS[1], 'q' .. d)) or 0
+    redis.call('HSET', KEYS[1], 'q' .. d, string.format('%.6f', math.max(0, q + delta)))
   end
 end
 redis.call('HSET', KEYS[4], ARGV[1], string.format('%d,%d,%d', n[1], n[2], n[3]))
+keep_all()
 return 1
 "#;
 
-/// KEYS: state, burst, minute, cost. ARGV: the observed call's booking time,
-/// margin ms, then per dimension remaining and reset ms (-1: not announced).
+/// KEYS: state, burst, minute, cost, breaker, heads, seen, finish. ARGV: the
+/// observed call's booking time, margin ms, then per dimension remaining and
+/// reset ms (-1: not announced).
 const OBSERVE: &str = r#"
 local seen = tonumber(ARGV[1])
 local margin = tonumber(ARGV[2])
@@ -282,16 +328,17 @@ for d = 1, 3 do
     end
   end
 end
-redis.call('PEXPIRE', KEYS[1], 180000)
+keep_all()
 return 1
 "#;
 
-/// KEYS: state. ARGV: delay ms (margin included).
+/// KEYS: state, burst, minute, cost, breaker, heads, seen, finish. ARGV:
+/// delay ms (margin included).
 const PAUSE: &str = r#"
 local untl = now + tonumber(ARGV[1])
 local cur = tonumber(redis.call('HGET', KEYS[1], 'paused')) or 0
 if untl > cur then redis.call('HSET', KEYS[1], 'paused', untl) end
-redis.call('PEXPIRE', KEYS[1], 180000)
+keep_all()
 return 1
 "#;
 
@@ -342,7 +389,7 @@ impl Redis {
         &self,
         pool: &PoolKey,
         candidates: &[Candidate<'_>],
-        limits: &RemoteLimits,
+        limits: &Limits,
         horizon: Duration,
     ) -> Result<(Booking, usize), Unavailable> {
         let candidates = &candidates[..candidates.len().min(MAX_CANDIDATES)];
@@ -375,7 +422,7 @@ impl Redis {
         &self,
         pool: &PoolKey,
         spent: &[(Duration, Cost)],
-        limits: &RemoteLimits,
+        limits: &Limits,
     ) -> Result<(), Unavailable> {
         for (age, cost) in spent {
             let alone = Candidate {
@@ -394,7 +441,7 @@ impl Redis {
         pool: &PoolKey,
         mode: &str,
         candidates: &[Candidate<'_>],
-        limits: &RemoteLimits,
+        limits: &Limits,
         last: u64,
     ) -> Result<Vec<i64>, Unavailable> {
         let mut conn = self.conn()?;
@@ -414,7 +461,14 @@ impl Redis {
             .arg(last)
             .arg(&self.replica)
             .arg(ms(STALE_HEAD))
-            .arg(candidates.len());
+            .arg(candidates.len())
+            .arg(limits.safety_fraction());
+        for cap in limits.burst_caps() {
+            inv.arg(number(cap));
+        }
+        for depth in limits.depths() {
+            inv.arg(depth.min(MAX_NUMBER as f64));
+        }
         for c in candidates {
             let cost = costs(&c.cost);
             inv.arg(c.client)
@@ -431,7 +485,7 @@ impl Redis {
         let mut conn = self.conn()?;
         let c = costs(cost);
         let mut inv = SCRIPTS[1].prepare_invoke();
-        for k in &pool.keys[..4] {
+        for k in &pool.keys {
             inv.key(k);
         }
         inv.arg(id).arg(c[0]).arg(c[1]).arg(c[2]);
@@ -450,7 +504,7 @@ impl Redis {
     ) -> Result<(), Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[2].prepare_invoke();
-        for k in &pool.keys[..4] {
+        for k in &pool.keys {
             inv.key(k);
         }
         inv.arg(at).arg(ms(margin));
@@ -485,7 +539,10 @@ impl Redis {
     pub async fn pause(&self, pool: &PoolKey, delay: Duration) -> Result<(), Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[3].prepare_invoke();
-        inv.key(&pool.keys[0]).arg(ms(delay));
+        for k in &pool.keys {
+            inv.key(k);
+        }
+        inv.arg(ms(delay));
         self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
         Ok(())
     }

@@ -20,5 +20,5 @@ mod store;
 
 pub use client::{Redis, Status, Unavailable};
 pub use jobs::{Change, JobCounts, StoredJob, Submitted};
-pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey, RemoteLimits};
+pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey};
 pub use store::{Answer, Kind, Lease};

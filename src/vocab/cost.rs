@@ -24,6 +24,73 @@ impl Cost {
     }
 }
 
+/// Per-minute limits of a pool and how they are enforced: a sliding burst
+/// window that holds no more than its share of the minute (rounded up), a
+/// sliding minute, and a sustained rate of the limit times the safety
+/// fraction. The in-process ledger and the shared one in Redis read the same.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// requests, tokens, images per minute; `None` is unlimited.
+    pub per_minute: [Option<u64>; 3],
+    pub burst: std::time::Duration,
+    pub margin: std::time::Duration,
+    /// The fraction of `per_minute` used on average: 1 for a configured
+    /// budget, `learn.safety` for an announced limit.
+    pub safety: f64,
+}
+
+impl Limits {
+    /// What the pool admits a minute on average, per dimension.
+    pub fn sustained(&self) -> [Option<u64>; 3] {
+        let s = self.safety_fraction();
+        self.per_minute
+            .map(|l| l.map(|l| ((l as f64 * s).floor() as u64).max(1)))
+    }
+
+    /// The safety fraction, within (0, 1].
+    pub fn safety_fraction(&self) -> f64 {
+        if self.safety.is_finite() {
+            self.safety.clamp(0.01, 1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// What one burst window admits of each limit: its share of the minute,
+    /// rounded up (the sustained rate keeps the average at the share), at
+    /// least one; `u64::MAX` where unlimited.
+    pub fn burst_caps(&self) -> [u64; 3] {
+        let burst_ms = self.burst.as_millis().max(1);
+        self.per_minute.map(|l| {
+            l.map_or(u64::MAX, |l| {
+                let share = (u128::from(l) * burst_ms).div_ceil(60_000);
+                u64::try_from(share).unwrap_or(u64::MAX).max(1)
+            })
+        })
+    }
+
+    /// How much a dimension's bucket holds before it paces calls at the
+    /// sustained rate: a minute's worth at that rate, at least a burst
+    /// window's (0: unlimited). After a quiet spell so much may go at the
+    /// burst windows' pace: a bucket only a window deep would pace a limit
+    /// of 5 a minute at one every 12 s from the first call.
+    pub fn depths(&self) -> [f64; 3] {
+        let caps = self.burst_caps();
+        let minute = self.sustained();
+        std::array::from_fn(|d| match (caps[d], minute[d]) {
+            (u64::MAX, _) | (_, None) => 0.0,
+            (cap, Some(m)) => cap.max(m) as f64,
+        })
+    }
+
+    /// The sustained rate of each dimension, in units a second (0: unlimited).
+    pub fn rates(&self) -> [f64; 3] {
+        let s = self.safety_fraction();
+        self.per_minute
+            .map(|l| l.map_or(0.0, |l| l as f64 * s / 60.0))
+    }
+}
+
 /// What an image request asked for, to price it by the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageAsk {
