@@ -645,3 +645,41 @@ async fn sums_without_their_entries_do_not_stall_the_pool() {
         "the pool admits again"
     );
 }
+
+/// A leader whose lease renewal fails once (Redis a moment away) keeps its
+/// lease: a follower arriving after Redis is back waits for the leader's
+/// answer rather than paying for a second call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_keeps_its_lease_through_a_moment_without_redis() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = fake_taking(Duration::from_secs(4)).await;
+    let mut config = shared_config(&fake.url(), &redis.url());
+    config.budgets.clear();
+    config.state.lease = Duration::from_secs(1);
+    let group = replicas(2, &config).await;
+    let led = tokio::spawn({
+        let url = group[0].url.clone();
+        async move { generate(&url, "a leader through a hiccup").await }
+    });
+    while fake.calls() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Redis stops answering longer than a command may take (a renewal
+    // fails), shorter than the lease.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.freeze(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.freeze(false);
+    for r in &group {
+        r.until_state(true, 2).await;
+    }
+    // Well past when an unrenewed lease would have lapsed.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let followed = generate(&group[1].url, "a leader through a hiccup").await;
+    assert_eq!(followed.status(), 200);
+    assert_eq!(followed.headers()["x-penstock-cache"], "coalesced");
+    assert_eq!(led.await.unwrap().status(), 200);
+    assert_eq!(fake.calls(), 1, "one call, paid once");
+}

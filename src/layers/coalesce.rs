@@ -634,7 +634,10 @@ async fn across_replicas(redis: &Redis, hex: &str) -> Step {
     }
 }
 
-/// A held lease, renewed while the call runs and given up when it ends.
+/// A held lease, renewed while the call runs and given up when it ends. A
+/// renewal that fails for Redis's sake (a timeout, a moment unavailable) is
+/// tried again, sooner, until the lease would have lapsed: only a lease
+/// another replica now holds, or one that lapsed, ends the renewing.
 struct Held {
     redis: Arc<Redis>,
     lease: Lease,
@@ -645,10 +648,18 @@ impl Held {
     fn new(redis: Arc<Redis>, lease: Lease) -> Held {
         let (r, l) = (redis.clone(), lease.clone());
         let renewing = tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
+            let mut pause = r.lease / 3;
             loop {
-                tokio::time::sleep(r.lease / 3).await;
-                if !matches!(r.renew(&l).await, Ok(true)) {
-                    return;
+                tokio::time::sleep(pause).await;
+                match r.renew(&l).await {
+                    Ok(true) => {
+                        renewed = tokio::time::Instant::now();
+                        pause = r.lease / 3;
+                    }
+                    Ok(false) => return,
+                    Err(_) if renewed.elapsed() >= r.lease => return,
+                    Err(_) => pause = (r.lease / 10).max(Duration::from_millis(50)),
                 }
             }
         });
