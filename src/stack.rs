@@ -83,6 +83,7 @@ where
             jobs::Jobs::open(
                 &config.jobs,
                 config.retry.after_send,
+                config.upstream.attempt_timeout,
                 metrics.clone(),
                 edge.clone(),
                 redis.clone(),

@@ -568,10 +568,15 @@ async fn with_redis_a_dead_replicas_jobs_are_taken_over_after_its_lease() {
     };
     let fake = fake_taking(Duration::from_secs(2)).await;
     let dir = tempfile::tempdir().unwrap();
+    // A sent call is taken over once it could have ended: its attempt
+    // timeout after it was sent.
     let path = config_file(
         &dir,
         &fake.url(),
-        &format!("{}[jobs]\nmax_running = 2\n", redis.state_toml()),
+        &format!(
+            "attempt_timeout = \"4s\"\n{}[jobs]\nmax_running = 2\n",
+            redis.state_toml()
+        ),
     );
     // The first replica: a real process, killed with SIGKILL.
     let (mut first, url) = spawn_penstock(&path).await;
@@ -745,4 +750,56 @@ async fn with_redis_away_a_submit_is_refused_with_a_retry_not_accepted_unstored(
         "penstock_state_unavailable"
     );
     assert_eq!(fake.calls(), 0, "nothing ran that was not stored");
+}
+
+/// The replica running a long image job and a chat job loses Redis for
+/// longer than a lease (a partition: Redis is there for the other replica):
+/// the other does not take over calls that may still be running, neither job
+/// is sent twice, and both paid answers are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_redis_keeps_its_sent_jobs_and_none_is_sent_twice() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = fake_taking(Duration::from_secs(6)).await;
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let runner = {
+        let mut c = redis_config(&fake.url(), &format!("redis://{}", relay.addr));
+        c.jobs.max_running = 2;
+        replica(&c).await
+    };
+    runner.until_state(true, 1).await;
+    let image_id = submit_id(&runner.url, "sk-a", "a long generation").await;
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "once"}]});
+    let resp = http()
+        .post(format!("{}/v1/chat/completions", runner.url))
+        .header("authorization", "Bearer sk-a")
+        .header("prefer", "respond-async")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let chat_id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Both calls are generating upstream.
+    while fake.max_in_flight() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let other = redis_replica(&fake.url(), &redis.url(), 2).await;
+    other.until_state(true, 2).await;
+    // The runner is cut off for longer than the lease (1 s); the other
+    // replica sees the leases lapse meanwhile.
+    relay.freeze(true);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    relay.freeze(false);
+    let image = finished(&other.url, "sk-a", &image_id).await;
+    assert_eq!(image["status"], "succeeded", "{image}");
+    let chat = finished(&other.url, "sk-a", &chat_id).await;
+    assert_eq!(chat["status"], "succeeded", "{chat}");
+    let answer = result(&other.url, "sk-a", &image_id).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(fake.calls(), 2, "each job sent once");
 }

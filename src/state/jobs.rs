@@ -7,6 +7,14 @@
 //! whose lease has lapsed (its replica died) is taken over by another.
 //! Request bodies and answers are stored as answers are (in pieces).
 //!
+//! Leases are fenced: each claim or takeover of a job counts its `fence` up
+//! and names the holder `replica#fence`; renewals, the holder's changes and
+//! the mark that the call is about to go upstream check that name, so a
+//! replica that lost its job (Redis away longer than a lease) can neither
+//! send it nor record anything for it. A job marked as going upstream is not
+//! taken over before its call could have ended (`sent_until`): the replica
+//! that sent it may still be running it, and its paid answer is kept.
+//!
 //! The job keys share one Cluster hash tag, `{jobs}`; bodies and answers
 //! have their own.
 
@@ -58,6 +66,25 @@ pub struct Change<'a> {
     pub result_bytes: u64,
     /// How long an ended job's record is kept.
     pub keep: Duration,
+    /// The holder making the change (its fenced name), or `None` for a
+    /// change any replica may make (a cancel).
+    pub holder: Option<&'a str>,
+}
+
+/// A job taken by this replica: its id and the fenced name it holds it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub id: String,
+    pub holder: String,
+}
+
+fn claims(flat: Vec<String>) -> Vec<Claimed> {
+    flat.chunks_exact(2)
+        .map(|p| Claimed {
+            id: p[0].clone(),
+            holder: p[1].clone(),
+        })
+        .collect()
 }
 
 const SUBMIT: &str = r#"
@@ -74,10 +101,13 @@ redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -2001)
 return 0
 "#;
 
-/// KEYS: job, queue, running, holders, counts, ended, bytes.
+/// KEYS: job, queue, running, holders, counts, ended, bytes. ARGV: expected
+/// states, new state, record, id, tenant, seq, done, finished ms, result
+/// bytes, keep ms, holder (empty: any replica, as a cancel).
 const CHANGE: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 0 end
+if ARGV[11] ~= '' and redis.call('HGET', KEYS[4], ARGV[4]) ~= ARGV[11] then return 0 end
 local allowed = false
 for s in string.gmatch(ARGV[1], '%S+') do
   if s == cur then allowed = true end
@@ -109,25 +139,30 @@ end
 return 1
 "#;
 
-/// KEYS: queue, running, holders. Takes the first queued job for a lease.
+/// KEYS: queue, running, holders. ARGV: replica, lease ms, job key prefix
+/// (not a key: jobs share the hash tag). Takes the first queued job for a
+/// lease; its id and the holder's fenced name.
 const CLAIM: &str = r#"
 local first = redis.call('ZPOPMIN', KEYS[1])
 if #first == 0 then return false end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), first[1])
-redis.call('HSET', KEYS[3], first[1], ARGV[1])
-return first[1]
+local id = first[1]
+local holder = ARGV[1] .. '#' .. redis.call('HINCRBY', ARGV[3] .. id, 'fence', 1)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
+redis.call('HSET', KEYS[3], id, holder)
+return {id, holder}
 "#;
 
-/// KEYS: running, holders. Renews this replica's leases; returns the ids it
-/// no longer holds (cancelled, or taken over).
+/// KEYS: running, holders. ARGV: replica, lease ms, then (id, holder) pairs.
+/// Renews the leases still held so; returns the ids no longer held
+/// (cancelled, or taken over).
 const RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lost = {}
-for i = 3, #ARGV do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+for i = 3, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
   else
     table.insert(lost, ARGV[i])
@@ -136,16 +171,44 @@ end
 return lost
 "#;
 
-/// KEYS: running, holders. Takes over jobs whose lease has lapsed.
+/// KEYS: running, holders. ARGV: replica, lease ms, job key prefix. Takes
+/// over jobs whose lease has lapsed (id, holder pairs); a job sent upstream
+/// waits until its call could have ended, and one no longer kept is let go.
 const ORPHANS: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 32)
+local taken = {}
 for _, id in ipairs(ids) do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
-  redis.call('HSET', KEYS[2], id, ARGV[1])
+  local job = ARGV[3] .. id
+  local untl = tonumber(redis.call('HGET', job, 'sent_until') or '0')
+  if redis.call('EXISTS', job) == 0 then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  elseif untl > now then
+    redis.call('ZADD', KEYS[1], untl, id)
+  else
+    local holder = ARGV[1] .. '#' .. redis.call('HINCRBY', job, 'fence', 1)
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+    redis.call('HSET', KEYS[2], id, holder)
+    table.insert(taken, id)
+    table.insert(taken, holder)
+  end
 end
-return ids
+return taken
+"#;
+
+/// KEYS: job, running, holders. ARGV: id, holder, ms the call may run. Marks
+/// a job's call as about to go upstream, if its holder still holds a live
+/// lease on it: 1, else 0 (it must not go).
+const MARK_SENT: &str = r#"
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0')
+if score <= now then return 0 end
+redis.call('HSET', KEYS[1], 'sent', '1', 'sent_until', now + tonumber(ARGV[3]))
+return 1
 "#;
 
 /// KEYS: ended, bytes, job key prefix (not a key: jobs share the hash tag).
@@ -180,9 +243,9 @@ if tonumber(redis.call('GET', KEYS[2]) or '0') < 0 then redis.call('SET', KEYS[2
 return gone
 "#;
 
-/// Submit, change, claim, renew, orphans, sweep: hashed once.
-static SCRIPTS: std::sync::LazyLock<[redis::Script; 6]> = std::sync::LazyLock::new(|| {
-    [SUBMIT, CHANGE, CLAIM, RENEW, ORPHANS, SWEEP].map(redis::Script::new)
+/// Submit, change, claim, renew, orphans, sweep, mark sent: hashed once.
+static SCRIPTS: std::sync::LazyLock<[redis::Script; 7]> = std::sync::LazyLock::new(|| {
+    [SUBMIT, CHANGE, CLAIM, RENEW, ORPHANS, SWEEP, MARK_SENT].map(redis::Script::new)
 });
 
 /// A job's `rec`, `state`, `sent` and `evicted` fields.
@@ -355,7 +418,8 @@ impl Redis {
             .arg(if change.done { "1" } else { "0" })
             .arg(change.finished_ms)
             .arg(change.result_bytes)
-            .arg(millis(change.keep));
+            .arg(millis(change.keep))
+            .arg(change.holder.unwrap_or(""));
         let changed = self.timed(inv.invoke_async::<i64>(&mut conn)).await? == 1;
         if changed && change.done {
             // The request body is not needed any more.
@@ -365,53 +429,63 @@ impl Redis {
     }
 
     /// Takes the first queued job, leased to this replica.
-    pub async fn job_claim(&self) -> Result<Option<String>, Unavailable> {
+    pub async fn job_claim(&self) -> Result<Option<Claimed>, Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[2].prepare_invoke();
         inv.key(self.jobs_key("queue"))
             .key(self.jobs_key("running"))
             .key(self.jobs_key("holders"))
             .arg(&self.replica)
-            .arg(millis(self.lease));
-        self.timed(inv.invoke_async(&mut conn)).await
+            .arg(millis(self.lease))
+            .arg(self.job_key(""));
+        let got: Option<Vec<String>> = self.timed(inv.invoke_async(&mut conn)).await?;
+        Ok(got.and_then(|flat| claims(flat).pop()))
     }
 
-    /// Renews the leases on `ids`; returns those this replica no longer holds.
-    pub async fn job_renew(&self, ids: &[String]) -> Result<Vec<String>, Unavailable> {
-        if ids.is_empty() {
+    /// Renews the leases on `held`; returns the ids this replica no longer
+    /// holds.
+    pub async fn job_renew(&self, held: &[Claimed]) -> Result<Vec<String>, Unavailable> {
+        if held.is_empty() {
             return Ok(Vec::new());
         }
-        self.leases(&SCRIPTS[3], ids).await
-    }
-
-    /// Takes over running jobs whose lease lapsed: their replica is gone.
-    pub async fn job_orphans(&self) -> Result<Vec<String>, Unavailable> {
-        self.leases(&SCRIPTS[4], &[]).await
-    }
-
-    /// Runs a lease script (renew, orphans) for this replica over `ids`.
-    async fn leases(
-        &self,
-        script: &redis::Script,
-        ids: &[String],
-    ) -> Result<Vec<String>, Unavailable> {
         let mut conn = self.conn()?;
-        let mut inv = script.prepare_invoke();
+        let mut inv = SCRIPTS[3].prepare_invoke();
         inv.key(self.jobs_key("running"))
             .key(self.jobs_key("holders"))
             .arg(&self.replica)
             .arg(millis(self.lease));
-        for id in ids {
-            inv.arg(id);
+        for c in held {
+            inv.arg(&c.id).arg(&c.holder);
         }
         self.timed(inv.invoke_async(&mut conn)).await
     }
 
-    /// Records that a running job's call has reached the upstream.
-    pub async fn job_mark_sent(&self, id: &str) -> Result<(), Unavailable> {
+    /// Takes over running jobs whose lease lapsed: their replica is gone.
+    pub async fn job_orphans(&self) -> Result<Vec<Claimed>, Unavailable> {
         let mut conn = self.conn()?;
-        self.timed(conn.hset::<_, _, _, ()>(self.job_key(id), "sent", "1"))
-            .await
+        let mut inv = SCRIPTS[4].prepare_invoke();
+        inv.key(self.jobs_key("running"))
+            .key(self.jobs_key("holders"))
+            .arg(&self.replica)
+            .arg(millis(self.lease))
+            .arg(self.job_key(""));
+        let flat: Vec<String> = self.timed(inv.invoke_async(&mut conn)).await?;
+        Ok(claims(flat))
+    }
+
+    /// Marks a held job's call as about to go upstream, where it may run for
+    /// `runs` at most; false when this replica no longer holds a live lease
+    /// on it (the call must not go).
+    pub async fn job_mark_sent(&self, held: &Claimed, runs: Duration) -> Result<bool, Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[6].prepare_invoke();
+        inv.key(self.job_key(&held.id))
+            .key(self.jobs_key("running"))
+            .key(self.jobs_key("holders"))
+            .arg(&held.id)
+            .arg(&held.holder)
+            .arg(millis(runs));
+        Ok(self.timed(inv.invoke_async::<i64>(&mut conn)).await? == 1)
     }
 
     /// Where a queued job stands in the shared queue (0 is next).

@@ -19,6 +19,6 @@ mod ledger;
 mod store;
 
 pub use client::{Redis, Status, Unavailable};
-pub use jobs::{Change, JobCounts, StoredJob, Submitted};
+pub use jobs::{Change, Claimed, JobCounts, StoredJob, Submitted};
 pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey};
 pub use store::{Answer, Kind, Lease};

@@ -105,6 +105,17 @@ pub struct Payload {
     /// The body's share of the bound on bytes held by all requests, given
     /// back when the last copy of the request is dropped.
     pub held: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    /// Asked before each attempt goes upstream (an async job records, first,
+    /// that its call may be paid for).
+    pub gate: Option<Arc<dyn SendGate>>,
+}
+
+/// Asked before an attempt goes upstream: an error keeps it from going, and
+/// is what the request answers.
+pub trait SendGate: Send + Sync + std::fmt::Debug {
+    fn before_send(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), super::error::ProxyError>> + Send>>;
 }
 
 impl From<Bytes> for Payload {

@@ -539,6 +539,7 @@ where
         ctx: Some(Arc::new(ctx)),
         interest: None,
         held,
+        gate: None,
     };
     Ok(Request::from_parts(parts, payload))
 }

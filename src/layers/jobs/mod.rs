@@ -192,6 +192,10 @@ pub enum JobError {
     Store(String),
     #[error("the shared job store (Redis) is unavailable; try again")]
     Unavailable,
+    /// The replica running a job cannot show it still holds the job's lease
+    /// (Redis away, or another replica took it over): its call does not go.
+    #[error("job {0:?} is no longer held by this replica; its call was not sent")]
+    LeaseLost(String),
 }
 
 impl Problem for JobError {
@@ -202,7 +206,7 @@ impl Problem for JobError {
             JobError::Full(..) => StatusCode::TOO_MANY_REQUESTS,
             JobError::WebhookNotAllowed(_) => StatusCode::BAD_REQUEST,
             JobError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            JobError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            JobError::Unavailable | JobError::LeaseLost(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -215,13 +219,14 @@ impl Problem for JobError {
             JobError::WebhookNotAllowed(_) => "penstock_webhook_not_allowed",
             JobError::Store(_) => "penstock_job_store",
             JobError::Unavailable => "penstock_state_unavailable",
+            JobError::LeaseLost(_) => "penstock_job_lease_lost",
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
             JobError::Full(_, after) => Some(*after),
-            JobError::Unavailable => Some(Duration::from_secs(1)),
+            JobError::Unavailable | JobError::LeaseLost(_) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -252,8 +257,9 @@ struct Mem {
     /// Jobs cancelled while being taken up, before their task could be.
     cancelled: std::collections::HashSet<String>,
     /// Jobs this replica holds a Redis lease on (running, or waiting to go
-    /// back to the queue).
-    held: std::collections::HashSet<String>,
+    /// back to the queue): the fenced name it holds each by, and when that
+    /// lease was last renewed.
+    held: HashMap<String, Holding>,
     /// The shared counts, as last read.
     shared: crate::state::JobCounts,
 }
@@ -270,6 +276,64 @@ impl Mem {
     }
 }
 
+/// A Redis lease on a job, as this replica holds it.
+struct Holding {
+    holder: String,
+    renewed: tokio::time::Instant,
+}
+
+/// Asked before a job's call goes upstream: records, first, that it may be
+/// paid for (a crash after this never sends it again), and with Redis only
+/// while this replica still holds a live lease on the job (fenced): a
+/// replica cut off from Redis stops before its lease could lapse.
+#[derive(Debug)]
+struct JobGate {
+    jobs: std::sync::Weak<Jobs>,
+    id: String,
+    /// How long its call may run once sent: the attempt timeout, within the
+    /// request's deadline.
+    deadline: tokio::time::Instant,
+}
+
+impl crate::vocab::context::SendGate for JobGate {
+    fn before_send(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), ProxyError>> + Send>> {
+        let (jobs, id, deadline) = (self.jobs.clone(), self.id.clone(), self.deadline);
+        Box::pin(async move {
+            let lost = || ProxyError::from(JobError::LeaseLost(id.clone()));
+            let jobs = jobs.upgrade().ok_or_else(lost)?;
+            match &jobs.store {
+                Store::Local(l) => {
+                    let id = id.clone();
+                    Jobs::blocking(l, move |l| l.mark_sent(&id)).await
+                }
+                Store::Shared(r) => {
+                    let claimed = {
+                        let mem = jobs.lock();
+                        let h = mem.held.get(&id).ok_or_else(lost)?;
+                        // Renewed every third of a lease: one that has not
+                        // been for two thirds may lapse before the call is
+                        // on its way.
+                        if h.renewed.elapsed() >= r.lease * 2 / 3 {
+                            return Err(lost());
+                        }
+                        crate::state::Claimed {
+                            id: id.clone(),
+                            holder: h.holder.clone(),
+                        }
+                    };
+                    let runs = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match r.job_mark_sent(&claimed, runs).await {
+                        Ok(true) => Ok(()),
+                        _ => Err(lost()),
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// Where jobs live.
 enum Store {
     /// redb: this replica's own.
@@ -282,6 +346,8 @@ pub struct Jobs {
     store: Store,
     config: JobsConfig,
     after_send: AfterSend,
+    /// `upstream.attempt_timeout`: how long a sent call may still be running.
+    attempt_timeout: Duration,
     metrics: Arc<Metrics>,
     edge: Arc<EdgeConfig>,
     mem: Mutex<Mem>,
@@ -313,6 +379,7 @@ impl Jobs {
     pub fn open(
         config: &JobsConfig,
         after_send: AfterSend,
+        attempt_timeout: Duration,
         metrics: Arc<Metrics>,
         edge: Arc<EdgeConfig>,
         redis: Option<Arc<crate::state::Redis>>,
@@ -386,6 +453,7 @@ impl Jobs {
             store,
             config: config.clone(),
             after_send,
+            attempt_timeout,
             metrics,
             edge,
             mem: Mutex::new(mem),
@@ -480,6 +548,11 @@ impl Jobs {
             Store::Shared(r) => {
                 let record = serde_json::to_vec(job).map_err(store_err)?;
                 let expect: Vec<&str> = expect.iter().map(|s| s.label()).collect();
+                // The holder's own changes are fenced; a cancel is anyone's.
+                let holder = match job.state {
+                    State::Cancelled => None,
+                    _ => self.lock().held.get(&job.id).map(|h| h.holder.clone()),
+                };
                 let change = crate::state::Change {
                     id: &job.id,
                     tenant: &job.tenant,
@@ -491,6 +564,7 @@ impl Jobs {
                     finished_ms: job.finished_at.unwrap_or(0),
                     result_bytes: job.result_bytes,
                     keep: self.config.ttl.saturating_mul(3),
+                    holder: holder.as_deref(),
                 };
                 r.job_change(&change, result, self.config.ttl)
                     .await
@@ -526,11 +600,22 @@ impl Jobs {
         match &self.store {
             Store::Local(_) => self.lock().queued.pop_front(),
             Store::Shared(r) => {
-                let id = r.job_claim().await.ok()??;
-                self.lock().held.insert(id.clone());
-                Some(id)
+                let claimed = r.job_claim().await.ok()??;
+                self.hold(&claimed);
+                Some(claimed.id)
             }
         }
+    }
+
+    /// Records a lease this replica now holds.
+    fn hold(&self, claimed: &crate::state::Claimed) {
+        self.lock().held.insert(
+            claimed.id.clone(),
+            Holding {
+                holder: claimed.holder.clone(),
+                renewed: tokio::time::Instant::now(),
+            },
+        );
     }
 
     /// Moves a job to `to`, in the metrics (with Redis, queued and running
@@ -919,20 +1004,37 @@ impl Jobs {
         let Store::Shared(r) = &self.store else {
             return;
         };
-        let held: Vec<String> = self.lock().held.iter().cloned().collect();
+        let held: Vec<crate::state::Claimed> = self
+            .lock()
+            .held
+            .iter()
+            .map(|(id, h)| crate::state::Claimed {
+                id: id.clone(),
+                holder: h.holder.clone(),
+            })
+            .collect();
+        let asked = tokio::time::Instant::now();
         if let Ok(lost) = r.job_renew(&held).await {
             let mut mem = self.lock();
-            for id in lost {
-                mem.held.remove(&id);
-                if let Some(task) = mem.running.remove(&id) {
+            for id in &lost {
+                mem.held.remove(id);
+                if let Some(task) = mem.running.remove(id) {
                     tracing::info!(job = %id, "job stopped: cancelled, or no longer this replica's");
                     task.abort();
                 }
             }
+            for c in &held {
+                if let Some(h) = mem.held.get_mut(&c.id)
+                    && h.holder == c.holder
+                {
+                    h.renewed = asked;
+                }
+            }
         }
         if let Ok(orphans) = r.job_orphans().await {
-            for id in orphans {
-                self.take_over(&id).await;
+            for claimed in orphans {
+                self.hold(&claimed);
+                self.take_over(&claimed.id).await;
             }
         }
         if let Ok(counts) = r.job_counts().await {
@@ -945,6 +1047,7 @@ impl Jobs {
     /// after-send policy says if it may have reached the upstream.
     async fn take_over(self: &Arc<Self>, id: &str) {
         let Ok(Some(mut job)) = self.load(id).await else {
+            self.lock().held.remove(id);
             return;
         };
         let was = job.state;
@@ -952,7 +1055,9 @@ impl Jobs {
             interrupted(&mut job, self.after_send);
         }
         tracing::info!(job = %id, now = job.state.label(), "job taken over from a replica that stopped");
-        if self.change(&job, &[was], None).await.unwrap_or(false) && job.state.is_done() {
+        let changed = self.change(&job, &[was], None).await.unwrap_or(false);
+        self.lock().held.remove(id);
+        if changed && job.state.is_done() {
             self.metrics.job_moved(None, Some(job.state.label()));
             if job.webhook.is_some() {
                 let me = self.clone();
@@ -1007,17 +1112,21 @@ impl Jobs {
                     let route = Route::from_path(req.uri().path());
                     let received = tokio::time::Instant::now();
                     match super::edge::buffer(req, me.edge.clone(), route, received).await {
-                        Ok(req) => {
-                            let watch = req
+                        Ok(mut req) => {
+                            // A sent attempt runs no longer than this (the
+                            // gate asks again before each).
+                            let attempt = tokio::time::Instant::now() + me.attempt_timeout;
+                            let deadline = req
                                 .body()
                                 .ctx
-                                .clone()
-                                .map(|ctx| me.watch_sent(&job_id, ctx));
-                            let resp = crate::layers::call_now(&mut inner, req).await;
-                            if let Some(w) = watch {
-                                w.abort();
-                            }
-                            resp
+                                .as_ref()
+                                .map_or(attempt, |c| c.deadline.min(attempt));
+                            req.body_mut().gate = Some(Arc::new(JobGate {
+                                jobs: Arc::downgrade(&me),
+                                id: job_id.clone(),
+                                deadline,
+                            }));
+                            crate::layers::call_now(&mut inner, req).await
                         }
                         Err(e) => Err(e),
                     }
@@ -1127,30 +1236,6 @@ impl Jobs {
             tokio::spawn(async move { me.deliver(job).await });
         }
         false
-    }
-
-    /// Records in the store, once, that the job's call has gone upstream.
-    fn watch_sent(
-        self: &Arc<Self>,
-        id: &str,
-        ctx: Arc<crate::vocab::context::RequestContext>,
-    ) -> tokio::task::JoinHandle<()> {
-        let (me, id) = (self.clone(), id.to_string());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if ctx.tally.get().sent {
-                    let _ = match &me.store {
-                        Store::Local(l) => {
-                            let id = id.clone();
-                            Self::blocking(l, move |l| l.mark_sent(&id)).await
-                        }
-                        Store::Shared(r) => r.job_mark_sent(&id).await.map_err(unavailable),
-                    };
-                    return;
-                }
-            }
-        })
     }
 
     /// Expires finished jobs past `jobs.ttl`, then the oldest finished ones
@@ -1286,13 +1371,15 @@ fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Opti
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let code = v["error"]["code"].as_str()?;
     // At shutdown too: the job stays (running, never sent) and runs again
-    // after the restart.
+    // after the restart; and when this replica could not show it still held
+    // the job, which was then not sent (whoever holds it now runs it).
     if !matches!(
         code,
         "penstock_wait_too_long"
             | "penstock_queue_timeout"
             | "penstock_queue_full"
             | "penstock_shutting_down"
+            | "penstock_job_lease_lost"
     ) {
         return None;
     }

@@ -344,6 +344,16 @@ impl tower::Service<Request<Payload>> for Upstream {
     }
 
     fn call(&mut self, req: Request<Payload>) -> Self::Future {
+        if let Some(gate) = req.body().gate.clone() {
+            // Asked first: only then may the call go (and cost money).
+            let mut me = self.clone();
+            let mut req = req;
+            req.body_mut().gate = None;
+            return Box::pin(async move {
+                gate.before_send().await?;
+                me.call(req).await
+            });
+        }
         // From here the call costs money: a shared call is finished even if its
         // callers leave.
         if let Some(interest) = &req.body().interest {
