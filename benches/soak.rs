@@ -193,11 +193,18 @@ async fn rates(secs: u64, redis: Option<&common::RedisServer>) -> String {
     );
     for (label, share, fake, p, task) in runs {
         let seen = task.await.unwrap();
-        // Warm from the second minute: what went through in the rest.
+        // Warm from the second minute: what the upstream answered in the
+        // rest of the load (queued calls still answered after it are not
+        // counted: this is the rate penstock admits, not what was offered).
         let warm = 60.0_f64.min(secs as f64 / 3.0);
-        let ok = seen
+        let (from, to) = (
+            start + Duration::from_secs_f64(warm),
+            start + Duration::from_secs(secs),
+        );
+        let ok = fake
+            .requests()
             .iter()
-            .filter(|s| s.sent >= warm && s.status == 200)
+            .filter(|r| r.status == 200 && r.answered_at >= from && r.answered_at < to)
             .count();
         let admitted = ok as f64 / (secs as f64 - warm);
         let last = secs as f64 - 60.0_f64.min(secs as f64 / 3.0);

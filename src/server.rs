@@ -80,6 +80,9 @@ pub async fn start(
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Running, StartError> {
     let (stack, shared) = crate::stack::build::<Incoming>(config, env)?;
+    if let Some(redis) = &shared.redis {
+        redis.first_contact(redis.contact_time()).await;
+    }
     let threads = match config.server.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,

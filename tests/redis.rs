@@ -683,3 +683,65 @@ async fn a_leader_keeps_its_lease_through_a_moment_without_redis() {
     assert_eq!(led.await.unwrap().status(), 200);
     assert_eq!(fake.calls(), 1, "one call, paid once");
 }
+
+/// With Redis down at start and no `state.replicas`, a replica does not
+/// spend a limit on a guess: budgeted requests are refused (503, retry
+/// later) until Redis answers; a configured count gives the share at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_never_fails_open() {
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    redis.kill();
+    let fake = Fake::start(ten_per_second()).await;
+    let config = shared_config(&fake.url(), &redis.url());
+    let unknown = replica(&config).await;
+    let resp = generate(&unknown.url, "on a guess").await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after-ms"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["error"]["code"], "penstock_state_unavailable",
+        "{body}"
+    );
+    assert_eq!(fake.calls(), 0);
+    assert!(unknown.status().await["state"]["fallback_share"].is_null());
+    // A model with no limit (a learned pool that has heard nothing) has
+    // nothing to overrun.
+    let chat = http()
+        .post(format!("{}/v1/chat/completions", unknown.url))
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    // Told how many replicas share the limits, it spends its share at once.
+    let mut counted = config.clone();
+    counted.state.replicas = Some(3);
+    let known = replica(&counted).await;
+    assert_eq!(generate(&known.url, "a third").await.status(), 200);
+    assert_eq!(known.status().await["state"]["fallback_share"], 3);
+    // Redis comes: the first replica shares the ledger.
+    redis.restart().await;
+    unknown.until_state(true, 1).await;
+    assert_eq!(generate(&unknown.url, "shared now").await.status(), 200);
+}
+
+/// The fallback share follows replicas that leave as well as those that join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_share_follows_replicas_that_leave() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour::default()).await;
+    let mut group = replicas(3, &shared_config(&fake.url(), &redis.url())).await;
+    assert_eq!(group[0].status().await["state"]["fallback_share"], 3);
+    group.truncate(2);
+    for _ in 0..200 {
+        if group[0].status().await["state"]["fallback_share"] == 2 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the share stayed at {}", group[0].status().await["state"]);
+}

@@ -62,6 +62,13 @@ pub enum Refusal {
         "penstock is shutting down and budget {pool:?} could not take this request before it stops; send it again (to another replica)"
     )]
     ShuttingDown { pool: Arc<str> },
+    /// The shared ledger (Redis) has not been reached since start and no
+    /// `state.replicas` says how many replicas share the limits: spending on
+    /// a guess could overrun them.
+    #[error(
+        "budget {pool:?} is shared through Redis, which this replica has not reached since it started, and state.replicas is not set: how many replicas share the limits is unknown"
+    )]
+    StateUnknown { pool: Arc<str> },
 }
 
 /// How soon a request refused at shutdown may try again (at another replica,
@@ -114,7 +121,7 @@ impl Refusal {
             }
             Refusal::WaitTooLong { wait, max_wait, .. } => wait.saturating_sub(*max_wait),
             Refusal::TooLarge { .. } => Duration::ZERO,
-            Refusal::ShuttingDown { .. } => SHUTDOWN_RETRY,
+            Refusal::ShuttingDown { .. } | Refusal::StateUnknown { .. } => SHUTDOWN_RETRY,
         }
     }
 
@@ -126,6 +133,7 @@ impl Refusal {
             Refusal::CircuitOpen(_) => "penstock_circuit_open",
             Refusal::TooLarge { .. } => "penstock_request_too_large",
             Refusal::ShuttingDown { .. } => "penstock_shutting_down",
+            Refusal::StateUnknown { .. } => "penstock_state_unavailable",
         }
     }
 }
@@ -136,7 +144,9 @@ impl Problem for Refusal {
             // Waiting cannot help: the caller must ask for less.
             Refusal::TooLarge { .. } => http::StatusCode::BAD_REQUEST,
             // Not the budget's fault: this replica is going away.
-            Refusal::ShuttingDown { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::ShuttingDown { .. } | Refusal::StateUnknown { .. } => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => http::StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -336,7 +346,9 @@ impl Pool {
             max_in_flight = learned.max_in_flight;
         }
         let full = limits;
-        let share = remote.as_ref().map_or(1, |r| r.redis.fallback_share());
+        let share = remote
+            .as_ref()
+            .map_or(1, |r| r.redis.fallback_share().unwrap_or(1));
         let mut ledger = Ledger::new(limits);
         ledger.set_share(share);
         let pool = Arc::new(Pool {
@@ -487,6 +499,17 @@ impl Pool {
             }
             if st.closed_queue {
                 return Err(Refusal::ShuttingDown {
+                    pool: self.name.clone(),
+                });
+            }
+            // Redis away and never reached: this replica's share of a limit
+            // is unknown (a pool with no limit has nothing to share).
+            if let Some(remote) = &self.remote
+                && !remote.redis.healthy()
+                && remote.redis.fallback_share().is_none()
+                && st.full.per_minute.iter().any(Option::is_some)
+            {
+                return Err(Refusal::StateUnknown {
                     pool: self.name.clone(),
                 });
             }
@@ -766,7 +789,7 @@ impl Pool {
     /// in the number of replicas the limits are shared by.
     async fn rejoin(&self, remote: &Remote) {
         let epoch = remote.redis.epoch();
-        let share = remote.redis.fallback_share();
+        let share = remote.redis.fallback_share().unwrap_or(1);
         let (spent, limits) = {
             let mut st = self.lock();
             if st.share != share {

@@ -28,6 +28,7 @@ pub struct Redis {
     /// This replica's id, as other replicas see it.
     pub(super) replica: String,
     command_timeout: Duration,
+    connect_timeout: Duration,
     heartbeat: Duration,
     /// How long a leader's lease on a shared call lasts unrenewed.
     pub lease: Duration,
@@ -36,8 +37,8 @@ pub struct Redis {
     health: AtomicU8,
     /// Times Redis came back after being unavailable.
     rejoins: AtomicU64,
-    /// The most replicas seen alive, for the fallback share.
-    most_replicas: AtomicU32,
+    /// The replicas last seen alive (0: never seen), for the fallback share.
+    seen_replicas: AtomicU32,
     live: Mutex<Vec<String>>,
     /// The URL without its password, for logs and `/status`.
     shown_url: String,
@@ -51,8 +52,9 @@ pub struct Status {
     pub healthy: bool,
     pub replica: String,
     pub live_replicas: Vec<String>,
-    /// While Redis is unavailable each limit is divided by this.
-    pub fallback_share: u32,
+    /// While Redis is unavailable each limit is divided by this (absent:
+    /// unknown, and nothing budgeted is admitted until Redis answers).
+    pub fallback_share: Option<u32>,
 }
 
 const HEARTBEAT: &str = r#"
@@ -84,12 +86,13 @@ impl Redis {
             base: format!("{}:{VERSION}:", config.key_prefix),
             replica,
             command_timeout: config.command_timeout,
+            connect_timeout: config.connect_timeout,
             heartbeat: config.heartbeat,
             lease: config.lease,
             configured_replicas: config.replicas,
             health: AtomicU8::new(STARTING),
             rejoins: AtomicU64::new(0),
-            most_replicas: AtomicU32::new(0),
+            seen_replicas: AtomicU32::new(0),
             live: Mutex::new(Vec::new()),
             shown_url: crate::vocab::url::BaseUrl::redact(&config.redis_url),
         });
@@ -144,8 +147,10 @@ impl Redis {
         let call = inv.invoke_async::<Vec<String>>(&mut conn);
         match tokio::time::timeout(self.command_timeout, call).await {
             Ok(Ok(live)) => {
-                self.most_replicas
-                    .fetch_max(live.len().min(u32::MAX as usize) as u32, Ordering::Relaxed);
+                // Follows replicas that leave as well as those that join
+                // (a replica drops out three heartbeats after its last).
+                self.seen_replicas
+                    .store(live.len().min(u32::MAX as usize) as u32, Ordering::Relaxed);
                 *self.live.lock().unwrap_or_else(|e| e.into_inner()) = live;
                 self.up();
             }
@@ -164,9 +169,32 @@ impl Redis {
     /// Logged once per change of health, and once at start if Redis never came.
     fn down(&self, why: &str) {
         if self.health.swap(DOWN, Ordering::AcqRel) != DOWN {
-            let share = self.fallback_share();
-            tracing::warn!(url = %self.shown_url, error = why, share, "redis unavailable: each pool keeps 1/{share} of its limits until it returns");
+            match self.fallback_share() {
+                Some(share) => {
+                    tracing::warn!(url = %self.shown_url, error = why, share, "redis unavailable: each pool keeps 1/{share} of its limits until it returns")
+                }
+                None => {
+                    tracing::error!(url = %self.shown_url, error = why, "redis unavailable and never reached, with no state.replicas: how many replicas share the limits is unknown, so budgeted requests are refused (503) until redis answers")
+                }
+            }
         }
+    }
+
+    /// Waits (at most `within`) until the first attempt to reach Redis has
+    /// come to something, so a replica starting beside a healthy Redis
+    /// serves shared from its first request.
+    pub async fn first_contact(&self, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        while self.health.load(Ordering::Acquire) == STARTING && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// How long [`Redis::first_contact`] may take: connecting, then a
+    /// heartbeat.
+    pub fn contact_time(&self) -> Duration {
+        self.connect_timeout * 2 + self.command_timeout
     }
 
     /// Redis answered the last heartbeat and no command has failed since.
@@ -181,11 +209,16 @@ impl Redis {
     }
 
     /// While Redis is unavailable, each pool keeps `1/share` of its limits:
-    /// the configured replica count, else the most replicas seen alive.
-    pub fn fallback_share(&self) -> u32 {
-        self.configured_replicas
-            .unwrap_or_else(|| self.most_replicas.load(Ordering::Relaxed))
-            .max(1)
+    /// the replicas last seen alive, at least the configured count. `None`
+    /// before Redis was ever reached with no count configured: how many
+    /// replicas share the limits is unknown, and nothing is admitted on a
+    /// guess (a replica that spent the whole limit would fail open).
+    pub fn fallback_share(&self) -> Option<u32> {
+        let seen = self.seen_replicas.load(Ordering::Relaxed);
+        match (self.configured_replicas, seen) {
+            (None, 0) => None,
+            (configured, seen) => Some(configured.unwrap_or(1).max(seen).max(1)),
+        }
     }
 
     /// A connection, when Redis is believed healthy.
