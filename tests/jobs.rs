@@ -803,3 +803,82 @@ async fn a_replica_cut_off_from_redis_keeps_its_sent_jobs_and_none_is_sent_twice
     assert_eq!(answer.status(), 200);
     assert_eq!(fake.calls(), 2, "each job sent once");
 }
+
+/// A submit sent again with the same `Idempotency-Key` (its first answer
+/// lost) is the same job: one job, one upstream call, on either store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_sent_again_with_its_idempotency_key_is_the_same_job() {
+    let redis = support::redis_server::RedisServer::start().await;
+    let fake = fake_taking(Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut local = config_for(&fake.url());
+    local.jobs.path = Some(dir.path().join("jobs.redb"));
+    let mut configs = vec![local];
+    if let Some(redis) = &redis {
+        configs.push(redis_config(&fake.url(), &redis.url()));
+    }
+    for (n, config) in configs.iter().enumerate() {
+        let r = replica(config).await;
+        let key = format!("retry-{n}");
+        let once = [("idempotency-key", key.as_str())];
+        let first = submit(&r.url, "sk-a", &image(&format!("keyed {n}")), &once).await;
+        assert_eq!(first.status(), 202);
+        let first: Value = first.json().await.unwrap();
+        let again = submit(&r.url, "sk-a", &image(&format!("keyed {n}")), &once).await;
+        assert_eq!(again.status(), 202);
+        let again: Value = again.json().await.unwrap();
+        assert_eq!(first["id"], again["id"]);
+        // Another tenant's key of the same text is another job.
+        let other = submit(&r.url, "sk-b", &image(&format!("keyed {n}")), &once).await;
+        let other: Value = other.json().await.unwrap();
+        assert_ne!(other["id"], first["id"]);
+        let done = finished(&r.url, "sk-a", first["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        finished(&r.url, "sk-b", other["id"].as_str().unwrap()).await;
+        assert_eq!(list(&r.url, "sk-a").await.len(), 1, "one job for the key");
+    }
+    // Per store: one call for sk-a's key, one for sk-b's.
+    assert_eq!(fake.calls(), 2 * configs.len());
+}
+
+/// A job whose request body is gone from the store is never run without
+/// it: it fails with a code that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_job_without_its_body_fails_and_is_never_sent() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = fake_taking(Duration::from_secs(2)).await;
+    let r = redis_replica(&fake.url(), &redis.url(), 1).await;
+    r.until_state(true, 1).await;
+    let busy = submit_id(&r.url, "sk-a", "keeps the runner busy").await;
+    while fake.max_in_flight() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lost = submit_id(&r.url, "sk-a", "its body goes").await;
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*jobbody:{{{lost}}}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for k in keys {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(finished(&r.url, "sk-a", &busy).await["status"], "succeeded");
+    let view = finished(&r.url, "sk-a", &lost).await;
+    assert_eq!(view["status"], "failed", "{view}");
+    assert!(
+        view["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("penstock_job_body_missing"),
+        "{view}"
+    );
+    assert_eq!(fake.calls(), 1, "the job without its body was not sent");
+}

@@ -745,3 +745,130 @@ async fn the_fallback_share_follows_replicas_that_leave() {
     }
     panic!("the share stayed at {}", group[0].status().await["state"]);
 }
+
+/// Redis as operators run it, with a memory limit and no eviction: the
+/// shared cache keeps within `cache.max_size` across replicas (oldest out
+/// first) and jobs within `jobs.max_bytes`, so three hundred distinct 1 MB
+/// answers never fill Redis, budgets keep admitting, and jobs keep their
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_limited_redis_keeps_sharing_budgets_and_jobs_under_a_stream_of_large_answers() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_test_writer()
+        .try_init();
+    let Some(redis) =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"]).await
+    else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        image_bytes: 1 << 20,
+        limits: Some(Limits {
+            requests: 100,
+            window: Duration::from_secs(1),
+            ..Limits::default()
+        }),
+        latency: (Duration::from_millis(20), Duration::from_millis(60)),
+        record_bodies: false,
+        ..Behaviour::default()
+    })
+    .await;
+    let mut c = shared_config(&fake.url(), &redis.url());
+    c.budgets[0].rpm = Some(6000);
+    c.cache.max_size = bytesize::ByteSize::b(8 << 20);
+    c.cache.max_entry_size = bytesize::ByteSize::b(4 << 20);
+    c.jobs.max_bytes = bytesize::ByteSize::b(20 << 20);
+    // Two replicas, the fake and the client share this test's process (and
+    // its debug build) while 400 MB of answers pass: its timers run late.
+    c.state.command_timeout = Duration::from_secs(2);
+    let group = replicas(2, &c).await;
+    let mut jobs = Vec::new();
+    for batch in 0..12 {
+        let statuses = spread(&group, 25, &format!("large {batch}")).await;
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        let resp = http()
+            .post(format!("{}/v1/images/generations", group[batch % 2].url))
+            .header("authorization", "Bearer sk-test")
+            .header("prefer", "respond-async")
+            .json(&json!({"model": "gpt-image-1", "prompt": format!("job {batch}"), "quality": "low"}))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() != 202 {
+            let mut conn = redis.conn().await;
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let mut sizes = Vec::new();
+            for k in &keys {
+                let n: Option<i64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or(None);
+                sizes.push((n, k.clone()));
+            }
+            sizes.sort();
+            panic!("batch {batch}: {:?}\n{info}\n{sizes:?}", resp.text().await);
+        }
+        jobs.push(
+            resp.json::<serde_json::Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(fake.answered(429), 0, "budgets kept being shared");
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(used < 64 << 20, "redis holds {used} bytes");
+    let cached: Option<u64> = redis::cmd("GET")
+        .arg("penstock:v1:cache-bytes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(cached.unwrap_or(0) <= 8 << 20, "{cached:?} bytes cached");
+    for r in &group {
+        assert_eq!(r.status().await["state"]["healthy"], true);
+    }
+    for id in &jobs {
+        let url = format!("{}/penstock/v1/jobs/{id}", group[0].url);
+        let mut state = serde_json::Value::Null;
+        for _ in 0..500 {
+            state = http()
+                .get(&url)
+                .header("authorization", "Bearer sk-test")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if state["status"] == "succeeded" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(state["status"], "succeeded", "{state}");
+    }
+}

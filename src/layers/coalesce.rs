@@ -238,6 +238,9 @@ struct Inner {
     in_flight: Mutex<HashMap<CacheKey, InFlight>>,
     max_entry_size: u64,
     ttl: Duration,
+    /// `cache.max_size`: the in-process tier's bound, and the shared tier's
+    /// across every replica.
+    max_size: u64,
     /// With the Redis backend: the cache and the in-flight calls are shared
     /// by every replica.
     redis: Option<Arc<Redis>>,
@@ -285,6 +288,7 @@ impl Layer {
                 in_flight: Mutex::new(HashMap::default()),
                 max_entry_size: config.max_entry_size.as_u64(),
                 ttl: config.ttl,
+                max_size: config.max_size.as_u64(),
                 redis,
             })
         });
@@ -446,7 +450,7 @@ impl Inner {
                 // and another replica carries the call.
                 if storable {
                     let _ = redis
-                        .put(Kind::Cache, hex, &stored.answer(), inner.ttl)
+                        .put_cached(hex, &stored.answer(), inner.ttl, inner.max_size)
                         .await;
                 } else if lease.is_some() && !stored.personal {
                     let _ = redis

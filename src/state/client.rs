@@ -23,6 +23,10 @@ pub struct Unavailable;
 /// The Redis connection, its health and the replicas it knows of.
 pub struct Redis {
     conn: RwLock<Option<ConnectionManager>>,
+    /// A second connection for answers and job bodies (megabytes each): on
+    /// the first, a large transfer would hold up the budget's scripts behind
+    /// it (one multiplexed connection answers in order).
+    bulk: RwLock<Option<ConnectionManager>>,
     /// `{prefix}:v1:`
     pub(super) base: String,
     /// This replica's id, as other replicas see it.
@@ -83,6 +87,7 @@ impl Redis {
         );
         let redis = Arc::new(Redis {
             conn: RwLock::new(None),
+            bulk: RwLock::new(None),
             base: format!("{}:{VERSION}:", config.key_prefix),
             replica,
             command_timeout: config.command_timeout,
@@ -119,6 +124,21 @@ impl Redis {
                         }
                         Ok(Err(e)) => redis.down(&e.to_string()),
                         Err(_) => redis.down("connecting timed out"),
+                    }
+                }
+                let no_bulk = redis
+                    .bulk
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_none();
+                if no_bulk && redis.read_conn().is_some() {
+                    let made = tokio::time::timeout(
+                        connect_timeout * 2,
+                        ConnectionManager::new_with_config(client.clone(), manager.clone()),
+                    )
+                    .await;
+                    if let Ok(Ok(conn)) = made {
+                        *redis.bulk.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     }
                 }
                 redis.beat().await;
@@ -241,6 +261,54 @@ impl Redis {
                 self.down(&e.to_string());
                 Err(Unavailable)
             }
+            Err(_) => {
+                self.down("a command timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    /// The connection for answers and bodies, when Redis is believed healthy
+    /// (until it is made, the first).
+    pub(super) fn bulk_conn(&self) -> Result<ConnectionManager, Unavailable> {
+        if !self.healthy() {
+            return Err(Unavailable);
+        }
+        let bulk = self.bulk.read().unwrap_or_else(|e| e.into_inner()).clone();
+        bulk.or_else(|| self.read_conn()).ok_or(Unavailable)
+    }
+
+    /// Runs a transfer of about `bytes` on the bulk connection: bounded by
+    /// four command timeouts (at least a second: transfers queue behind each
+    /// other on the connection) plus the time the bytes take at a slow
+    /// 4 MiB/s. A failure is this transfer's alone: the heartbeat, not a
+    /// large answer that took its time, says whether Redis is healthy.
+    pub(super) async fn timed_bulk<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+        bytes: usize,
+    ) -> Result<T, Unavailable> {
+        let allowed = (self.command_timeout * 4).max(Duration::from_secs(1))
+            + Duration::from_millis((bytes as u64) >> 12);
+        match tokio::time::timeout(allowed, call).await {
+            Ok(Ok(v)) => Ok(v),
+            _ => Err(Unavailable),
+        }
+    }
+
+    /// As [`Redis::timed`], but an error Redis answered with (out of memory,
+    /// say) is the caller's to handle and leaves Redis healthy; only a
+    /// timeout or a broken connection marks it unavailable.
+    pub(super) async fn timed_quietly<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>, Unavailable> {
+        match tokio::time::timeout(self.command_timeout, call).await {
+            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
+                self.down(&e.to_string());
+                Err(Unavailable)
+            }
+            Ok(result) => Ok(result),
             Err(_) => {
                 self.down("a command timed out");
                 Err(Unavailable)

@@ -30,7 +30,11 @@ use super::store::{Answer, Kind};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Submitted {
     Accepted,
-    /// Refused: too many jobs waiting `"in all"` or `"for this client"`.
+    /// A job of this id was submitted before (the same idempotency key):
+    /// it is that job.
+    Exists,
+    /// Refused: too many jobs waiting `"in all"` or `"for this client"`, or
+    /// too many bytes kept.
     Full(&'static str),
 }
 
@@ -87,17 +91,27 @@ fn claims(flat: Vec<String>) -> Vec<Claimed> {
         .collect()
 }
 
+/// KEYS: counts, queue, job, the tenant's list, bytes. ARGV: tenant, max
+/// total, max per tenant, id, seq, record, body bytes, max bytes, keep ms.
+/// The request body counts in the bytes kept (answers and bodies, against
+/// `jobs.max_bytes`) until the job ends.
 const SUBMIT: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 4 end
 local total = tonumber(redis.call('HGET', KEYS[1], '*') or '0')
 if total >= tonumber(ARGV[2]) then return 1 end
 local mine = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if mine >= tonumber(ARGV[3]) then return 2 end
+local bytes = tonumber(redis.call('GET', KEYS[5]) or '0')
+if bytes + tonumber(ARGV[7]) > tonumber(ARGV[8]) then return 3 end
 redis.call('HINCRBY', KEYS[1], '*', 1)
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
-redis.call('HSET', KEYS[3], 'rec', ARGV[6], 'state', 'queued', 'tenant', ARGV[1])
+redis.call('INCRBY', KEYS[5], ARGV[7])
+redis.call('HSET', KEYS[3], 'rec', ARGV[6], 'state', 'queued', 'tenant', ARGV[1],
+  'body_bytes', ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -2001)
+redis.call('PEXPIRE', KEYS[4], ARGV[9])
 return 0
 "#;
 
@@ -131,8 +145,10 @@ elseif ARGV[7] == '1' then
       redis.call('HDEL', KEYS[5], ARGV[5])
     end
     redis.call('ZADD', KEYS[6], ARGV[8], id)
-    redis.call('INCRBY', KEYS[7], ARGV[9])
-    redis.call('HSET', KEYS[1], 'bytes', ARGV[9])
+    -- The answer is kept from now on; the request body no longer.
+    local body = tonumber(redis.call('HGET', KEYS[1], 'body_bytes') or '0')
+    redis.call('INCRBY', KEYS[7], tonumber(ARGV[9]) - body)
+    redis.call('HSET', KEYS[1], 'bytes', ARGV[9], 'body_bytes', 0)
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[10])
 end
@@ -265,6 +281,13 @@ fn stored((record, state, sent, evicted): JobFields) -> Option<StoredJob> {
     })
 }
 
+/// The version a job's body and answer are stored under: the same for every
+/// write of one job's, so a write tried again leaves no pieces behind.
+fn version_of(id: &str) -> u64 {
+    let h = blake3::hash(id.as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+}
+
 fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, u64::MAX as u128) as u64
 }
@@ -280,9 +303,9 @@ impl Redis {
 
     /// Deletes a stored body or answer's head; its pieces expire with it.
     async fn drop_answer(&self, kind: Kind, id: &str) {
-        if let Ok(mut conn) = self.conn() {
+        if let Ok(mut conn) = self.bulk_conn() {
             let del = conn.del::<_, ()>(self.answer_key(kind, id));
-            let _ = self.timed(del).await;
+            let _ = self.timed_bulk(del, 0).await;
         }
     }
 
@@ -304,8 +327,10 @@ impl Redis {
         body: Bytes,
         max_total: usize,
         max_per_tenant: usize,
+        max_bytes: u64,
         keep: Duration,
     ) -> Result<Submitted, Unavailable> {
+        let body_len = body.len() as u64;
         let answer = Answer {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
@@ -329,26 +354,32 @@ impl Redis {
         if mine.unwrap_or(0) >= max_per_tenant as u64 {
             return Ok(Submitted::Full("for this client"));
         }
-        self.put(Kind::JobBody, id, &answer, keep).await?;
+        self.put_version(Kind::JobBody, id, &answer, keep, version_of(id))
+            .await?;
         let mut inv = SCRIPTS[0].prepare_invoke();
         inv.key(self.jobs_key("counts"))
             .key(self.jobs_key("queue"))
             .key(self.job_key(id))
             .key(self.jobs_key(&format!("tenant:{tenant}")))
+            .key(self.jobs_key("bytes"))
             .arg(tenant)
             .arg(max_total)
             .arg(max_per_tenant)
             .arg(id)
             .arg(seq)
-            .arg(record);
-        let submitted = match self.timed(inv.invoke_async::<i64>(&mut conn)).await {
-            Ok(0) => Submitted::Accepted,
-            Ok(1) => Submitted::Full("in all"),
-            Ok(_) => Submitted::Full("for this client"),
-            Err(e) => {
-                self.drop_answer(Kind::JobBody, id).await;
-                return Err(e);
-            }
+            .arg(record)
+            .arg(body_len)
+            .arg(max_bytes)
+            .arg(millis(keep));
+        // A submit that timed out may have been applied: its body stays (it
+        // expires with `keep`) and the caller looks for the job before it
+        // answers.
+        let submitted = match self.timed(inv.invoke_async::<i64>(&mut conn)).await? {
+            0 => Submitted::Accepted,
+            1 => Submitted::Full("in all"),
+            2 => Submitted::Full("for this client"),
+            3 => Submitted::Full("by size (jobs.max_bytes)"),
+            _ => return Ok(Submitted::Exists),
         };
         if submitted != Submitted::Accepted {
             // Refused: its body is not kept.
@@ -398,7 +429,15 @@ impl Redis {
                 headers: HeaderMap::new(),
                 body,
             };
-            self.put(Kind::JobResult, change.id, &answer, ttl).await?;
+            // Tried again (Redis away a moment) into the same pieces.
+            self.put_version(
+                Kind::JobResult,
+                change.id,
+                &answer,
+                ttl,
+                version_of(change.id),
+            )
+            .await?;
         }
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[1].prepare_invoke();

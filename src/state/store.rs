@@ -139,9 +139,42 @@ end
 return 0
 "#;
 
-/// Renew, release.
-static LEASE_SCRIPTS: std::sync::LazyLock<[redis::Script; 2]> =
-    std::sync::LazyLock::new(|| [RENEW, RELEASE].map(redis::Script::new));
+/// KEYS: the cache's index, its byte count. ARGV: the new entry (`len:
+/// version:pieces:head key`), its length, its ttl ms, the byte budget.
+/// Indexes a stored answer; forgets entries past their expiry; then, while
+/// the cache holds more than its budget, takes the oldest entries out of the
+/// index and returns them for the caller to delete (their keys live in
+/// other hash slots).
+const ACCOUNT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local function len(m) return tonumber(string.match(m, '^(%d+):')) or 0 end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('INCRBY', KEYS[2], ARGV[2])
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)) do
+  redis.call('DECRBY', KEYS[2], len(m))
+  redis.call('ZREM', KEYS[1], m)
+end
+local out = {}
+while #out < 1000 and tonumber(redis.call('GET', KEYS[2]) or '0') > tonumber(ARGV[4]) do
+  local first = redis.call('ZPOPMIN', KEYS[1])
+  if #first == 0 then
+    redis.call('SET', KEYS[2], 0)
+    break
+  end
+  redis.call('DECRBY', KEYS[2], len(first[1]))
+  table.insert(out, first[1])
+end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < 0 then redis.call('SET', KEYS[2], 0) end
+redis.call('PEXPIRE', KEYS[1], ttl + 60000)
+redis.call('PEXPIRE', KEYS[2], ttl + 60000)
+return out
+"#;
+
+/// Renew, release, account.
+static LEASE_SCRIPTS: std::sync::LazyLock<[redis::Script; 3]> =
+    std::sync::LazyLock::new(|| [RENEW, RELEASE, ACCOUNT].map(redis::Script::new));
 
 impl Redis {
     pub(super) fn answer_key(&self, kind: Kind, key: &str) -> String {
@@ -160,9 +193,23 @@ impl Redis {
         answer: &Answer,
         ttl: Duration,
     ) -> Result<(), Unavailable> {
-        let mut conn = self.conn()?;
+        self.put_version(kind, key, answer, ttl, fastrand::u64(..))
+            .await
+    }
+
+    /// As [`Redis::put`], naming the pieces' version: a write tried again
+    /// with the same version overwrites its pieces rather than leave the
+    /// first try's behind.
+    pub async fn put_version(
+        &self,
+        kind: Kind,
+        key: &str,
+        answer: &Answer,
+        ttl: Duration,
+        version: u64,
+    ) -> Result<(), Unavailable> {
+        let mut conn = self.bulk_conn()?;
         let head_key = self.answer_key(kind, key);
-        let version = fastrand::u64(..);
         let ttl_ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
         if answer.body.len() > PIECE {
             // Pieces outlive the head a little, so a head never names a piece
@@ -170,19 +217,103 @@ impl Redis {
             for (i, piece) in answer.body.chunks(PIECE).enumerate() {
                 let k = Self::piece_key(&head_key, version, i);
                 let set = conn.pset_ex::<_, _, ()>(k, piece, ttl_ms.saturating_add(5_000));
-                self.timed(set).await?;
+                self.timed_bulk(set, piece.len()).await?;
             }
         }
         let head = encode(answer, version);
         let set = conn.pset_ex::<_, _, ()>(head_key, head.as_ref(), ttl_ms);
-        self.timed(set).await
+        self.timed_bulk(set, head.len()).await
+    }
+
+    /// Stores a cacheable answer for every replica, within `budget` bytes
+    /// in all: the oldest entries go first. A failure to write (Redis at its
+    /// memory limit, say) is the cache's alone: it says nothing of Redis's
+    /// health, and budgets keep being shared.
+    pub async fn put_cached(
+        &self,
+        key: &str,
+        answer: &Answer,
+        ttl: Duration,
+        budget: u64,
+    ) -> Result<(), Unavailable> {
+        let len = answer.body.len() as u64;
+        if len > budget {
+            return Ok(());
+        }
+        let mut conn = self.conn()?;
+        let mut bulk = self.bulk_conn()?;
+        let head_key = self.answer_key(Kind::Cache, key);
+        let version = fastrand::u64(..);
+        let ttl_ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let pieces = if answer.body.len() > PIECE {
+            answer.body.len().div_ceil(PIECE)
+        } else {
+            0
+        };
+        // Its bytes are counted (and older entries made room for) before
+        // they are written: replicas writing at once never overshoot.
+        let index = format!("{}cache-index", self.base);
+        let member = format!("{len}:{version:016x}:{pieces}:{head_key}");
+        let mut inv = LEASE_SCRIPTS[2].prepare_invoke();
+        inv.key(&index)
+            .key(format!("{}cache-bytes", self.base))
+            .arg(&member)
+            .arg(len)
+            .arg(ttl_ms)
+            .arg(budget);
+        let evicted: Vec<String> = match self.timed_quietly(inv.invoke_async(&mut conn)).await? {
+            Ok(v) => v,
+            Err(_) => return Ok(()),
+        };
+        for entry in evicted {
+            let mut parts = entry.splitn(4, ':');
+            let (_, version, pieces, head) =
+                (parts.next(), parts.next(), parts.next(), parts.next());
+            let (Some(version), Some(pieces), Some(head)) = (
+                version.and_then(|v| u64::from_str_radix(v, 16).ok()),
+                pieces.and_then(|p| p.parse::<usize>().ok()),
+                head,
+            ) else {
+                continue;
+            };
+            let mut keys = vec![head.to_string()];
+            keys.extend((0..pieces.min(1 << 16)).map(|i| Self::piece_key(head, version, i)));
+            // On the control connection: small commands, not queued behind
+            // the bulk transfers (an eviction that failed would leave its
+            // keys until they expire).
+            let _ = self.timed_quietly(conn.unlink::<_, ()>(keys)).await?;
+        }
+        // A write that fails (Redis at its memory limit) leaves its entry
+        // counted until it expires or is evicted: the count errs high.
+        for (i, piece) in answer.body.chunks(PIECE).enumerate().take(pieces) {
+            let k = Self::piece_key(&head_key, version, i);
+            let set = bulk.pset_ex::<_, _, ()>(k, piece, ttl_ms.saturating_add(5_000));
+            if self.timed_bulk(set, piece.len()).await.is_err() {
+                return Ok(());
+            }
+        }
+        let head = encode(answer, version);
+        let set = bulk.pset_ex::<_, _, ()>(&head_key, head.as_ref(), ttl_ms);
+        let _ = self.timed_bulk(set, head.len()).await;
+        // Evicted while it was being written (by a replica making room for
+        // its own): the eviction found nothing to delete yet, so this does.
+        let kept: Option<f64> = match self.timed_quietly(conn.zscore(&index, &member)).await? {
+            Ok(score) => score,
+            Err(_) => return Ok(()),
+        };
+        if kept.is_none() {
+            let mut keys = vec![head_key.clone()];
+            keys.extend((0..pieces).map(|i| Self::piece_key(&head_key, version, i)));
+            let _ = self.timed_quietly(conn.unlink::<_, ()>(keys)).await?;
+        }
+        Ok(())
     }
 
     /// The answer stored under `key`, if it is whole.
     pub async fn get(&self, kind: Kind, key: &str) -> Result<Option<Answer>, Unavailable> {
-        let mut conn = self.conn()?;
+        let mut conn = self.bulk_conn()?;
         let head_key = self.answer_key(kind, key);
-        let raw: Option<Vec<u8>> = self.timed(conn.get(&head_key)).await?;
+        let raw: Option<Vec<u8>> = self.timed_bulk(conn.get(&head_key), PIECE).await?;
         let Some(head) = raw.and_then(|r| decode(Bytes::from(r))) else {
             return Ok(None);
         };
@@ -193,7 +324,7 @@ impl Redis {
                 let mut body = BytesMut::with_capacity(head.len.min(1 << 30) as usize);
                 for i in 0..pieces {
                     let k = Self::piece_key(&head_key, head.version, i);
-                    let piece: Option<Vec<u8>> = self.timed(conn.get(k)).await?;
+                    let piece: Option<Vec<u8>> = self.timed_bulk(conn.get(k), PIECE).await?;
                     let Some(piece) = piece else {
                         return Ok(None);
                     };

@@ -9,6 +9,8 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// More arguments for `redis-server` (`--maxmemory 64mb`, say).
+    extra: Vec<String>,
 }
 
 fn required() -> bool {
@@ -27,6 +29,11 @@ impl RedisServer {
     /// A fresh server, or `None` (after a loud message) where there is none to
     /// start and none is required.
     pub async fn start() -> Option<RedisServer> {
+        Self::start_with(&[]).await
+    }
+
+    /// As [`RedisServer::start`], with more arguments for `redis-server`.
+    pub async fn start_with(extra: &[&str]) -> Option<RedisServer> {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -46,6 +53,7 @@ impl RedisServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.run().await;
         Some(server)
@@ -65,6 +73,7 @@ impl RedisServer {
                 "--dir",
                 self.dir.path().to_str().unwrap(),
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

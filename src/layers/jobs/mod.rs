@@ -656,6 +656,27 @@ impl Jobs {
         };
         let tenant = ctx.tenant.0.to_string();
         let after = self.lock().typical_run.unwrap_or(Duration::from_secs(30));
+        // An `Idempotency-Key` names the job: a submit sent again (its
+        // answer lost) finds the job the first one made.
+        let key = ctx
+            .headers
+            .get("idempotency-key")
+            .map(|v| v.as_bytes())
+            .filter(|k| !k.is_empty() && k.len() <= 256);
+        let keyed = key.is_some();
+        let id = match key {
+            Some(key) => {
+                let mut h = blake3::Hasher::new();
+                h.update(tenant.as_bytes());
+                h.update(b"\0");
+                h.update(key);
+                format!("job_{}", &h.finalize().to_hex()[..24])
+            }
+            None => format!("job_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..)),
+        };
+        if keyed && let Some(existing) = self.load(&id).await? {
+            return self.accepted(&existing);
+        }
         let seq = match &self.store {
             Store::Local(_) => {
                 let mut mem = self.lock();
@@ -673,7 +694,6 @@ impl Jobs {
             }
             Store::Shared(r) => r.job_seq().await.map_err(unavailable)?,
         };
-        let id = format!("job_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
         let b64 = base64::engine::general_purpose::STANDARD;
         let headers = ctx
             .headers
@@ -720,8 +740,8 @@ impl Jobs {
             }
             Store::Shared(r) => {
                 let record = serde_json::to_vec(&job).map_err(store_err)?;
-                let submitted = r
-                    .job_submit(
+                let submit = || {
+                    r.job_submit(
                         &id,
                         &tenant,
                         seq,
@@ -729,26 +749,68 @@ impl Jobs {
                         payload.bytes.clone(),
                         self.config.max_total,
                         self.config.max_per_tenant,
+                        self.config.max_bytes.as_u64(),
                         self.config.ttl.saturating_mul(3),
                     )
-                    .await
-                    .map_err(unavailable)?;
-                if let crate::state::Submitted::Full(whose) = submitted {
-                    return Err(JobError::Full(whose, after).into());
+                };
+                let mut submitted = match submit().await {
+                    Ok(s) => s,
+                    // It may have been applied, its answer lost: look.
+                    Err(_) => match self.find_after_loss(&id).await {
+                        Some(found) => return self.accepted(&found),
+                        None => return Err(JobError::Unavailable.into()),
+                    },
+                };
+                if submitted == crate::state::Submitted::Full("by size (jobs.max_bytes)") {
+                    // Finished answers give way to a new job first.
+                    self.sweep().await;
+                    submitted = submit().await.map_err(unavailable)?;
+                }
+                match submitted {
+                    crate::state::Submitted::Full(whose) => {
+                        return Err(JobError::Full(whose, after).into());
+                    }
+                    crate::state::Submitted::Exists => {
+                        if let Some(found) = self.load(&id).await? {
+                            return self.accepted(&found);
+                        }
+                    }
+                    crate::state::Submitted::Accepted => {}
                 }
             }
         }
         self.wake.notify_one();
+        self.accepted(&job)
+    }
+
+    /// A submit whose answer from Redis was lost: the job, if Redis (once it
+    /// answers again, within a few seconds) has it.
+    async fn find_after_loss(&self, id: &str) -> Option<Job> {
+        let Store::Shared(r) = &self.store else {
+            return None;
+        };
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok(found) = r.job_load(id).await {
+                return found.and_then(|stored| self.decode(stored));
+            }
+        }
+        None
+    }
+
+    /// The 202 for a job accepted (now, or by an earlier submit with the
+    /// same idempotency key).
+    fn accepted(&self, job: &Job) -> Result<Response<Body>, ProxyError> {
         let mut resp = json_response(
             StatusCode::ACCEPTED,
             &serde_json::json!({
-                "id": id,
+                "id": job.id,
                 "object": "penstock.job",
-                "status": "queued",
+                "status": job.state.label(),
                 "created_at": job.created_at / 1000,
             }),
         );
-        if let Ok(v) = HeaderValue::try_from(format!("{PREFIX}/{id}")) {
+        if let Ok(v) = HeaderValue::try_from(format!("{PREFIX}/{}", job.id)) {
             resp.headers_mut().insert(header::LOCATION, v);
         }
         resp.headers_mut().insert(
@@ -1091,7 +1153,18 @@ impl Jobs {
             return false;
         }
         let body = match self.bytes(id, false).await {
-            Ok(body) => body.unwrap_or_default(),
+            Ok(Some(body)) => body,
+            // Never run without its body: failed, saying so.
+            Ok(None) => {
+                let mut ended = job.clone();
+                ended.state = State::Failed;
+                ended.error = Some("penstock_job_body_missing: the job's request body was not found in the store; submit it again".into());
+                ended.finished_at = Some(now_ms());
+                if self.change_surely(&ended, &[State::Running], None).await {
+                    self.metrics.job_moved(None, Some(State::Failed.label()));
+                }
+                return false;
+            }
             // Left running: it goes back to the queue after its lease (or
             // the next start).
             Err(_) => return false,
