@@ -872,3 +872,106 @@ async fn a_memory_limited_redis_keeps_sharing_budgets_and_jobs_under_a_stream_of
         assert_eq!(state["status"], "succeeded", "{state}");
     }
 }
+
+/// Every key penstock writes expires, or is one of the few bounded by what
+/// they hold (the job queue and its counts, live jobs): listed after a run
+/// of budgets, the cache, shared calls, a learned pool, a pause and jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_expires_or_is_bounded() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour {
+        latency: (Duration::from_millis(50), Duration::from_millis(100)),
+        ..ten_per_second()
+    })
+    .await;
+    let group = replicas(2, &shared_config(&fake.url(), &redis.url())).await;
+    // Budgeted and cached, coalesced across replicas, and refused upstream.
+    assert!(spread(&group, 30, "mix").await.iter().all(|s| *s == 200));
+    assert!(spread(&group, 30, "mix").await.iter().all(|s| *s == 200));
+    // A learned pool (no budget covers chat).
+    let chat = http()
+        .post(format!("{}/v1/chat/completions", group[0].url))
+        .header("authorization", "Bearer sk-test")
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    // A job, to its end.
+    let resp = http()
+        .post(format!("{}/v1/images/generations", group[1].url))
+        .header("authorization", "Bearer sk-test")
+        .header("prefer", "respond-async")
+        .json(&json!({"model": "gpt-image-1", "prompt": "a job", "quality": "low"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for _ in 0..500 {
+        let v: serde_json::Value = http()
+            .get(format!("{}/penstock/v1/jobs/{id}", group[0].url))
+            .header("authorization", "Bearer sk-test")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.len() > 20, "{keys:?}");
+    // Bounded by what they hold: the job queue, its counts and indexes.
+    let bounded = [
+        ":jobs:{jobs}:seq",
+        ":jobs:{jobs}:counts",
+        ":jobs:{jobs}:queue",
+        ":jobs:{jobs}:running",
+        ":jobs:{jobs}:holders",
+        ":jobs:{jobs}:ended",
+        ":jobs:{jobs}:bytes",
+    ];
+    let mut unbounded = Vec::new();
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if ttl > 0 || bounded.iter().any(|b| k.ends_with(b)) {
+            continue;
+        }
+        // A job's record lives while the job does (bounded by
+        // jobs.max_total), then expires.
+        if k.contains(":jobs:{jobs}:job:") {
+            let state: Option<String> = redis::cmd("HGET")
+                .arg(k)
+                .arg("state")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if matches!(state.as_deref(), Some("queued" | "running")) {
+                continue;
+            }
+        }
+        unbounded.push(k.clone());
+    }
+    assert!(
+        unbounded.is_empty(),
+        "keys without an expiry: {unbounded:?}"
+    );
+}
