@@ -222,6 +222,20 @@ pub struct StateConfig {
     /// it; a dead leader's call is taken over after it.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
+    /// Redis Sentinel: the sentinels' addresses (`host:port` or
+    /// `redis://host:port`); the primary of `sentinel_master` is found
+    /// through them and followed on failover. `redis_url`'s password, user,
+    /// database and TLS apply to the primary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_master: Option<String>,
+    /// Redis Cluster: some of its nodes (`redis://host:port`); the rest are
+    /// found from them. Every key of one pool, job queue or answer shares a
+    /// hash tag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_nodes: Vec<String>,
 }
 
 fn default_redis_url() -> String {
@@ -254,6 +268,9 @@ impl Default for StateConfig {
             heartbeat: default_heartbeat(),
             replicas: None,
             lease: default_lease(),
+            sentinels: Vec::new(),
+            sentinel_master: None,
+            cluster_nodes: Vec::new(),
         }
     }
 }
@@ -1083,6 +1100,32 @@ impl Config {
                     "expected redis://host:port or rediss://host:port".into(),
                 ));
             }
+            if !self.state.sentinels.is_empty() && !self.state.cluster_nodes.is_empty() {
+                return Err(bad(
+                    "state.cluster_nodes",
+                    "expected either state.sentinels or state.cluster_nodes, not both".into(),
+                ));
+            }
+            if !self.state.sentinels.is_empty() && self.state.sentinel_master.is_none() {
+                return Err(bad(
+                    "state.sentinel_master",
+                    "expected the name the sentinels monitor the primary by".into(),
+                ));
+            }
+            if self.state.sentinel_master.is_some() && self.state.sentinels.is_empty() {
+                return Err(bad(
+                    "state.sentinels",
+                    "expected the sentinels' addresses (host:port)".into(),
+                ));
+            }
+            for (i, node) in self.state.cluster_nodes.iter().enumerate() {
+                if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                    return Err(bad(
+                        &format!("state.cluster_nodes[{i}]"),
+                        "expected redis://host:port or rediss://host:port".into(),
+                    ));
+                }
+            }
             if self.state.key_prefix.is_empty()
                 || self.state.key_prefix.len() > 64
                 || !self
@@ -1323,6 +1366,14 @@ impl Config {
         let mut copy = self.clone();
         copy.upstream.base_url = crate::vocab::url::BaseUrl::redact(&copy.upstream.base_url);
         copy.state.redis_url = crate::vocab::url::BaseUrl::redact(&copy.state.redis_url);
+        for url in copy
+            .state
+            .cluster_nodes
+            .iter_mut()
+            .chain(copy.state.sentinels.iter_mut())
+        {
+            *url = crate::vocab::url::BaseUrl::redact(url);
+        }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

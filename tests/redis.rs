@@ -843,7 +843,7 @@ async fn a_memory_limited_redis_keeps_sharing_budgets_and_jobs_under_a_stream_of
         .unwrap();
     assert!(used < 64 << 20, "redis holds {used} bytes");
     let cached: Option<u64> = redis::cmd("GET")
-        .arg("penstock:v1:cache-bytes")
+        .arg("penstock:v1:{cache}:bytes")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -974,4 +974,111 @@ async fn every_key_expires_or_is_bounded() {
         unbounded.is_empty(),
         "keys without an expiry: {unbounded:?}"
     );
+}
+
+/// Redis Cluster: three replicas on a three-node cluster (made with
+/// `redis-cli --cluster create`) spend one budget, share the cache and a job
+/// queue, each script on the node of its keys' hash tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_redis_cluster_spend_one_budget() {
+    let Some(cluster) = support::redis_server::RedisCluster::start().await else {
+        return;
+    };
+    let fake = Fake::start(ten_per_second()).await;
+    let mut config = shared_config(&fake.url(), "redis://127.0.0.1:1");
+    config.state.cluster_nodes = cluster.urls();
+    let group = replicas(3, &config).await;
+    let statuses = spread(&group, 60, "cluster").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(fake.answered(429), 0, "one budget for all three");
+    // The shared cache: another replica's identical request is a hit.
+    let hit = generate(&group[1].url, "cluster 0").await;
+    assert_eq!(hit.headers()["x-penstock-cache"], "hit");
+    // A job, submitted on one replica, done and read on another.
+    let resp = http()
+        .post(format!("{}/v1/images/generations", group[0].url))
+        .header("authorization", "Bearer sk-test")
+        .header("prefer", "respond-async")
+        .json(&json!({"model": "gpt-image-1", "prompt": "a clustered job", "quality": "low"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut state = serde_json::Value::Null;
+    for _ in 0..500 {
+        state = http()
+            .get(format!("{}/penstock/v1/jobs/{id}", group[2].url))
+            .header("authorization", "Bearer sk-test")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if state["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state["status"], "succeeded", "{state}");
+    for r in &group {
+        assert_eq!(r.status().await["state"]["healthy"], true);
+    }
+}
+
+/// Redis Sentinel: the primary is found through the sentinels; killed under
+/// load, penstock follows the replica the sentinels promote, spending its
+/// fallback share while it switches, and loses no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_killed_under_load_is_followed_to_the_promoted_replica() {
+    let Some(mut sentinels) = support::redis_server::RedisSentinels::start().await else {
+        return;
+    };
+    let fake = Fake::start(ten_per_second()).await;
+    let mut config = shared_config(&fake.url(), "redis://127.0.0.1:1");
+    config.state.sentinels = sentinels.addrs();
+    config.state.sentinel_master = Some("penstock".into());
+    let group = replicas(3, &config).await;
+    assert_eq!(generate(&group[0].url, "warm").await.status(), 200);
+    let run = spread(&group, 80, "failover");
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sentinels.primary.kill();
+    };
+    let (statuses, ()) = tokio::join!(run, kill);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(
+        fake.answered(429) <= 2,
+        "{} upstream 429s through the failover",
+        fake.answered(429)
+    );
+    // The sentinels promoted the replica, and every replica of penstock is
+    // sharing through it.
+    let mut promoted = None;
+    for _ in 0..400 {
+        promoted = sentinels.primary_port();
+        if promoted == Some(sentinels.replica.port) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(promoted, Some(sentinels.replica.port));
+    for r in &group {
+        r.until_state(true, 3).await;
+    }
+    let before = fake.answered(429);
+    let statuses = spread(&group, 30, "after").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(fake.answered(429) - before <= 2);
+    let mut conn = sentinels.replica.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("penstock:v1:pool:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the ledger lives on the promoted primary");
 }

@@ -5,8 +5,121 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 
 use crate::config::StateConfig;
+
+/// A connection to Redis as penstock uses it: to one server (found directly
+/// or through Sentinel) or to a Cluster, which routes each command by its
+/// key's hash tag. Cheap to clone: both are multiplexed handles.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where Redis is.
+enum Target {
+    Single(Box<redis::Client>),
+    /// The primary, as the sentinels name it now: asked again whenever Redis
+    /// stops answering (a failover moves it).
+    Sentinel(Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+impl Target {
+    fn from_config(config: &StateConfig) -> Result<Target, String> {
+        if !config.cluster_nodes.is_empty() {
+            let client = redis::cluster::ClusterClient::builder(config.cluster_nodes.clone())
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.command_timeout)
+                .build()
+                .map_err(|e| format!("state.cluster_nodes: {e}"))?;
+            return Ok(Target::Cluster(Box::new(client)));
+        }
+        if !config.sentinels.is_empty() {
+            let primary: redis::ConnectionInfo =
+                redis::IntoConnectionInfo::into_connection_info(config.redis_url.as_str())
+                    .map_err(|e| format!("state.redis_url: {e}"))?;
+            let node = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(primary.redis_settings().clone());
+            let sentinels: Vec<String> = config
+                .sentinels
+                .iter()
+                .map(|s| match s.contains("://") {
+                    true => s.clone(),
+                    false => format!("redis://{s}"),
+                })
+                .collect();
+            let client = redis::sentinel::SentinelClient::build(
+                sentinels,
+                config.sentinel_master.clone().unwrap_or_default(),
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| format!("state.sentinels: {e}"))?;
+            return Ok(Target::Sentinel(Box::new(tokio::sync::Mutex::new(client))));
+        }
+        redis::Client::open(config.redis_url.as_str())
+            .map(|c| Target::Single(Box::new(c)))
+            .map_err(|e| e.to_string())
+    }
+
+    /// A new connection to where Redis is now.
+    async fn connect(&self, manager: &ConnectionManagerConfig) -> redis::RedisResult<Conn> {
+        match self {
+            Target::Single(client) => {
+                ConnectionManager::new_with_config((**client).clone(), manager.clone())
+                    .await
+                    .map(Conn::Single)
+            }
+            Target::Sentinel(sentinel) => {
+                let client = sentinel.lock().await.async_get_client().await?;
+                ConnectionManager::new_with_config(client, manager.clone())
+                    .await
+                    .map(Conn::Single)
+            }
+            Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+
+    /// Redis moves (a failover): a connection that stops answering is
+    /// dropped, and the next is made to where the sentinels say it is now.
+    fn follows_failover(&self) -> bool {
+        matches!(self, Target::Sentinel(_))
+    }
+}
 
 /// The version of the key layout and scripts; part of every key.
 const VERSION: &str = "v1";
@@ -22,11 +135,11 @@ pub struct Unavailable;
 
 /// The Redis connection, its health and the replicas it knows of.
 pub struct Redis {
-    conn: RwLock<Option<ConnectionManager>>,
+    conn: RwLock<Option<Conn>>,
     /// A second connection for answers and job bodies (megabytes each): on
     /// the first, a large transfer would hold up the budget's scripts behind
     /// it (one multiplexed connection answers in order).
-    bulk: RwLock<Option<ConnectionManager>>,
+    bulk: RwLock<Option<Conn>>,
     /// `{prefix}:v1:`
     pub(super) base: String,
     /// This replica's id, as other replicas see it.
@@ -78,7 +191,7 @@ impl Redis {
     /// Checks the URL and starts connecting and the heartbeat in the
     /// background: until Redis answers, the replica serves on its local share.
     pub fn start(config: &StateConfig) -> Result<Arc<Redis>, String> {
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| e.to_string())?;
+        let target = Target::from_config(config)?;
         let replica = format!(
             "{}-{}-{:08x}",
             hostname(),
@@ -99,7 +212,28 @@ impl Redis {
             rejoins: AtomicU64::new(0),
             seen_replicas: AtomicU32::new(0),
             live: Mutex::new(Vec::new()),
-            shown_url: crate::vocab::url::BaseUrl::redact(&config.redis_url),
+            shown_url: match (config.sentinels.first(), config.cluster_nodes.first()) {
+                (Some(_), _) => format!(
+                    "sentinel {} at {}",
+                    config.sentinel_master.as_deref().unwrap_or(""),
+                    config
+                        .sentinels
+                        .iter()
+                        .map(|s| crate::vocab::url::BaseUrl::redact(s))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                (None, Some(_)) => format!(
+                    "cluster at {}",
+                    config
+                        .cluster_nodes
+                        .iter()
+                        .map(|s| crate::vocab::url::BaseUrl::redact(s))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                (None, None) => crate::vocab::url::BaseUrl::redact(&config.redis_url),
+            },
         });
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
@@ -113,11 +247,8 @@ impl Redis {
                 let Some(redis) = weak.upgrade() else { return };
                 let missing = redis.read_conn().is_none();
                 if missing {
-                    let made = tokio::time::timeout(
-                        connect_timeout * 2,
-                        ConnectionManager::new_with_config(client.clone(), manager.clone()),
-                    )
-                    .await;
+                    let made =
+                        tokio::time::timeout(connect_timeout * 2, target.connect(&manager)).await;
                     match made {
                         Ok(Ok(conn)) => {
                             *redis.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn)
@@ -132,16 +263,18 @@ impl Redis {
                     .unwrap_or_else(|e| e.into_inner())
                     .is_none();
                 if no_bulk && redis.read_conn().is_some() {
-                    let made = tokio::time::timeout(
-                        connect_timeout * 2,
-                        ConnectionManager::new_with_config(client.clone(), manager.clone()),
-                    )
-                    .await;
+                    let made =
+                        tokio::time::timeout(connect_timeout * 2, target.connect(&manager)).await;
                     if let Ok(Ok(conn)) = made {
                         *redis.bulk.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                     }
                 }
                 redis.beat().await;
+                if !redis.healthy() && target.follows_failover() {
+                    // Where the sentinels say the primary is now, next time.
+                    *redis.conn.write().unwrap_or_else(|e| e.into_inner()) = None;
+                    *redis.bulk.write().unwrap_or_else(|e| e.into_inner()) = None;
+                }
                 let pause = redis.heartbeat;
                 drop(redis);
                 tokio::time::sleep(pause).await;
@@ -150,7 +283,7 @@ impl Redis {
         Ok(redis)
     }
 
-    fn read_conn(&self) -> Option<ConnectionManager> {
+    fn read_conn(&self) -> Option<Conn> {
         self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -242,7 +375,7 @@ impl Redis {
     }
 
     /// A connection, when Redis is believed healthy.
-    pub(super) fn conn(&self) -> Result<ConnectionManager, Unavailable> {
+    pub(super) fn conn(&self) -> Result<Conn, Unavailable> {
         if !self.healthy() {
             return Err(Unavailable);
         }
@@ -270,7 +403,7 @@ impl Redis {
 
     /// The connection for answers and bodies, when Redis is believed healthy
     /// (until it is made, the first).
-    pub(super) fn bulk_conn(&self) -> Result<ConnectionManager, Unavailable> {
+    pub(super) fn bulk_conn(&self) -> Result<Conn, Unavailable> {
         if !self.healthy() {
             return Err(Unavailable);
         }

@@ -252,11 +252,12 @@ impl Redis {
         };
         // Its bytes are counted (and older entries made room for) before
         // they are written: replicas writing at once never overshoot.
-        let index = format!("{}cache-index", self.base);
+        // One hash tag: a Cluster runs the script on one node.
+        let index = format!("{}{{cache}}:index", self.base);
         let member = format!("{len}:{version:016x}:{pieces}:{head_key}");
         let mut inv = LEASE_SCRIPTS[2].prepare_invoke();
         inv.key(&index)
-            .key(format!("{}cache-bytes", self.base))
+            .key(format!("{}{{cache}}:bytes", self.base))
             .arg(&member)
             .arg(len)
             .arg(ttl_ms)
