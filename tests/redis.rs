@@ -13,6 +13,11 @@ use serde_json::json;
 use support::redis_server::RedisServer;
 use support::*;
 
+/// Tests that count upstream 429s through a failure, and the one that moves
+/// hundreds of megabytes, take turns: `cargo test` runs a file's tests on
+/// threads of one process, and a starved one sends its calls late.
+static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn shared_config(upstream: &str, redis: &str) -> Config {
     let mut c = config_for(upstream);
     c.state.backend = Backend::Redis;
@@ -59,6 +64,7 @@ async fn spread(replicas: &[Replica], n: usize, tag: &str) -> Vec<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_spend_one_budget_without_upstream_rate_limits() {
+    let _turn = TIMED.lock().await;
     let Some(redis) = RedisServer::start().await else {
         return;
     };
@@ -176,6 +182,7 @@ async fn one_replica_seeing_the_quota_gone_stops_them_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_run_loses_no_request_and_the_shared_ledger_resumes() {
+    let _turn = TIMED.lock().await;
     let Some(mut redis) = RedisServer::start().await else {
         return;
     };
@@ -753,6 +760,7 @@ async fn the_fallback_share_follows_replicas_that_leave() {
 /// answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_limited_redis_keeps_sharing_budgets_and_jobs_under_a_stream_of_large_answers() {
+    let _turn = TIMED.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_test_writer()
@@ -981,6 +989,7 @@ async fn every_key_expires_or_is_bounded() {
 /// queue, each script on the node of its keys' hash tag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_a_redis_cluster_spend_one_budget() {
+    let _turn = TIMED.lock().await;
     let Some(cluster) = support::redis_server::RedisCluster::start().await else {
         return;
     };
@@ -1035,6 +1044,7 @@ async fn three_replicas_on_a_redis_cluster_spend_one_budget() {
 /// fallback share while it switches, and loses no request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_primary_killed_under_load_is_followed_to_the_promoted_replica() {
+    let _turn = TIMED.lock().await;
     let Some(mut sentinels) = support::redis_server::RedisSentinels::start().await else {
         return;
     };
