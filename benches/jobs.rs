@@ -45,6 +45,7 @@ async fn scenario(store: &str, redis: Option<&str>) {
             ..BudgetConfig::default()
         }];
         config.jobs.path = Some(dir.path().join("jobs.redb"));
+        config.jobs.store = penstock::config::JobStore::Redb;
         if let Some(redis) = redis {
             config.state.backend = penstock::config::Backend::Redis;
             config.state.redis_url = redis.to_string();

@@ -54,6 +54,11 @@ pub struct Config {
     /// Address of the admin listener (health, metrics, status); never the proxy port.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// Where penstock keeps what must survive a restart (async jobs).
+    /// Unset: `$STATE_DIRECTORY` when systemd sets it, else `penstock-data`
+    /// beside the config file. Created readable by its owner alone (0700).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
     /// Where requests go.
     #[serde(default)]
     pub upstream: UpstreamConfig,
@@ -103,8 +108,12 @@ pub struct Config {
 pub struct JobsConfig {
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// The database file jobs live in; unset, they live in memory and end with
-    /// the process.
+    /// `"redb"` (the default): jobs live in a file and survive a crash and a
+    /// restart; `"memory"`: they end with the process. With the Redis backend
+    /// they live in Redis.
+    #[serde(default)]
+    pub store: JobStore,
+    /// The file jobs live in (`"redb"`); unset, `jobs.redb` in `data_dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<std::path::PathBuf>,
     /// How long a finished job and its answer are kept.
@@ -140,6 +149,17 @@ pub struct JobsConfig {
     pub webhook_backoff: Duration,
 }
 
+/// Where jobs are kept without Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStore {
+    /// A redb file: a 202 is a promise kept across a crash.
+    #[default]
+    Redb,
+    /// In memory, asked for by name: jobs end with the process.
+    Memory,
+}
+
 fn default_jobs_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
 }
@@ -166,6 +186,7 @@ impl Default for JobsConfig {
     fn default() -> Self {
         JobsConfig {
             enabled: true,
+            store: JobStore::default(),
             path: None,
             ttl: default_jobs_ttl(),
             max_bytes: default_jobs_max_bytes(),
@@ -699,6 +720,15 @@ pub struct ServerConfig {
     /// The longest gap between a request body's bytes.
     #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// A refused body (413, and the other refusals before it is read) is read
+    /// and thrown away so its client, still sending, hears the answer rather
+    /// than a reset: until the client is silent this long (nginx's
+    /// `lingering_timeout`) ...
+    #[serde(default = "default_lingering_timeout", with = "humantime_serde")]
+    pub lingering_timeout: Duration,
+    /// ... or this long in all (nginx's `lingering_time`), whatever its size.
+    #[serde(default = "default_lingering_time", with = "humantime_serde")]
+    pub lingering_time: Duration,
     /// Open client connections at most; more wait in the kernel's backlog. It
     /// is lowered to fit the open-file limit, so the admin port keeps answering.
     #[serde(default = "default_max_connections")]
@@ -719,6 +749,12 @@ fn default_header_read_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_lingering_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_lingering_time() -> Duration {
     Duration::from_secs(30)
 }
 fn default_max_connections() -> usize {
@@ -846,6 +882,8 @@ impl Default for ServerConfig {
             client_id_header: default_client_id_header(),
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
+            lingering_timeout: default_lingering_timeout(),
+            lingering_time: default_lingering_time(),
             max_connections: default_max_connections(),
             max_buffered: default_max_buffered(),
             threads: 0,
@@ -874,6 +912,7 @@ impl Default for Config {
             prices: std::collections::BTreeMap::new(),
             state: StateConfig::default(),
             jobs: JobsConfig::default(),
+            data_dir: None,
         }
     }
 }
@@ -888,8 +927,51 @@ impl Config {
         })?;
         let mut config = Config::parse(&text, &file)?;
         config.apply_env(|k| std::env::var(k).ok(), &file)?;
+        config.resolve_paths(Some(path), |k| std::env::var(k).ok());
         config.validate(&file)?;
         Ok(config)
+    }
+
+    /// Fills in the data directory (`$STATE_DIRECTORY`, else `penstock-data`
+    /// beside the config file `file`, or in the working directory) and the
+    /// job store's file in it.
+    pub fn resolve_paths(&mut self, file: Option<&Path>, var: impl Fn(&str) -> Option<String>) {
+        let data_dir = self.data_dir.get_or_insert_with(|| {
+            let systemd = var("STATE_DIRECTORY")
+                .and_then(|v| v.split(':').next().map(PathBuf::from))
+                .filter(|p| !p.as_os_str().is_empty());
+            systemd.unwrap_or_else(|| {
+                file.and_then(Path::parent)
+                    .unwrap_or(Path::new("."))
+                    .join("penstock-data")
+            })
+        });
+        if self.jobs.store == JobStore::Redb && self.jobs.path.is_none() {
+            self.jobs.path = Some(data_dir.join("jobs.redb"));
+        }
+    }
+
+    /// Where async jobs are kept, in words (for `penstock check`).
+    pub fn jobs_kept(&self) -> String {
+        match (
+            self.jobs.enabled,
+            self.state.backend,
+            self.jobs.store,
+            &self.jobs.path,
+        ) {
+            (false, ..) => "nowhere: jobs are off".into(),
+            (_, Backend::Redis, ..) => "in Redis (state.backend), shared by every replica".into(),
+            (_, _, JobStore::Memory, _) => {
+                "in memory (jobs.store): they end with the process".into()
+            }
+            (_, _, JobStore::Redb, Some(path)) => {
+                format!(
+                    "in {} (redb: they survive a crash and a restart)",
+                    path.display()
+                )
+            }
+            (_, _, JobStore::Redb, None) => "in jobs.redb in the data directory".into(),
+        }
     }
 
     /// Parses TOML text; `file` is only used in error messages.
@@ -1045,6 +1127,12 @@ impl Config {
                 self.server.body_read_timeout,
                 10 * MINUTE,
             ),
+            (
+                "server.lingering_timeout",
+                self.server.lingering_timeout,
+                10 * MINUTE,
+            ),
+            ("server.lingering_time", self.server.lingering_time, HOUR),
             ("state.connect_timeout", self.state.connect_timeout, MINUTE),
             ("state.command_timeout", self.state.command_timeout, MINUTE),
             ("state.heartbeat", self.state.heartbeat, MINUTE),

@@ -88,8 +88,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             println!(
-                "# {}: ok\n{}",
+                "# {}: ok\n# jobs are kept {}\n{}",
                 cli.config.display(),
+                config.jobs_kept(),
                 config.to_redacted_toml()
             );
             ExitCode::SUCCESS

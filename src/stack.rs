@@ -78,10 +78,17 @@ where
         .map_err(BuildError::Projects)?;
     let buffered = edge.buffered();
     let edge = Arc::new(edge);
+    // A config not read from a file has its data directory found now.
+    let mut resolved = config.jobs.clone();
+    if resolved.path.is_none() {
+        let mut c = config.clone();
+        c.resolve_paths(None, &env);
+        resolved = c.jobs;
+    }
     let jobs = match config.jobs.enabled {
         true => Some(
             jobs::Jobs::open(
-                &config.jobs,
+                &resolved,
                 config.retry.after_send,
                 config.upstream.attempt_timeout,
                 metrics.clone(),

@@ -361,15 +361,21 @@ async fn jobs_survive_sigkill_and_what_had_completed_is_not_done_again() {
     const JOBS: usize = 30;
     let fake = fake_taking(Duration::from_millis(200)).await;
     let dir = tempfile::tempdir().unwrap();
+    // No jobs.path: durable by default, in the data directory beside the
+    // config file.
     let path = config_file(
         &dir,
         &fake.url(),
-        &format!(
-            "[[budget]]\nmodels = [\"gpt-image-*\"]\nrpm = 300\n[retry]\nafter_send = \"always\"\n[jobs]\npath = \"{}\"\n",
-            dir.path().join("jobs.redb").display()
-        ),
+        "[[budget]]\nmodels = [\"gpt-image-*\"]\nrpm = 300\n[retry]\nafter_send = \"always\"\n",
     );
     let (mut first, url) = spawn_penstock(&path).await;
+    let data = dir.path().join("penstock-data");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        assert!(data.join("jobs.redb").exists());
+    }
     // Submitted at once: the 30 take six seconds of budget to run.
     let submits = (0..JOBS).map(|i| {
         let url = url.clone();
@@ -419,6 +425,7 @@ fn the_job_store_is_readable_by_its_owner_alone() {
     rt.block_on(async {
         let mut config = config_for("http://127.0.0.1:1");
         config.jobs.path = Some(path.clone());
+        config.jobs.store = penstock::config::JobStore::Redb;
         let running = penstock::start(&config, |_| None).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
@@ -813,6 +820,7 @@ async fn a_submit_sent_again_with_its_idempotency_key_is_the_same_job() {
     let dir = tempfile::tempdir().unwrap();
     let mut local = config_for(&fake.url());
     local.jobs.path = Some(dir.path().join("jobs.redb"));
+    local.jobs.store = penstock::config::JobStore::Redb;
     let mut configs = vec![local];
     if let Some(redis) = &redis {
         configs.push(redis_config(&fake.url(), &redis.url()));

@@ -105,6 +105,7 @@ pub fn config_for(upstream: &str) -> penstock::Config {
         ..penstock::Config::default()
     };
     config.upstream.base_url = upstream.to_string();
+    config.jobs.store = penstock::config::JobStore::Memory;
     config
 }
 

@@ -35,6 +35,8 @@ pub fn config_for(upstream: &str) -> Config {
     // Served on the test's own runtime, where a test's log subscriber sees
     // it; the binary (and the tests that start it) use one per core.
     c.server.threads = 1;
+    // Jobs in memory unless a test asks for a file: tests run side by side.
+    c.jobs.store = penstock::config::JobStore::Memory;
     c
 }
 

@@ -112,6 +112,9 @@ pub struct EdgeConfig {
     pub deadline: Duration,
     /// The longest gap between a request body's bytes.
     pub body_read_timeout: Duration,
+    /// How a refused body is read off: until silent this long, or this
+    /// long in all.
+    pub lingering: (Duration, Duration),
     /// Bytes of request bodies held at once, in [`HELD_UNIT`]s.
     pub buffered: Arc<tokio::sync::Semaphore>,
     pub max_buffered: u64,
@@ -143,6 +146,10 @@ impl EdgeConfig {
             default_models: config.estimate.default_model.clone(),
             deadline: config.retry.deadline,
             body_read_timeout: config.server.body_read_timeout,
+            lingering: (
+                config.server.lingering_timeout,
+                config.server.lingering_time,
+            ),
             buffered: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(config.server.max_buffered.as_u64().div_ceil(HELD_UNIT))
                     .unwrap_or(usize::MAX)
@@ -468,7 +475,7 @@ where
     // A tunnel or a trace is not an API call; their answers would not reach
     // the client as HTTP/1.1 expects.
     if parts.method == Method::CONNECT || parts.method == Method::TRACE {
-        drain(Box::pin(body));
+        drain(Box::pin(body), config.lingering);
         return Err(RequestError::MethodNotAllowed(parts.method).into());
     }
     let (bytes, held) = read_body(body, declared, &config).await?;
@@ -544,25 +551,21 @@ where
     Ok(Request::from_parts(parts, payload))
 }
 
-/// How much of a refused body is read and thrown away, and for how long, so the
-/// client, still sending, reads the refusal instead of a reset (nginx's
-/// lingering close).
-const DRAIN_BYTES: u64 = 16 << 20;
-const DRAIN_TIME: Duration = Duration::from_secs(5);
-
-/// Reads the rest of a refused body in the background, within bounds.
-fn drain<B>(mut body: B)
+/// Reads the rest of a refused body in the background and throws it away,
+/// so the client, still sending, reads the refusal instead of a reset
+/// (nginx's lingering close). Bounded by time, not bytes: until the client
+/// is silent for `idle`, or `total` in all, whatever it sends meanwhile.
+/// Nothing is kept: each frame is dropped as it comes.
+fn drain<B>(mut body: B, (idle, total): (Duration, Duration))
 where
     B: HttpBody<Data = Bytes> + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut read = 0u64;
-        let until = Instant::now() + DRAIN_TIME;
-        while read < DRAIN_BYTES {
-            match tokio::time::timeout_at(until, body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
-                }
+        let until = Instant::now() + total;
+        loop {
+            let next = (Instant::now() + idle).min(until);
+            match tokio::time::timeout_at(next, body.frame()).await {
+                Ok(Some(Ok(_))) => {}
                 _ => break,
             }
         }
@@ -592,7 +595,7 @@ where
     let max_body = config.max_body;
     let too_large = RequestError::BodyTooLarge { limit: max_body };
     if declared.is_some_and(|n| n > max_body) {
-        drain(body);
+        drain(body, config.lingering);
         return Err(too_large.into());
     }
     let overloaded = || RequestError::Overloaded {
@@ -603,7 +606,7 @@ where
         Some(n) => match config.buffered.clone().try_acquire_many_owned(units(n)) {
             Ok(permit) => Some(permit),
             Err(_) => {
-                drain(body);
+                drain(body, config.lingering);
                 return Err(overloaded().into());
             }
         },
@@ -623,7 +626,7 @@ where
         };
         let len = (buf.len() + first.as_ref().map_or(0, Bytes::len)) as u64 + data.len() as u64;
         if len > max_body {
-            drain(body);
+            drain(body, config.lingering);
             return Err(too_large.into());
         }
         let need = units(len);
@@ -635,7 +638,7 @@ where
                     None => held = Some(more),
                 },
                 Err(_) => {
-                    drain(body);
+                    drain(body, config.lingering);
                     return Err(overloaded().into());
                 }
             }

@@ -175,6 +175,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Creates the directory jobs live in (and its parents), readable by its
+/// owner alone: the store holds requests as sent, credentials included.
+fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .map_err(|e| format!("data_dir: cannot create {}: {e}", dir.display()))
+}
+
 /// Refusals of the job API.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -429,7 +447,16 @@ impl Jobs {
                 Store::Shared(redis)
             }
             None => {
-                let local = local::Local::open(config.path.as_deref())?;
+                let path = match config.store {
+                    crate::config::JobStore::Memory => None,
+                    crate::config::JobStore::Redb => config.path.as_deref(),
+                };
+                if let Some(dir) = path.and_then(std::path::Path::parent)
+                    && !dir.as_os_str().is_empty()
+                {
+                    create_private_dir(dir)?;
+                }
+                let local = local::Local::open(path)?;
                 let found = local
                     .recover(after_send)
                     .map_err(|e| format!("jobs.path: {e}"))?;
