@@ -71,17 +71,6 @@ fn family(pid: u32) -> Vec<u32> {
     out
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[derive(Default, Clone)]
 struct Sample {
     requests: u64,
@@ -230,7 +219,7 @@ fn main() {
             .expect("penstock starts");
         until_listening(port).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let idle_rss = rss_kib(penstock.id());
+        let idle_rss = common::rss_kib(penstock.id());
 
         let nginx_port = common::free_port();
         let mut nginx = None;
@@ -306,7 +295,7 @@ fn main() {
         })
         .await
         .unwrap();
-        let busy_rss = rss_kib(penstock.id());
+        let busy_rss = common::rss_kib(penstock.id());
         let best: Vec<Sample> = runs
             .iter()
             .map(|r| {

@@ -248,17 +248,6 @@ fn spawn(dir: &std::path::Path, name: &str, config: &str) -> (Child, String, Str
     )
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 async fn until_up(admin: &str) {
     for _ in 0..400 {
         if reqwest::get(format!("http://{admin}/readyz"))
@@ -321,7 +310,10 @@ async fn soak(secs: u64, redis: &common::RedisServer) -> String {
     }
     // Give the replicas a heartbeat to see each other.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_start: Vec<u64> = procs.iter().map(|(c, _, _)| rss_kib(c.id())).collect();
+    let rss_start: Vec<u64> = procs
+        .iter()
+        .map(|(c, _, _)| common::rss_kib(c.id()))
+        .collect();
     let start = Instant::now();
     let shared_urls: Vec<String> = procs[..3]
         .iter()
@@ -340,7 +332,10 @@ async fn soak(secs: u64, redis: &common::RedisServer) -> String {
     }
     let shared = shared.await.unwrap();
     let alone = alone.await.unwrap();
-    let rss_end: Vec<u64> = procs.iter().map(|(c, _, _)| rss_kib(c.id())).collect();
+    let rss_end: Vec<u64> = procs
+        .iter()
+        .map(|(c, _, _)| common::rss_kib(c.id()))
+        .collect();
     say!(
         out,
         "\nSoak: 9 calls a second (90 % of the limit) for {secs} s; three replicas sharing Redis, and one alone in memory"

@@ -890,3 +890,52 @@ async fn with_redis_a_job_without_its_body_fails_and_is_never_sent() {
     );
     assert_eq!(fake.calls(), 1, "the job without its body was not sent");
 }
+
+/// A job over its client's own cap waits its turn, as a job over a budget
+/// does, instead of failing with the cap's 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_over_its_clients_cap_goes_back_to_the_queue() {
+    let fake = fake_taking(Duration::from_millis(50)).await;
+    let mut c = config_for(&fake.url());
+    c.upstream.api_key_env = Some("KEY".into());
+    c.clients = vec![penstock::config::ClientConfig {
+        id: "batch".into(),
+        rpm: 60,
+        burst: Some(1),
+    }];
+    c.validate("test").unwrap();
+    let running = penstock::start(&c, |_| Some("sk-sidecar".into()))
+        .await
+        .unwrap();
+    let url = format!("http://{}", running.addr);
+    let batch = [("x-penstock-client", "batch")];
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let resp = submit(&url, "", &image(&format!("capped {i}")), &batch).await;
+        assert_eq!(resp.status(), 202);
+        ids.push(
+            resp.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for id in &ids {
+        let mut view = Value::Null;
+        for _ in 0..500 {
+            let resp = http()
+                .get(format!("{url}/penstock/v1/jobs/{id}"))
+                .header("x-penstock-client", "batch")
+                .send()
+                .await
+                .unwrap();
+            view = resp.json().await.unwrap();
+            if !["queued", "running"].contains(&view["status"].as_str().unwrap_or("")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(view["status"], "succeeded", "{view}");
+    }
+    assert_eq!(fake.calls(), 3);
+}

@@ -340,3 +340,15 @@ pub async fn users(n: usize, model: &str, url: &str) -> Outcome {
         wall: started.elapsed(),
     }
 }
+
+/// A process's resident memory, in KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

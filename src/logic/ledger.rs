@@ -286,12 +286,17 @@ impl Ledger {
         let mut at = self.paused_until.unwrap_or(now).max(now);
         let c = cost.dims();
         for d in 0..3 {
-            let Some(per_minute) = self.minute_cap[d] else {
-                continue;
-            };
             if c[d] == 0 {
                 continue;
             }
+            // What the upstream says is left paces every dimension it
+            // announces, limited here or not.
+            if let Some(h) = self.hints[d].filter(|h| h.remaining < c[d]) {
+                at = at.max(h.until);
+            }
+            let Some(per_minute) = self.minute_cap[d] else {
+                continue;
+            };
             let windows = [
                 (
                     self.used_burst[d],
@@ -318,9 +323,6 @@ impl Ledger {
                         break;
                     }
                 }
-            }
-            if let Some(h) = self.hints[d].filter(|h| h.remaining < c[d]) {
-                at = at.max(h.until);
             }
             at = at.max(self.bucket_ready(d, self.bucket_charge(d, c[d], now), now));
         }
@@ -433,6 +435,9 @@ impl Ledger {
         let mut wait = self.paused_until.map_or(Duration::ZERO, |p| p - now);
         let t = total.dims();
         for d in 0..3 {
+            if let Some(h) = self.hints[d].filter(|h| h.remaining < t[d]) {
+                wait = wait.max(h.until - now);
+            }
             let Some(per_minute) = self.minute_cap[d] else {
                 continue;
             };
@@ -445,9 +450,6 @@ impl Ledger {
             if t[d] > room {
                 let minutes = (t[d] - room).div_ceil(per_minute);
                 wait = wait.max(self.minute_window() * minutes.min(u32::MAX as u64) as u32);
-            }
-            if let Some(h) = self.hints[d].filter(|h| h.remaining < t[d]) {
-                wait = wait.max(h.until - now);
             }
             let bucket = self.bucket_ready(d, t[d] as f64, now);
             wait = wait.max(bucket - now);
@@ -781,5 +783,28 @@ mod tests {
         assert!(rate > 9.5, "{rate} a second");
         assert!(most_in_any(&sent, Duration::from_secs(1)) <= 10);
         assert!(most_in_any(&sent, Duration::from_secs(60)) <= 600);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_upstreams_word_paces_a_dimension_no_limit_is_configured_for() {
+        // A budget of requests only; the upstream says no tokens are left.
+        let mut l = ledger(Some(600), None, None);
+        let now = Instant::now();
+        let t = l.charge(now, &req());
+        let h = RateLimitHeaders {
+            tokens: Some(Remaining {
+                remaining: 0,
+                reset: Duration::from_millis(700),
+            }),
+            ..Default::default()
+        };
+        l.observe(now, t.at, &h);
+        let chat = Cost {
+            requests: 1,
+            tokens: 500,
+            images: 0,
+        };
+        assert_eq!(l.ready_at(now, &chat), now + Duration::from_millis(700));
+        assert_eq!(l.time_to_serve(now, &chat), Duration::from_millis(700));
     }
 }

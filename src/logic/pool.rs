@@ -876,13 +876,14 @@ impl Pool {
     }
 
     /// Nothing waits, nothing is in flight, and nothing is left in its windows.
+    /// A pause long over needs no probe any more: a pool whose last call was
+    /// the 429 that paused it is idle too (it was never evicted).
     pub fn is_idle(&self) -> bool {
         let mut st = self.lock();
         let now = Instant::now();
         st.queue.is_empty()
             && st.in_flight == 0
             && st.tripped(now).is_none()
-            && !st.recovering
             && st.ledger.is_idle(now)
     }
 
@@ -1422,5 +1423,17 @@ mod tests {
         // About 40 images in the first four seconds, shared about evenly.
         let (big, small) = (served["big"], served["small"]);
         assert!(big <= 30 && small >= 15, "big {big}, small {small}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_whose_last_call_was_refused_becomes_idle_once_its_pause_is_over() {
+        let p = pool(60, 100);
+        let c: Arc<str> = "c".into();
+        let permit = p.acquire(&c, ONE, Duration::from_secs(1)).await.unwrap();
+        p.pause(Instant::now() + Duration::from_secs(5));
+        drop(permit);
+        assert!(!p.is_idle(), "paused, with a call in its windows");
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert!(p.is_idle(), "nothing waits, runs or counts: it can go");
     }
 }

@@ -234,10 +234,12 @@ if not force then
         local when = base + math.ceil(over / rate[d])
         if when > at then at = when end
       end
-      local hr = tonumber(st[6 + 2 * d])
-      local hu = tonumber(st[7 + 2 * d])
-      if hr and hu and hu > now and hr < cost[d] and hu > at then at = hu end
     end
+    -- What the upstream says is left paces every dimension it announces,
+    -- limited here or not.
+    local hr = tonumber(st[6 + 2 * d])
+    local hu = tonumber(st[7 + 2 * d])
+    if cost[d] > 0 and hr and hu and hu > now and hr < cost[d] and hu > at then at = hu end
   end
   if at > now + tonumber(ARGV[7]) then
     register()

@@ -1461,9 +1461,10 @@ impl Jobs {
     }
 }
 
-/// When an answer is penstock's refusal to wait for budget (the wait would
-/// be longer than `queue.max_wait`, or the queue is full): how long until it
-/// is worth asking again (at least a second, at most a minute).
+/// When an answer is penstock's refusal to send now (the wait for budget
+/// would be longer than `queue.max_wait`, the queue is full, the client is
+/// over its cap, ...): how long until it is worth asking again (at least a
+/// second, at most a minute).
 fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Duration> {
     if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
         return None;
@@ -1471,8 +1472,9 @@ fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Opti
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let code = v["error"]["code"].as_str()?;
     // At shutdown too: the job stays (running, never sent) and runs again
-    // after the restart; and when this replica could not show it still held
-    // the job, which was then not sent (whoever holds it now runs it).
+    // after the restart; when this replica could not show it still held the
+    // job, which was then not sent (whoever holds it now runs it); and over
+    // its client's own cap, as over a budget.
     if !matches!(
         code,
         "penstock_wait_too_long"
@@ -1480,6 +1482,7 @@ fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Opti
             | "penstock_queue_full"
             | "penstock_shutting_down"
             | "penstock_job_lease_lost"
+            | "penstock_client_rate_limited"
     ) {
         return None;
     }
