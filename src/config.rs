@@ -1169,6 +1169,10 @@ impl Config {
                 ));
             }
         }
+        for (i, prefix) in self.jobs.webhook_prefixes.iter().enumerate() {
+            crate::vocab::url::UrlPrefix::parse(prefix)
+                .map_err(|e| bad(&format!("jobs.webhook_prefixes[{i}]"), e))?;
+        }
         if (self.jobs.webhook_url.is_some() || !self.jobs.webhook_prefixes.is_empty())
             && self.jobs.webhook_secret_env.is_none()
         {

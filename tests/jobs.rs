@@ -284,16 +284,28 @@ async fn a_webhook_is_signed_retried_until_delivered_and_confined_to_allowed_pre
         |name| (name == "HOOK_SECRET").then(|| SECRET.to_string()),
     )
     .await;
-    let refused = submit(
-        &h.url,
-        "sk-a",
-        &image("elsewhere"),
-        &[("x-penstock-webhook", "http://attacker.example/collect")],
-    )
-    .await;
-    assert_eq!(refused.status(), 400);
-    let v: Value = refused.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "penstock_webhook_not_allowed");
+    // The receiver's prefix is `http://127.0.0.1:PORT/`: look-alikes that
+    // start with it as text are refused as well as plain strangers.
+    let host = hook.trim_end_matches('/').to_string();
+    let look_alikes = [
+        "http://attacker.example/collect".to_string(),
+        format!("{host}@attacker.example/"),
+        format!("{host}.attacker.example/"),
+        format!("{host}1/"),
+        format!("{host}/../admin"),
+    ];
+    for url in &look_alikes {
+        let refused = submit(
+            &h.url,
+            "sk-a",
+            &image("elsewhere"),
+            &[("x-penstock-webhook", url)],
+        )
+        .await;
+        assert_eq!(refused.status(), 400, "{url}");
+        let v: Value = refused.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "penstock_webhook_not_allowed", "{url}");
+    }
     assert_eq!(h.fake.calls(), 0, "a refused submit is not run");
     let target = format!("{hook}done");
     let resp = submit(

@@ -417,3 +417,71 @@ proptest! {
         })?;
     }
 }
+
+/// URLs made of parts a hostile client might combine against the prefix
+/// `https://hooks.example.com/penstock`.
+fn webhook_url() -> impl Strategy<Value = String> {
+    let scheme = prop::sample::select(vec!["https", "http", "HTTPS", "ftp"]);
+    let userinfo = prop::sample::select(vec![
+        "",
+        "u@",
+        "u:p@",
+        "hooks.example.com@",
+        "hooks.example.com:443@",
+    ]);
+    let host = prop::sample::select(vec![
+        "hooks.example.com",
+        "HOOKS.EXAMPLE.COM",
+        "hooks.example.com.evil.net",
+        "evil.net",
+        "hooks.example.co",
+        "xhooks.example.com",
+    ]);
+    let port = prop::sample::select(vec!["", ":443", ":80", ":1234", ":8443"]);
+    let path = prop::sample::select(vec![
+        "",
+        "/",
+        "/penstock",
+        "/penstock/",
+        "/penstock/jobs",
+        "/penstockx",
+        "/penstock/../admin",
+        "/penstock/%2e%2e/admin",
+        "/other",
+        "/Penstock",
+    ]);
+    let query = prop::sample::select(vec!["", "?a=1", "#f"]);
+    (scheme, userinfo, host, port, path, query)
+        .prop_map(|(s, u, h, p, pa, q)| format!("{s}://{u}{h}{p}{pa}{q}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// A URL is allowed exactly when another parser (the `url` crate's) sees
+    /// the prefix's scheme, host and port, no user or password, no dot
+    /// segments, and a path at or below the prefix's, at a `/`.
+    #[test]
+    fn a_webhook_url_is_allowed_exactly_under_its_prefix(url in webhook_url()) {
+        use penstock::vocab::url::UrlPrefix;
+        let prefix = UrlPrefix::parse("https://hooks.example.com/penstock").unwrap();
+        let allowed = prefix.allows(&url);
+        let expected = reqwest::Url::parse(&url).ok().is_some_and(|u| {
+            let raw_path = url
+                .split_once("://")
+                .map(|(_, rest)| rest)
+                .and_then(|rest| rest.find('/').map(|i| &rest[i..]))
+                .unwrap_or("");
+            let raw_path = raw_path.split(['?', '#']).next().unwrap_or("");
+            u.scheme() == "https"
+                && u.username().is_empty()
+                && u.password().is_none()
+                && u.host_str() == Some("hooks.example.com")
+                && u.port_or_known_default() == Some(443)
+                && !raw_path.contains("..")
+                && !raw_path.to_ascii_lowercase().contains("%2e")
+                && (u.path() == "/penstock" || u.path().starts_with("/penstock/"))
+        });
+        prop_assert_eq!(allowed, expected, "{}", url);
+    }
+}

@@ -1,5 +1,7 @@
 //! The upstream's base URL, split once at startup so each request only appends
-//! its path; shown with any password redacted.
+//! its path; shown with any password redacted. And the allow-list of webhook
+//! URLs a request may name: compared by scheme, host, port and path segments,
+//! never as text.
 
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 
@@ -109,6 +111,89 @@ impl BaseUrl {
     }
 }
 
+/// An allowed webhook URL prefix: a request's URL is under it when its
+/// scheme, host and port are the prefix's exactly and its path is the
+/// prefix's path or below it (at a `/`). A URL with a user or password, a
+/// dot segment or a backslash in its path is under no prefix: as text,
+/// `https://hooks.example.com@evil.net/` and `https://hooks.example.com.evil.net/`
+/// both start with `https://hooks.example.com`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlPrefix {
+    https: bool,
+    host: String,
+    port: u16,
+    path: String,
+}
+
+/// The parts of an absolute http(s) URL a prefix compares: `None` for
+/// anything else, or anything ambiguous.
+fn parts(raw: &str) -> Option<(bool, String, u16, String)> {
+    let uri: Uri = raw.parse().ok()?;
+    let https = match uri.scheme_str()? {
+        "https" => true,
+        "http" => false,
+        _ => return None,
+    };
+    let authority = uri.authority()?;
+    if authority.as_str().contains('@') {
+        return None;
+    }
+    let host = authority.host().to_ascii_lowercase();
+    if host.is_empty() {
+        return None;
+    }
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let path = uri.path();
+    let lowered = path.to_ascii_lowercase();
+    let dotted = path.split('/').any(|seg| seg == "." || seg == "..")
+        || lowered.contains("%2e")
+        || lowered.contains("%2f")
+        || lowered.contains("%5c")
+        || path.contains('\\');
+    if dotted {
+        return None;
+    }
+    Some((https, host, port, path.to_string()))
+}
+
+impl UrlPrefix {
+    pub fn parse(raw: &str) -> Result<UrlPrefix, String> {
+        let (https, host, port, path) = parts(raw).ok_or_else(|| {
+            format!(
+                "{:?}: expected an http:// or https:// URL with a host, no user or password, and no dot segments",
+                BaseUrl::redact(raw)
+            )
+        })?;
+        if raw.contains('?') || raw.contains('#') {
+            return Err(format!("{raw:?}: a prefix has no query or fragment"));
+        }
+        Ok(UrlPrefix {
+            https,
+            host,
+            port,
+            path,
+        })
+    }
+
+    /// Whether `url` is at or under this prefix.
+    pub fn allows(&self, url: &str) -> bool {
+        let Some((https, host, port, path)) = parts(url) else {
+            return false;
+        };
+        if https != self.https || host != self.host || port != self.port {
+            return false;
+        }
+        let base = self.path.as_str();
+        if base.is_empty() || base == "/" || base.ends_with('/') {
+            return path.starts_with(base) || (base == "/" && path.is_empty());
+        }
+        path == base
+            || path
+                .strip_prefix(base)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +223,42 @@ mod tests {
         let joined = b.absolute(b.path(Some(&pq)).unwrap()).to_string();
         assert_eq!(joined, "https://example.com/v/v1/models?limit=2");
         assert!(BaseUrl::parse("/v1").is_err());
+    }
+
+    #[test]
+    fn a_webhook_prefix_compares_scheme_host_port_and_path_segments() {
+        let p = UrlPrefix::parse("https://hooks.example.com").unwrap();
+        for ok in [
+            "https://hooks.example.com",
+            "https://hooks.example.com/",
+            "https://HOOKS.example.com/penstock?x=1",
+            "https://hooks.example.com:443/a/b",
+        ] {
+            assert!(p.allows(ok), "{ok}");
+        }
+        for bad in [
+            "https://hooks.example.com@evil.net/",
+            "https://hooks.example.com.evil.net/",
+            "https://hooks.example.com:1234/",
+            "http://hooks.example.com/",
+            "https://user:pw@hooks.example.com/",
+            "https://hooks.example.com/a/../../admin",
+            "https://hooks.example.com/%2e%2e/admin",
+            "ftp://hooks.example.com/",
+            "hooks.example.com/",
+            "",
+        ] {
+            assert!(!p.allows(bad), "{bad}");
+        }
+        let p = UrlPrefix::parse("https://hooks.example.com/penstock").unwrap();
+        assert!(p.allows("https://hooks.example.com/penstock"));
+        assert!(p.allows("https://hooks.example.com/penstock/jobs"));
+        assert!(!p.allows("https://hooks.example.com/penstockevil"));
+        assert!(!p.allows("https://hooks.example.com/"));
+        let p = UrlPrefix::parse("http://127.0.0.1:8000/hooks/").unwrap();
+        assert!(p.allows("http://127.0.0.1:8000/hooks/1"));
+        assert!(!p.allows("http://127.0.0.1:8000/hooks"));
+        assert!(UrlPrefix::parse("https://u:p@hooks.example.com/").is_err());
+        assert!(UrlPrefix::parse("https://hooks.example.com/?a").is_err());
     }
 }

@@ -643,10 +643,19 @@ where
                 }
             }
         }
-        // A body in one frame (the usual case) is kept without a copy.
+        // A body in one frame (the usual case) is kept without a copy; one
+        // in several is gathered in one buffer of its declared length,
+        // reserved once (grown by doubling, a 50 MiB body would hold 64 MiB
+        // and copy itself on the way).
         match first.take() {
             None if buf.is_empty() => first = Some(data),
             Some(f) => {
+                let whole = declared.unwrap_or(0).min(max_body);
+                buf.reserve(
+                    usize::try_from(whole)
+                        .unwrap_or(0)
+                        .max(f.len() + data.len()),
+                );
                 buf.extend_from_slice(&f);
                 buf.extend_from_slice(&data);
             }

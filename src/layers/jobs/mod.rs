@@ -204,7 +204,9 @@ pub enum JobError {
     NotFinished(String, &'static str),
     #[error("too many jobs waiting ({0}); try again later")]
     Full(&'static str, Duration),
-    #[error("webhook URL {0:?} is not under one of the allowed prefixes (jobs.webhook_prefixes)")]
+    #[error(
+        "webhook URL {0:?} is not under one of the allowed prefixes (jobs.webhook_prefixes: the same scheme, host and port, the path at or below the prefix's, no user or password)"
+    )]
     WebhookNotAllowed(String),
     #[error("the job store failed: {0}")]
     Store(String),
@@ -363,6 +365,9 @@ enum Store {
 pub struct Jobs {
     store: Store,
     config: JobsConfig,
+    /// `jobs.webhook_prefixes`, parsed: compared by scheme, host, port and
+    /// path segments.
+    webhook_prefixes: Vec<crate::vocab::url::UrlPrefix>,
     after_send: AfterSend,
     /// `upstream.attempt_timeout`: how long a sent call may still be running.
     attempt_timeout: Duration,
@@ -476,8 +481,15 @@ impl Jobs {
                 Store::Local(Arc::new(local))
             }
         };
+        let webhook_prefixes = config
+            .webhook_prefixes
+            .iter()
+            .map(|p| crate::vocab::url::UrlPrefix::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("jobs.webhook_prefixes: {e}"))?;
         Ok(Arc::new(Jobs {
             store,
+            webhook_prefixes,
             config: config.clone(),
             after_send,
             attempt_timeout,
@@ -669,11 +681,7 @@ impl Jobs {
             .and_then(|v| v.to_str().ok())
         {
             Some(url) => {
-                let allowed = self
-                    .config
-                    .webhook_prefixes
-                    .iter()
-                    .any(|p| url.starts_with(p.as_str()));
+                let allowed = self.webhook_prefixes.iter().any(|p| p.allows(url));
                 if !allowed || self.secret.is_none() {
                     return Err(JobError::WebhookNotAllowed(url.to_string()).into());
                 }
