@@ -951,3 +951,106 @@ async fn a_job_over_its_clients_cap_goes_back_to_the_queue() {
     }
     assert_eq!(fake.calls(), 3);
 }
+
+/// The job list comes a page at a time, newest first, without answers (each
+/// names where its answer is); an ended job keeps no credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_listed_a_page_at_a_time_and_ended_jobs_keep_no_credentials() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let fake = fake_taking(Duration::from_millis(20)).await;
+    let r = redis_replica(&fake.url(), &redis.url(), 4).await;
+    r.until_state(true, 1).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit_id(&r.url, "sk-secret-paged", &format!("paged {i}")).await);
+    }
+    for id in &ids {
+        finished(&r.url, "sk-secret-paged", id).await;
+    }
+    let page = |query: String| {
+        let url = r.url.clone();
+        async move {
+            jobs_api(
+                reqwest::Method::GET,
+                &url,
+                "sk-secret-paged",
+                &format!("?{query}"),
+            )
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()
+        }
+    };
+    let first = page("limit=2".into()).await;
+    let seen: Vec<&str> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(seen, [ids[4].as_str(), ids[3].as_str()], "newest first");
+    assert_eq!(first["has_more"], true);
+    assert!(first["data"][0]["response"]["body"].is_null(), "{first}");
+    assert_eq!(
+        first["data"][0]["result_url"],
+        format!("/penstock/v1/jobs/{}/result", ids[4])
+    );
+    let second = page(format!(
+        "limit=2&after={}",
+        first["last_id"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(second["data"][0]["id"], ids[2].as_str());
+    let last = page(format!(
+        "limit=2&after={}",
+        second["last_id"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(last["data"].as_array().unwrap().len(), 1);
+    assert_eq!(last["has_more"], false);
+    // What Redis keeps of the ended jobs holds no key.
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let text: String = match kind.as_str() {
+            "string" => redis::cmd("GET")
+                .arg(&k)
+                .query_async::<Vec<u8>>(&mut conn)
+                .await
+                .map(|b| String::from_utf8_lossy(&b).to_string())
+                .unwrap_or_default(),
+            "hash" => {
+                let v: Vec<Vec<u8>> = redis::cmd("HVALS")
+                    .arg(&k)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                v.iter()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+            _ => continue,
+        };
+        let b64 = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "Bearer sk-secret-paged",
+        );
+        assert!(
+            !text.contains("sk-secret-paged") && !text.contains(&b64),
+            "{k} keeps the key: {text}"
+        );
+    }
+}

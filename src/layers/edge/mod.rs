@@ -494,32 +494,39 @@ where
         .or_else(|| config.default_models.get(route.label()).cloned());
     // Pricing a large body takes milliseconds: off the async workers. It is
     // never a reason to refuse: should it fail, the body's size prices it.
-    let (cost, parsed) = if bytes.len() > TOKENIZE_INLINE {
-        let (priced, model) = (config.clone(), model.clone());
+    let cost = if bytes.len() > TOKENIZE_INLINE {
+        // The blocking thread reads the same bytes (shared, not copied: a
+        // copy of a 50 MiB prompt is 50 MiB more per request while it is
+        // priced) and parses a JSON body again, borrowing from them.
+        let (priced, model, shared) = (config.clone(), model.clone(), bytes.clone());
         let size = bytes.len() as u64;
-        let parsed = parsed.into_owned();
+        let multipart = match &parsed {
+            Parsed::Multipart(m) => Some(m.clone()),
+            _ => None,
+        };
+        let json = matches!(parsed, Parsed::Json(_));
         tokio::task::spawn_blocking(move || {
-            let cost = priced
+            let again = match (multipart, json) {
+                (Some(m), _) => Parsed::Multipart(m),
+                (None, true) => parse::json_of(&shared).map_or(Parsed::None, Parsed::Json),
+                (None, false) => Parsed::None,
+            };
+            priced
                 .estimator
-                .estimate(route, model.as_deref(), parsed.view());
-            (cost, parsed)
+                .estimate(route, model.as_deref(), again.view())
         })
         .await
-        .unwrap_or_else(|_| {
-            let cost = Cost {
-                requests: 1,
-                tokens: size
-                    .div_ceil(4)
-                    .saturating_add(config.estimator.default_output()),
-                images: u64::from(route.is_image()),
-            };
-            (cost, Parsed::None)
+        .unwrap_or_else(|_| Cost {
+            requests: 1,
+            tokens: size
+                .div_ceil(4)
+                .saturating_add(config.estimator.default_output()),
+            images: u64::from(route.is_image()),
         })
     } else {
-        let cost = config
+        config
             .estimator
-            .estimate(route, model.as_deref(), parsed.view());
-        (cost, parsed)
+            .estimate(route, model.as_deref(), parsed.view())
     };
     let (tenant, credential) = config.identify(&parts.headers);
     let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);

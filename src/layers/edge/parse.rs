@@ -124,15 +124,6 @@ pub enum Parsed<'a> {
 }
 
 impl<'a> Parsed<'a> {
-    /// The same, owning its text, to be moved off this task.
-    pub fn into_owned(self) -> Parsed<'static> {
-        match self {
-            Parsed::Json(v) => Parsed::Json(v.into_owned()),
-            Parsed::Multipart(m) => Parsed::Multipart(m),
-            Parsed::None => Parsed::None,
-        }
-    }
-
     pub fn view(&self) -> estimate::Body<'_> {
         match self {
             Parsed::Json(v) => estimate::Body::Json(v),
@@ -208,6 +199,11 @@ pub async fn parse_body<'a>(
         return Ok(Parsed::Json(v));
     }
     Ok(Parsed::None)
+}
+
+/// A JSON body as [`parse_body`] reads it, for a second reading elsewhere.
+pub fn json_of(body: &[u8]) -> Option<Json<'_>> {
+    json(body).ok()
 }
 
 /// A JSON body, its text checked as UTF-8 once: parsed from a slice,

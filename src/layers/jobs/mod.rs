@@ -62,6 +62,12 @@ const NOT_KEPT: [&str; 9] = [
     "upgrade",
 ];
 
+/// Request headers that carry a credential: kept while a job may still be
+/// sent, dropped when it ends.
+fn is_credential(name: &str) -> bool {
+    name.eq_ignore_ascii_case("authorization") || name.eq_ignore_ascii_case("api-key")
+}
+
 /// Answer headers not kept: they belonged to that one connection.
 const NOT_KEPT_ANSWER: [&str; 6] = [
     "set-cookie",
@@ -572,6 +578,16 @@ impl Jobs {
         expect: &[State],
         result: Option<Bytes>,
     ) -> Result<bool, ProxyError> {
+        // An ended job needs no credentials: they are not kept past its end.
+        let ended;
+        let job = if job.state.is_done() && job.headers.iter().any(|(k, _)| is_credential(k)) {
+            let mut j = job.clone();
+            j.headers.retain(|(k, _)| !is_credential(k));
+            ended = j;
+            &ended
+        } else {
+            job
+        };
         let changed = match &self.store {
             Store::Local(l) => {
                 let (saved, expect) = (job.clone(), expect.to_vec());
@@ -864,7 +880,7 @@ impl Jobs {
         let rest = req.uri().path().strip_prefix(PREFIX).unwrap_or("");
         let rest = rest.trim_start_matches('/');
         if rest.is_empty() && req.method() == Method::GET {
-            return self.list(tenant).await;
+            return self.list(tenant, req.uri().query()).await;
         }
         let (id, result) = match rest.strip_suffix("/result") {
             Some(id) => (id, true),
@@ -878,14 +894,27 @@ impl Jobs {
             return Err(JobError::Expired(id.to_string()).into());
         }
         match (req.method().clone(), result) {
-            (Method::GET, false) => Ok(json_response(StatusCode::OK, &self.view(&job).await?)),
+            (Method::GET, false) => {
+                Ok(json_response(StatusCode::OK, &self.view(&job, true).await?))
+            }
             (Method::GET, true) => self.result(&job).await,
             (Method::DELETE, false) => self.cancel(job).await,
             _ => Err(JobError::NotFound(rest.to_string()).into()),
         }
     }
 
-    async fn list(&self, tenant: &str) -> Result<Response<Body>, ProxyError> {
+    /// The tenant's jobs, newest first, a page at a time (`limit`, at most
+    /// 100, and `after`, the last id of the page before), without answers:
+    /// each names its `result_url`.
+    async fn list(&self, tenant: &str, query: Option<&str>) -> Result<Response<Body>, ProxyError> {
+        let (mut limit, mut after) = (20usize, None::<String>);
+        for pair in query.unwrap_or("").split('&') {
+            match pair.split_once('=') {
+                Some(("limit", n)) => limit = n.parse().unwrap_or(20).clamp(1, 100),
+                Some(("after", id)) if !id.is_empty() => after = Some(id.to_string()),
+                _ => {}
+            }
+        }
         let mut jobs: Vec<Job> = match &self.store {
             Store::Local(l) => {
                 let tenant = tenant.to_string();
@@ -895,7 +924,7 @@ impl Jobs {
                 .await?
             }
             Store::Shared(r) => r
-                .job_list(tenant, 1000)
+                .job_list(tenant, 2000)
                 .await
                 .map_err(unavailable)?
                 .into_iter()
@@ -904,19 +933,36 @@ impl Jobs {
                 .collect(),
         };
         jobs.sort_by_key(|j| std::cmp::Reverse(j.seq));
-        jobs.truncate(1000);
-        let mut data = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            data.push(self.view(job).await?);
+        let start = match &after {
+            Some(id) => jobs
+                .iter()
+                .position(|j| j.id == *id)
+                .map_or(jobs.len(), |i| i + 1),
+            None => 0,
+        };
+        let page: Vec<&Job> = jobs.iter().skip(start).take(limit + 1).collect();
+        let has_more = page.len() > limit;
+        let mut data = Vec::with_capacity(limit);
+        for job in page.iter().take(limit) {
+            data.push(self.view(job, false).await?);
         }
+        let first = data.first().map(|v| v["id"].clone());
+        let last = data.last().map(|v| v["id"].clone());
         Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({"object": "list", "data": data}),
+            &serde_json::json!({
+                "object": "list",
+                "data": data,
+                "first_id": first,
+                "last_id": last,
+                "has_more": has_more,
+            }),
         ))
     }
 
-    /// A job as its client sees it.
-    async fn view(&self, job: &Job) -> Result<serde_json::Value, ProxyError> {
+    /// A job as its client sees it; with its answer's body, or (in a list)
+    /// only where to get it.
+    async fn view(&self, job: &Job, with_body: bool) -> Result<serde_json::Value, ProxyError> {
         let mut v = serde_json::json!({
             "id": job.id,
             "object": "penstock.job",
@@ -953,11 +999,13 @@ impl Jobs {
                 "status": answer.status,
                 "headers": answer.headers.iter().cloned().collect::<HashMap<_, _>>(),
             });
-            let body = self.bytes(&job.id, true).await?.unwrap_or_default();
-            v["response"]["body"] = match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(json) => json,
-                Err(_) => String::from_utf8_lossy(&body).into_owned().into(),
-            };
+            if with_body {
+                let body = self.bytes(&job.id, true).await?.unwrap_or_default();
+                v["response"]["body"] = match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(json) => json,
+                    Err(_) => String::from_utf8_lossy(&body).into_owned().into(),
+                };
+            }
             v["result_url"] = format!("{PREFIX}/{}/result", job.id).into();
         }
         if let Some(e) = &job.error {
@@ -1005,7 +1053,7 @@ impl Jobs {
                 let Some(now) = now else {
                     return Err(JobError::NotFound(job.id).into());
                 };
-                return Ok(json_response(StatusCode::OK, &self.view(&now).await?));
+                return Ok(json_response(StatusCode::OK, &self.view(&now, true).await?));
             }
             job.state = before;
             self.update(&mut job, State::Cancelled);
@@ -1026,7 +1074,7 @@ impl Jobs {
             self.metrics
                 .job_done(job.finished_at.unwrap_or(0).saturating_sub(job.created_at) as f64 / 1e3);
         }
-        Ok(json_response(StatusCode::OK, &self.view(&job).await?))
+        Ok(json_response(StatusCode::OK, &self.view(&job, true).await?))
     }
 
     /// Runs queued jobs through `inner`, at most `jobs.max_running` at once.
@@ -1376,7 +1424,7 @@ impl Jobs {
         let (Some(delivery), Some(secret)) = (job.webhook.clone(), self.secret.clone()) else {
             return;
         };
-        let data = self.view(&job).await.unwrap_or_default();
+        let data = self.view(&job, true).await.unwrap_or_default();
         let payload = serde_json::json!({
             "type": format!("job.{}", job.state.label()),
             "timestamp": now_ms() / 1000,
