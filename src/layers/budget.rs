@@ -78,6 +78,8 @@ pub struct Registry {
     learn: Option<LearnConfig>,
     /// With the Redis backend: every pool's ledger and breaker are shared.
     redis: Option<Arc<Redis>>,
+    /// Models the upstream has answered for: only they get learned pools.
+    heard: Mutex<foldhash::HashSet<Box<str>>>,
 }
 
 impl Registry {
@@ -109,6 +111,7 @@ impl Registry {
             probe_grace: config.queue.probe_grace,
             learn: config.learn.enabled.then(|| config.learn.clone()),
             redis,
+            heard: Mutex::new(foldhash::HashSet::default()),
         }
     }
 
@@ -177,7 +180,27 @@ impl Registry {
         if let Some(pool) = pools.get(&key) {
             return Some(pool.clone());
         }
-        if pools.keys().filter(|(i, _)| *i == LEARNED).count() >= MAX_LEARNED_POOLS {
+        // Model names come from clients: pools of models the upstream has
+        // answered for (a success, a rate limit) count against one bound,
+        // pools of models not yet answered for against another, so junk
+        // names can never take the room real models need. (A model without
+        // a pool passes unbudgeted, as an open learned pool would.)
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        let known = heard.contains(model);
+        let (mut answered, mut unanswered) = (0usize, 0usize);
+        for (_, name) in pools.keys().filter(|(i, _)| *i == LEARNED) {
+            let of = name.rsplit_once('#').map_or("", |(_, m)| m);
+            match heard.contains(of) {
+                true => answered += 1,
+                false => unanswered += 1,
+            }
+        }
+        drop(heard);
+        let full = match known {
+            true => answered >= MAX_LEARNED_POOLS,
+            false => unanswered >= MAX_LEARNED_POOLS,
+        };
+        if full {
             return None;
         }
         let name: Arc<str> = format!("learned:{model}").into();
@@ -201,6 +224,35 @@ impl Registry {
         );
         pools.insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// The upstream answered a call for `model` that no pool paid for: a
+    /// success, or a refusal for its rate limit (with what it announced and
+    /// how long to hold). The model gets a learned pool from now on, paused
+    /// by the refusal. Bounded as learned pools are.
+    pub fn heard(
+        &self,
+        model: &str,
+        credential: &Arc<str>,
+        refused: Option<(&RateLimitHeaders, Duration)>,
+    ) {
+        if self.learn.is_none() {
+            return;
+        }
+        {
+            let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+            if !heard.contains(model) {
+                if heard.len() >= MAX_LEARNED_POOLS {
+                    return;
+                }
+                heard.insert(model.into());
+            }
+        }
+        let pool = self.pool(model, credential);
+        if let (Some((headers, delay)), Some(pool)) = (refused, pool) {
+            pool.hear(headers);
+            pool.pause(tokio::time::Instant::now() + delay);
+        }
     }
 
     /// Drops pools nobody uses any more (in pass-through mode every API key has
@@ -338,9 +390,30 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
         };
+        let registry = self.registry.clone();
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
+                // A model the upstream answers for gets its learned pool from
+                // now on (refused for its rate limit: paused at once).
+                if let Some(ctx) = &account.ctx
+                    && let Some(model) = ctx.model.as_deref()
+                {
+                    match classify::of(&resp) {
+                        Some(c) if c.class == Class::Success => {
+                            registry.heard(model, &ctx.credential, None)
+                        }
+                        Some(c) if c.class == Class::RateLimited => {
+                            let hints = RateLimitHeaders::parse(resp.headers());
+                            let delay = c
+                                .retry_after
+                                .or_else(|| hints.exhausted_until())
+                                .unwrap_or(DEFAULT_PAUSE);
+                            registry.heard(model, &ctx.credential, Some((&hints, delay)));
+                        }
+                        _ => {}
+                    }
+                }
                 return Ok(if resp.status().is_success() {
                     Settle::wrap(resp, None, refund, account)
                 } else {
@@ -637,5 +710,23 @@ mod tests {
             tokio::time::sleep(EVICT_EVERY + Duration::from_secs(1)).await;
         }
         assert_eq!(registry.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn junk_model_names_never_take_the_room_real_models_need() {
+        let registry = Registry::new(&Config::default(), None);
+        let key: Arc<str> = "key:a".into();
+        for i in 0..MAX_LEARNED_POOLS {
+            assert!(registry.pool(&format!("junk-{i}"), &key).is_some());
+        }
+        assert!(
+            registry.pool("junk-more", &key).is_none(),
+            "junk is bounded"
+        );
+        registry.heard("gpt-image-1", &key, None);
+        assert!(
+            registry.pool("gpt-image-1", &key).is_some(),
+            "a model the upstream answered for still gets its pool"
+        );
     }
 }

@@ -357,7 +357,11 @@ impl Metrics {
                 slot: *slot,
             };
         }
-        if seen.len() < MAX_MODELS {
+        // A model penstock has a price for is named at once; any other only
+        // once the upstream has answered for it (`confirm_model`): model
+        // names come from clients, and junk must not take the labels real
+        // models need.
+        if seen.len() < MAX_MODELS && self.prices.find(model).is_some() {
             let name: Arc<str> = model.into();
             let slot = FIRST_NAMED + seen.len();
             seen.insert(name.clone(), slot);
@@ -366,10 +370,31 @@ impl Metrics {
         other()
     }
 
-    /// The model label of a request: the one its context found at the edge,
-    /// or "none" without a context.
+    /// The upstream answered a call for `model`: from now on it is a label
+    /// of its own (the first [`MAX_MODELS`] plain names so answered).
+    pub fn confirm_model(&self, model: &str) {
+        let plain = model.len() <= 64
+            && model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b));
+        if !plain {
+            return;
+        }
+        let mut seen = locked(&self.models);
+        if seen.len() < MAX_MODELS && !seen.contains_key(model) {
+            let slot = FIRST_NAMED + seen.len();
+            seen.insert(model.into(), slot);
+        }
+    }
+
+    /// The model label of a request: the one its context found at the edge
+    /// (looked up again if that was "other": the upstream may have answered
+    /// for the model since), or "none" without a context.
     pub fn label_of(&self, ctx: Option<&RequestContext>) -> ModelLabel {
         match ctx {
+            Some(c) if c.model_label.slot == SLOT_OTHER && c.model.is_some() => {
+                self.model_label(c.model.as_deref())
+            }
             Some(c) => c.model_label.clone(),
             None => self.model_label(None),
         }
@@ -500,6 +525,9 @@ impl Metrics {
         usage: Option<&Usage>,
         image: Option<&ImageAsk>,
     ) -> f64 {
+        if let Some(model) = model {
+            self.confirm_model(model);
+        }
         let series = self.series(label);
         series.estimated.inc_by(estimated_tokens);
         if let Some(u) = usage {
@@ -655,5 +683,19 @@ mod tests {
             text.contains("penstock_tokens_total{model=\"other\",kind=\"estimated\"} 10"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn junk_model_names_take_no_label_a_real_model_needs() {
+        let m = Metrics::new(&std::collections::BTreeMap::new());
+        for i in 0..200 {
+            assert_eq!(&*m.model_label(Some(&format!("junk-{i}"))).name, "other");
+        }
+        // Priced, so known: named at once.
+        assert_eq!(&*m.model_label(Some("gpt-image-1")).name, "gpt-image-1");
+        // Unknown until the upstream answers for it.
+        assert_eq!(&*m.model_label(Some("my-finetune")).name, "other");
+        m.confirm_model("my-finetune");
+        assert_eq!(&*m.model_label(Some("my-finetune")).name, "my-finetune");
     }
 }

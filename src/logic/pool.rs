@@ -875,6 +875,41 @@ impl Pool {
         self.wake.notify_one();
     }
 
+    /// Takes limits announced on an answer no permit of this pool had (the
+    /// refusal that made the pool).
+    pub fn hear(&self, headers: &RateLimitHeaders) {
+        let mut st = self.lock();
+        let Some(learner) = st.learner.as_mut() else {
+            return;
+        };
+        if let Some(learned) = learner.on_headers(headers) {
+            self.apply(st, learned);
+        }
+    }
+
+    /// Enforces newly learned limits from now on.
+    fn apply(&self, mut st: MutexGuard<'_, State>, learned: super::learn::Learned) {
+        if let Some(learner) = &st.learner {
+            tracing::info!(
+                pool = %self.name,
+                source = learner.source().label(),
+                requests_per_minute = learned.per_minute[0],
+                tokens_per_minute = learned.per_minute[1],
+                images_per_minute = learned.per_minute[2],
+                max_in_flight = learned.max_in_flight,
+                "learned the upstream's limits"
+            );
+        }
+        st.full.per_minute = learned.per_minute;
+        st.remote_retry = None;
+        st.ledger.set_limits(learned.per_minute);
+        let caps = st.full.burst_caps();
+        st.queue.set_caps(caps);
+        st.max_in_flight = learned.max_in_flight;
+        drop(st);
+        self.wake.notify_one();
+    }
+
     /// Nothing waits, nothing is in flight, and nothing is left in its windows.
     /// A pause long over needs no probe any more: a pool whose last call was
     /// the 429 that paused it is idle too (it was never evicted).
@@ -1065,26 +1100,9 @@ impl Permit {
                 learner.on_success(in_flight)
             }
         });
-        let Some(learned) = update else {
-            return;
-        };
-        tracing::info!(
-            pool = %pool.name,
-            source = learner.source().label(),
-            requests_per_minute = learned.per_minute[0],
-            tokens_per_minute = learned.per_minute[1],
-            images_per_minute = learned.per_minute[2],
-            max_in_flight = learned.max_in_flight,
-            "learned the upstream's limits"
-        );
-        st.full.per_minute = learned.per_minute;
-        st.remote_retry = None;
-        st.ledger.set_limits(learned.per_minute);
-        let caps = st.full.burst_caps();
-        st.queue.set_caps(caps);
-        st.max_in_flight = learned.max_in_flight;
-        drop(st);
-        pool.wake.notify_one();
+        if let Some(learned) = update {
+            pool.apply(st, learned);
+        }
     }
 
     /// The upstream answered this call without a rate limit. Only the probe,

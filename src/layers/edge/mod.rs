@@ -52,7 +52,13 @@ fn key_id(headers: &HeaderMap) -> Arc<str> {
         static KNOWN: std::cell::RefCell<foldhash::HashMap<Box<[u8]>, Arc<str>>> =
             std::cell::RefCell::new(foldhash::HashMap::default());
     }
+    // Bounded in bytes: at most this many keys, each at most this long (a
+    // longer one is hashed every time, never kept): 1 MiB a thread.
     const MOST_KNOWN: usize = 4096;
+    const LONGEST_KNOWN: usize = 256;
+    if credential.len() > LONGEST_KNOWN {
+        return key_id_of(credential).into();
+    }
     KNOWN.with_borrow_mut(|known| {
         if let Some(id) = known.get(credential) {
             return id.clone();

@@ -1062,7 +1062,12 @@ impl Jobs {
                 mem.queued.retain(|q| *q != job.id);
                 match mem.running.remove(&job.id) {
                     Some(task) => task.abort(),
-                    None if before == State::Running => {
+                    // Being taken up here, its task not yet made: noted for
+                    // the runner. (Running on another replica, it is that
+                    // one's to stop, at its next renewal: nothing is noted.)
+                    None if before == State::Running
+                        && (!self.shared() || mem.held.contains_key(&job.id)) =>
+                    {
                         mem.cancelled.insert(job.id.clone());
                     }
                     None => {}
@@ -1498,12 +1503,15 @@ impl Jobs {
         let mem = self.lock();
         match self.store {
             Store::Local(_) => JobsStatus {
-                store: "redb",
+                store: match self.config.store {
+                    crate::config::JobStore::Memory => "memory",
+                    crate::config::JobStore::Redb => "redb",
+                },
                 queued: mem.queued.len() as u64,
                 running: mem.running.len() as u64,
                 running_here: mem.running.len(),
                 bytes: mem.bytes,
-                durable: self.config.path.is_some(),
+                durable: self.config.store == crate::config::JobStore::Redb,
             },
             Store::Shared(_) => JobsStatus {
                 store: "redis",
