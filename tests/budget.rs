@@ -581,3 +581,48 @@ async fn at_shutdown_queued_requests_go_while_the_budget_allows_and_the_rest_are
     assert_eq!(ok + refused, 10);
     assert_eq!(fake.calls(), ok, "a refused request reached nobody");
 }
+
+#[tokio::test]
+async fn in_a_pool_shared_by_every_key_one_keys_spent_quota_stops_that_key_alone() {
+    let h = start_with(
+        Behaviour {
+            quota_exhausted_keys: vec!["Bearer sk-poor".into()],
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                shared: true,
+                ..budget(&["gpt-image-*"], Some(6000), None, None)
+            }]
+        },
+        |_| None,
+    )
+    .await;
+    let call = |key: &'static str, prompt: &'static str| {
+        let url = format!("{}/v1/images/generations", h.url);
+        async move {
+            http()
+                .post(url)
+                .header("authorization", format!("Bearer {key}"))
+                .json(&json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let poor = call("sk-poor", "one").await;
+    assert_eq!(poor.status(), 429);
+    assert_eq!(json(poor).await["error"]["code"], "insufficient_quota");
+    // Another key of the same shared pool is another organization's money.
+    assert_eq!(call("sk-rich", "two").await.status(), 200);
+    let calls = h.fake.calls();
+    let again = call("sk-poor", "three").await;
+    assert_eq!(again.status(), 429);
+    assert_eq!(again.headers()["x-penstock-circuit"], "open");
+    assert_eq!(
+        h.fake.calls(),
+        calls,
+        "the spent key is answered by penstock"
+    );
+    assert_eq!(call("sk-rich", "four").await.status(), 200);
+}

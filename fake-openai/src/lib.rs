@@ -80,6 +80,10 @@ pub struct Behaviour {
     pub reset_every: Option<u64>,
     /// Answer every call with 429 `insufficient_quota`.
     pub insufficient_quota: bool,
+    /// Keys (their `Authorization` value) whose organization's money is
+    /// gone: their calls alone are answered `insufficient_quota`, as OpenAI
+    /// answers per organization/project.
+    pub quota_exhausted_keys: Vec<String>,
     /// Enforce these limits; `None` serves everything.
     pub limits: Option<Limits>,
     /// Streams break (connection error) after this many events.
@@ -127,6 +131,7 @@ impl Default for Behaviour {
             fail_every: None,
             reset_every: None,
             insufficient_quota: false,
+            quota_exhausted_keys: Vec::new(),
             limits: None,
             cut_stream_after: None,
             image_bytes: 64,
@@ -1017,7 +1022,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             code,
         ));
     }
-    if b.insufficient_quota {
+    if b.insufficient_quota || b.quota_exhausted_keys.contains(&key) {
         st.record(&parts, &body, 429, b.record_bodies);
         return Ok(error_body(
             StatusCode::TOO_MANY_REQUESTS,

@@ -24,7 +24,7 @@ use crate::logic::encoding::{Encoding, Tail};
 use crate::logic::learn::Learner;
 use crate::logic::ledger::Limits;
 use crate::logic::metrics::Metrics;
-use crate::logic::pool::{Permit, Pool, PoolStatus, Remote, Settings, Tripped};
+use crate::logic::pool::{Permit, Pool, PoolStatus, Refusal, Remote, Settings, Tripped};
 use crate::state::Redis;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
@@ -80,6 +80,9 @@ pub struct Registry {
     redis: Option<Arc<Redis>>,
     /// Models the upstream has answered for: only they get learned pools.
     heard: Mutex<foldhash::HashSet<Box<str>>>,
+    /// For pools shared by every key: the credentials whose money is gone,
+    /// each answered with its own upstream error until its cool-down ends.
+    breakers: Mutex<HashMap<Arc<str>, Arc<Tripped>>>,
 }
 
 impl Registry {
@@ -112,6 +115,7 @@ impl Registry {
             learn: config.learn.enabled.then(|| config.learn.clone()),
             redis,
             heard: Mutex::new(foldhash::HashSet::default()),
+            breakers: Mutex::new(HashMap::default()),
         }
     }
 
@@ -224,6 +228,24 @@ impl Registry {
         );
         pools.insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// A credential's money is gone (its organization/project's): its calls
+    /// through a shared pool are answered with `tripped` until it ends.
+    pub fn trip(&self, credential: &Arc<str>, tripped: Tripped) {
+        let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        breakers.retain(|_, t| t.until > now);
+        breakers.insert(credential.clone(), Arc::new(tripped));
+    }
+
+    /// The open breaker of `credential`, if any.
+    pub fn tripped(&self, credential: &Arc<str>) -> Option<Arc<Tripped>> {
+        let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        breakers
+            .get(credential)
+            .filter(|t| t.until > tokio::time::Instant::now())
+            .cloned()
     }
 
     /// The upstream answered a call for `model` that no pool paid for: a
@@ -425,10 +447,20 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .deadline
                 .saturating_duration_since(tokio::time::Instant::now());
             let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
+            let shared_pool = pool.credential.as_ref() == SHARED;
+            if shared_pool && let Some(t) = registry.tripped(&ctx.credential) {
+                return Err(Refusal::CircuitOpen(t).into());
+            }
             let permit = pool
                 .acquire(&ctx.tenant.0, ctx.cost, max_wait)
                 .await
                 .map_err(ProxyError::from)?;
+            // Its credential's money ran out while it waited: it is not sent,
+            // and charged nothing.
+            if shared_pool && let Some(t) = registry.tripped(&ctx.credential) {
+                permit.settle(&Cost::default());
+                return Err(Refusal::CircuitOpen(t).into());
+            }
             pool.queue_wait
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
@@ -474,13 +506,22 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                         .await
                         .map(|b| b.to_bytes())
                         .unwrap_or_default();
-                    tracing::warn!(pool = %pool.name, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this pool's requests with it");
-                    pool.trip(Tripped {
+                    let tripped = Tripped {
                         until: tokio::time::Instant::now() + quota_cooldown,
                         status: parts.status,
                         headers: parts.headers.clone(),
                         body: body.clone(),
-                    });
+                    };
+                    // The money of the organization/project that paid: a
+                    // pool one credential pays for stops; in a pool shared
+                    // by every key, only this credential's calls do.
+                    if pool.credential.as_ref() == SHARED {
+                        tracing::warn!(pool = %pool.name, credential = %ctx.credential, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this credential's requests with it");
+                        registry.trip(&ctx.credential, tripped);
+                    } else {
+                        tracing::warn!(pool = %pool.name, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this pool's requests with it");
+                        pool.trip(tripped);
+                    }
                     Ok(Response::from_parts(parts, crate::vocab::body::full(body)))
                 }
                 class => {
