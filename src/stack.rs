@@ -77,6 +77,7 @@ where
     edge.add_projects(&config.projects, &env)
         .map_err(BuildError::Projects)?;
     let buffered = edge.buffered();
+    let own_orgs = edge.own_orgs.clone();
     let edge = Arc::new(edge);
     // A config not read from a file has its data directory found now.
     let mut resolved = config.jobs.clone();
@@ -125,7 +126,11 @@ where
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry, metrics.clone()))
         // Admission: each attempt waits here, fairly, until its pool can pay.
-        .layer(budget::Layer::new(budgets.clone(), metrics.clone()))
+        .layer(budget::Layer::new(
+            budgets.clone(),
+            metrics.clone(),
+            own_orgs,
+        ))
         // One attempt upstream, bounded by the per-attempt timeout.
         .service(upstream);
     Ok((

@@ -626,3 +626,62 @@ async fn in_a_pool_shared_by_every_key_one_keys_spent_quota_stops_that_key_alone
     );
     assert_eq!(call("sk-rich", "four").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_client_cannot_step_out_of_its_cap_or_pool_by_naming_an_organization() {
+    let key = "Bearer sk-test";
+    let id = penstock::layers::edge::key_id_of(key.as_bytes());
+    let own = fake_openai::own_org(key);
+    let h = start_with(
+        Behaviour {
+            limits: Some(Limits {
+                requests: 1,
+                window: Duration::from_secs(1),
+                ..Limits::default()
+            }),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, None)];
+            c.clients = vec![penstock::config::ClientConfig {
+                id: id.clone(),
+                rpm: 2,
+                burst: Some(2),
+            }];
+        },
+        |_| None,
+    )
+    .await;
+    let body = json!({"model": "gpt-image-1", "prompt": "p", "quality": "low"});
+    // Named nothing: billed to the key's own organization, which penstock
+    // learns from the answer.
+    let first = generate(&h.url, &[], body.clone()).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["openai-organization"], own.as_str());
+    // Naming that organization is the same limits: the same pool, which
+    // waits its turn (one a second) rather than being refused upstream.
+    let named = generate(
+        &h.url,
+        &[("openai-organization", own.as_str())],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(named.status(), 200);
+    assert_eq!(h.fake.answered(429), 0, "one pool for one set of limits");
+    assert_eq!(h.status().await["pools_total"], 1);
+    // The client's cap (two a minute) is spent: whatever organization or
+    // project it names, it is refused.
+    for extra in [
+        ("openai-organization", "org-mine"),
+        ("openai-project", "proj_x"),
+        ("x-none", "plain"),
+    ] {
+        let refused = generate(&h.url, &[extra], body.clone()).await;
+        assert_eq!(refused.status(), 429, "{extra:?}");
+        assert_eq!(
+            json(refused).await["error"]["code"],
+            "penstock_client_rate_limited",
+            "{extra:?}"
+        );
+    }
+}

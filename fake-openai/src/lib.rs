@@ -412,8 +412,20 @@ fn image_output_tokens(size: &str, quality: &str) -> u64 {
     row[col]
 }
 
+/// A key's own organization: where its calls are billed when they name
+/// none (OpenAI echoes it in `openai-organization` on every answer).
+pub fn own_org(key: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("org-{:012x}", h & 0xffff_ffff_ffff)
+}
+
 /// Whose limits a call spends: the organization/project it names, else its
-/// key's default (OpenAI: a project's keys share the project's limits).
+/// key's own organization, or its project (OpenAI: a project's keys share
+/// the project's limits). Naming the key's own organization is the same as
+/// naming none.
 fn limit_scope(headers: &HeaderMap, key: &str, projects: &[(String, String)]) -> String {
     let get = |name: &str| {
         headers
@@ -422,14 +434,18 @@ fn limit_scope(headers: &HeaderMap, key: &str, projects: &[(String, String)]) ->
             .unwrap_or("")
     };
     let (org, project) = (get("openai-organization"), get("openai-project"));
-    let own = projects.iter().find(|(k, _)| k == key).map(|(_, p)| p);
-    if org.is_empty() && project.is_empty() {
-        match own {
-            Some(p) => format!("org:/project:{p}"),
-            None => format!("key:{key}"),
+    let mapped = projects.iter().find(|(k, _)| k == key).map(|(_, p)| p);
+    match (org.is_empty() && project.is_empty(), mapped) {
+        (true, Some(p)) => format!("org:/project:{p}"),
+        (true, None) => format!("org:{}/project:", own_org(key)),
+        (false, _) => {
+            let org = if org.is_empty() {
+                own_org(key)
+            } else {
+                org.to_string()
+            };
+            format!("org:{org}/project:{project}")
         }
-    } else {
-        format!("org:{org}/project:{project}")
     }
 }
 
@@ -1045,7 +1061,18 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     );
     h.insert("openai-processing-ms", (latency.as_millis() as u64).into());
     h.insert("openai-version", HeaderValue::from_static("2020-10-01"));
-    h.insert("openai-organization", HeaderValue::from_static("org-fake"));
+    // The organization the call was billed to: the one it named, else the
+    // key's own.
+    let billed = parts
+        .headers
+        .get("openai-organization")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| own_org(&key), str::to_string);
+    h.insert(
+        "openai-organization",
+        HeaderValue::from_str(&billed).unwrap_or(HeaderValue::from_static("org-fake")),
+    );
     h.insert("x-fake-call", seq.into());
     // Cloudflare in front of OpenAI sets a bot-management cookie per answer.
     h.insert(

@@ -25,6 +25,7 @@ use crate::logic::learn::Learner;
 use crate::logic::ledger::Limits;
 use crate::logic::metrics::Metrics;
 use crate::logic::pool::{Permit, Pool, PoolStatus, Refusal, Remote, Settings, Tripped};
+use crate::logic::scope::OwnOrgs;
 use crate::state::Redis;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
@@ -358,11 +359,18 @@ impl Registry {
 pub struct Layer {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    own_orgs: Arc<OwnOrgs>,
 }
 
 impl Layer {
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>) -> Layer {
-        Layer { registry, metrics }
+    /// `own_orgs` learns each key's own organization from the answers (the
+    /// edge reads it to tell pools apart).
+    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, own_orgs: Arc<OwnOrgs>) -> Layer {
+        Layer {
+            registry,
+            metrics,
+            own_orgs,
+        }
     }
 }
 
@@ -373,7 +381,22 @@ impl<S> tower::Layer<S> for Layer {
             inner,
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
+            own_orgs: self.own_orgs.clone(),
         }
+    }
+}
+
+/// A call that named no organization was billed to the one its answer
+/// names: the key's own.
+fn learn_own_org(own: &OwnOrgs, ctx: &RequestContext, answer: &http::HeaderMap) {
+    if ctx.headers.contains_key(name::OPENAI_ORGANIZATION) {
+        return;
+    }
+    if let Some(org) = answer
+        .get(name::OPENAI_ORGANIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        own.learn(&ctx.tenant.0, org);
     }
 }
 
@@ -384,6 +407,7 @@ pub struct Budget<S> {
     inner: S,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    own_orgs: Arc<OwnOrgs>,
 }
 
 impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
@@ -413,9 +437,13 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             ctx: ctx.clone(),
         };
         let registry = self.registry.clone();
+        let own_orgs = self.own_orgs.clone();
         Box::pin(async move {
             let Some((pool, ctx)) = pool else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
+                if let Some(ctx) = &account.ctx {
+                    learn_own_org(&own_orgs, ctx, resp.headers());
+                }
                 // A model the upstream answers for gets its learned pool from
                 // now on (refused for its rate limit: paused at once).
                 if let Some(ctx) = &account.ctx
@@ -465,6 +493,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
             let mut resp = crate::layers::call_now(&mut inner, req).await?;
+            learn_own_org(&own_orgs, &ctx, resp.headers());
             let classified = classify::of(&resp);
             {
                 // Scoped: nothing of it is kept across the awaits below, so it

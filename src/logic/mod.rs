@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod pool;
 pub mod prices;
 pub mod queue;
+pub mod scope;

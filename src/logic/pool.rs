@@ -234,6 +234,8 @@ struct State {
     /// What was admitted on the local share while Redis was away, told to the
     /// shared ledger when it returns.
     spent_alone: std::collections::VecDeque<(Instant, Cost)>,
+    /// Shared bookings of the last two burst windows.
+    booked_recent: std::collections::VecDeque<(Instant, Cost)>,
     /// The shared ledger said the queue's requests fit no earlier than then
     /// (while the queue is as it was: its count of changes).
     remote_retry: Option<(Instant, u64)>,
@@ -362,6 +364,7 @@ impl Pool {
                 share,
                 epoch: 0,
                 spent_alone: std::collections::VecDeque::new(),
+                booked_recent: std::collections::VecDeque::new(),
                 remote_retry: None,
                 last_booked: None,
                 last_told: None,
@@ -424,6 +427,20 @@ impl Pool {
             None => (None, now),
         };
         let ticket = st.ledger.charge(goes, cost);
+        if booked.is_some() {
+            // The last moments of shared bookings, for a Redis that loses
+            // them (a failover replicates asynchronously; a restart loses
+            // all): told again on rejoining, counted twice at worst.
+            let keep = (st.full.burst + st.full.margin) * 2;
+            while st
+                .booked_recent
+                .front()
+                .is_some_and(|(at, _)| goes.saturating_duration_since(*at) >= keep)
+            {
+                st.booked_recent.pop_front();
+            }
+            st.booked_recent.push_back((goes, *cost));
+        }
         if self.remote.is_some() && booked.is_none() {
             // Only the last minute matters to the shared ledger: a long
             // outage keeps no more than that.
@@ -461,9 +478,10 @@ impl Pool {
         }
     }
 
-    /// The shared ledger decides admission (Redis is healthy).
+    /// The shared ledger decides admission (Redis is healthy, and every
+    /// replica has had time to come back to it after an outage).
     fn shared(&self) -> Option<&Remote> {
-        self.remote.as_ref().filter(|r| r.redis.healthy())
+        self.remote.as_ref().filter(|r| r.redis.settled())
     }
 
     fn permit(self: &Arc<Self>, granted: &Granted, cost: Cost, queued: Duration) -> Permit {
@@ -683,6 +701,15 @@ impl Pool {
                     && changes == st.changes
                 {
                     return Some(at);
+                } else if let Some(front) = st.queue.front().map(|(c, _)| *c)
+                    && remote.redis.rejoining()
+                    && let at = self.local_ready(&mut st, now, &front)
+                    && at > now
+                {
+                    // Just back from an outage, other replicas may still be
+                    // spending their own shares, unknown to the shared
+                    // ledger: this one keeps within its share too.
+                    return Some(at);
                 } else {
                     let caps = super::ledger::burst_caps(&st.full);
                     let heads: Vec<(Arc<str>, u64, Cost, u64)> = st
@@ -785,8 +812,10 @@ impl Pool {
     }
 
     /// After Redis was away: tells the shared ledger what was spent on the
-    /// local share meanwhile (so rejoining is no burst), and follows a change
-    /// in the number of replicas the limits are shared by.
+    /// local share meanwhile, and what was booked in the last two burst
+    /// windows before (a Redis that failed over or restarted may have lost
+    /// it), so rejoining is no burst; and follows a change in the number of
+    /// replicas the limits are shared by.
     async fn rejoin(&self, remote: &Remote) {
         let epoch = remote.redis.epoch();
         let share = remote.redis.fallback_share().unwrap_or(1);
@@ -802,10 +831,15 @@ impl Pool {
             st.epoch = epoch;
             let now = Instant::now();
             let window = Duration::from_secs(60) + st.full.margin;
+            let recent = (st.full.burst + st.full.margin) * 2;
+            let booked = std::mem::take(&mut st.booked_recent)
+                .into_iter()
+                .filter(|(at, _)| now.saturating_duration_since(*at) < recent);
             let spent: Vec<(Duration, Cost)> = std::mem::take(&mut st.spent_alone)
                 .into_iter()
                 .filter(|(at, _)| now.duration_since(*at) < window)
-                .map(|(at, c)| (now.duration_since(at), c))
+                .chain(booked)
+                .map(|(at, c)| (now.saturating_duration_since(at), c))
                 .collect();
             (spent, st.full)
         };

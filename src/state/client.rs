@@ -154,6 +154,8 @@ pub struct Redis {
     health: AtomicU8,
     /// Times Redis came back after being unavailable.
     rejoins: AtomicU64,
+    /// When Redis last came back after being unavailable.
+    rejoined: Mutex<Option<tokio::time::Instant>>,
     /// The replicas last seen alive (0: never seen), for the fallback share.
     seen_replicas: AtomicU32,
     live: Mutex<Vec<String>>,
@@ -210,6 +212,7 @@ impl Redis {
             configured_replicas: config.replicas,
             health: AtomicU8::new(STARTING),
             rejoins: AtomicU64::new(0),
+            rejoined: Mutex::new(None),
             seen_replicas: AtomicU32::new(0),
             live: Mutex::new(Vec::new()),
             shown_url: match (config.sentinels.first(), config.cluster_nodes.first()) {
@@ -313,7 +316,12 @@ impl Redis {
     }
 
     fn up(&self) {
-        if self.health.swap(UP, Ordering::AcqRel) != UP {
+        let was = self.health.swap(UP, Ordering::AcqRel);
+        if was != UP {
+            if was == DOWN {
+                *self.rejoined.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(tokio::time::Instant::now());
+            }
             self.rejoins.fetch_add(1, Ordering::AcqRel);
             tracing::info!(url = %self.shown_url, replica = %self.replica, "redis available: budgets, cache and breaker are shared");
         }
@@ -348,6 +356,30 @@ impl Redis {
     /// heartbeat.
     pub fn contact_time(&self) -> Duration {
         self.connect_timeout * 2 + self.command_timeout
+    }
+
+    /// Healthy, and long enough since Redis came back that every replica
+    /// has had a heartbeat to come back too (and tell it what it spent
+    /// alone): until then a replica keeps to its own share, so none books
+    /// the whole limit while others still spend their shares unknown to it.
+    pub fn settled(&self) -> bool {
+        self.healthy()
+            && self
+                .rejoined
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none_or(|t| t.elapsed() >= self.heartbeat * 2 + Duration::from_millis(500))
+    }
+
+    /// Settled after an outage, but not long enough that every replica has
+    /// surely left its own share for the shared ledger: bookings keep within
+    /// this replica's share as well.
+    pub fn rejoining(&self) -> bool {
+        let settle = self.heartbeat * 2 + Duration::from_millis(500);
+        self.rejoined
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < settle * 2)
     }
 
     /// Redis answered the last heartbeat and no command has failed since.

@@ -26,6 +26,7 @@ use tower::Service;
 use crate::config::{CacheScope, Config, ProjectConfig};
 use crate::logic::estimate::{self, Estimator};
 use crate::logic::metrics::Metrics;
+use crate::logic::scope::OwnOrgs;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
 use crate::vocab::cost::Cost;
@@ -81,14 +82,18 @@ pub fn key_id_of(credential: &[u8]) -> String {
 const MAX_SCOPE: usize = 64;
 
 /// `@org/project` when the request names the organization or project whose
-/// limits (and bill) it spends, else "".
-fn org_project(headers: &HeaderMap) -> String {
+/// limits (and bill) it spends, else "". Naming the key's own organization
+/// (as its answers name it) is naming none: the same limits.
+fn org_project(headers: &HeaderMap, key: &str, own: &OwnOrgs) -> String {
     fn text(v: Option<&HeaderValue>) -> &str {
         let v = v.and_then(|v| v.to_str().ok()).unwrap_or("").trim();
         &v[..v.floor_char_boundary(MAX_SCOPE)]
     }
     let [org, project] = first_of(headers, [&name::OPENAI_ORGANIZATION, &name::OPENAI_PROJECT]);
-    let (org, project) = (text(org), text(project));
+    let (mut org, project) = (text(org), text(project));
+    if !org.is_empty() && own.is_own(key, org) {
+        org = "";
+    }
     if org.is_empty() && project.is_empty() {
         String::new()
     } else {
@@ -128,6 +133,8 @@ pub struct EdgeConfig {
     pub default_models: std::collections::BTreeMap<String, String>,
     /// Key id -> the configured project whose pool it pays into.
     pub projects: foldhash::HashMap<Arc<str>, Arc<str>>,
+    /// Each key's own organization, as the upstream's answers name it.
+    pub own_orgs: Arc<OwnOrgs>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -149,6 +156,7 @@ impl EdgeConfig {
                 .then(|| config.cache.paths.iter().cloned().collect()),
             cache_global: config.cache.scope == CacheScope::Global,
             projects: Default::default(),
+            own_orgs: Default::default(),
             default_models: config.estimate.default_model.clone(),
             deadline: config.retry.deadline,
             body_read_timeout: config.server.body_read_timeout,
@@ -170,7 +178,7 @@ impl EdgeConfig {
     fn cache_key(
         &self,
         parts: &http::request::Parts,
-        tenant: &Tenant,
+        owner: &str,
         parsed: &Parsed,
         body: &Bytes,
     ) -> Option<CacheKey> {
@@ -183,7 +191,7 @@ impl EdgeConfig {
         h.update(if self.cache_global {
             b"*"
         } else {
-            tenant.0.as_bytes()
+            owner.as_bytes()
         });
         h.update(b"\0");
         h.update(
@@ -207,33 +215,40 @@ impl EdgeConfig {
     }
 
     /// Who the request belongs to, and whose budget pays for it.
-    fn identify(&self, headers: &HeaderMap) -> (Tenant, Arc<str>) {
+    /// The client (its key, or its client id in sidecar mode), the pool's
+    /// credential (the key, or its project, with the organization/project
+    /// the request names), and whose cache entries it may share: the key with
+    /// that organization/project (one organization never gets what another
+    /// paid for).
+    fn identify(&self, headers: &HeaderMap) -> (Tenant, Arc<str>, Arc<str>) {
         if self.sidecar {
             let client = headers
                 .get(&self.client_id_header)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| v.trim())
                 .filter(|v| !v.is_empty());
-            let tenant = match client {
+            let tenant: Arc<str> = match client {
                 Some(c) => format!("client:{}", &c[..c.floor_char_boundary(MAX_CLIENT_ID)]).into(),
                 None => "anonymous".into(),
             };
-            (Tenant(tenant), "sidecar".into())
+            (Tenant(tenant.clone()), "sidecar".into(), tenant)
         } else {
-            // OpenAI's limits belong to an organization/project: the headers
-            // that choose one are part of the pool and of the cache tenant, and
-            // keys of one configured project share its pool.
+            // The client is its key, whatever headers it adds: its caps, its
+            // turns, its jobs and its cache entries follow the key. OpenAI's
+            // limits belong to an organization/project: the headers that
+            // choose one are part of the pool, and keys of one configured
+            // project share its pool.
             let key = key_id(headers);
-            let scope = org_project(headers);
-            let tenant: Arc<str> = match scope.is_empty() {
+            let scope = org_project(headers, &key, &self.own_orgs);
+            let owner: Arc<str> = match scope.is_empty() {
                 true => key.clone(),
                 false => format!("{key}{scope}").into(),
             };
             let credential = match self.projects.get(&key) {
                 Some(project) => format!("project:{project}{scope}").into(),
-                None => tenant.clone(),
+                None => owner.clone(),
             };
-            (Tenant(tenant), credential)
+            (Tenant(key), credential, owner)
         }
     }
 
@@ -534,8 +549,8 @@ where
             .estimator
             .estimate(route, model.as_deref(), parsed.view())
     };
-    let (tenant, credential) = config.identify(&parts.headers);
-    let cache_key = config.cache_key(&parts, &tenant, &parsed, &bytes);
+    let (tenant, credential, owner) = config.identify(&parts.headers);
+    let cache_key = config.cache_key(&parts, &owner, &parsed, &bytes);
     let image = estimate::image_ask(route, parsed.view());
     let ctx = RequestContext {
         route,
@@ -786,12 +801,12 @@ mod tests {
             HeaderValue::from_static("Bearer sk-secret"),
         );
         h.insert("x-penstock-client", HeaderValue::from_static("web"));
-        let (t, cred) = config.identify(&h);
+        let (t, cred, _) = config.identify(&h);
         assert!(t.0.starts_with("key:") && !t.0.contains("secret"));
         assert_eq!(t.0, cred, "pass-through: the key is both tenant and pool");
         assert_eq!(config.identify(&HeaderMap::new()).0.0.as_ref(), "anonymous");
         config.sidecar = true;
-        let (t, cred) = config.identify(&h);
+        let (t, cred, _) = config.identify(&h);
         assert_eq!((t.0.as_ref(), cred.as_ref()), ("client:web", "sidecar"));
     }
 
@@ -804,7 +819,7 @@ mod tests {
             let v: Json = serde_json::from_str(body).unwrap();
             config.cache_key(
                 &parts,
-                &tenant,
+                &tenant.0,
                 &Parsed::Json(v),
                 &Bytes::from_static(body.as_bytes()),
             )
@@ -853,7 +868,7 @@ mod tests {
             serde_json::from_str(r#"{"model":"gpt-image-1","prompt":"a fox","n":1}"#).unwrap();
         assert_ne!(
             a,
-            config.cache_key(&parts, &other, &Parsed::Json(v), &Bytes::new()),
+            config.cache_key(&parts, &other.0, &Parsed::Json(v), &Bytes::new()),
             "tenants apart"
         );
         let mut h = HeaderMap::new();
