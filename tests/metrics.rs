@@ -2,6 +2,7 @@
 //! The only test in this binary: it captures logs through a thread-local
 //! subscriber, which other tests running beside it would disturb.
 
+#[path = "all/support/mod.rs"]
 mod support;
 
 use std::io::Write;

@@ -1,11 +1,9 @@
 //! Coalescing and the cache: identical requests cost one upstream call.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::json;
-use support::*;
+use crate::support::*;
 
 fn image(prompt: &str) -> serde_json::Value {
     json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})

@@ -1,12 +1,10 @@
 //! Submit now, collect later: `Prefer: respond-async` jobs, stored in redb.
 
-mod support;
-
 use std::time::Duration;
 
 use penstock::config::BudgetConfig;
 use serde_json::{Value, json};
-use support::*;
+use crate::support::*;
 
 fn image(prompt: &str) -> Value {
     json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})
@@ -520,7 +518,7 @@ async fn cancel(url: &str, key: &str, id: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_any_replica_answers_cancels_and_lists_any_job() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = fake_taking(Duration::from_millis(400)).await;
@@ -582,7 +580,7 @@ async fn with_redis_any_replica_answers_cancels_and_lists_any_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_a_dead_replicas_jobs_are_taken_over_after_its_lease() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = fake_taking(Duration::from_secs(2)).await;
@@ -647,7 +645,7 @@ async fn with_redis_a_dead_replicas_jobs_are_taken_over_after_its_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_caps_hold_across_replicas_and_a_cancel_stops_a_job_running_elsewhere() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = fake_taking(Duration::from_secs(3)).await;
@@ -732,7 +730,7 @@ async fn with_redis_caps_hold_across_replicas_and_a_cancel_stops_a_job_running_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_an_answer_past_its_ttl_is_expired_on_every_replica() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = Fake::start(Behaviour::default()).await;
@@ -754,7 +752,7 @@ async fn with_redis_an_answer_past_its_ttl_is_expired_on_every_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_away_a_submit_is_refused_with_a_retry_not_accepted_unstored() {
-    let Some(mut redis) = support::redis_server::RedisServer::start().await else {
+    let Some(mut redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = Fake::start(Behaviour::default()).await;
@@ -777,7 +775,7 @@ async fn with_redis_away_a_submit_is_refused_with_a_retry_not_accepted_unstored(
 /// is sent twice, and both paid answers are kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_cut_off_from_redis_keeps_its_sent_jobs_and_none_is_sent_twice() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = fake_taking(Duration::from_secs(6)).await;
@@ -827,7 +825,7 @@ async fn a_replica_cut_off_from_redis_keeps_its_sent_jobs_and_none_is_sent_twice
 /// lost) is the same job: one job, one upstream call, on either store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submit_sent_again_with_its_idempotency_key_is_the_same_job() {
-    let redis = support::redis_server::RedisServer::start().await;
+    let redis = crate::support::redis_server::RedisServer::start().await;
     let fake = fake_taking(Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut local = config_for(&fake.url());
@@ -865,7 +863,7 @@ async fn a_submit_sent_again_with_its_idempotency_key_is_the_same_job() {
 /// it: it fails with a code that says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_redis_a_job_without_its_body_fails_and_is_never_sent() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = fake_taking(Duration::from_secs(2)).await;
@@ -956,7 +954,7 @@ async fn a_job_over_its_clients_cap_goes_back_to_the_queue() {
 /// names where its answer is); an ended job keeps no credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_are_listed_a_page_at_a_time_and_ended_jobs_keep_no_credentials() {
-    let Some(redis) = support::redis_server::RedisServer::start().await else {
+    let Some(redis) = crate::support::redis_server::RedisServer::start().await else {
         return;
     };
     let fake = fake_taking(Duration::from_millis(20)).await;

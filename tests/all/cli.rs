@@ -1,11 +1,9 @@
 //! The `penstock` binary: config errors, `check`, and what a served request logs.
 
-mod support;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 

@@ -1,15 +1,13 @@
 //! Budgets: requests wait for capacity instead of failing, and the upstream never
 //! has to refuse a call. The fake enforces its limits as a strict sliding window.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use async_openai::types::images::{CreateImageRequestArgs, ImageModel, ImageQuality, ImageSize};
 use async_openai::{Client, config::OpenAIConfig};
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use support::*;
+use crate::support::*;
 
 fn budget(models: &[&str], rpm: Option<u64>, tpm: Option<u64>, ipm: Option<u64>) -> BudgetConfig {
     BudgetConfig {

@@ -1,8 +1,6 @@
 //! The transparent proxy: what a client sees through penstock is what it would see
 //! talking to the upstream directly.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use async_openai::types::chat::{
@@ -14,7 +12,7 @@ use async_openai::types::images::{
 };
 use async_openai::{Client, config::OpenAIConfig};
 use futures_util::StreamExt;
-use support::*;
+use crate::support::*;
 
 fn sdk(base: &str) -> Client<OpenAIConfig> {
     Client::with_config(

@@ -3,15 +3,13 @@
 //! cache and one quota breaker, and fall back to a share of the limits when
 //! Redis goes away.
 
-mod support;
-
 use std::time::Duration;
 
 use penstock::Config;
 use penstock::config::{Backend, BudgetConfig};
 use serde_json::json;
-use support::redis_server::RedisServer;
-use support::*;
+use crate::support::redis_server::RedisServer;
+use crate::support::*;
 
 /// Tests that count upstream 429s through a failure, and the one that moves
 /// hundreds of megabytes, take turns: `cargo test` runs a file's tests on
@@ -761,10 +759,6 @@ async fn the_fallback_share_follows_replicas_that_leave() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_limited_redis_keeps_sharing_budgets_and_jobs_under_a_stream_of_large_answers() {
     let _turn = TIMED.lock().await;
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_test_writer()
-        .try_init();
     let Some(redis) =
         RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"]).await
     else {
@@ -990,7 +984,7 @@ async fn every_key_expires_or_is_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_a_redis_cluster_spend_one_budget() {
     let _turn = TIMED.lock().await;
-    let Some(cluster) = support::redis_server::RedisCluster::start().await else {
+    let Some(cluster) = crate::support::redis_server::RedisCluster::start().await else {
         return;
     };
     let fake = Fake::start(ten_per_second()).await;
@@ -1045,7 +1039,7 @@ async fn three_replicas_on_a_redis_cluster_spend_one_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_primary_killed_under_load_is_followed_to_the_promoted_replica() {
     let _turn = TIMED.lock().await;
-    let Some(mut sentinels) = support::redis_server::RedisSentinels::start().await else {
+    let Some(mut sentinels) = crate::support::redis_server::RedisSentinels::start().await else {
         return;
     };
     let fake = Fake::start(ten_per_second()).await;

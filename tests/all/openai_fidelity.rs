@@ -4,14 +4,12 @@
 //! probe after a 429, defaults for requests without a model, coalesced callers'
 //! own limits, and retries of calls that may have been paid.
 
-mod support;
-
 use std::io::Read;
 use std::time::Duration;
 
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use support::*;
+use crate::support::*;
 
 const SDK_ENCODINGS: &str = "gzip, deflate, br";
 

@@ -1,14 +1,12 @@
 //! Retries: routine failures are absorbed without the client retrying, money errors
 //! are never retried, and a failing upstream does not see a retry storm.
 
-mod support;
-
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use support::*;
+use crate::support::*;
 
 fn image() -> serde_json::Value {
     json!({"model": "gpt-image-1", "prompt": "a kite", "quality": "low", "size": "1024x1024"})

@@ -1,13 +1,11 @@
 //! TLS to the upstream: the fake serves HTTPS with a certificate from a private CA
 //! (made here with rcgen), and penstock trusts it only through `ca_file`.
 
-mod support;
-
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use support::*;
+use crate::support::*;
 
 struct Pki {
     ca_pem: String,

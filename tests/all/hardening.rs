@@ -1,13 +1,11 @@
 //! Hostile clients and broken upstreams: penstock stays bounded in time and
 //! memory, answers clearly, and keeps serving everyone else.
 
-mod support;
-
 use std::time::Duration;
 
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use support::*;
+use crate::support::*;
 
 fn image(prompt: &str) -> serde_json::Value {
     json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})

@@ -5,13 +5,11 @@
 //! one that speaks as OpenAI's images API does (nothing on a success, the
 //! image limit on a 429), and one that says nothing at all.
 
-mod support;
-
 use std::time::Duration;
 
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use support::*;
+use crate::support::*;
 
 /// `n` generations at once, each with its own prompt; their statuses and
 /// `x-penstock-queue-ms`.
