@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use async_openai::types::images::{CreateImageRequestArgs, ImageModel, ImageQuality, ImageSize};
 use async_openai::{Client, config::OpenAIConfig};
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use crate::support::*;
 
 fn budget(models: &[&str], rpm: Option<u64>, tpm: Option<u64>, ipm: Option<u64>) -> BudgetConfig {
     BudgetConfig {

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::*;
+use serde_json::json;
 
 fn image(prompt: &str) -> serde_json::Value {
     json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})

@@ -237,3 +237,83 @@ async fn the_log_filter_can_silence_request_lines() {
     assert_eq!(fake.calls(), 1);
     assert!(request_lines(&log).is_empty(), "{log:#?}");
 }
+
+/// Every key of the shipped config (set or shown commented out) has its row
+/// in the configuration reference: the two are kept together.
+#[test]
+fn the_configuration_reference_names_every_key_of_the_shipped_file() {
+    let reference = std::fs::read_to_string("docs/configuration.md").unwrap();
+    // The keys the reference's rows name: `section.key`, `[[array]] key`,
+    // and bare names after them in the same cell (`a.b`, `c` is a.b and a.c).
+    let mut documented = std::collections::HashSet::new();
+    for row in reference.lines().filter(|l| l.starts_with("| ")) {
+        let cell = row.split('|').nth(1).unwrap_or("");
+        let mut section = String::new();
+        if let Some(rest) = cell.trim().strip_prefix("`[[") {
+            section = rest.split("]]").next().unwrap_or("").to_string();
+        }
+        for token in cell.split('`').skip(1).step_by(2) {
+            let token = token.trim_start_matches("[[").trim();
+            let token = token.split("]] ").last().unwrap_or(token);
+            match token.rsplit_once('.') {
+                Some((s, k)) if !s.contains('"') => {
+                    section = s.to_string();
+                    documented.insert(format!("{s}.{k}"));
+                }
+                _ => {
+                    documented.insert(match section.is_empty() {
+                        true => token.to_string(),
+                        false => format!("{section}.{token}"),
+                    });
+                }
+            }
+        }
+    }
+    let shipped = std::fs::read_to_string("config/penstock.toml").unwrap();
+    let mut section = String::new();
+    let mut missing = Vec::new();
+    for line in shipped.lines() {
+        let line = line.trim().trim_start_matches('#').trim();
+        if line.starts_with('[') {
+            section = line
+                .trim_matches(|c| c == '[' || c == ']')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        // Keys of tables keyed by a glob or a route (`[prices."gpt-image-2*"]`,
+        // `[estimate.default_model]`) are data, documented by their table.
+        if !plain || section.contains('"') || section == "estimate.default_model" {
+            continue;
+        }
+        let name = match section.is_empty() {
+            true => key.to_string(),
+            false => format!("{section}.{key}"),
+        };
+        if !documented.contains(&name) {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "keys of config/penstock.toml without a row in docs/configuration.md: {missing:?}"
+    );
+}
+
+/// The README's worked config is a config penstock accepts.
+#[test]
+fn the_readmes_worked_config_is_valid() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let start = readme.find("## A worked config").unwrap();
+    let block = readme[start..].split("```toml").nth(1).unwrap();
+    let toml = block.split("```").next().unwrap();
+    let config = penstock::Config::parse(toml, "README.md").expect("it parses");
+    config.validate("README.md").expect("it is valid");
+}

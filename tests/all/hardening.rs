@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use crate::support::*;
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use crate::support::*;
 
 fn image(prompt: &str) -> serde_json::Value {
     json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})

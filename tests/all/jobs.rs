@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use crate::support::*;
 use penstock::config::BudgetConfig;
 use serde_json::{Value, json};
-use crate::support::*;
 
 fn image(prompt: &str) -> Value {
     json!({"model": "gpt-image-1", "prompt": prompt, "quality": "low", "size": "1024x1024"})

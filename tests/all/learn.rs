@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
+use crate::support::*;
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use crate::support::*;
 
 /// `n` generations at once, each with its own prompt; their statuses and
 /// `x-penstock-queue-ms`.

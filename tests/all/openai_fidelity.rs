@@ -7,9 +7,9 @@
 use std::io::Read;
 use std::time::Duration;
 
+use crate::support::*;
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use crate::support::*;
 
 const SDK_ENCODINGS: &str = "gzip, deflate, br";
 

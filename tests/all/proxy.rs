@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
@@ -12,7 +13,6 @@ use async_openai::types::images::{
 };
 use async_openai::{Client, config::OpenAIConfig};
 use futures_util::StreamExt;
-use crate::support::*;
 
 fn sdk(base: &str) -> Client<OpenAIConfig> {
     Client::with_config(

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use crate::support::redis_server::RedisServer;
+use crate::support::*;
 use penstock::Config;
 use penstock::config::{Backend, BudgetConfig};
 use serde_json::json;
-use crate::support::redis_server::RedisServer;
-use crate::support::*;
 
 /// Tests that count upstream 429s through a failure, and the one that moves
 /// hundreds of megabytes, take turns: `cargo test` runs a file's tests on

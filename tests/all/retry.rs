@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::StreamExt;
 use penstock::config::BudgetConfig;
 use serde_json::json;
-use crate::support::*;
 
 fn image() -> serde_json::Value {
     json!({"model": "gpt-image-1", "prompt": "a kite", "quality": "low", "size": "1024x1024"})

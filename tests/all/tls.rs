@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use crate::support::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use crate::support::*;
 
 struct Pki {
     ca_pem: String,
