@@ -104,6 +104,9 @@ pub struct Behaviour {
     /// endpoints announce nothing on a success (openai-php/client#288, still
     /// so): off by default.
     pub image_answer_limits: bool,
+    /// Responses API answers carry `x-ratelimit-*` as chat answers do (they
+    /// did not until mid-2026, openai-go#326); on by default.
+    pub responses_answer_limits: bool,
     /// A refused image call carries `x-ratelimit-limit-images`,
     /// `-remaining-images` and `-reset-images` (a Go-style duration), as
     /// OpenAI's 429s for images do; on by default.
@@ -140,6 +143,7 @@ impl Default for Behaviour {
             key_projects: Vec::new(),
             announce_limits: true,
             image_answer_limits: false,
+            responses_answer_limits: true,
             image_refusal_limits: true,
             compress: true,
             idle_close: None,
@@ -170,6 +174,8 @@ struct Window {
 
 struct State {
     behaviour: Mutex<Behaviour>,
+    /// Stored responses (`store` not false): id -> the key that made it.
+    responses: Mutex<HashMap<String, String>>,
     log: Mutex<Vec<Recorded>>,
     windows: Mutex<HashMap<(String, String), Window>>,
     rng: Mutex<u64>,
@@ -230,6 +236,7 @@ impl Fake {
             open: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            responses: Mutex::new(HashMap::new()),
         });
         let scheme = if tls.is_some() { "https" } else { "http" };
         let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -396,6 +403,25 @@ struct Call {
     output_tokens: u64,
     include_usage: bool,
     prompt: String,
+    /// A Responses call: what it asked of its image tool, when the tool is
+    /// called (forced by `tool_choice`, or the input asks for a picture).
+    image_tool: Option<ImageTool>,
+    /// A Responses call: the stored response it continues, and whether this
+    /// one is stored.
+    previous_response_id: Option<String>,
+    store: bool,
+    instructions: String,
+}
+
+/// The `image_generation` tool of a Responses call, as it is called.
+#[derive(Clone, Debug)]
+struct ImageTool {
+    model: String,
+    quality: String,
+    size: String,
+    partial_images: u64,
+    /// Output tokens of the image, by the table.
+    tokens: u64,
 }
 
 fn image_output_tokens(size: &str, quality: &str) -> u64 {
@@ -449,6 +475,91 @@ fn limit_scope(headers: &HeaderMap, key: &str, projects: &[(String, String)]) ->
     }
 }
 
+/// The text of a Responses `input`: a string, or items whose `content` is a
+/// string or parts (`input_text`); other parts (images, files) add nothing.
+fn input_text(input: &Value) -> String {
+    match input {
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|item| match item {
+                Value::String(s) => Some(s.clone()),
+                Value::Object(_) => match item.get("content") {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Array(parts)) => Some(
+                        parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ),
+                    _ => item.get("text").and_then(Value::as_str).map(str::to_string),
+                },
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// What a Responses call asks besides its input: instructions, storage, the
+/// response it continues, and its image tool.
+fn responses_call(v: &Value, call: &mut Call) -> Result<(), String> {
+    call.instructions = v
+        .get("instructions")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    call.store = v.get("store").and_then(Value::as_bool).unwrap_or(true);
+    call.previous_response_id = v
+        .get("previous_response_id")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let Some(tool) = v.get("tools").and_then(Value::as_array).and_then(|t| {
+        t.iter()
+            .find(|t| t.get("type").and_then(Value::as_str) == Some("image_generation"))
+    }) else {
+        return Ok(());
+    };
+    let choice = v.get("tool_choice");
+    let forced = choice.and_then(|c| c.get("type")).and_then(Value::as_str)
+        == Some("image_generation")
+        || choice.and_then(Value::as_str) == Some("required");
+    let none = choice.and_then(Value::as_str) == Some("none");
+    // The model calls the tool when told to, or when the input asks for a
+    // picture (the fake's stand-in for the model's own choice).
+    let lower = call.prompt.to_lowercase();
+    let asked = ["image", "picture", "draw", "photo"]
+        .iter()
+        .any(|w| lower.contains(w));
+    if none || !(forced || asked) {
+        return Ok(());
+    }
+    let text = |k: &str, d: &str| tool.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
+    let quality = text("quality", "auto");
+    let size = text("size", "auto");
+    let partial_images = tool
+        .get("partial_images")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .min(3);
+    let table_quality = if quality == "auto" {
+        "medium"
+    } else {
+        quality.as_str()
+    };
+    let tokens = image_output_tokens(&size, table_quality) + partial_images * 100;
+    call.image_tool = Some(ImageTool {
+        model: text("model", "gpt-image-1"),
+        quality,
+        size,
+        partial_images,
+        tokens,
+    });
+    Ok(())
+}
+
 fn text_tokens(s: &str) -> u64 {
     (s.chars().count() as u64).div_ceil(4)
 }
@@ -470,6 +581,10 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
         output_tokens: 0,
         include_usage: false,
         prompt: String::new(),
+        image_tool: None,
+        previous_response_id: None,
+        store: true,
+        instructions: String::new(),
     };
     if parts.method != Method::POST {
         return Ok(call);
@@ -510,7 +625,13 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
                 fields.insert(key.into(), s.into());
             }
         }
-        for key in ["n", "partial_images", "max_tokens", "max_completion_tokens"] {
+        for key in [
+            "n",
+            "partial_images",
+            "max_tokens",
+            "max_completion_tokens",
+            "max_output_tokens",
+        ] {
             if let Some(x) = v.get(key).and_then(Value::as_u64) {
                 fields.insert(key.into(), x.to_string());
             }
@@ -535,16 +656,14 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
             call.prompt = text;
         }
         if let Some(input) = v.get("input") {
-            let text = match input {
-                Value::String(s) => s.clone(),
-                Value::Array(a) => a
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                _ => String::new(),
-            };
+            let text = input_text(input);
             call.input_tokens = text_tokens(&text);
+            if path == "/v1/responses" {
+                call.prompt = text;
+            }
+        }
+        if path == "/v1/responses" {
+            responses_call(&v, &mut call)?;
         }
     }
     if call.model == "unknown" {
@@ -579,6 +698,11 @@ async fn parse_call(parts: &http::request::Parts, body: &Bytes) -> Result<Call, 
                 0
             };
         call.charged_tokens = text_tokens(&call.prompt) + images * 323 + call.output_tokens;
+    } else if path == "/v1/responses" {
+        let max = fields.get("max_output_tokens").and_then(|s| s.parse().ok());
+        call.input_tokens = text_tokens(&call.prompt) + text_tokens(&call.instructions);
+        call.output_tokens = (text_tokens(&call.prompt) + 2).min(max.unwrap_or(16));
+        call.charged_tokens = call.input_tokens + max.unwrap_or(4096);
     } else if path == "/v1/chat/completions" {
         let max = fields
             .get("max_completion_tokens")
@@ -835,6 +959,17 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         }
     };
 
+    // A response continues only one its key stored.
+    if let Some(prev) = &call.previous_response_id {
+        let known = st.responses.lock().unwrap().get(prev) == Some(&key);
+        if !known {
+            st.record(&parts, &body, 400, b.record_bodies);
+            let body = json!({"error": {"message": format!("Previous response with id '{prev}' not found."),
+                "type": "invalid_request_error", "param": "previous_response_id", "code": "previous_response_not_found"}});
+            return Ok(json_response(StatusCode::BAD_REQUEST, &body));
+        }
+    }
+
     // Admission against the limits happens when the call arrives, as OpenAI does,
     // for the organization/project the call is made for.
     let tokens = call.charged_tokens;
@@ -848,6 +983,59 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         ..Limits::default()
     });
     let scope = limit_scope(&parts.headers, &key, &b.key_projects);
+    // A Responses call's image tool spends the image model's limits: an
+    // image, and its tokens (how OpenAI counts it is not documented; this
+    // is the cautious reading).
+    if let (Some(tool), Some(limit)) = (&call.image_tool, b.limits.as_ref()) {
+        let now = Instant::now();
+        let mut windows = st.windows.lock().unwrap();
+        let w = windows
+            .entry((scope.clone(), tool.model.clone()))
+            .or_default();
+        while w
+            .calls
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) >= limit.window)
+        {
+            w.calls.pop_front();
+        }
+        let used: u64 = w.calls.iter().map(|(_, _, i)| i).sum();
+        let cap = limit.images.unwrap_or(u64::from(limit.requests));
+        if used + 1 > cap {
+            let wait = w
+                .calls
+                .front()
+                .map(|(t, _, _)| limit.window.saturating_sub(now.duration_since(*t)))
+                .unwrap_or(Duration::ZERO);
+            drop(windows);
+            st.record(&parts, &body, 429, b.record_bodies);
+            let mut resp = error_body(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!(
+                    "Rate limit reached for {} in organization org-fake on images per min. Please try again in {}.",
+                    tool.model,
+                    go_duration(wait)
+                ),
+                "images",
+                Some("rate_limit_exceeded"),
+            );
+            let h = resp.headers_mut();
+            if b.announce_limits && b.image_refusal_limits {
+                h.insert("x-ratelimit-limit-images", limit.per_minute(cap).into());
+                h.insert("x-ratelimit-remaining-images", 0u64.into());
+                h.insert(
+                    "x-ratelimit-reset-images",
+                    HeaderValue::from_str(&go_duration(wait)).unwrap(),
+                );
+            }
+            h.insert(
+                "retry-after",
+                HeaderValue::from(wait.as_secs_f64().ceil() as u64),
+            );
+            return Ok(resp);
+        }
+        w.calls.push_back((now, tool.tokens, 1));
+    }
     {
         let now = Instant::now();
         let mut windows = st.windows.lock().unwrap();
@@ -1050,9 +1238,20 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
 
     let mut resp = route(&st, &parts, &call, seq, &b, stream_total);
     st.record(&parts, &body, resp.status().as_u16(), b.record_bodies);
+    if parts.uri.path() == "/v1/responses" && call.store && resp.status().is_success() {
+        let mut stored = st.responses.lock().unwrap();
+        if stored.len() >= 100_000 {
+            stored.clear();
+        }
+        stored.insert(response_id(seq), key.clone());
+    }
     let h = resp.headers_mut();
     // OpenAI's image answers announce no limits; its text answers do.
-    if b.announce_limits && (!is_image || b.image_answer_limits) {
+    let is_responses = parts.uri.path() == "/v1/responses";
+    if b.announce_limits
+        && (!is_image || b.image_answer_limits)
+        && (!is_responses || b.responses_answer_limits)
+    {
         h.extend(rl_headers);
     }
     h.insert(
@@ -1168,6 +1367,7 @@ fn route(
                 )
             }
         }
+        (Method::POST, "/v1/responses") => responses(call, seq, b, stream_total),
         (Method::POST, "/v1/embeddings") => {
             let x = (seq % 100) as f64 / 100.0;
             json_response(
@@ -1194,6 +1394,136 @@ fn route(
             )
         }
     }
+}
+
+/// The id of the response a Responses call makes.
+fn response_id(seq: u64) -> String {
+    format!("resp_{seq:024x}")
+}
+
+/// A Responses API answer: the message (and the image the tool made, when
+/// it was called), `usage` (with the image tool's own in `tool_usage`), or
+/// its stream of typed events ending in `response.completed`.
+fn responses(call: &Call, seq: u64, b: &Behaviour, stream_total: Duration) -> Response<Body> {
+    let id = response_id(seq);
+    let words: Vec<String> = call
+        .prompt
+        .split_whitespace()
+        .take(call.output_tokens as usize)
+        .map(str::to_string)
+        .collect();
+    let text = words.join(" ");
+    let usage = json!({"input_tokens": call.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": call.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": call.input_tokens + call.output_tokens});
+    let image = call.image_tool.as_ref().map(|tool| {
+        let result = fake_image(&call.prompt, b.image_bytes);
+        let item = json!({"type": "image_generation_call", "id": format!("ig_{seq}"), "status": "completed",
+            "result": result, "revised_prompt": call.prompt, "size": tool.size, "quality": tool.quality,
+            "output_format": "png", "background": "opaque"});
+        (tool, item)
+    });
+    let message = json!({"type": "message", "id": format!("msg_{seq}"), "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}]});
+    let mut output = Vec::new();
+    if let Some((_, item)) = &image {
+        output.push(item.clone());
+    }
+    output.push(message.clone());
+    let mut whole = json!({"id": id, "object": "response", "created_at": 1_700_000_000u64 + seq,
+        "status": "completed", "error": null, "incomplete_details": null, "model": call.model,
+        "instructions": if call.instructions.is_empty() { Value::Null } else { call.instructions.clone().into() },
+        "output": output, "parallel_tool_calls": true,
+        "previous_response_id": call.previous_response_id, "store": call.store,
+        "text": {"format": {"type": "text"}}, "usage": usage});
+    if let Some((tool, _)) = &image {
+        whole["tool_usage"] = json!({"image_gen": {"input_tokens": text_tokens(&call.prompt),
+            "output_tokens": tool.tokens, "total_tokens": text_tokens(&call.prompt) + tool.tokens}});
+    }
+    if !call.stream {
+        return json_response(StatusCode::OK, &whole);
+    }
+    let mut n = 0u64;
+    let mut events = Vec::new();
+    let mut event = |kind: &str, mut data: Value| {
+        data["type"] = kind.into();
+        data["sequence_number"] = n.into();
+        n += 1;
+        events.push(format!("event: {kind}\ndata: {data}\n\n"));
+    };
+    let mut started = whole.clone();
+    started["status"] = "in_progress".into();
+    started["output"] = json!([]);
+    started["usage"] = Value::Null;
+    event("response.created", json!({"response": started}));
+    event("response.in_progress", json!({"response": started}));
+    let mut index = 0u64;
+    if let Some((tool, item)) = &image {
+        let item_id = format!("ig_{seq}");
+        event(
+            "response.output_item.added",
+            json!({"output_index": index,
+            "item": {"type": "image_generation_call", "id": item_id, "status": "in_progress"}}),
+        );
+        event(
+            "response.image_generation_call.in_progress",
+            json!({"output_index": index, "item_id": item_id}),
+        );
+        event(
+            "response.image_generation_call.generating",
+            json!({"output_index": index, "item_id": item_id}),
+        );
+        for i in 0..tool.partial_images {
+            event(
+                "response.image_generation_call.partial_image",
+                json!({"output_index": index, "item_id": item_id,
+                "partial_image_index": i, "partial_image_b64": fake_image(&format!("{} {i}", call.prompt), b.image_bytes)}),
+            );
+        }
+        event(
+            "response.image_generation_call.completed",
+            json!({"output_index": index, "item_id": item_id}),
+        );
+        event(
+            "response.output_item.done",
+            json!({"output_index": index, "item": item}),
+        );
+        index += 1;
+    }
+    let msg_id = format!("msg_{seq}");
+    event(
+        "response.output_item.added",
+        json!({"output_index": index,
+        "item": {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}}),
+    );
+    event(
+        "response.content_part.added",
+        json!({"output_index": index, "item_id": msg_id, "content_index": 0,
+        "part": {"type": "output_text", "text": "", "annotations": []}}),
+    );
+    for (i, w) in words.iter().enumerate() {
+        let delta = if i == 0 { w.clone() } else { format!(" {w}") };
+        event(
+            "response.output_text.delta",
+            json!({"output_index": index, "item_id": msg_id, "content_index": 0, "delta": delta}),
+        );
+    }
+    event(
+        "response.output_text.done",
+        json!({"output_index": index, "item_id": msg_id, "content_index": 0, "text": text}),
+    );
+    event(
+        "response.content_part.done",
+        json!({"output_index": index, "item_id": msg_id, "content_index": 0,
+        "part": {"type": "output_text", "text": text, "annotations": []}}),
+    );
+    event(
+        "response.output_item.done",
+        json!({"output_index": index, "item": message}),
+    );
+    event("response.completed", json!({"response": whole}));
+    let step = stream_total / events.len() as u32;
+    sse(events, step.max(b.stream_interval), b.cut_stream_after)
 }
 
 fn fake_image(prompt: &str, len: usize) -> String {

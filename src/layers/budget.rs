@@ -436,11 +436,34 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
         };
+        // A Responses request's image tool spends the image model's pool.
+        let tool = ctx.as_ref().and_then(|c| {
+            let (model, cost) = c.image_tool.as_deref()?;
+            Some((self.registry.pool(model, &c.credential)?, *cost))
+        });
         let registry = self.registry.clone();
         let own_orgs = self.own_orgs.clone();
         Box::pin(async move {
+            let tool = match (tool, &account.ctx) {
+                (Some((tool_pool, cost)), Some(ctx)) => {
+                    let left = ctx
+                        .deadline
+                        .saturating_duration_since(tokio::time::Instant::now());
+                    let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
+                    let permit = tool_pool
+                        .acquire(&ctx.tenant.0, cost, max_wait)
+                        .await
+                        .map_err(ProxyError::from)?;
+                    Some(ToolPermit {
+                        pool: tool_pool,
+                        permit,
+                    })
+                }
+                _ => None,
+            };
             let Some((pool, ctx)) = pool else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
+                let tool = ToolPermit::after(tool, &resp);
                 if let Some(ctx) = &account.ctx {
                     learn_own_org(&own_orgs, ctx, resp.headers());
                 }
@@ -465,7 +488,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     }
                 }
                 return Ok(if resp.status().is_success() {
-                    Settle::wrap(resp, None, refund, account)
+                    Settle::wrap(resp, None, tool, refund, account)
                 } else {
                     resp
                 });
@@ -494,6 +517,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .observe(permit.queued.as_secs_f64());
             let mut resp = crate::layers::call_now(&mut inner, req).await?;
             learn_own_org(&own_orgs, &ctx, resp.headers());
+            let tool = ToolPermit::after(tool, &resp);
             let classified = classify::of(&resp);
             {
                 // Scoped: nothing of it is kept across the awaits below, so it
@@ -526,7 +550,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             let queued = number(u64::try_from(queued.as_millis()).unwrap_or(u64::MAX));
             resp.headers_mut().insert(name::QUEUE_MS, queued);
             match classified.map(|c| c.class) {
-                Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), refund, account)),
+                Some(Class::Success) => Ok(Settle::wrap(resp, Some(permit), tool, refund, account)),
                 Some(Class::QuotaExhausted) if !quota_cooldown.is_zero() => {
                     // Error bodies arrive buffered from the upstream layer.
                     let (parts, body) = resp.into_parts();
@@ -570,6 +594,44 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
     }
 }
 
+/// A Responses call's admission to its image tool's pool.
+struct ToolPermit {
+    pool: Arc<Pool>,
+    permit: Permit,
+}
+
+impl ToolPermit {
+    /// What the answer does to the tool's admission: a refusal for the image
+    /// model's limits (its 429 speaks of images) teaches and pauses the
+    /// image pool; any failure gives the image back; a success keeps the
+    /// permit until its body says whether the tool was called.
+    fn after(tool: Option<ToolPermit>, resp: &Response<Body>) -> Option<Permit> {
+        let tool = tool?;
+        let class = classify::of(resp);
+        if class.is_some_and(|c| c.class == Class::Success) {
+            return Some(tool.permit);
+        }
+        if let Some(c) = class.filter(|c| c.class == Class::RateLimited) {
+            let hints = RateLimitHeaders::parse(resp.headers());
+            if hints.images.is_some() || hints.limits[2].is_some() {
+                tool.permit.learn(&hints, true);
+                let delay = c
+                    .retry_after
+                    .or_else(|| hints.exhausted_until())
+                    .unwrap_or(DEFAULT_PAUSE);
+                tool.pool.pause(tokio::time::Instant::now() + delay);
+            }
+        }
+        tool.permit.settle(&Cost::default());
+        None
+    }
+}
+
+/// Whether `needle` occurs in `hay`.
+fn memchr_slice(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Where a finished answer is accounted.
 struct Account {
     metrics: Arc<Metrics>,
@@ -605,6 +667,9 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Body,
         permit: Option<Permit>,
+        // A Responses call's image tool, kept only if the answer says the
+        // tool was called.
+        tool: Option<Permit>,
         refund: Refund,
         account: Option<Account>,
         tail: Tail,
@@ -624,6 +689,7 @@ impl Settle {
     fn wrap(
         resp: Response<Body>,
         permit: Option<Permit>,
+        tool: Option<Permit>,
         refund: Refund,
         account: Account,
     ) -> Response<Body> {
@@ -632,6 +698,7 @@ impl Settle {
             Settle {
                 inner,
                 permit,
+                tool,
                 refund,
                 account: Some(account),
                 tail,
@@ -656,6 +723,14 @@ impl HttpBody for Settle {
         }
         // A body of known length is not polled past its last byte: settle then.
         if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
+            if let Some(tool) = this.tool.take() {
+                // The answer's tool usage says the image was made; without
+                // it the tool was not called, and its image is given back.
+                let made = memchr_slice(this.tail.decoded(), b"\"image_gen\"");
+                if !made {
+                    tool.settle(&Cost::default());
+                }
+            }
             let usage = this.tail.usage();
             // The permit goes with the body's end: the call is over.
             // OpenAI's limiter charged its estimate at arrival and keeps it:

@@ -144,8 +144,10 @@ impl Estimator {
                     prompt.saturating_add(uint(v, "n").unwrap_or(1).max(1).saturating_mul(max));
             }
             (Route::Responses, Body::Json(v)) => {
-                let input = self.strings_tokens(model, v.get("input"))
-                    + self.strings_tokens(model, v.get("instructions"));
+                let input = self
+                    .strings_tokens(model, v.get("input"))
+                    .saturating_add(self.strings_tokens(model, v.get("instructions")))
+                    .saturating_add(self.strings_tokens(model, v.get("tools")));
                 let max = uint(v, "max_output_tokens").unwrap_or(self.default_max_output_tokens);
                 cost.tokens = input.saturating_add(max);
             }
@@ -162,6 +164,54 @@ impl Estimator {
             _ => {}
         }
         cost
+    }
+
+    /// A Responses request's `image_generation` tool, when the model is told
+    /// to call it or may (it is offered and `tool_choice` is not `none`): the
+    /// image model whose limits it spends (the tool's `model`, else the
+    /// route's default for images) and what it costs there: one image, its
+    /// tokens by the image table (quality, size, partial images), the
+    /// input's text. A tool not called is given back once the answer says so.
+    pub fn responses_image_tool(
+        &self,
+        v: &Json<'_>,
+        default_model: &str,
+    ) -> Option<(String, Cost)> {
+        let tool = v
+            .get("tools")?
+            .as_array()?
+            .iter()
+            .find(|t| t.get("type").and_then(Json::as_str) == Some("image_generation"))?;
+        if v.get("tool_choice").and_then(Json::as_str) == Some("none") {
+            return None;
+        }
+        let model = tool
+            .get("model")
+            .and_then(Json::as_str)
+            .unwrap_or(default_model)
+            .to_string();
+        let s = |k: &str| tool.get(k).and_then(Json::as_str).map(str::to_string);
+        let partial_images = uint(tool, "partial_images").unwrap_or(0);
+        let params = ImageParams {
+            prompt: String::new(),
+            n: 1,
+            size: s("size"),
+            quality: s("quality"),
+            stream: partial_images > 0,
+            partial_images,
+            high_fidelity: s("input_fidelity").as_deref() == Some("high"),
+            images: Vec::new(),
+        };
+        let mut cost = Cost {
+            requests: 1,
+            tokens: 0,
+            images: 0,
+        };
+        self.image_cost(&model, &params, &mut cost);
+        cost.tokens = cost
+            .tokens
+            .saturating_add(self.strings_tokens(&model, v.get("input")));
+        Some((model, cost))
     }
 
     /// Tokens of a chat message's `content`: a string, or parts of text and images.

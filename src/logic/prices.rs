@@ -38,6 +38,15 @@ fn default_prices() -> Vec<(&'static str, PriceConfig)> {
                 ..PriceConfig::default()
             },
         ),
+        // ChatGPT's image model in the API; its list price is not published
+        // apart: taken as gpt-image-1.5's (override with [prices."chatgpt-image-*"]).
+        (
+            "chatgpt-image-*",
+            PriceConfig {
+                per_image: per_image(0.009, 0.034, 0.133),
+                ..PriceConfig::default()
+            },
+        ),
         (
             "gpt-image-1*",
             PriceConfig {

@@ -51,6 +51,9 @@ pub struct RequestContext {
     /// For image requests: what was asked, to price by the image. Boxed: a
     /// context lives as long as its request waits, and most are not images.
     pub image: Option<Box<ImageAsk>>,
+    /// A Responses request's image tool: the image model whose limits it
+    /// spends, and what it costs there.
+    pub image_tool: Option<Box<(String, Cost)>>,
     /// What the request turned out to cost, filled in as it is learned.
     pub tally: Tally,
     /// The client's headers. They travel here, shared, rather than in the

@@ -18,5 +18,7 @@ mod learn;
 mod openai_fidelity;
 mod proxy;
 mod redis;
+mod responses;
 mod retry;
+mod sdk;
 mod tls;

@@ -246,6 +246,7 @@ mod tests {
             cache_key: None,
             cache_mode: CacheMode::Normal,
             image: None,
+            image_tool: None,
             tally: Tally::default(),
             headers: Default::default(),
             received: now,

@@ -186,9 +186,19 @@ impl EdgeConfig {
         if parts.method != Method::POST || !paths.contains(parts.uri.path()) || parsed.stream() {
             return None;
         }
+        // A stored response (the Responses API's `store`, true unless set
+        // false) is an object of its owner's: its id is handed only within
+        // the tenant, even where the cache is global.
+        let stored = Route::from_path(parts.uri.path()) == Route::Responses
+            && match parsed {
+                Parsed::Json(v) => {
+                    v.get("store").and_then(crate::vocab::json::Json::as_bool) != Some(false)
+                }
+                _ => true,
+            };
         let mut h = blake3::Hasher::new();
         h.update(b"penstock-cache-v1\0");
-        h.update(if self.cache_global {
+        h.update(if self.cache_global && !stored {
             b"*"
         } else {
             owner.as_bytes()
@@ -552,6 +562,19 @@ where
     let (tenant, credential, owner) = config.identify(&parts.headers);
     let cache_key = config.cache_key(&parts, &owner, &parsed, &bytes);
     let image = estimate::image_ask(route, parsed.view());
+    let image_tool = match (&parsed, route) {
+        (Parsed::Json(v), Route::Responses) => {
+            let default = config
+                .default_models
+                .get(Route::ImagesGenerations.label())
+                .map_or("gpt-image-1", String::as_str);
+            config
+                .estimator
+                .responses_image_tool(v, default)
+                .map(Box::new)
+        }
+        _ => None,
+    };
     let ctx = RequestContext {
         route,
         stream: parsed.stream(),
@@ -564,6 +587,7 @@ where
         cache_key,
         cache_mode: CacheMode::from_headers(&parts.headers),
         image: image.map(Box::new),
+        image_tool,
         tally: Tally::default(),
         headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
         received,
