@@ -627,11 +627,6 @@ impl ToolPermit {
     }
 }
 
-/// Whether `needle` occurs in `hay`.
-fn memchr_slice(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Where a finished answer is accounted.
 struct Account {
     metrics: Arc<Metrics>,
@@ -724,11 +719,19 @@ impl HttpBody for Settle {
         // A body of known length is not polled past its last byte: settle then.
         if this.account.is_some() && (frame.is_none() || this.inner.is_end_stream()) {
             if let Some(tool) = this.tool.take() {
-                // The answer's tool usage says the image was made; without
-                // it the tool was not called, and its image is given back.
-                let made = memchr_slice(this.tail.decoded(), b"\"image_gen\"");
-                if !made {
-                    tool.settle(&Cost::default());
+                // The answer's tool usage says the image was made (more
+                // tokens than estimated are a debt, as for the call itself);
+                // without it the tool was not called: its image is given back.
+                match crate::vocab::usage::image_tool(this.tail.decoded()) {
+                    Some(used) => {
+                        let estimate = tool.estimate();
+                        let tokens = match this.refund {
+                            Refund::Unused => used.total,
+                            _ => used.total.max(estimate.tokens),
+                        };
+                        tool.settle(&Cost { tokens, ..estimate });
+                    }
+                    None => tool.settle(&Cost::default()),
                 }
             }
             let usage = this.tail.usage();

@@ -53,34 +53,48 @@ pub fn find(tail: &[u8]) -> Option<Usage> {
     let mut end = tail.len();
     while let Some(pos) = rfind(&tail[..end]) {
         end = pos;
-        let rest = &tail[pos + KEY.len()..];
-        let Some(colon) = rest.iter().position(|b| !b.is_ascii_whitespace()) else {
-            continue;
-        };
-        if rest[colon] != b':' {
-            continue;
-        }
-        let Some(u) = read(&rest[colon + 1..]) else {
-            continue;
-        };
-        let input = u.input_tokens.or(u.prompt_tokens);
-        let output = u.output_tokens.or(u.completion_tokens);
-        let total = u
-            .total_tokens
-            .or_else(|| Some(input? + output.unwrap_or(0)));
-        if let Some(total) = total {
-            return Some(Usage {
-                input: input.unwrap_or(total.saturating_sub(output.unwrap_or(0))),
-                input_images: u
-                    .input_tokens_details
-                    .and_then(|d| d.image_tokens)
-                    .unwrap_or(0),
-                output: output.unwrap_or(0),
-                total,
-            });
+        if let Some(u) = object_after(&tail[pos + KEY.len()..]) {
+            return Some(u);
         }
     }
     None
+}
+
+/// The Responses API's usage of its image tool: the last
+/// `"image_gen": {...}` object (in `tool_usage`) in `tail`, if any.
+pub fn image_tool(tail: &[u8]) -> Option<Usage> {
+    const IMAGE_GEN: &[u8] = b"\"image_gen\"";
+    let mut end = tail.len();
+    while let Some(pos) = memchr::memmem::rfind(&tail[..end], IMAGE_GEN) {
+        end = pos;
+        if let Some(u) = object_after(&tail[pos + IMAGE_GEN.len()..]) {
+            return Some(u);
+        }
+    }
+    None
+}
+
+/// The usage object after a key (`rest` starts after its closing quote).
+fn object_after(rest: &[u8]) -> Option<Usage> {
+    let colon = rest.iter().position(|b| !b.is_ascii_whitespace())?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let u = read(&rest[colon + 1..])?;
+    let input = u.input_tokens.or(u.prompt_tokens);
+    let output = u.output_tokens.or(u.completion_tokens);
+    let total = u
+        .total_tokens
+        .or_else(|| Some(input?.saturating_add(output.unwrap_or(0))))?;
+    Some(Usage {
+        input: input.unwrap_or(total.saturating_sub(output.unwrap_or(0))),
+        input_images: u
+            .input_tokens_details
+            .and_then(|d| d.image_tokens)
+            .unwrap_or(0),
+        output: output.unwrap_or(0),
+        total,
+    })
 }
 
 /// The usage object `text` starts with (after blanks); `None` when it is
@@ -267,6 +281,22 @@ fn rfind(hay: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_image_tools_usage_is_read_apart_from_the_responses() {
+        let body = br#"{"usage": {"input_tokens": 9, "output_tokens": 3, "total_tokens": 12},
+            "tool_usage": {"image_gen": {"input_tokens": 7, "output_tokens": 4160, "total_tokens": 4167}}}"#;
+        assert_eq!(find(body).map(|u| u.total), Some(12));
+        let tool = image_tool(body).unwrap();
+        assert_eq!((tool.input, tool.output, tool.total), (7, 4160, 4167));
+        assert_eq!(image_tool(br#"{"usage": {"total_tokens": 1}}"#), None);
+        assert_eq!(image_tool(br#""image_gen": null"#), None);
+        let huge = format!(
+            r#""image_gen": {{"input_tokens": {}, "output_tokens": 5}}"#,
+            u64::MAX
+        );
+        assert_eq!(image_tool(huge.as_bytes()).map(|u| u.total), Some(u64::MAX));
+    }
 
     #[test]
     fn usage_is_found_at_the_end_of_json_and_streams() {
