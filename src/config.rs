@@ -54,6 +54,9 @@ pub struct Config {
     /// Address of the admin listener (health, metrics, status); never the proxy port.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: SocketAddr,
+    /// The admin listener's access.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Where penstock keeps what must survive a restart (async jobs).
     /// Unset: `$STATE_DIRECTORY` when systemd sets it, else `penstock-data`
     /// beside the config file. Created readable by its owner alone (0700).
@@ -100,6 +103,16 @@ pub struct Config {
     /// in Redis, shared by every replica that names the same Redis and prefix.
     #[serde(default)]
     pub state: StateConfig,
+}
+
+/// `[admin]`: who may read the admin listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The environment variable holding a bearer token that the page,
+    /// `/status` and `/metrics` require (`/healthz` and `/readyz` stay open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
 }
 
 /// `[jobs]`: durable async jobs.
@@ -896,6 +909,7 @@ impl Default for Config {
         Config {
             listen: default_listen(),
             admin_listen: default_admin_listen(),
+            admin: AdminConfig::default(),
             upstream: UpstreamConfig::default(),
             server: ServerConfig::default(),
             budgets: Vec::new(),
@@ -1042,6 +1056,12 @@ impl Config {
         }
         crate::vocab::url::BaseUrl::parse(&self.upstream.base_url)
             .map_err(|m| bad("upstream.base_url", m))?;
+        if self.admin.token_env.as_ref().is_some_and(String::is_empty) {
+            return Err(bad(
+                "admin.token_env",
+                "expected the name of an environment variable".into(),
+            ));
+        }
         if self
             .upstream
             .api_key_env

@@ -29,6 +29,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Build(#[from] crate::stack::BuildError),
+    #[error("admin.token_env: environment variable {0} is not set")]
+    AdminToken(String),
 }
 
 /// A running penstock; [`Running::shutdown`] drains it.
@@ -79,6 +81,14 @@ pub async fn start(
     config: &Config,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Running, StartError> {
+    let admin_token = match &config.admin.token_env {
+        Some(var) => Some(
+            env(var)
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| StartError::AdminToken(var.clone()))?,
+        ),
+        None => None,
+    };
     let (stack, shared) = crate::stack::build::<Incoming>(config, env)?;
     if let Some(redis) = &shared.redis {
         redis.first_contact(redis.contact_time()).await;
@@ -112,7 +122,8 @@ pub async fn start(
         .expect("bound socket has an address");
 
     let budgets = shared.budgets.clone();
-    let state = Arc::new(admin::State::new(config, shared));
+    let state = Arc::new(admin::State::new(config, shared, admin_token.as_deref()));
+    state.sample_periodically();
     let (stop, stopped) = watch::channel(false);
     let grace = config.server.shutdown_grace;
 

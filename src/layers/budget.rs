@@ -240,6 +240,17 @@ impl Registry {
         breakers.insert(credential.clone(), Arc::new(tripped));
     }
 
+    /// Every open breaker: its credential and how long it stays open.
+    pub fn breakers(&self) -> Vec<(Arc<str>, Duration)> {
+        let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        breakers
+            .iter()
+            .filter(|(_, t)| t.until > now)
+            .map(|(c, t)| (c.clone(), t.until.saturating_duration_since(now)))
+            .collect()
+    }
+
     /// The open breaker of `credential`, if any.
     pub fn tripped(&self, credential: &Arc<str>) -> Option<Arc<Tripped>> {
         let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
@@ -330,8 +341,15 @@ impl Registry {
 
     /// The busiest pools (waiting, then in flight), at most `n`, for `/status`:
     /// in pass-through mode every key has pools, and a page must stay small.
-    pub fn busiest(&self, n: usize) -> Vec<PoolStatus> {
+    /// With `filter`, only pools whose name or credential contains it
+    /// (ignoring case).
+    pub fn busiest(&self, n: usize, filter: Option<&str>) -> Vec<PoolStatus> {
         let mut all = self.status();
+        if let Some(f) = filter.map(str::to_lowercase).filter(|f| !f.is_empty()) {
+            all.retain(|p| {
+                p.name.to_lowercase().contains(&f) || p.credential.to_lowercase().contains(&f)
+            });
+        }
         all.sort_by_key(|p| std::cmp::Reverse((p.queue_depth, p.in_flight)));
         all.truncate(n);
         all.sort_by(|a, b| (&a.name, &a.credential).cmp(&(&b.name, &b.credential)));

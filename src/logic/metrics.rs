@@ -139,6 +139,8 @@ pub struct Metrics {
     /// plain names in the order seen.
     series: Box<[OnceLock<Series>]>,
     pub prices: Prices,
+    /// The last minutes, for the admin page.
+    pub recent: super::recent::Recent,
 }
 
 const SLOT_NONE: usize = 0;
@@ -237,6 +239,7 @@ impl Metrics {
                 .map(|_| OnceLock::new())
                 .collect(),
             prices: Prices::new(prices),
+            recent: super::recent::Recent::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -479,6 +482,7 @@ impl Metrics {
         outcome: &'static str,
         seconds: f64,
     ) {
+        self.recent.attempt(outcome);
         let make = |&(route, outcome): &AttemptKey| {
             let attempts = self
                 .attempts
@@ -552,6 +556,21 @@ impl Metrics {
         if let Some(state) = to {
             self.jobs.get_or_create(&JobState { state }).inc();
         }
+    }
+
+    /// Jobs in each state, as the `penstock_jobs` gauge has them.
+    pub fn jobs_by_state(&self) -> BTreeMap<&'static str, i64> {
+        [
+            "queued",
+            "running",
+            "succeeded",
+            "failed",
+            "cancelled",
+            "expired",
+        ]
+        .into_iter()
+        .map(|state| (state, self.jobs.get_or_create(&JobState { state }).get()))
+        .collect()
     }
 
     /// Jobs queued and running across replicas, as the shared store counts them.

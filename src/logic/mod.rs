@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod pool;
 pub mod prices;
 pub mod queue;
+pub mod recent;
 pub mod scope;

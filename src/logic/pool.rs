@@ -243,7 +243,7 @@ struct State {
     last_booked: Option<Instant>,
     /// When the shared ledger was last told the upstream's `x-ratelimit-*`.
     last_told: Option<Instant>,
-    queue: FairQueue<(u64, Arc<str>, oneshot::Sender<Admission>)>,
+    queue: FairQueue<(u64, Arc<str>, oneshot::Sender<Admission>, Instant)>,
     /// This replica's queue head is registered in the shared fair order.
     head_shared: bool,
     /// Counts arrivals and departures of the queue: an answer of the shared
@@ -311,6 +311,8 @@ pub struct PoolStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<usize>,
     pub queue_depth: usize,
+    /// How long the longest-waiting request in the queue has waited.
+    pub longest_wait_ms: u64,
     pub in_flight: usize,
     pub paused_for_ms: u64,
     pub remaining: std::collections::BTreeMap<&'static str, DimStatus>,
@@ -569,7 +571,8 @@ impl Pool {
             let id = st.next_id;
             st.next_id += 1;
             let (tx, rx) = oneshot::channel();
-            st.queue.push(client, id, cost, (id, client.clone(), tx));
+            st.queue
+                .push(client, id, cost, (id, client.clone(), tx, Instant::now()));
             st.changes += 1;
             self.depth.fetch_add(1, Ordering::Relaxed);
             (id, rx)
@@ -638,7 +641,7 @@ impl Pool {
             if at > now {
                 return Some(at);
             }
-            let (_, _, tx) = st.queue.pop()?;
+            let (_, _, tx, _) = st.queue.pop()?;
             self.depth.fetch_sub(1, Ordering::Relaxed);
             let granted = self.admit(&mut st, now, &cost, None);
             if let Err(Ok(granted)) = tx.send(Ok(granted)) {
@@ -654,7 +657,7 @@ impl Pool {
         let Some(tripped) = st.tripped(Instant::now()) else {
             return false;
         };
-        while let Some((_, _, tx)) = st.queue.pop() {
+        while let Some((_, _, tx, _)) = st.queue.pop() {
             self.depth.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(Err(Turned::Tripped(tripped.clone())));
         }
@@ -666,7 +669,7 @@ impl Pool {
     pub fn close_queue(&self) {
         let mut st = self.lock();
         st.closed_queue = true;
-        while let Some((_, _, tx)) = st.queue.pop() {
+        while let Some((_, _, tx, _)) = st.queue.pop() {
             self.depth.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(Err(Turned::ShuttingDown));
         }
@@ -716,7 +719,7 @@ impl Pool {
                         .queue
                         .lane_heads()
                         .take(MAX_CANDIDATES)
-                        .map(|(client, cost, (id, _, _), _)| {
+                        .map(|(client, cost, (id, _, _, _), _)| {
                             (
                                 client.clone(),
                                 *id,
@@ -790,7 +793,7 @@ impl Pool {
                     let same = st
                         .queue
                         .lane_heads()
-                        .any(|(c, front_cost, (front, _, _), _)| {
+                        .any(|(c, front_cost, (front, _, _, _), _)| {
                             c == client && front == id && front_cost == cost
                         });
                     if !same || !self.has_slot(&mut st, now) {
@@ -798,7 +801,7 @@ impl Pool {
                         self.cancel_booking(booked);
                         continue;
                     }
-                    let Some((_, _, tx)) = st.queue.pop_lane(client) else {
+                    let Some((_, _, tx, _)) = st.queue.pop_lane(client) else {
                         continue;
                     };
                     self.depth.fetch_sub(1, Ordering::Relaxed);
@@ -984,6 +987,12 @@ impl Pool {
                 .map(|l| humantime::format_rfc3339_seconds(l.changed()).to_string()),
             max_in_flight: st.max_in_flight,
             queue_depth: st.queue.len(),
+            longest_wait_ms: st
+                .queue
+                .lane_heads()
+                .map(|(_, _, (_, _, _, since), _)| now.saturating_duration_since(*since))
+                .max()
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             in_flight: st.in_flight,
             paused_for_ms: st
                 .ledger

@@ -64,6 +64,14 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy)]
 pub struct Personal;
 
+/// Marks a response that renders a refusal of penstock's own, with its code
+/// and message, so the edge can list it among the recent refusals.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub code: &'static str,
+    pub message: std::sync::Arc<str>,
+}
+
 /// Any [`Problem`], as the stack's services return it.
 pub struct ProxyError(Box<dyn Problem>);
 

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod admin;
 mod budget;
 mod cache;
 mod cli;

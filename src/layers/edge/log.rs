@@ -56,6 +56,13 @@ impl Line {
             self.status,
             text(&self.cache).unwrap_or(""),
         );
+        let tally = ctx.map(|c| c.tally.get()).unwrap_or_default();
+        self.metrics.recent.answered(
+            text(&self.cache).unwrap_or(""),
+            tally.queued,
+            tally.cost_usd,
+            tally.saved_usd,
+        );
         if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
             return;
         }

@@ -451,6 +451,22 @@ where
                 };
                 slot.get_or_insert_with(|| value.clone());
             }
+            if let Some(refused) = resp.extensions().get::<crate::vocab::error::Refused>() {
+                let ctx = ctx.as_deref();
+                config
+                    .metrics
+                    .recent
+                    .refused(crate::logic::recent::Refusal {
+                        at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                            .to_string(),
+                        status: resp.status().as_u16(),
+                        code: refused.code,
+                        message: refused.message.to_string(),
+                        route: route.label(),
+                        model: ctx.and_then(|c| c.model.clone()),
+                        client: ctx.map(|c| c.tenant.0.to_string()),
+                    });
+            }
             let line = Line {
                 upstream_request_id,
                 queue_ms,

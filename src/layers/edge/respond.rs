@@ -9,7 +9,7 @@ use http::{HeaderValue, Response, header};
 use serde_json::json;
 
 use crate::vocab::body::{Body, full};
-use crate::vocab::error::{Personal, ProxyError};
+use crate::vocab::error::{Personal, ProxyError, Refused};
 use crate::vocab::headers::name;
 
 /// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
@@ -36,12 +36,18 @@ fn kind(error: &ProxyError) -> &'static str {
 /// (a shared call's answer).
 pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     let problem = error.problem();
-    if let Some(answer) = problem.answer() {
-        return answer;
+    if let Some((mut parts, body)) = problem.answer() {
+        // The upstream's own answer, repeated (a spent quota's breaker).
+        parts.extensions.insert(Refused {
+            code: problem.code(),
+            message: error.to_string().into(),
+        });
+        return (parts, body);
     }
     let status = problem.status();
+    let message = error.to_string();
     let body = json!({"error": {
-        "message": error.to_string(),
+        "message": message,
         "type": kind(&error),
         "param": problem.param(),
         "code": problem.code(),
@@ -51,6 +57,10 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     if problem.is_personal() {
         resp.extensions_mut().insert(Personal);
     }
+    resp.extensions_mut().insert(Refused {
+        code: problem.code(),
+        message: message.into(),
+    });
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
