@@ -10,6 +10,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use penstock::config::BudgetConfig;
 use serde_json::json;
 
@@ -366,4 +367,41 @@ async fn status_lists_the_pools_asked_for_busiest_first() {
     assert!(!all["recent"]["history"].as_array().unwrap().is_empty());
     assert_eq!(all["recent"]["refusals"], json!([]));
     assert_eq!(all["breakers"], json!([]));
+}
+
+#[tokio::test]
+async fn a_thousand_pools_are_drawn() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let h = start(Behaviour::default()).await;
+    // Pass-through: every key has its own learned pool.
+    let (url, client) = (h.url.clone(), http());
+    futures_util::stream::iter(0..1000)
+        .for_each_concurrent(50, |i| {
+            let (url, client) = (url.clone(), client.clone());
+            async move {
+                let resp = client
+                    .post(format!("{url}/v1/embeddings"))
+                    .header("authorization", format!("Bearer sk-many-{i}"))
+                    .json(&json!({"model": "text-embedding-3-small", "input": "x"}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+            }
+        })
+        .await;
+    assert_eq!(h.status().await["pools_total"], 1000);
+    let profile = tempfile::tempdir().unwrap();
+    let out = headless(browser, profile.path())
+        .arg("--dump-dom")
+        .arg(format!("{}/", h.admin))
+        .output()
+        .await
+        .expect("chromium runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(dom.contains(r#"data-script-errors="0""#));
+    assert_eq!(dom.matches("data-pool=").count(), 1000);
+    assert!(dom.contains("1000 shown of 1,000"), "{dom}");
 }
