@@ -105,6 +105,11 @@ pub struct Config {
     pub state: StateConfig,
 }
 
+/// What a reload applies while serving (SIGHUP, or the file changed): the
+/// budgets, the client caps and the queue's limits. Every other key takes
+/// effect at the next start.
+pub const LIVE_KEYS: &[&str] = &["budget", "client", "queue.max_wait", "queue.max_depth"];
+
 /// `[admin]`: who may read the admin listener.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1474,6 +1479,44 @@ impl Config {
 
     /// The effective config as TOML, for `penstock check`. It holds no secret: keys
     /// are only ever named (`api_key_env`), and credentials in the URL are redacted.
+    /// A short hash of the effective config, secrets redacted: replicas with
+    /// equal configs show equal hashes.
+    pub fn hash(&self) -> String {
+        blake3::hash(self.to_redacted_toml().as_bytes()).to_hex()[..12].to_string()
+    }
+
+    /// The keys whose values differ in `other`: `section.key` (or a
+    /// top-level key), and arrays of tables by their name (`budget`).
+    pub fn changed_keys(&self, other: &Config) -> Vec<String> {
+        let value = |c: &Config| toml::Value::try_from(c).ok();
+        let (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) =
+            (value(self), value(other))
+        else {
+            return vec!["(the whole file)".to_string()];
+        };
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut changed = Vec::new();
+        for key in keys {
+            match (a.get(key), b.get(key)) {
+                (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                    let mut inner: Vec<&String> = x.keys().chain(y.keys()).collect();
+                    inner.sort();
+                    inner.dedup();
+                    for k in inner {
+                        if x.get(k) != y.get(k) {
+                            changed.push(format!("{key}.{k}"));
+                        }
+                    }
+                }
+                (x, y) if x != y => changed.push(key.clone()),
+                _ => {}
+            }
+        }
+        changed
+    }
+
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
         copy.upstream.base_url = crate::vocab::url::BaseUrl::redact(&copy.upstream.base_url);

@@ -9,9 +9,9 @@
 //!    queue, pool) and metrics;
 //! 5. [`layers`]: the services of the stack (edge, coalesce, client caps,
 //!    retry, budget, upstream);
-//! 6. wiring: [`stack`], [`admin`], [`server`], [`logsink`] and `main`.
+//! 6. wiring: [`stack`], [`admin`], [`reload`], [`server`], [`logsink`] and `main`.
 //!
-//! `tests/floors.rs` fails when an import goes the other way.
+//! `tests/all/floors.rs` fails when an import goes the other way.
 #![forbid(unsafe_code)]
 
 pub mod vocab;
@@ -26,6 +26,7 @@ pub mod layers;
 
 pub mod admin;
 pub mod logsink;
+pub mod reload;
 pub mod server;
 pub mod stack;
 

@@ -111,12 +111,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, cli.config))
         }
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, path: PathBuf) -> ExitCode {
     let running = match penstock::start(&config, |k| std::env::var(k).ok()).await {
         Ok(r) => r,
         Err(e) => {
@@ -124,11 +124,92 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shutdown_signal().await;
+    // Reloads: on SIGHUP, and when the file changes.
+    let (reload, mut reloads) = tokio::sync::mpsc::channel::<()>(8);
+    hangups(reload.clone());
+    let _watcher = watch(&path, reload);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = reloads.recv() => {
+                // An editor's save is several events: one reload for them all.
+                tokio::time::sleep(RELOAD_DEBOUNCE).await;
+                while reloads.try_recv().is_ok() {}
+                running.reload_file(&path);
+            }
+        }
+    }
     tracing::info!(grace = %humantime::format_duration(config.server.shutdown_grace), "shutting down: finishing in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Changes to the config file closer together than this are one reload.
+const RELOAD_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Each SIGHUP asks for a reload.
+fn hangups(reload: tokio::sync::mpsc::Sender<()>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the config");
+                        let _ = reload.try_send(());
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: reload by editing the file")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reload;
+}
+
+/// Watches the config file's directory (editors replace files rather than
+/// write them in place) and asks for a reload when the file changes.
+fn watch(
+    path: &std::path::Path,
+    reload: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let path = std::path::absolute(path).ok()?;
+    let dir = path.parent()?.to_path_buf();
+    let name = path.file_name()?.to_os_string();
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else {
+            return;
+        };
+        if event.kind.is_access() {
+            return;
+        }
+        if event
+            .paths
+            .iter()
+            .any(|p| p.file_name() == Some(name.as_os_str()))
+        {
+            let _ = reload.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file: reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the config file: reload with SIGHUP");
+        return None;
+    }
+    Some(watcher)
 }
 
 async fn shutdown_signal() {

@@ -45,9 +45,21 @@ pub struct Running {
     drained: watch::Sender<bool>,
     budgets: Arc<crate::layers::budget::Registry>,
     grace: Duration,
+    reloader: crate::reload::Reloader,
 }
 
 impl Running {
+    /// Loads the config file again and applies what can change live
+    /// ([`crate::reload`]); a bad file changes nothing.
+    pub fn reload_file(&self, path: &std::path::Path) -> crate::reload::Outcome {
+        self.reloader.reload_file(path)
+    }
+
+    /// Applies a validated config ([`crate::reload`]).
+    pub fn reload(&self, config: Config) -> crate::reload::Outcome {
+        self.reloader.apply(config)
+    }
+
     /// Stops accepting and waits for in-flight requests (up to the grace
     /// period). Requests waiting for budget keep their turn meanwhile; those
     /// still waiting shortly before the grace ends could not go in time and
@@ -124,6 +136,7 @@ pub async fn start(
     let budgets = shared.budgets.clone();
     let state = Arc::new(admin::State::new(config, shared, admin_token.as_deref()));
     state.sample_periodically();
+    let reloader = crate::reload::Reloader::new(config, state.clone());
     let (stop, stopped) = watch::channel(false);
     let grace = config.server.shutdown_grace;
 
@@ -217,6 +230,7 @@ pub async fn start(
         drained,
         budgets,
         grace,
+        reloader,
     })
 }
 

@@ -37,6 +37,8 @@ pub struct Shared {
     pub redis: Option<Arc<crate::state::Redis>>,
     /// Async jobs, when enabled.
     pub jobs: Option<Arc<jobs::Jobs>>,
+    /// The per-client caps, which a reload replaces.
+    pub clients: client_limit::Layer,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -68,7 +70,9 @@ where
     let redis = match config.state.backend {
         crate::config::Backend::Memory => None,
         crate::config::Backend::Redis => {
-            Some(crate::state::Redis::start(&config.state).map_err(BuildError::Redis)?)
+            let redis = crate::state::Redis::start(&config.state).map_err(BuildError::Redis)?;
+            redis.set_config_hash(&config.hash());
+            Some(redis)
         }
     };
     let budgets = Arc::new(budget::Registry::new(config, redis.clone()));
@@ -108,6 +112,7 @@ where
         redis.clone(),
     );
     let cache_handle = cache.handle();
+    let clients = client_limit::Layer::new(&config.clients);
     let stack = ServiceBuilder::new()
         // Edge: body limit and one buffered copy, the parsed context with its cost
         // estimate, errors turned into OpenAI-shaped responses, and the log line;
@@ -121,7 +126,7 @@ where
         .layer(cache)
         // Per-client caps: after the cache (a hit uses no quota), before retries
         // (a request counts once).
-        .layer(client_limit::Layer::new(&config.clients))
+        .layer(clients.clone())
         // Retries of transient failures, above admission so that every attempt
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry, metrics.clone()))
@@ -142,6 +147,7 @@ where
             buffered,
             redis,
             jobs,
+            clients,
         },
     ))
 }

@@ -4,8 +4,8 @@
 //! everything but `/healthz` and `/readyz` wants that bearer token.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -21,13 +21,49 @@ pub struct State {
     pub ready: AtomicBool,
     started: Instant,
     shared: Shared,
-    summary: serde_json::Value,
+    /// The config in effect, without secrets (a reload changes it).
+    summary: Mutex<serde_json::Value>,
+    /// How the last reload went, if there was one.
+    reload: Mutex<Option<serde_json::Value>>,
     /// The bearer token asked for, hashed (compared in constant time).
     token: Option<blake3::Hash>,
 }
 
 /// The page: HTML, style and script in one file, built into the binary.
 const PAGE: &str = include_str!("page.html");
+
+/// What `/status` shows of a config: no secrets, and its hash, to compare
+/// replicas' configs.
+fn summary(config: &Config) -> serde_json::Value {
+    json!({
+        "hash": config.hash(),
+        "listen": config.listen.to_string(),
+        "upstream": crate::vocab::url::BaseUrl::redact(&config.upstream.base_url),
+        "sidecar": config.upstream.api_key_env.is_some(),
+        "budgets": config.budgets.iter().map(|b| json!({
+            "name": b.display_name(),
+            "models": b.models,
+            "rpm": b.rpm, "tpm": b.tpm, "ipm": b.ipm,
+            "burst_ms": b.burst.as_millis() as u64,
+            "max_in_flight": b.max_in_flight,
+        })).collect::<Vec<_>>(),
+        "clients": config.clients.iter().map(|c| json!({
+            "id": c.id, "rpm": c.rpm, "burst": c.burst,
+        })).collect::<Vec<_>>(),
+        "queue": {
+            "max_wait_ms": config.queue.max_wait.as_millis() as u64,
+            "max_depth": config.queue.max_depth,
+        },
+        "cache": {
+            "enabled": config.cache.enabled,
+            "ttl_secs": config.cache.ttl.as_secs(),
+            "max_size": config.cache.max_size.as_u64(),
+            "max_entry_size": config.cache.max_entry_size.as_u64(),
+            "scope": config.cache.scope,
+            "paths": config.cache.paths,
+        },
+    })
+}
 
 impl State {
     /// `token`: the bearer token `admin.token_env` names, read at start.
@@ -37,31 +73,27 @@ impl State {
             token: token.map(|t| blake3::hash(t.as_bytes())),
             started: Instant::now(),
             shared,
-            summary: json!({
-                "listen": config.listen.to_string(),
-                "upstream": crate::vocab::url::BaseUrl::redact(&config.upstream.base_url),
-                "sidecar": config.upstream.api_key_env.is_some(),
-                "budgets": config.budgets.iter().map(|b| json!({
-                    "name": b.display_name(),
-                    "models": b.models,
-                    "rpm": b.rpm, "tpm": b.tpm, "ipm": b.ipm,
-                    "burst_ms": b.burst.as_millis() as u64,
-                    "max_in_flight": b.max_in_flight,
-                })).collect::<Vec<_>>(),
-                "queue": {
-                    "max_wait_ms": config.queue.max_wait.as_millis() as u64,
-                    "max_depth": config.queue.max_depth,
-                },
-                "cache": {
-                    "enabled": config.cache.enabled,
-                    "ttl_secs": config.cache.ttl.as_secs(),
-                    "max_size": config.cache.max_size.as_u64(),
-                    "max_entry_size": config.cache.max_entry_size.as_u64(),
-                    "scope": config.cache.scope,
-                    "paths": config.cache.paths,
-                },
-            }),
+            summary: Mutex::new(summary(config)),
+            reload: Mutex::new(None),
         }
+    }
+
+    /// What the stack shares with the admin endpoints.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// A reload: the config now in effect (none: it failed, nothing
+    /// changed), and how it went.
+    pub fn reloaded(&self, config: Option<&Config>, outcome: serde_json::Value) {
+        let mut shown = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(config) = config {
+            *shown = summary(config);
+            // The file's hash, to compare with other replicas' files.
+            shown["hash"] = outcome["hash"].clone();
+        }
+        drop(shown);
+        *self.reload.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
     }
 
     /// Samples the totals the page charts every `SAMPLE_EVERY`, until the
@@ -87,7 +119,8 @@ impl State {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.started.elapsed().as_secs(),
             "ready": self.ready.load(Ordering::Acquire),
-            "config": self.summary,
+            "config": *self.summary.lock().unwrap_or_else(|e| e.into_inner()),
+            "reload": *self.reload.lock().unwrap_or_else(|e| e.into_inner()),
             "pools": self.shared.budgets.busiest(query.limit, query.filter.as_deref()),
             "pools_total": self.shared.budgets.len(),
             "breakers": self.shared.budgets.breakers().into_iter().map(|(credential, open)| json!({

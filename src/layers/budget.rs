@@ -6,7 +6,9 @@
 
 use foldhash::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,11 +69,13 @@ type PoolKey = (usize, Arc<str>);
 
 /// All pools: one per (budget, upstream credential), made on first use.
 pub struct Registry {
-    specs: Vec<Spec>,
+    /// The budgets, swapped whole by a reload (under the pools' lock).
+    specs: ArcSwap<Vec<Spec>>,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     depth: Arc<AtomicUsize>,
-    max_depth: usize,
-    max_wait: Duration,
+    max_depth: AtomicUsize,
+    /// `queue.max_wait`, in microseconds.
+    max_wait: AtomicU64,
     quota_cooldown: Duration,
     refund: Refund,
     probe_grace: Duration,
@@ -86,30 +90,38 @@ pub struct Registry {
     breakers: Mutex<HashMap<Arc<str>, Arc<Tripped>>>,
 }
 
+/// The budgets of a config, in its order.
+fn specs_of(config: &Config) -> Vec<Spec> {
+    config
+        .budgets
+        .iter()
+        .map(|b| Spec {
+            name: b.display_name().into(),
+            globs: b.models.iter().map(|g| WildMatch::new(g)).collect(),
+            limits: Limits {
+                per_minute: [b.rpm, b.tpm, b.ipm],
+                burst: b.burst,
+                margin: b.safety_margin,
+                safety: 1.0,
+            },
+            max_in_flight: b.max_in_flight,
+            shared: b.shared,
+        })
+        .collect()
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Registry {
     pub fn new(config: &Config, redis: Option<Arc<Redis>>) -> Registry {
-        let specs = config
-            .budgets
-            .iter()
-            .map(|b| Spec {
-                name: b.display_name().into(),
-                globs: b.models.iter().map(|g| WildMatch::new(g)).collect(),
-                limits: Limits {
-                    per_minute: [b.rpm, b.tpm, b.ipm],
-                    burst: b.burst,
-                    margin: b.safety_margin,
-                    safety: 1.0,
-                },
-                max_in_flight: b.max_in_flight,
-                shared: b.shared,
-            })
-            .collect();
         Registry {
-            specs,
+            specs: ArcSwap::from_pointee(specs_of(config)),
             pools: Mutex::new(HashMap::default()),
             depth: Arc::new(AtomicUsize::new(0)),
-            max_depth: config.queue.max_depth,
-            max_wait: config.queue.max_wait,
+            max_depth: AtomicUsize::new(config.queue.max_depth),
+            max_wait: AtomicU64::new(micros(config.queue.max_wait)),
             quota_cooldown: config.retry.quota_cooldown,
             refund: config.estimate.refund,
             probe_grace: config.queue.probe_grace,
@@ -118,6 +130,64 @@ impl Registry {
             heard: Mutex::new(foldhash::HashSet::default()),
             breakers: Mutex::new(HashMap::default()),
         }
+    }
+
+    /// How long a request may wait for budget (`queue.max_wait`).
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_micros(self.max_wait.load(Ordering::Relaxed))
+    }
+
+    /// A reloaded config's budgets and queue, for requests from now on. A
+    /// budget still there by name (and as shared or not as before) keeps its
+    /// pools, their ledgers, queues and calls in flight, with the new limits
+    /// in place; a new budget starts empty; a removed budget's waiters look
+    /// again for the pool that covers their model now. Learned pools keep
+    /// what they learned. Returns the names of the budgets removed.
+    pub fn reconfigure(&self, config: &Config) -> Vec<Arc<str>> {
+        let new = specs_of(config);
+        let max_depth = config.queue.max_depth;
+        let mut retired = Vec::new();
+        let kept: Vec<Arc<Pool>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let old = self.specs.load_full();
+            let mut next = HashMap::default();
+            for ((idx, credential), pool) in pools.drain() {
+                if idx == LEARNED {
+                    next.insert((idx, credential), pool);
+                    continue;
+                }
+                let was = &old[idx];
+                match new
+                    .iter()
+                    .position(|s| s.name == was.name && s.shared == was.shared)
+                {
+                    Some(j) => {
+                        pool.reconfigure(new[j].limits, new[j].max_in_flight);
+                        next.insert((j, credential), pool);
+                    }
+                    None => retired.push(pool),
+                }
+            }
+            *pools = next;
+            // Swapped under the pools' lock: a request finds its pool with
+            // the specs its key was made from.
+            self.specs.store(Arc::new(new));
+            self.max_depth.store(max_depth, Ordering::Relaxed);
+            self.max_wait
+                .store(micros(config.queue.max_wait), Ordering::Relaxed);
+            pools.values().cloned().collect()
+        };
+        for pool in kept {
+            pool.set_max_depth(max_depth);
+        }
+        let mut removed: Vec<Arc<str>> = Vec::new();
+        for pool in retired {
+            if !removed.contains(&pool.name) {
+                removed.push(pool.name.clone());
+            }
+            pool.retire();
+        }
+        removed
     }
 
     fn remote(&self, name: &str, credential: &str) -> Option<Remote> {
@@ -131,22 +201,22 @@ impl Registry {
     /// The pool that pays for `model` with `credential`: its configured
     /// budget's, else one that learns the upstream's limits for that model.
     pub fn pool(&self, model: &str, credential: &Arc<str>) -> Option<Arc<Pool>> {
-        let idx = self
-            .specs
-            .iter()
-            .position(|s| s.globs.iter().any(|g| g.matches(model)));
         // Idle pools are swept by [`Registry::evict_periodically`], not here:
         // a request takes this lock and nothing else.
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let specs = self.specs.load();
+        let idx = specs
+            .iter()
+            .position(|s| s.globs.iter().any(|g| g.matches(model)));
         let Some(idx) = idx else {
             return self.learned_pool(&mut pools, model, credential);
         };
-        let credential = match self.specs[idx].shared {
+        let credential = match specs[idx].shared {
             true => SHARED.into(),
             false => credential.clone(),
         };
         let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
-            let spec = &self.specs[idx];
+            let spec = &specs[idx];
             Pool::start(
                 spec.name.clone(),
                 credential.clone(),
@@ -158,7 +228,7 @@ impl Registry {
                     remote: self.remote(&spec.name, &credential),
                 },
                 self.depth.clone(),
-                self.max_depth,
+                self.max_depth.load(Ordering::Relaxed),
             )
         });
         Some(pool.clone())
@@ -225,7 +295,7 @@ impl Registry {
                 remote: self.remote(&name, credential),
             },
             self.depth.clone(),
-            self.max_depth,
+            self.max_depth.load(Ordering::Relaxed),
         );
         pools.insert(key, pool.clone());
         Some(pool)
@@ -447,7 +517,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .pool(c.model.as_deref()?, &c.credential)
                 .map(|p| (p, c.clone()))
         });
-        let max_wait = self.registry.max_wait;
+        let max_wait = self.registry.max_wait();
         let quota_cooldown = self.registry.quota_cooldown;
         let refund = self.registry.refund;
         let account = Account {
@@ -479,7 +549,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 }
                 _ => None,
             };
-            let Some((pool, ctx)) = pool else {
+            let Some((mut pool, ctx)) = pool else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
                 let tool = ToolPermit::after(tool, &resp);
                 if let Some(ctx) = &account.ctx {
@@ -520,10 +590,31 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             if shared_pool && let Some(t) = registry.tripped(&ctx.credential) {
                 return Err(Refusal::CircuitOpen(t).into());
             }
-            let permit = pool
-                .acquire(&ctx.tenant.0, ctx.cost, max_wait)
-                .await
-                .map_err(ProxyError::from)?;
+            let began = tokio::time::Instant::now();
+            let mut moved = false;
+            let mut permit = loop {
+                let left = max_wait.saturating_sub(began.elapsed());
+                match pool.acquire(&ctx.tenant.0, ctx.cost, left).await {
+                    // A reload removed its budget while it waited: it waits on
+                    // (within the same limit) for the pool covering its model now.
+                    Err(Refusal::Moved { pool: gone }) => {
+                        let model = ctx.model.as_deref().unwrap_or_default();
+                        match registry.pool(model, &ctx.credential) {
+                            Some(next) if !Arc::ptr_eq(&next, &pool) => {
+                                pool = next;
+                                moved = true;
+                            }
+                            _ => return Err(Refusal::Moved { pool: gone }.into()),
+                        }
+                    }
+                    other => break other.map_err(ProxyError::from)?,
+                }
+            };
+            if moved {
+                // Its wait in all, in both pools.
+                permit.queued = began.elapsed();
+            }
+            let shared_pool = pool.credential.as_ref() == SHARED;
             // Its credential's money ran out while it waited: it is not sent,
             // and charged nothing.
             if shared_pool && let Some(t) = registry.tripped(&ctx.credential) {

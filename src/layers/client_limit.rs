@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures_util::future::{Either, Ready, ready};
 use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -20,13 +21,28 @@ use crate::vocab::body::Body;
 use crate::vocab::context::Payload;
 use crate::vocab::error::{Problem, ProxyError};
 
+/// Each capped client's cap: its requests per minute and burst, and its
+/// limiter (kept across a reload that leaves the cap as it was).
+type Caps = HashMap<String, (u32, u32, Arc<DefaultDirectRateLimiter>)>;
+
 #[derive(Clone)]
 pub struct Layer {
-    limits: Arc<HashMap<String, (u32, DefaultDirectRateLimiter)>>,
+    limits: Arc<ArcSwap<Caps>>,
 }
 
 impl Layer {
     pub fn new(clients: &[ClientConfig]) -> Layer {
+        let layer = Layer {
+            limits: Arc::new(ArcSwap::from_pointee(HashMap::new())),
+        };
+        layer.reload(clients);
+        layer
+    }
+
+    /// New caps for requests from now on: a client whose cap is unchanged
+    /// keeps what it has spent of it; a changed or new cap starts full.
+    pub fn reload(&self, clients: &[ClientConfig]) {
+        let old = self.limits.load();
         let limits = clients
             .iter()
             .filter_map(|c| {
@@ -34,19 +50,24 @@ impl Layer {
                 // By default a second's share at once, like the budgets.
                 let burst = c.burst.unwrap_or_else(|| c.rpm.div_ceil(60));
                 let burst = NonZeroU32::new(u32::try_from(burst).ok()?)?;
-                let quota = Quota::per_minute(rpm).allow_burst(burst);
                 // Tenants are named as the edge names them.
                 let id = if c.id.starts_with("key:") || c.id == "anonymous" {
                     c.id.clone()
                 } else {
                     format!("client:{}", c.id)
                 };
-                Some((id, (rpm.get(), RateLimiter::direct(quota))))
+                let limiter = match old.get(&id) {
+                    Some((r, b, limiter)) if *r == rpm.get() && *b == burst.get() => {
+                        limiter.clone()
+                    }
+                    _ => Arc::new(RateLimiter::direct(
+                        Quota::per_minute(rpm).allow_burst(burst),
+                    )),
+                };
+                Some((id, (rpm.get(), burst.get(), limiter)))
             })
             .collect();
-        Layer {
-            limits: Arc::new(limits),
-        }
+        self.limits.store(Arc::new(limits));
     }
 }
 
@@ -63,7 +84,7 @@ impl<S> tower::Layer<S> for Layer {
 #[derive(Clone)]
 pub struct ClientLimit<S> {
     inner: S,
-    limits: Arc<HashMap<String, (u32, DefaultDirectRateLimiter)>>,
+    limits: Arc<ArcSwap<Caps>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +128,9 @@ where
 
     fn call(&mut self, req: Request<Payload>) -> Self::Future {
         let tenant = req.body().ctx.as_ref().map(|c| c.tenant.0.clone());
-        let limited = tenant.and_then(|t| Some((self.limits.get(t.as_ref())?, t)));
-        if let Some(((rpm, limiter), tenant)) = limited
+        let limits = self.limits.load();
+        let limited = tenant.and_then(|t| Some((limits.get(t.as_ref())?, t)));
+        if let Some(((rpm, _, limiter), tenant)) = limited
             && let Err(not_until) = limiter.check()
         {
             return Either::Right(ready(Err(ProxyError::from(OverLimit {

@@ -174,6 +174,23 @@ impl Ledger {
         }
     }
 
+    /// New limits (a reloaded config): what was admitted stays counted, in
+    /// the burst window as the new one is long (a longer window counts again
+    /// what its start now holds), so a lowered limit never admits what the new
+    /// one would not.
+    pub fn reconfigure(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.burst_from = 0;
+        self.used_burst = [0; 3];
+        for e in &self.entries {
+            for d in 0..3 {
+                self.used_burst[d] = self.used_burst[d].saturating_add(e.cost[d]);
+            }
+        }
+        self.derive();
+        self.expire(Instant::now());
+    }
+
     /// New per-minute limits (learned from the upstream); what was admitted
     /// stays counted.
     pub fn set_limits(&mut self, per_minute: [Option<u64>; 3]) {

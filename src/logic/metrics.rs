@@ -99,6 +99,11 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadResult {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: &'static str,
 }
@@ -133,6 +138,7 @@ pub struct Metrics {
     jobs: Family<JobState, Gauge>,
     job_seconds: Histogram,
     webhooks: Family<Outcome, Counter>,
+    reloads: Family<ReloadResult, Counter>,
     /// Plain model names seen, by their slot in `series`.
     models: Mutex<HashMap<Arc<str>, usize>>,
     /// Each model label's series, resolved once: "none", "other", then the
@@ -234,6 +240,7 @@ impl Metrics {
             jobs: Family::default(),
             job_seconds: Histogram::new(JOB_BUCKETS),
             webhooks: Family::default(),
+            reloads: Family::default(),
             models: Mutex::new(HashMap::default()),
             series: (0..FIRST_NAMED + MAX_MODELS)
                 .map(|_| OnceLock::new())
@@ -277,6 +284,11 @@ impl Metrics {
             "penstock_webhook_deliveries",
             "Webhook delivery attempts by outcome",
             m.webhooks.clone(),
+        );
+        r.register(
+            "penstock_config_reload",
+            "Config reloads (SIGHUP or the file changed) by result",
+            m.reloads.clone(),
         );
         r.register(
             "penstock_state_degraded",
@@ -593,6 +605,11 @@ impl Metrics {
     /// `gave_up`.
     pub fn webhook(&self, outcome: &'static str) {
         self.webhooks.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// A config reload: `"ok"`, or `"error"` (nothing changed).
+    pub fn reloaded(&self, result: &'static str) {
+        self.reloads.get_or_create(&ReloadResult { result }).inc();
     }
 
     pub fn saved(&self, reason: &'static str, usd: f64) {

@@ -62,6 +62,10 @@ pub enum Refusal {
         "penstock is shutting down and budget {pool:?} could not take this request before it stops; send it again (to another replica)"
     )]
     ShuttingDown { pool: Arc<str> },
+    /// A reload removed the budget while the request waited, and no pool
+    /// covers its model now (the budget layer looks again first).
+    #[error("budget {pool:?} was removed by a reload; send the request again")]
+    Moved { pool: Arc<str> },
     /// The shared ledger (Redis) has not been reached since start and no
     /// `state.replicas` says how many replicas share the limits: spending on
     /// a guess could overrun them.
@@ -121,7 +125,9 @@ impl Refusal {
             }
             Refusal::WaitTooLong { wait, max_wait, .. } => wait.saturating_sub(*max_wait),
             Refusal::TooLarge { .. } => Duration::ZERO,
-            Refusal::ShuttingDown { .. } | Refusal::StateUnknown { .. } => SHUTDOWN_RETRY,
+            Refusal::ShuttingDown { .. } | Refusal::StateUnknown { .. } | Refusal::Moved { .. } => {
+                SHUTDOWN_RETRY
+            }
         }
     }
 
@@ -134,6 +140,7 @@ impl Refusal {
             Refusal::TooLarge { .. } => "penstock_request_too_large",
             Refusal::ShuttingDown { .. } => "penstock_shutting_down",
             Refusal::StateUnknown { .. } => "penstock_state_unavailable",
+            Refusal::Moved { .. } => "penstock_budget_removed",
         }
     }
 }
@@ -144,7 +151,7 @@ impl Problem for Refusal {
             // Waiting cannot help: the caller must ask for less.
             Refusal::TooLarge { .. } => http::StatusCode::BAD_REQUEST,
             // Not the budget's fault: this replica is going away.
-            Refusal::ShuttingDown { .. } | Refusal::StateUnknown { .. } => {
+            Refusal::ShuttingDown { .. } | Refusal::StateUnknown { .. } | Refusal::Moved { .. } => {
                 http::StatusCode::SERVICE_UNAVAILABLE
             }
             _ => http::StatusCode::TOO_MANY_REQUESTS,
@@ -200,6 +207,9 @@ struct Granted {
 enum Turned {
     Tripped(Arc<Tripped>),
     ShuttingDown,
+    /// A reload removed the pool's budget: the request looks again for the
+    /// pool that covers its model now.
+    Moved,
 }
 
 /// What a queued request is sent when its wait ends.
@@ -254,6 +264,8 @@ struct State {
     tripped: Option<Arc<Tripped>>,
     /// Shutting down: nothing more is admitted, the queue is answered.
     closed_queue: bool,
+    /// A reload removed its budget: whoever comes is sent to look again.
+    retired: bool,
     /// After an upstream rate limit: one call at a time probes whether capacity
     /// is back, so the end of a pause is not a stampede.
     recovering: bool,
@@ -291,7 +303,7 @@ pub struct Pool {
     closed: std::sync::atomic::AtomicBool,
     /// Requests waiting across all pools, against `max_depth`.
     depth: Arc<AtomicUsize>,
-    max_depth: usize,
+    max_depth: AtomicUsize,
     /// The shared ledger, with the Redis backend.
     remote: Option<Remote>,
     /// Its waits for budget, as metrics record them: found on first use.
@@ -377,6 +389,7 @@ impl Pool {
                 next_id: 0,
                 tripped: None,
                 closed_queue: false,
+                retired: false,
                 recovering: false,
                 probe_out: None,
                 pauses: 0,
@@ -386,7 +399,7 @@ impl Pool {
             wake: Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
             depth,
-            max_depth,
+            max_depth: AtomicUsize::new(max_depth),
             remote,
             queue_wait: std::sync::OnceLock::new(),
         });
@@ -522,6 +535,11 @@ impl Pool {
                     pool: self.name.clone(),
                 });
             }
+            if st.retired {
+                return Err(Refusal::Moved {
+                    pool: self.name.clone(),
+                });
+            }
             // Redis away and never reached: this replica's share of a limit
             // is unknown (a pool with no limit has nothing to share).
             if let Some(remote) = &self.remote
@@ -551,7 +569,7 @@ impl Pool {
                 return Ok(self.permit(&granted, cost, Duration::ZERO));
             }
             let depth = self.depth.load(Ordering::Relaxed);
-            if depth >= self.max_depth {
+            if depth >= self.max_depth.load(Ordering::Relaxed) {
                 let total = st.queue.total();
                 return Err(Refusal::QueueFull {
                     depth,
@@ -591,6 +609,9 @@ impl Pool {
                 Err(match turned {
                     Turned::Tripped(tripped) => Refusal::CircuitOpen(tripped),
                     Turned::ShuttingDown => Refusal::ShuttingDown {
+                        pool: self.name.clone(),
+                    },
+                    Turned::Moved => Refusal::Moved {
                         pool: self.name.clone(),
                     },
                 })
@@ -963,6 +984,43 @@ impl Pool {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake.notify_one();
+    }
+
+    /// A reloaded `queue.max_depth`, for requests arriving from now on.
+    pub fn set_max_depth(&self, max_depth: usize) {
+        self.max_depth.store(max_depth, Ordering::Relaxed);
+    }
+
+    /// A reloaded config changed its budget: its limits and its cap on calls
+    /// at once, from now on, in place (what it admitted stays counted, what
+    /// waits keeps its place). A learned pool keeps what it learned.
+    pub fn reconfigure(&self, limits: Limits, max_in_flight: Option<usize>) {
+        if self.learns {
+            return;
+        }
+        let mut st = self.lock();
+        st.full = limits;
+        st.ledger.reconfigure(limits);
+        let caps = st.full.burst_caps();
+        st.queue.set_caps(caps);
+        st.max_in_flight = max_in_flight;
+        st.remote_retry = None;
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// A reloaded config removed its budget: everyone waiting is sent, in
+    /// the order they waited, to the pool that covers their model now; calls
+    /// in flight end here. Its admission task ends.
+    pub fn retire(&self) {
+        let mut st = self.lock();
+        st.retired = true;
+        while let Some((_, _, tx, _)) = st.queue.pop() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(Err(Turned::Moved));
+        }
+        drop(st);
+        self.close();
     }
 
     pub fn queue_depth(&self) -> usize {

@@ -159,6 +159,10 @@ pub struct Redis {
     /// The replicas last seen alive (0: never seen), for the fallback share.
     seen_replicas: AtomicU32,
     live: Mutex<Vec<String>>,
+    /// This replica's config hash, told with each heartbeat.
+    config_hash: Mutex<String>,
+    /// Each live replica's config hash, as the last heartbeat saw them.
+    config_hashes: Mutex<std::collections::BTreeMap<String, String>>,
     /// The URL without its password, for logs and `/status`.
     shown_url: String,
 }
@@ -171,6 +175,9 @@ pub struct Status {
     pub healthy: bool,
     pub replica: String,
     pub live_replicas: Vec<String>,
+    /// Each live replica's config hash: a mismatch shows replicas whose
+    /// files differ.
+    pub config_hashes: std::collections::BTreeMap<String, String>,
     /// While Redis is unavailable each limit is divided by this (absent:
     /// unknown, and nothing budgeted is admitted until Redis answers).
     pub fallback_share: Option<u32>,
@@ -182,7 +189,16 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+-- Each live replica's config hash; departed replicas' are dropped.
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
+local alive = {}
+for _, r in ipairs(live) do alive[r] = true end
+for _, r in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if not alive[r] then redis.call('HDEL', KEYS[2], r) end
+end
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 2)
+return {live, redis.call('HMGET', KEYS[2], unpack(live))}
 "#;
 
 /// Hashed once: a heartbeat runs every `state.heartbeat`.
@@ -215,6 +231,8 @@ impl Redis {
             rejoined: Mutex::new(None),
             seen_replicas: AtomicU32::new(0),
             live: Mutex::new(Vec::new()),
+            config_hash: Mutex::new(String::new()),
+            config_hashes: Mutex::new(std::collections::BTreeMap::new()),
             shown_url: match (config.sentinels.first(), config.cluster_nodes.first()) {
                 (Some(_), _) => format!(
                     "sentinel {} at {}",
@@ -299,10 +317,23 @@ impl Redis {
         let window = (self.heartbeat * 3).as_millis() as u64;
         let script = &*HEARTBEAT_SCRIPT;
         let mut inv = script.key(format!("{}replicas", self.base));
-        inv.arg(&self.replica).arg(window);
-        let call = inv.invoke_async::<Vec<String>>(&mut conn);
+        // Hashed to the same cluster slot as the replicas' key.
+        inv.key(format!("{{{}replicas}}:config", self.base));
+        let hash = self
+            .config_hash
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        inv.arg(&self.replica).arg(window).arg(hash);
+        let call = inv.invoke_async::<(Vec<String>, Vec<Option<String>>)>(&mut conn);
         match tokio::time::timeout(self.command_timeout, call).await {
-            Ok(Ok(live)) => {
+            Ok(Ok((live, hashes))) => {
+                *self.config_hashes.lock().unwrap_or_else(|e| e.into_inner()) = live
+                    .iter()
+                    .cloned()
+                    .zip(hashes)
+                    .filter_map(|(r, h)| Some((r, h?)))
+                    .collect();
                 // Follows replicas that leave as well as those that join
                 // (a replica drops out three heartbeats after its last).
                 self.seen_replicas
@@ -481,6 +512,11 @@ impl Redis {
         }
     }
 
+    /// This replica's config hash, told to the others with each heartbeat.
+    pub fn set_config_hash(&self, hash: &str) {
+        *self.config_hash.lock().unwrap_or_else(|e| e.into_inner()) = hash.to_string();
+    }
+
     pub fn status(&self) -> Status {
         Status {
             backend: "redis",
@@ -488,6 +524,11 @@ impl Redis {
             healthy: self.healthy(),
             replica: self.replica.clone(),
             live_replicas: self.live.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            config_hashes: self
+                .config_hashes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             fallback_share: self.fallback_share(),
         }
     }

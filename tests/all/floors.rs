@@ -14,7 +14,7 @@ const FLOORS: [&[&str]; 6] = [
     &["state"],
     &["logic"],
     &["layers"],
-    &["stack", "admin", "server", "logsink", "crate"],
+    &["stack", "admin", "reload", "server", "logsink", "crate"],
 ];
 
 fn floor(module: &str) -> usize {

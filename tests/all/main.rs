@@ -19,6 +19,7 @@ mod learn;
 mod openai_fidelity;
 mod proxy;
 mod redis;
+mod reload;
 mod responses;
 mod retry;
 mod sdk;

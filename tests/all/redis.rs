@@ -1088,3 +1088,51 @@ async fn the_primary_killed_under_load_is_followed_to_the_promoted_replica() {
         .unwrap();
     assert!(!keys.is_empty(), "the ledger lives on the promoted primary");
 }
+
+/// Each replica reloads its own file: `/status` shows every live replica's
+/// config hash, so one whose file differs is visible from any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_each_replicas_config_hash() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let fake = Fake::start(Behaviour::default()).await;
+    let config = shared_config(&fake.url(), &redis.url());
+    let reps = replicas(2, &config).await;
+    let hashes = |s: &serde_json::Value| -> Vec<String> {
+        s["state"]["config_hashes"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    for _ in 0..400 {
+        seen = hashes(&reps[0].status().await);
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(seen, [config.hash(), config.hash()]);
+
+    let mut changed = config.clone();
+    changed.budgets[0].rpm = Some(1200);
+    let outcome = reps[1]._running.reload(changed.clone());
+    assert_eq!(outcome.hash, changed.hash());
+    for _ in 0..400 {
+        let mut seen = hashes(&reps[0].status().await);
+        seen.sort();
+        let mut want = vec![config.hash(), changed.hash()];
+        want.sort();
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "the other replica's hash never showed: {}",
+        reps[0].status().await
+    );
+}

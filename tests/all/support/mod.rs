@@ -201,6 +201,14 @@ pub fn ten_per_second() -> Behaviour {
 /// process and its proxy URL once it listens. Its log is read on, so it
 /// never blocks on a full pipe.
 pub async fn spawn_penstock(config: &std::path::Path) -> (tokio::process::Child, String) {
+    let (child, url, _) = spawn_penstock_admin(config).await;
+    (child, url)
+}
+
+/// [`spawn_penstock`], with the admin listener's URL too.
+pub async fn spawn_penstock_admin(
+    config: &std::path::Path,
+) -> (tokio::process::Child, String, String) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_penstock"))
         .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
@@ -209,15 +217,18 @@ pub async fn spawn_penstock(config: &std::path::Path) -> (tokio::process::Child,
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
+    let (url, admin) = loop {
         let line = lines.next_line().await.unwrap().expect("penstock runs");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         if v["message"] == "penstock listening" {
-            break format!("http://{}", v["addr"].as_str().unwrap());
+            break (
+                format!("http://{}", v["addr"].as_str().unwrap()),
+                format!("http://{}", v["admin_addr"].as_str().unwrap()),
+            );
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
+    (child, url, admin)
 }
 
 /// Writes `penstock.toml` in `dir`: both listeners on ephemeral ports, the
