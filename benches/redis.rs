@@ -108,6 +108,7 @@ fn main() {
                 client: "c",
                 weight: 1,
                 cost,
+                batch: false,
             }];
             let mut times = Vec::new();
             for _ in 0..2_000 {

@@ -108,7 +108,13 @@ pub struct Config {
 /// What a reload applies while serving (SIGHUP, or the file changed): the
 /// budgets, the client caps and the queue's limits. Every other key takes
 /// effect at the next start.
-pub const LIVE_KEYS: &[&str] = &["budget", "client", "queue.max_wait", "queue.max_depth"];
+pub const LIVE_KEYS: &[&str] = &[
+    "budget",
+    "client",
+    "queue.max_wait",
+    "queue.max_depth",
+    "queue.batch_min_share",
+];
 
 /// `[admin]`: who may read the admin listener.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -321,11 +327,43 @@ pub struct ClientConfig {
     /// The client: its id header value in sidecar mode, or the `key:...` id that
     /// `/status` shows for an API key.
     pub id: String,
-    /// Requests per minute.
-    pub rpm: u64,
+    /// Requests per minute (none: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
     /// Requests allowed at once; by default a second's share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u64>,
+    /// Its class when waiting for budget: `"interactive"` (the default) or
+    /// `"batch"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<crate::vocab::cost::Priority>,
+    /// Whether its requests may choose their class with `x-penstock-priority`.
+    #[serde(default = "default_true")]
+    pub priority_header: bool,
+}
+
+impl ClientConfig {
+    /// The tenant this entry names, as the edge names tenants: a `key:...`
+    /// id as it is, a sidecar's client id as `client:<id>`.
+    pub fn tenant(&self) -> String {
+        if self.id.starts_with("key:") || self.id == "anonymous" {
+            self.id.clone()
+        } else {
+            format!("client:{}", self.id)
+        }
+    }
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            id: String::new(),
+            rpm: None,
+            burst: None,
+            priority: None,
+            priority_header: true,
+        }
+    }
 }
 
 /// Identical requests cost one upstream call: while one is in flight the others
@@ -611,6 +649,14 @@ pub struct QueueConfig {
     /// 429 comes back at once; an image takes 15-60 s) and the rest follow.
     #[serde(default = "default_probe_grace", with = "humantime_serde")]
     pub probe_grace: Duration,
+    /// While interactive and batch requests both wait for a pool, batch
+    /// keeps this share of its turns (0 to 1).
+    #[serde(default = "default_batch_min_share")]
+    pub batch_min_share: f64,
+}
+
+fn default_batch_min_share() -> f64 {
+    crate::vocab::cost::DEFAULT_BATCH_SHARE
 }
 
 fn default_probe_grace() -> Duration {
@@ -871,6 +917,7 @@ impl Default for QueueConfig {
             max_wait: default_max_wait(),
             max_depth: default_max_depth(),
             probe_grace: default_probe_grace(),
+            batch_min_share: default_batch_min_share(),
         }
     }
 }
@@ -1367,7 +1414,7 @@ impl Config {
                     "expected a client id".into(),
                 ));
             }
-            if c.rpm == 0 || c.rpm > u32::MAX as u64 {
+            if c.rpm.is_some_and(|r| r == 0 || r > u32::MAX as u64) {
                 return Err(bad(
                     &format!("client[{i}].rpm"),
                     "expected a number from 1 to 4294967295".into(),
@@ -1379,6 +1426,12 @@ impl Config {
                     "expected a number from 1 to 4294967295".into(),
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.queue.batch_min_share) {
+            return Err(bad(
+                "queue.batch_min_share",
+                "expected a share from 0 to 1".into(),
+            ));
         }
         let mut projects = std::collections::HashSet::new();
         for (i, p) in self.projects.iter().enumerate() {
@@ -1647,7 +1700,7 @@ max_attempts = 2
         )
         .unwrap();
         c.validate("x.toml").unwrap();
-        assert_eq!(c.clients[0].rpm, 60);
+        assert_eq!(c.clients[0].rpm, Some(60));
         assert_eq!(c.prices["gpt-image-2*"].per_image["high"], 0.16);
         assert_eq!(c.cache.scope, CacheScope::Global);
         assert_eq!(c.retry.max_attempts, 2);

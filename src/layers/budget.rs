@@ -31,7 +31,7 @@ use crate::logic::scope::OwnOrgs;
 use crate::state::Redis;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
-use crate::vocab::cost::Cost;
+use crate::vocab::cost::{Cost, Priority};
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::{RateLimitHeaders, name, number};
 use crate::vocab::usage::Usage;
@@ -76,6 +76,10 @@ pub struct Registry {
     max_depth: AtomicUsize,
     /// `queue.max_wait`, in microseconds.
     max_wait: AtomicU64,
+    /// Each `[[client]]`'s class and whether its requests may choose theirs.
+    priorities: ArcSwap<HashMap<String, (Option<Priority>, bool)>>,
+    /// `queue.batch_min_share`, as the bits of an `f64`.
+    batch_min_share: AtomicU64,
     quota_cooldown: Duration,
     refund: Refund,
     probe_grace: Duration,
@@ -110,6 +114,15 @@ fn specs_of(config: &Config) -> Vec<Spec> {
         .collect()
 }
 
+/// Each `[[client]]`'s class and whether its requests may choose theirs.
+fn priorities_of(config: &Config) -> HashMap<String, (Option<Priority>, bool)> {
+    config
+        .clients
+        .iter()
+        .map(|c| (c.tenant(), (c.priority, c.priority_header)))
+        .collect()
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -122,6 +135,8 @@ impl Registry {
             depth: Arc::new(AtomicUsize::new(0)),
             max_depth: AtomicUsize::new(config.queue.max_depth),
             max_wait: AtomicU64::new(micros(config.queue.max_wait)),
+            priorities: ArcSwap::from_pointee(priorities_of(config)),
+            batch_min_share: AtomicU64::new(config.queue.batch_min_share.to_bits()),
             quota_cooldown: config.retry.quota_cooldown,
             refund: config.estimate.refund,
             probe_grace: config.queue.probe_grace,
@@ -130,6 +145,26 @@ impl Registry {
             heard: Mutex::new(foldhash::HashSet::default()),
             breakers: Mutex::new(HashMap::default()),
         }
+    }
+
+    /// A request's class: what its `x-penstock-priority` asks, unless its
+    /// `[[client]]` forbids choosing; else its `[[client]]`'s; else batch
+    /// for an async job and interactive for the rest.
+    pub fn class_of(&self, tenant: &str, asked: Option<&http::HeaderValue>, job: bool) -> Priority {
+        let priorities = self.priorities.load();
+        let (configured, may_choose) = priorities.get(tenant).copied().unwrap_or((None, true));
+        let asked = asked
+            .filter(|_| may_choose)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Priority::parse);
+        asked.or(configured).unwrap_or(match job {
+            true => Priority::Batch,
+            false => Priority::Interactive,
+        })
+    }
+
+    fn batch_min_share(&self) -> f64 {
+        f64::from_bits(self.batch_min_share.load(Ordering::Relaxed))
     }
 
     /// How long a request may wait for budget (`queue.max_wait`).
@@ -175,10 +210,14 @@ impl Registry {
             self.max_depth.store(max_depth, Ordering::Relaxed);
             self.max_wait
                 .store(micros(config.queue.max_wait), Ordering::Relaxed);
+            self.priorities.store(Arc::new(priorities_of(config)));
+            self.batch_min_share
+                .store(config.queue.batch_min_share.to_bits(), Ordering::Relaxed);
             pools.values().cloned().collect()
         };
         for pool in kept {
             pool.set_max_depth(max_depth);
+            pool.set_batch_min_share(config.queue.batch_min_share);
         }
         let mut removed: Vec<Arc<str>> = Vec::new();
         for pool in retired {
@@ -217,7 +256,7 @@ impl Registry {
         };
         let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
             let spec = &specs[idx];
-            Pool::start(
+            let pool = Pool::start(
                 spec.name.clone(),
                 credential.clone(),
                 Settings {
@@ -229,7 +268,9 @@ impl Registry {
                 },
                 self.depth.clone(),
                 self.max_depth.load(Ordering::Relaxed),
-            )
+            );
+            pool.set_batch_min_share(self.batch_min_share());
+            pool
         });
         Some(pool.clone())
     }
@@ -297,6 +338,7 @@ impl Registry {
             self.depth.clone(),
             self.max_depth.load(Ordering::Relaxed),
         );
+        pool.set_batch_min_share(self.batch_min_share());
         pools.insert(key, pool.clone());
         Some(pool)
     }
@@ -531,6 +573,14 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
         });
         let registry = self.registry.clone();
         let own_orgs = self.own_orgs.clone();
+        // Async jobs wait as batch unless they say otherwise.
+        let class = ctx.as_ref().map_or(Priority::Interactive, |c| {
+            registry.class_of(
+                &c.tenant.0,
+                c.headers.get(name::PRIORITY),
+                req.body().gate.is_some(),
+            )
+        });
         Box::pin(async move {
             let tool = match (tool, &account.ctx) {
                 (Some((tool_pool, cost)), Some(ctx)) => {
@@ -539,7 +589,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                         .saturating_duration_since(tokio::time::Instant::now());
                     let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
                     let permit = tool_pool
-                        .acquire(&ctx.tenant.0, cost, max_wait)
+                        .acquire_as(&ctx.tenant.0, class, cost, max_wait)
                         .await
                         .map_err(ProxyError::from)?;
                     Some(ToolPermit {
@@ -594,7 +644,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             let mut moved = false;
             let mut permit = loop {
                 let left = max_wait.saturating_sub(began.elapsed());
-                match pool.acquire(&ctx.tenant.0, ctx.cost, left).await {
+                match pool.acquire_as(&ctx.tenant.0, class, ctx.cost, left).await {
                     // A reload removed its budget while it waited: it waits on
                     // (within the same limit) for the pool covering its model now.
                     Err(Refusal::Moved { pool: gone }) => {

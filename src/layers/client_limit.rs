@@ -46,16 +46,11 @@ impl Layer {
         let limits = clients
             .iter()
             .filter_map(|c| {
-                let rpm = NonZeroU32::new(u32::try_from(c.rpm).ok()?)?;
+                let rpm = NonZeroU32::new(u32::try_from(c.rpm?).ok()?)?;
                 // By default a second's share at once, like the budgets.
-                let burst = c.burst.unwrap_or_else(|| c.rpm.div_ceil(60));
+                let burst = c.burst.unwrap_or_else(|| u64::from(rpm.get()).div_ceil(60));
                 let burst = NonZeroU32::new(u32::try_from(burst).ok()?)?;
-                // Tenants are named as the edge names them.
-                let id = if c.id.starts_with("key:") || c.id == "anonymous" {
-                    c.id.clone()
-                } else {
-                    format!("client:{}", c.id)
-                };
+                let id = c.tenant();
                 let limiter = match old.get(&id) {
                     Some((r, b, limiter)) if *r == rpm.get() && *b == burst.get() => {
                         limiter.clone()

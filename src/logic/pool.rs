@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use super::learn::{Learner, Source};
 use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
-use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis};
-use crate::vocab::cost::Cost;
+use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis, STALE_HEAD};
+use crate::vocab::cost::{Cost, Priority};
 use crate::vocab::error::Problem;
 use crate::vocab::headers::{RateLimitHeaders, name};
 
@@ -323,6 +323,8 @@ pub struct PoolStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<usize>,
     pub queue_depth: usize,
+    /// Of them, batch requests.
+    pub queue_batch: usize,
     /// How long the longest-waiting request in the queue has waited.
     pub longest_wait_ms: u64,
     pub in_flight: usize,
@@ -524,6 +526,28 @@ impl Pool {
         cost: Cost,
         max_wait: Duration,
     ) -> Result<Permit, Refusal> {
+        self.acquire_as(client, Priority::Interactive, cost, max_wait)
+            .await
+    }
+
+    /// [`Pool::acquire`] for a request of `class`: interactive waiters go
+    /// first, batch keeps its minimum share.
+    pub async fn acquire_as(
+        self: &Arc<Self>,
+        client: &Arc<str>,
+        class: Priority,
+        cost: Cost,
+        max_wait: Duration,
+    ) -> Result<Permit, Refusal> {
+        // A client's batch requests wait in a lane of their own.
+        let lane: Arc<str>;
+        let client = match class {
+            Priority::Interactive => client,
+            Priority::Batch => {
+                lane = format!("batch:{client}").into();
+                &lane
+            }
+        };
         let start = Instant::now();
         let (id, rx) = {
             let mut st = self.lock();
@@ -576,7 +600,7 @@ impl Pool {
                     retry_after: st.ledger.time_to_serve(start, &total),
                 });
             }
-            let mut ahead = st.queue.ahead_of_new(client, &cost);
+            let mut ahead = st.queue.ahead_of_new_as(client, class, &cost);
             ahead.add(&cost);
             let wait = st.ledger.time_to_serve(start, &ahead);
             if wait > max_wait {
@@ -589,8 +613,13 @@ impl Pool {
             let id = st.next_id;
             st.next_id += 1;
             let (tx, rx) = oneshot::channel();
-            st.queue
-                .push(client, id, cost, (id, client.clone(), tx, Instant::now()));
+            st.queue.push_as(
+                client,
+                class,
+                id,
+                cost,
+                (id, client.clone(), tx, Instant::now()),
+            );
             st.changes += 1;
             self.depth.fetch_add(1, Ordering::Relaxed);
             (id, rx)
@@ -736,16 +765,25 @@ impl Pool {
                     return Some(at);
                 } else {
                     let caps = super::ledger::burst_caps(&st.full);
-                    let heads: Vec<(Arc<str>, u64, Cost, u64)> = st
+                    // Across replicas a batch head goes after every
+                    // interactive one, unless it is owed its share here or
+                    // has waited as long as its share allows (another
+                    // replica's steady interactive traffic must not starve it).
+                    let patience = match st.queue.batch_every() {
+                        0 => Duration::MAX,
+                        n => st.full.burst.saturating_mul(n),
+                    };
+                    let heads: Vec<(Arc<str>, u64, Cost, u64, bool)> = st
                         .queue
                         .lane_heads()
                         .take(MAX_CANDIDATES)
-                        .map(|(client, cost, (id, _, _, _), _)| {
+                        .map(|(client, cost, (id, _, _, since), _, urgent)| {
                             (
                                 client.clone(),
                                 *id,
                                 *cost,
                                 super::queue::weight(cost, &caps),
+                                urgent || now.saturating_duration_since(*since) >= patience,
                             )
                         })
                         .collect();
@@ -766,10 +804,11 @@ impl Pool {
             };
             let candidates: Vec<Candidate<'_>> = heads
                 .iter()
-                .map(|(client, _, cost, weight)| Candidate {
+                .map(|(client, _, cost, weight, urgent)| Candidate {
                     client,
                     weight: *weight,
                     cost: *cost,
+                    batch: !urgent,
                 })
                 .collect();
             let booking = remote
@@ -781,7 +820,12 @@ impl Pool {
                 // Redis went away: the local share takes over at once.
                 Err(_) => return Some(now),
                 Ok((Booking::Wait(wait), _)) => {
-                    let at = now + wait.saturating_sub(HORIZON).max(Duration::from_millis(1));
+                    // Asked again before the head registered goes stale, so
+                    // other replicas keep deferring to it while it waits.
+                    let at = now
+                        + wait
+                            .saturating_sub(HORIZON)
+                            .clamp(Duration::from_millis(1), STALE_HEAD / 2);
                     self.lock().remote_retry = Some((at, changes));
                     return Some(at);
                 }
@@ -806,17 +850,17 @@ impl Pool {
                     pick,
                 )) => {
                     let booked = Booked { id: booked, at };
-                    let (client, id, cost, _) = &heads[pick];
+                    let (client, id, cost, _, _) = &heads[pick];
                     let mut st = self.lock();
                     st.head_shared = false;
                     st.remote_retry = None;
                     // The lane may have changed while Redis answered.
-                    let same = st
-                        .queue
-                        .lane_heads()
-                        .any(|(c, front_cost, (front, _, _, _), _)| {
-                            c == client && front == id && front_cost == cost
-                        });
+                    let same =
+                        st.queue
+                            .lane_heads()
+                            .any(|(c, front_cost, (front, _, _, _), _, _)| {
+                                c == client && front == id && front_cost == cost
+                            });
                     if !same || !self.has_slot(&mut st, now) {
                         drop(st);
                         self.cancel_booking(booked);
@@ -986,6 +1030,11 @@ impl Pool {
         self.wake.notify_one();
     }
 
+    /// Batch's share of turns while interactive requests wait too.
+    pub fn set_batch_min_share(&self, share: f64) {
+        self.lock().queue.set_batch_min_share(share);
+    }
+
     /// A reloaded `queue.max_depth`, for requests arriving from now on.
     pub fn set_max_depth(&self, max_depth: usize) {
         self.max_depth.store(max_depth, Ordering::Relaxed);
@@ -1045,10 +1094,11 @@ impl Pool {
                 .map(|l| humantime::format_rfc3339_seconds(l.changed()).to_string()),
             max_in_flight: st.max_in_flight,
             queue_depth: st.queue.len(),
+            queue_batch: st.queue.len_of(Priority::Batch),
             longest_wait_ms: st
                 .queue
                 .lane_heads()
-                .map(|(_, _, (_, _, _, since), _)| now.saturating_duration_since(*since))
+                .map(|(_, _, (_, _, _, since), _, _)| now.saturating_duration_since(*since))
                 .max()
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             in_flight: st.in_flight,
@@ -1290,6 +1340,110 @@ mod tests {
         tokens: 0,
         images: 0,
     };
+
+    /// Batch clients flood a pool of ten a second while an interactive
+    /// client sends one request a second: each interactive request waits at
+    /// most one burst window, and batch still gets its share meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn interactive_waits_at_most_a_window_behind_a_batch_flood() {
+        let p = pool(600, 10_000);
+        let start = Instant::now();
+        let interactive: Arc<str> = "i".into();
+        // A hundred batch clients: fairness alone would put the interactive
+        // client behind a turn of each.
+        let flood: Vec<_> = (0..300)
+            .map(|i| {
+                let (p, batch): (_, Arc<str>) = (p.clone(), format!("b{}", i % 100).into());
+                tokio::spawn(async move {
+                    let permit = p
+                        .acquire_as(&batch, Priority::Batch, ONE, Duration::from_secs(120))
+                        .await
+                        .unwrap();
+                    let at = Instant::now() - start;
+                    drop(permit);
+                    at
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut waits = Vec::new();
+        for _ in 0..20 {
+            let asked = Instant::now();
+            let permit = p
+                .acquire_as(
+                    &interactive,
+                    Priority::Interactive,
+                    ONE,
+                    Duration::from_secs(120),
+                )
+                .await
+                .unwrap();
+            waits.push(Instant::now() - asked);
+            drop(permit);
+            tokio::time::sleep_until(asked + Duration::from_secs(1)).await;
+        }
+        let mut batch_times = Vec::new();
+        for t in flood {
+            batch_times.push(t.await.unwrap());
+        }
+        waits.sort();
+        assert!(waits[18] <= Duration::from_secs(1), "p95 {:?}", waits[18]);
+        assert!(waits[19] <= Duration::from_secs(1), "max {:?}", waits[19]);
+        // Batch kept going: in the 20 s the interactive client was there,
+        // it got the rest of each second's ten.
+        let served = batch_times
+            .iter()
+            .filter(|t| **t <= Duration::from_secs(20))
+            .count();
+        assert!(served >= 20 * 10 - 20 - 10, "batch served {served}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batch_keeps_its_share_when_interactive_never_stops() {
+        let p = pool(600, 10_000);
+        let start = Instant::now();
+        let spawn = |client: &str, class: Priority, n: usize| {
+            let client: Arc<str> = client.into();
+            (0..n)
+                .map(|_| {
+                    let (p, client) = (p.clone(), client.clone());
+                    tokio::spawn(async move {
+                        let permit = p
+                            .acquire_as(&client, class, ONE, Duration::from_secs(600))
+                            .await
+                            .unwrap();
+                        let at = Instant::now() - start;
+                        drop(permit);
+                        at
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let interactive = spawn("i", Priority::Interactive, 1000);
+        tokio::task::yield_now().await;
+        let batch = spawn("b", Priority::Batch, 100);
+        let mut b = Vec::new();
+        for t in batch {
+            b.push(t.await.unwrap());
+        }
+        for t in interactive {
+            t.await.unwrap();
+        }
+        // Ten a second in all, one in ten of them batch while both wait:
+        // the hundredth batch request went within about 100 s, long before
+        // the thousand interactive ones were done.
+        b.sort();
+        assert!(
+            b[99] <= Duration::from_secs(101),
+            "last batch at {:?}",
+            b[99]
+        );
+        assert!(
+            b[9] >= Duration::from_secs(5),
+            "batch did not jump the queue: {:?}",
+            b[9]
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn fifty_requests_at_ten_per_second_all_get_through_in_four_seconds() {

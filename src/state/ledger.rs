@@ -22,7 +22,7 @@ const MAX_NUMBER: u64 = 1 << 40;
 
 /// A queue head not heard from for this long no longer holds others back: a
 /// deferred head asks again much sooner, a replica gone never does.
-const STALE_HEAD: Duration = Duration::from_millis(500);
+pub const STALE_HEAD: Duration = Duration::from_millis(500);
 
 /// The most queued requests a replica proposes in one admission.
 pub const MAX_CANDIDATES: usize = 16;
@@ -40,6 +40,9 @@ pub struct Candidate<'a> {
     pub client: &'a str,
     pub weight: u64,
     pub cost: Cost,
+    /// A batch request not owed its share: it goes after every replica's
+    /// interactive (or owed) heads.
+    pub batch: bool,
 }
 
 /// What the shared ledger said to a request for admission.
@@ -79,14 +82,17 @@ end
 /// per-minute limits x3 (-1: none), burst ms, margin ms, horizon ms (force:
 /// the charge's age), replica, stale ms, the number of candidates, the
 /// safety fraction, burst caps x3, bucket depths x3, then per candidate:
-/// client, weight, cost x3.
+/// client, weight, cost x3, batch (1: goes after interactive heads).
 ///
 /// Fairness across replicas: each client has a virtual finish time here, as
 /// in a replica's own fair queue (start-fair queueing weighted by cost), and
 /// the sequence number of its last admission. A replica proposes the first
 /// requests of its queue's lanes; the one whose client finishes first (on a
 /// tie: was served longest ago) is the replica's head. A head defers to
-/// another replica's live head that goes before it in that order.
+/// another replica's live head that goes before it in that order. Batch
+/// candidates (not owed their share) go after every interactive one: their
+/// place in the order is offset by `BATCH_OFFSET`, their clients' finish
+/// times are not.
 ///
 /// Per dimension, as the in-process ledger: sliding burst and minute windows
 /// (sorted sets of entries, running sums in the state hash), and a bucket
@@ -104,24 +110,27 @@ local C0 = 17
 local vclock = tonumber(redis.call('HGET', KEYS[1], 'vclock')) or 0
 -- The candidate whose client finishes first; on a tie, the client served
 -- longest ago.
-local pick, start, finish, seq = 1, 0, 0, 0
+local BATCH_OFFSET = 1e15
+local pick, start, finish, seq, place = 1, 0, 0, 0, 0
 for i = 1, n do
-  local b = C0 + (i - 1) * 5
+  local b = C0 + (i - 1) * 6
   local c = ARGV[b + 1]
   local cf = tonumber(redis.call('HGET', KEYS[8], 'f:' .. c)) or 0
   local cs = tonumber(redis.call('HGET', KEYS[8], 's:' .. c)) or 0
   local s = math.max(vclock, cf)
   local f = s + tonumber(ARGV[b + 2])
-  if i == 1 or f < finish or (f == finish and cs < seq) then
-    pick, start, finish, seq = i, s, f, cs
+  local p = f
+  if ARGV[b + 6] == '1' then p = f + BATCH_OFFSET end
+  if i == 1 or p < place or (p == place and cs < seq) then
+    pick, start, finish, seq, place = i, s, f, cs, p
   end
 end
-local pb = C0 + (pick - 1) * 5
+local pb = C0 + (pick - 1) * 6
 local client = ARGV[pb + 1]
 local cost = {tonumber(ARGV[pb + 3]), tonumber(ARGV[pb + 4]), tonumber(ARGV[pb + 5])}
 -- Registers this replica's head, so that others defer to it while it waits.
 local function register()
-  redis.call('ZADD', KEYS[6], finish, replica)
+  redis.call('ZADD', KEYS[6], place, replica)
   redis.call('ZADD', KEYS[7], now, replica)
   redis.call('HSET', KEYS[8], 'h:' .. replica, seq, 'c:' .. replica, client)
   keep_all()
@@ -136,14 +145,14 @@ if not force and redis.call('ZCARD', KEYS[6]) > 0 then
   -- Another replica's head goes first if its client finishes earlier, or as
   -- early and was served longer ago (the same client's heads do not wait on
   -- each other).
-  local ahead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', finish, 'WITHSCORES')
+  local ahead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', place, 'WITHSCORES')
   for i = 1, #ahead, 2 do
     local r = ahead[i]
     if r ~= replica then
       local rf = tonumber(ahead[i + 1])
       local rc = redis.call('HGET', KEYS[8], 'c:' .. r)
       local rs = tonumber(redis.call('HGET', KEYS[8], 'h:' .. r)) or 0
-      if rf < finish or (rc ~= client and (rs < seq or (rs == seq and r < replica))) then
+      if rf < place or (rc ~= client and (rs < seq or (rs == seq and r < replica))) then
         register()
         return {-3, 0, pick}
       end
@@ -431,6 +440,7 @@ impl Redis {
                 client: "",
                 weight: 0,
                 cost: *cost,
+                batch: false,
             };
             self.run_book(pool, "force", &[alone], limits, ms(*age))
                 .await?;
@@ -477,7 +487,8 @@ impl Redis {
                 .arg(number(c.weight))
                 .arg(cost[0])
                 .arg(cost[1])
-                .arg(cost[2]);
+                .arg(cost[2])
+                .arg(if c.batch { "1" } else { "0" });
         }
         self.timed(inv.invoke_async(&mut conn)).await
     }

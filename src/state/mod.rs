@@ -20,5 +20,5 @@ mod store;
 
 pub use client::{Redis, Status, Unavailable};
 pub use jobs::{Change, Claimed, JobCounts, StoredJob, Submitted};
-pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey};
+pub use ledger::{Booking, Candidate, MAX_CANDIDATES, PoolKey, STALE_HEAD};
 pub use store::{Answer, Kind, Lease};

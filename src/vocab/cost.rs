@@ -124,3 +124,36 @@ pub fn check_image_tables(tables: &BTreeMap<String, ImageTable>) -> Result<(), (
     }
     Ok(())
 }
+
+/// Batch's share of turns when `queue.batch_min_share` is not set.
+pub const DEFAULT_BATCH_SHARE: f64 = 0.1;
+
+/// Who goes first when a pool is short: interactive waiters, then batch
+/// (which keeps a minimum share so it never starves).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Batch => "batch",
+        }
+    }
+
+    /// `x-penstock-priority`'s value, if it names a class.
+    pub fn parse(text: &str) -> Option<Priority> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "interactive" => Some(Priority::Interactive),
+            "batch" => Some(Priority::Batch),
+            _ => None,
+        }
+    }
+}

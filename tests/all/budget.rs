@@ -442,8 +442,9 @@ async fn a_client_over_its_own_cap_is_refused_at_once_and_others_are_not() {
             c.upstream.api_key_env = Some("KEY".into());
             c.clients = vec![penstock::config::ClientConfig {
                 id: "batch".into(),
-                rpm: 60,
+                rpm: Some(60),
                 burst: Some(2),
+                ..Default::default()
             }];
         },
         |_| Some("sk-sidecar".into()),
@@ -643,8 +644,9 @@ async fn a_client_cannot_step_out_of_its_cap_or_pool_by_naming_an_organization()
             c.budgets = vec![budget(&["gpt-image-*"], Some(60), None, None)];
             c.clients = vec![penstock::config::ClientConfig {
                 id: id.clone(),
-                rpm: 2,
+                rpm: Some(2),
                 burst: Some(2),
+                ..Default::default()
             }];
         },
         |_| None,

@@ -910,8 +910,9 @@ async fn a_job_over_its_clients_cap_goes_back_to_the_queue() {
     c.upstream.api_key_env = Some("KEY".into());
     c.clients = vec![penstock::config::ClientConfig {
         id: "batch".into(),
-        rpm: 60,
+        rpm: Some(60),
         burst: Some(1),
+        ..Default::default()
     }];
     c.validate("test").unwrap();
     let running = penstock::start(&c, |_| Some("sk-sidecar".into()))

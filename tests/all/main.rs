@@ -17,6 +17,7 @@ mod jobs;
 mod laws;
 mod learn;
 mod openai_fidelity;
+mod priority;
 mod proxy;
 mod redis;
 mod reload;

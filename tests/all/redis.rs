@@ -439,6 +439,7 @@ async fn shared_bookings_never_exceed_a_limit_in_any_window() {
                     client: &client,
                     weight: 1 + cost.tokens,
                     cost,
+                    batch: false,
                 }];
                 let (booking, _) = shared
                     .book(&key, &candidates, &limits, Duration::from_millis(20))
@@ -560,6 +561,7 @@ async fn a_pools_keys_are_kept_alive_together_by_every_script() {
         client: "c",
         weight: 1,
         cost: one_call(),
+        batch: false,
     }];
     let limits = limits_600();
     let book = || shared.book(&key, &candidates, &limits, Duration::from_millis(200));
@@ -614,6 +616,7 @@ async fn sums_without_their_entries_do_not_stall_the_pool() {
         client: "c",
         weight: 1,
         cost: one_call(),
+        batch: false,
     }];
     let limits = penstock::logic::ledger::Limits {
         per_minute: [Some(60), None, None],
@@ -1135,4 +1138,91 @@ async fn status_shows_each_replicas_config_hash() {
         "the other replica's hash never showed: {}",
         reps[0].status().await
     );
+}
+
+/// Priority holds across replicas: batch requests waiting on one replica go
+/// after an interactive request that came later to another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_request_on_one_replica_goes_before_batch_on_another() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let _turn = TIMED.lock().await;
+    let fake = Fake::start(Behaviour {
+        record_bodies: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let mut config = shared_config(&fake.url(), &redis.url());
+    config.budgets[0].rpm = Some(60);
+    config.budgets[0].ipm = Some(120);
+    // Every key spends one pool: the budget is shared.
+    config.budgets[0].shared = true;
+    let reps = replicas(2, &config).await;
+    // Batch requests ask for one image, the interactive one for two: by
+    // fairness alone (cost-weighted) every batch request would go first.
+    let send = |url: String, key: String, prompt: String, batch: bool| async move {
+        let n = if batch { 1 } else { 2 };
+        let mut req = http()
+            .post(format!("{url}/v1/images/generations"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("cache-control", "no-store")
+            .json(&json!({"model": "gpt-image-1", "prompt": prompt, "n": n, "quality": "low", "size": "1024x1024"}));
+        if batch {
+            req = req.header("x-penstock-priority", "batch");
+        }
+        req.send().await.unwrap().status()
+    };
+    assert_eq!(
+        send(reps[0].url.clone(), "sk-0".into(), "first".into(), false).await,
+        200
+    );
+    let mut batch = Vec::new();
+    for i in 1..=4 {
+        batch.push(tokio::spawn(send(
+            reps[0].url.clone(),
+            format!("sk-{i}"),
+            format!("batch {i}"),
+            true,
+        )));
+    }
+    for i in 0.. {
+        assert!(i < 1500, "the batch requests never queued");
+        let s = reps[0].status().await;
+        let queued: u64 = s["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["queue_batch"].as_u64().unwrap_or(0))
+            .sum();
+        if queued == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        send(
+            reps[1].url.clone(),
+            "sk-9".into(),
+            "interactive".into(),
+            false
+        )
+        .await,
+        200
+    );
+    for b in batch {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    let mut calls = fake.requests();
+    calls.sort_by_key(|r| r.answered_at);
+    let prompts: Vec<String> = calls
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["prompt"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(prompts[..2], ["first", "interactive"], "{prompts:?}");
 }

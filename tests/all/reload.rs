@@ -56,13 +56,14 @@ fn pool<'a>(s: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 async fn until_queued(admin: &str, name: &str, n: u64) {
-    loop {
+    for _ in 0..3000 {
         let s = status(admin).await;
         if pool(&s, name).is_some_and(|p| p["queue_depth"] == n) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    panic!("{name} never had {n} waiting: {}", status(admin).await);
 }
 
 fn queue_ms(resp: &reqwest::Response) -> u64 {
@@ -326,10 +327,11 @@ async fn the_binary_reloads_when_its_file_changes_and_on_sighup() {
     let link = dir.path().join("new-link");
     std::os::unix::fs::symlink(target(120), &link).unwrap();
     std::fs::rename(&link, &path).unwrap();
-    loop {
+    for i in 0.. {
         if rpm(&status(&admin).await) == 120 {
             break;
         }
+        assert!(i < 1500, "the file's change was never applied");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -345,7 +347,8 @@ async fn the_binary_reloads_when_its_file_changes_and_on_sighup() {
     };
     std::fs::write(elsewhere.path().join("120.toml"), "listen = [\n").unwrap();
     hup().await;
-    loop {
+    for i in 0.. {
+        assert!(i < 1500, "the SIGHUP was never heard");
         let s = status(&admin).await;
         if s["reload"]["result"] == "error" {
             assert_eq!(rpm(&s), 120, "a bad file changes nothing");
@@ -356,7 +359,8 @@ async fn the_binary_reloads_when_its_file_changes_and_on_sighup() {
     let good = write(&elsewhere, &fake, &budget("images", 240));
     std::fs::rename(good, elsewhere.path().join("120.toml")).unwrap();
     hup().await;
-    loop {
+    for i in 0.. {
+        assert!(i < 1500, "the SIGHUP was never heard");
         let s = status(&admin).await;
         if rpm(&s) == 240 {
             assert_eq!(s["reload"]["result"], "ok");
