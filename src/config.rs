@@ -86,6 +86,9 @@ pub struct Config {
     /// Per-client request caps.
     #[serde(default, rename = "client", skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientConfig>,
+    /// What clients may spend upstream.
+    #[serde(default)]
+    pub spend: SpendConfig,
     /// Limits learned from the upstream for models no budget covers.
     #[serde(default)]
     pub learn: LearnConfig,
@@ -114,6 +117,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "queue.max_wait",
     "queue.max_depth",
     "queue.batch_min_share",
+    "spend.usd_per_day",
+    "spend.usd_per_month",
 ];
 
 /// `[admin]`: who may read the admin listener.
@@ -340,6 +345,39 @@ pub struct ClientConfig {
     /// Whether its requests may choose their class with `x-penstock-priority`.
     #[serde(default = "default_true")]
     pub priority_header: bool,
+    /// What it may spend upstream, in USD, per UTC day and calendar month
+    /// (by the price tables); unset, `[spend]`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_day: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_month: Option<f64>,
+}
+
+/// `[spend]`: what every client may spend upstream unless its `[[client]]`
+/// says otherwise.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpendConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_day: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_month: Option<f64>,
+    /// Where spend is kept with the in-process state (redb); unset,
+    /// `spend.redb` in `data_dir`. With Redis it is kept there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Whether any client has a spend cap.
+    pub fn caps_spend(&self) -> bool {
+        self.spend.usd_per_day.is_some()
+            || self.spend.usd_per_month.is_some()
+            || self
+                .clients
+                .iter()
+                .any(|c| c.usd_per_day.is_some() || c.usd_per_month.is_some())
+    }
 }
 
 impl ClientConfig {
@@ -362,6 +400,8 @@ impl Default for ClientConfig {
             burst: None,
             priority: None,
             priority_header: true,
+            usd_per_day: None,
+            usd_per_month: None,
         }
     }
 }
@@ -973,6 +1013,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             cache: CacheConfig::default(),
             clients: Vec::new(),
+            spend: SpendConfig::default(),
             projects: Vec::new(),
             learn: LearnConfig::default(),
             prices: std::collections::BTreeMap::new(),
@@ -1014,6 +1055,10 @@ impl Config {
         });
         if self.jobs.store == JobStore::Redb && self.jobs.path.is_none() {
             self.jobs.path = Some(data_dir.join("jobs.redb"));
+        }
+        let spend = data_dir.join("spend.redb");
+        if self.caps_spend() && self.spend.path.is_none() {
+            self.spend.path = Some(spend);
         }
     }
 
@@ -1425,6 +1470,25 @@ impl Config {
                     &format!("client[{i}].burst"),
                     "expected a number from 1 to 4294967295".into(),
                 ));
+            }
+            for (key, usd) in [
+                ("usd_per_day", c.usd_per_day),
+                ("usd_per_month", c.usd_per_month),
+            ] {
+                if usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
+                    return Err(bad(
+                        &format!("client[{i}].{key}"),
+                        "expected a number of dollars, 0 or more".into(),
+                    ));
+                }
+            }
+        }
+        for (key, usd) in [
+            ("spend.usd_per_day", self.spend.usd_per_day),
+            ("spend.usd_per_month", self.spend.usd_per_month),
+        ] {
+            if usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
+                return Err(bad(key, "expected a number of dollars, 0 or more".into()));
             }
         }
         if !(0.0..=1.0).contains(&self.queue.batch_min_share) {

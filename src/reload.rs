@@ -127,12 +127,21 @@ impl Reloader {
         if applied.iter().any(|k| k == "client") {
             shared.clients.reload(&new.clients);
         }
+        if applied
+            .iter()
+            .any(|k| k == "client" || k.starts_with("spend."))
+        {
+            shared.spend.reload(&new);
+        }
         // What is in effect: the live keys from the file, the others as started.
         let mut effective = self.started.clone();
         effective.budgets = new.budgets.clone();
         effective.clients = new.clients.clone();
         effective.queue.max_wait = new.queue.max_wait;
         effective.queue.max_depth = new.queue.max_depth;
+        effective.queue.batch_min_share = new.queue.batch_min_share;
+        effective.spend.usd_per_day = new.spend.usd_per_day;
+        effective.spend.usd_per_month = new.spend.usd_per_month;
         let hash = new.hash();
         if let Some(redis) = &shared.redis {
             redis.set_config_hash(&hash);

@@ -46,6 +46,7 @@ pub struct Running {
     budgets: Arc<crate::layers::budget::Registry>,
     grace: Duration,
     reloader: crate::reload::Reloader,
+    spend: crate::layers::spend::Layer,
 }
 
 impl Running {
@@ -76,6 +77,8 @@ impl Running {
             let _ = t.await;
         }
         closer.abort();
+        // What was spent, written before the process ends.
+        self.spend.flush();
         let _ = self.drained.send(true);
     }
 }
@@ -134,6 +137,7 @@ pub async fn start(
         .expect("bound socket has an address");
 
     let budgets = shared.budgets.clone();
+    let spend = shared.spend.clone();
     let state = Arc::new(admin::State::new(config, shared, admin_token.as_deref()));
     state.sample_periodically();
     let reloader = crate::reload::Reloader::new(config, state.clone());
@@ -231,6 +235,7 @@ pub async fn start(
         budgets,
         grace,
         reloader,
+        spend,
     })
 }
 

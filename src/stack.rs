@@ -9,7 +9,7 @@ use tower::ServiceBuilder;
 
 use crate::config::Config;
 use crate::layers::upstream::{self, Upstream};
-use crate::layers::{budget, client_limit, coalesce, edge, jobs, retry};
+use crate::layers::{budget, client_limit, coalesce, edge, jobs, retry, spend};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 
@@ -39,6 +39,8 @@ pub struct Shared {
     pub jobs: Option<Arc<jobs::Jobs>>,
     /// The per-client caps, which a reload replaces.
     pub clients: client_limit::Layer,
+    /// The spend caps and what each client spent.
+    pub spend: spend::Layer,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -113,6 +115,18 @@ where
     );
     let cache_handle = cache.handle();
     let clients = client_limit::Layer::new(&config.clients);
+    // Spend: shared in Redis; else in a file when a cap is configured at
+    // start (`spend.path`, beside the jobs), in memory otherwise.
+    let ledger = match (&redis, config.caps_spend()) {
+        (Some(redis), _) => spend::Ledger::Redis(redis.clone()),
+        (None, true) => {
+            let mut c = config.clone();
+            c.resolve_paths(None, &env);
+            spend::Ledger::local(c.spend.path.as_deref()).map_err(BuildError::Jobs)?
+        }
+        (None, false) => spend::Ledger::local(None).map_err(BuildError::Jobs)?,
+    };
+    let spend = spend::Layer::new(config, ledger, metrics.clone());
     let stack = ServiceBuilder::new()
         // Edge: body limit and one buffered copy, the parsed context with its cost
         // estimate, errors turned into OpenAI-shaped responses, and the log line;
@@ -127,6 +141,9 @@ where
         // Per-client caps: after the cache (a hit uses no quota), before retries
         // (a request counts once).
         .layer(clients.clone())
+        // Spend caps: a call's price reserved before it goes (a hit is free, a
+        // request reserves once for all its attempts), settled by its answer.
+        .layer(spend.clone())
         // Retries of transient failures, above admission so that every attempt
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry, metrics.clone()))
@@ -148,6 +165,7 @@ where
             redis,
             jobs,
             clients,
+            spend,
         },
     ))
 }

@@ -136,6 +136,7 @@ impl State {
                 None => json!({"backend": "memory", "healthy": true}),
             },
             "recent": metrics.recent.view(),
+            "spend": self.shared.spend.status().await,
         })
     }
 
@@ -276,6 +277,18 @@ pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Bo
         "/" => page(),
         "/status" => json_response(StatusCode::OK, &state.status(&query).await),
         _ => {
+            let spend = state.shared.spend.status().await;
+            for c in spend["clients"].as_array().into_iter().flatten() {
+                let client = c["client"].as_str().unwrap_or_default();
+                for (period, key) in [
+                    ("day", "spent_today_usd"),
+                    ("month", "spent_this_month_usd"),
+                ] {
+                    if let Some(usd) = c[key].as_f64() {
+                        state.shared.metrics.client_spend(client, period, usd);
+                    }
+                }
+            }
             let degraded = state.shared.redis.as_ref().is_some_and(|r| !r.healthy());
             let text = state
                 .shared

@@ -9,6 +9,7 @@ pub mod coalesce;
 pub mod edge;
 pub mod jobs;
 pub mod retry;
+pub mod spend;
 pub mod upstream;
 
 use crate::vocab::body::Body;

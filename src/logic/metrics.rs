@@ -99,6 +99,12 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientPeriod {
+    client: String,
+    period: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadResult {
     result: &'static str,
 }
@@ -139,6 +145,7 @@ pub struct Metrics {
     job_seconds: Histogram,
     webhooks: Family<Outcome, Counter>,
     reloads: Family<ReloadResult, Counter>,
+    client_spend: Family<ClientPeriod, Gauge<f64, AtomicU64>>,
     /// Plain model names seen, by their slot in `series`.
     models: Mutex<HashMap<Arc<str>, usize>>,
     /// Each model label's series, resolved once: "none", "other", then the
@@ -241,6 +248,7 @@ impl Metrics {
             job_seconds: Histogram::new(JOB_BUCKETS),
             webhooks: Family::default(),
             reloads: Family::default(),
+            client_spend: Family::default(),
             models: Mutex::new(HashMap::default()),
             series: (0..FIRST_NAMED + MAX_MODELS)
                 .map(|_| OnceLock::new())
@@ -284,6 +292,11 @@ impl Metrics {
             "penstock_webhook_deliveries",
             "Webhook delivery attempts by outcome",
             m.webhooks.clone(),
+        );
+        r.register(
+            "penstock_client_spend_usd",
+            "What each [[client]] with a spend cap has spent this UTC day and month",
+            m.client_spend.clone(),
         );
         r.register(
             "penstock_config_reload",
@@ -605,6 +618,16 @@ impl Metrics {
     /// `gave_up`.
     pub fn webhook(&self, outcome: &'static str) {
         self.webhooks.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// What a capped client has spent, this `period` (`"day"`, `"month"`).
+    pub fn client_spend(&self, client: &str, period: &'static str, usd: f64) {
+        self.client_spend
+            .get_or_create(&ClientPeriod {
+                client: client.to_string(),
+                period,
+            })
+            .set(usd);
     }
 
     /// A config reload: `"ok"`, or `"error"` (nothing changed).

@@ -16,6 +16,7 @@
 mod client;
 mod jobs;
 mod ledger;
+mod spend;
 mod store;
 
 pub use client::{Redis, Status, Unavailable};

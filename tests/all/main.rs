@@ -24,4 +24,5 @@ mod reload;
 mod responses;
 mod retry;
 mod sdk;
+mod spend;
 mod tls;
