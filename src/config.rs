@@ -802,6 +802,25 @@ pub struct UpstreamConfig {
     /// even while no bytes are due.
     #[serde(default = "default_keep_alive_interval", with = "humantime_serde")]
     pub keep_alive_interval: Duration,
+    /// Failures in a row (no answer, a timeout, a 5xx) that open the
+    /// upstream's breaker: calls are answered at once (503) until a probe
+    /// gets an answer. 0 turns it off.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// The first cool-down of an open breaker; each failed probe doubles it
+    /// (up to a minute).
+    #[serde(default = "default_breaker_cooldown", with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+}
+
+fn default_breaker_failures() -> u32 {
+    // An upstream failing one call in five fails ten in a row once in ten
+    // million: only an outage opens it.
+    10
+}
+
+fn default_breaker_cooldown() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// How penstock serves its clients.
@@ -975,6 +994,8 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: default_pool_idle_timeout(),
             read_timeout: default_read_timeout(),
             keep_alive_interval: default_keep_alive_interval(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown: default_breaker_cooldown(),
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Shared {
     pub clients: client_limit::Layer,
     /// The spend caps and what each client spent.
     pub spend: spend::Layer,
+    /// The upstream, for its health.
+    pub upstream: Upstream,
 }
 
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
@@ -114,6 +116,7 @@ where
         redis.clone(),
     );
     let cache_handle = cache.handle();
+    let upstream_handle = upstream.clone();
     let clients = client_limit::Layer::new(&config.clients);
     // Spend: shared in Redis; else in a file when a cap is configured at
     // start (`spend.path`, beside the jobs), in memory otherwise.
@@ -166,6 +169,7 @@ where
             jobs,
             clients,
             spend,
+            upstream: upstream_handle,
         },
     ))
 }

@@ -136,6 +136,7 @@ impl State {
                 None => json!({"backend": "memory", "healthy": true}),
             },
             "recent": metrics.recent.view(),
+            "upstream": self.shared.upstream.health(),
             "spend": self.shared.spend.status().await,
         })
     }

@@ -67,8 +67,12 @@ async fn a_fifth_of_calls_failing_and_some_resets_are_absorbed_at_about_one_and_
     assert!(h.fake.answered(500) + h.fake.answered(502) + h.fake.answered(503) >= 20);
 }
 
+/// An outage: every call fails. Retries would multiply the calls; the
+/// upstream's breaker keeps them to about one per request: once it opens,
+/// requests are answered at once (503 `penstock_upstream_down`, with
+/// `retry-after` at the cool-down's end) and nothing is sent.
 #[tokio::test]
-async fn an_upstream_that_fails_everything_sees_at_most_half_again_as_many_calls() {
+async fn an_upstream_that_fails_everything_sees_at_most_one_call_per_request() {
     let h = start(Behaviour {
         fail_every: Some(1),
         ..Behaviour::default()
@@ -78,26 +82,86 @@ async fn an_upstream_that_fails_everything_sees_at_most_half_again_as_many_calls
         .map(|_| {
             let url = h.url.clone();
             tokio::spawn(async move {
-                let mut statuses = Vec::new();
+                let mut answers = Vec::new();
                 for _ in 0..10 {
                     let resp = post(&url, &image()).await;
-                    assert_eq!(resp.headers()["x-should-retry"], "false");
-                    statuses.push(resp.status().as_u16());
+                    let status = resp.status().as_u16();
+                    let retry = resp.headers()["x-should-retry"]
+                        .to_str()
+                        .unwrap()
+                        .to_string();
+                    let code = json(resp).await["error"]["code"]
+                        .as_str()
+                        .map(str::to_string);
+                    answers.push((status, retry, code));
                 }
-                statuses
+                answers
             })
         })
         .collect();
+    let mut down = 0;
     for t in tasks {
-        for status in t.await.unwrap() {
-            assert!(
-                [500, 502, 503].contains(&status),
-                "the last upstream error, unchanged: {status}"
-            );
+        for (status, retry, code) in t.await.unwrap() {
+            match code.as_deref() {
+                // The breaker: come back when it may be over.
+                Some("penstock_upstream_down") => {
+                    assert_eq!((status, retry.as_str()), (503, "true"));
+                    down += 1;
+                }
+                // The last upstream error, unchanged.
+                _ => {
+                    assert!([500, 502, 503].contains(&status), "{status}");
+                    assert_eq!(retry, "false");
+                }
+            }
         }
     }
     let calls = h.fake.calls();
-    assert!(calls <= 150, "{calls} upstream calls for 100 requests");
+    assert!(calls <= 100, "{calls} upstream calls for 100 requests");
+    assert!(down > 0, "the breaker opened");
+}
+
+#[tokio::test]
+async fn after_an_outage_a_probe_closes_the_breaker() {
+    let h = start_with(
+        Behaviour {
+            fail_every: Some(1),
+            ..Behaviour::default()
+        },
+        |c| c.upstream.breaker_cooldown = Duration::from_millis(200),
+        |_| None,
+    )
+    .await;
+    let all: Vec<_> = (0..50)
+        .map(|_| {
+            let url = h.url.clone();
+            tokio::spawn(async move { post(&url, &image()).await.status().as_u16() })
+        })
+        .collect();
+    for t in all {
+        assert!([500, 502, 503].contains(&t.await.unwrap()));
+    }
+    let during = h.fake.calls();
+    assert!(during <= 60, "{during} upstream calls for 50 requests");
+    let s = h.status().await;
+    assert_eq!(s["upstream"]["healthy"], false, "{s}");
+    assert!(s["upstream"]["opened_total"].as_u64().unwrap() >= 1);
+
+    // The upstream is back: after the cool-down one probe goes, and then all.
+    h.fake.set_behaviour(|b| b.fail_every = None);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        assert!(tries < 500, "the breaker never closed");
+        let resp = post(&h.url, &image()).await;
+        if resp.status() == 200 {
+            break;
+        }
+        assert_eq!(json(resp).await["error"]["code"], "penstock_upstream_down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.fake.calls(), during + 1, "one probe, and it was answered");
+    assert_eq!(h.status().await["upstream"]["healthy"], true);
 }
 
 #[tokio::test]

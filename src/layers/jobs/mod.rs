@@ -1547,6 +1547,7 @@ fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Opti
             | "penstock_shutting_down"
             | "penstock_job_lease_lost"
             | "penstock_client_rate_limited"
+            | "penstock_upstream_down"
     ) {
         return None;
     }

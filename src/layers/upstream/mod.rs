@@ -3,6 +3,7 @@
 //! and the per-attempt timeout. Response bodies are handed on as they stream in.
 
 pub mod conns;
+pub mod health;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -37,6 +38,9 @@ pub enum Failure {
     Timeout(Duration),
     #[error("the request path cannot be forwarded: {0}")]
     InvalidPath(String),
+    /// The breaker is open: the upstream kept failing; nothing was sent.
+    #[error("the upstream keeps failing; penstock sends nothing until a probe gets an answer (in {})", humantime::format_duration(Duration::from_millis(.0.as_millis() as u64)))]
+    Down(Duration),
 }
 
 impl Problem for Failure {
@@ -45,6 +49,7 @@ impl Problem for Failure {
             Failure::Unreachable(_) | Failure::Connection(_) => http::StatusCode::BAD_GATEWAY,
             Failure::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
             Failure::InvalidPath(_) => http::StatusCode::BAD_REQUEST,
+            Failure::Down(_) => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -54,6 +59,7 @@ impl Problem for Failure {
             Failure::Connection(_) => "penstock_upstream_connection_error",
             Failure::Timeout(_) => "penstock_upstream_timeout",
             Failure::InvalidPath(_) => "penstock_invalid_path",
+            Failure::Down(_) => "penstock_upstream_down",
         }
     }
 
@@ -62,12 +68,19 @@ impl Problem for Failure {
             Failure::Unreachable(_) => Some("unreachable"),
             Failure::Connection(_) => Some("connection_error"),
             Failure::Timeout(_) => Some("timeout"),
-            Failure::InvalidPath(_) => None,
+            Failure::InvalidPath(_) | Failure::Down(_) => None,
         }
     }
 
     fn maybe_processed(&self) -> bool {
         matches!(self, Failure::Connection(_) | Failure::Timeout(_))
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Failure::Down(wait) => Some(*wait),
+            _ => None,
+        }
     }
 }
 
@@ -177,9 +190,15 @@ struct Inner {
     attempt_timeout: Duration,
     read_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
+    health: health::Health,
 }
 
 impl Upstream {
+    /// The breaker's state, for `/status`.
+    pub fn health(&self) -> health::Status {
+        self.inner.health.status()
+    }
+
     /// Builds the client; `env` reads the sidecar key's variable; `metrics`, when
     /// given, counts every attempt and its time to the response head.
     pub fn new(
@@ -265,6 +284,7 @@ impl Upstream {
                 attempt_timeout: config.attempt_timeout,
                 read_timeout: config.read_timeout,
                 metrics,
+                health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
             }),
         })
     }
@@ -354,6 +374,13 @@ impl tower::Service<Request<Payload>> for Upstream {
                 me.call(req).await
             });
         }
+        // The upstream keeps failing: nothing is sent until a probe answers.
+        let probe = match self.inner.health.admit() {
+            health::Admit::Go { probe } => probe,
+            health::Admit::Down(wait) => {
+                return Box::pin(std::future::ready(Err(Failure::Down(wait).into())));
+            }
+        };
         // From here the call costs money: a shared call is finished even if its
         // callers leave.
         if let Some(interest) = &req.body().interest {
@@ -366,6 +393,10 @@ impl tower::Service<Request<Payload>> for Upstream {
         let req = self.upstream_request(req);
         let inner = self.inner.clone();
         Box::pin(async move {
+            // A probe whose caller leaves gives its turn back.
+            let mut out = ProbeOut {
+                inner: probe.then(|| inner.clone()),
+            };
             let sent = tokio::time::Instant::now();
             // No attempt outlives the request's deadline.
             let timeout = ctx.as_ref().map_or(inner.attempt_timeout, |c| {
@@ -375,8 +406,16 @@ impl tower::Service<Request<Payload>> for Upstream {
             });
             let result = match req {
                 Ok(req) => inner.attempt(req, timeout).await,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    inner.health.record(false, probe);
+                    out.inner = None;
+                    return Err(e);
+                }
             };
+            let failed = crate::logic::classify::attempt(&result).class
+                == crate::logic::classify::Class::Transient;
+            inner.health.record(failed, probe);
+            out.inner = None;
             if let Some(m) = &inner.metrics {
                 let outcome = crate::logic::classify::attempt_label(&result);
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
@@ -385,6 +424,19 @@ impl tower::Service<Request<Payload>> for Upstream {
             }
             result
         })
+    }
+}
+
+/// A probe still out: dropped before it reported, its turn is given back.
+struct ProbeOut {
+    inner: Option<Arc<Inner>>,
+}
+
+impl Drop for ProbeOut {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.health.abandon_probe();
+        }
     }
 }
 
