@@ -384,11 +384,7 @@ impl ClientConfig {
     /// The tenant this entry names, as the edge names tenants: a `key:...`
     /// id as it is, a sidecar's client id as `client:<id>`.
     pub fn tenant(&self) -> String {
-        if self.id.starts_with("key:") || self.id == "anonymous" {
-            self.id.clone()
-        } else {
-            format!("client:{}", self.id)
-        }
+        crate::vocab::context::Tenant::configured(&self.id)
     }
 }
 

@@ -18,6 +18,23 @@ use super::route::Route;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tenant(pub Arc<str>);
 
+impl Tenant {
+    /// A sidecar's client, by the id its header gives.
+    pub fn client(id: &str) -> Tenant {
+        Tenant(format!("client:{id}").into())
+    }
+
+    /// The tenant an id in the config names: a `key:…` id (as `/status`
+    /// shows a key) or `anonymous` as it is, else a sidecar's client id.
+    pub fn configured(id: &str) -> String {
+        if id.starts_with("key:") || id == "anonymous" {
+            id.to_string()
+        } else {
+            Tenant::client(id).0.to_string()
+        }
+    }
+}
+
 /// A model as metrics name it: a plain name among the first seen, else
 /// "other" (or "none"), and the slot where that label's series are kept, so
 /// counting a request looks nothing up by name.

@@ -238,7 +238,7 @@ impl EdgeConfig {
                 .map(|v| v.trim())
                 .filter(|v| !v.is_empty());
             let tenant: Arc<str> = match client {
-                Some(c) => format!("client:{}", &c[..c.floor_char_boundary(MAX_CLIENT_ID)]).into(),
+                Some(c) => Tenant::client(&c[..c.floor_char_boundary(MAX_CLIENT_ID)]).0,
                 None => "anonymous".into(),
             };
             (Tenant(tenant.clone()), "sidecar".into(), tenant)

@@ -144,7 +144,8 @@ impl Ledger {
             dirty: Mutex::new(HashSet::new()),
             db,
         });
-        if local.db.is_some() {
+        {
+            // Also in memory alone: past days are forgotten.
             let weak = Arc::downgrade(&local);
             std::thread::Builder::new()
                 .name("penstock-spend-flush".into())
@@ -266,11 +267,42 @@ impl Local {
         Ok((d, m))
     }
 
-    /// Writes what changed since the last time.
+    /// Forgets the totals of days and months that are over (the file's
+    /// too): a ledger running for months holds this day's and month's alone.
+    fn forget_past(&self, now: &Period) -> Vec<String> {
+        let current = |k: &str| {
+            k.starts_with(&format!("d:{}:", now.day)) || k.starts_with(&format!("m:{}:", now.month))
+        };
+        let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        let past: Vec<String> = totals.keys().filter(|k| !current(k)).cloned().collect();
+        for k in &past {
+            totals.remove(k);
+        }
+        past
+    }
+
+    /// Writes what changed since the last time, and forgets what is past.
     pub fn flush(&self) {
+        let past = self.forget_past(&Period::at(SystemTime::now()));
         let Some(db) = &self.db else {
             return;
         };
+        if !past.is_empty() {
+            let removed = (|| -> Result<(), redb::Error> {
+                let txn = db.begin_write()?;
+                {
+                    let mut table = txn.open_table(TOTALS)?;
+                    for k in &past {
+                        table.remove(k.as_str())?;
+                    }
+                }
+                txn.commit()?;
+                Ok(())
+            })();
+            if let Err(e) = removed {
+                tracing::warn!(error = %e, "cannot drop past spend totals from the file");
+            }
+        }
         let keys: Vec<String> =
             std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
                 .into_iter()
@@ -365,6 +397,25 @@ mod tests {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
         }
+    }
+
+    #[test]
+    fn past_days_and_months_are_forgotten() {
+        let Ledger::Local(l) = Ledger::local(None).unwrap() else {
+            unreachable!()
+        };
+        let at = |s: u64| Period::at(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        // Days of a month, then the next month: only the current ones stay.
+        for day in 0..40u64 {
+            for c in 0..10 {
+                l.add(&format!("c{c}"), &at(day * 86_400), 1, None).unwrap();
+            }
+            l.forget_past(&at(day * 86_400));
+            assert!(l.totals.lock().unwrap().len() <= 20, "day {day}");
+        }
+        let totals = l.totals.lock().unwrap();
+        assert_eq!(totals.get("m:1970-02:c0"), Some(&9), "February's nine days");
+        assert_eq!(totals.get("d:1970-02-09:c0"), Some(&1));
     }
 
     #[tokio::test]
