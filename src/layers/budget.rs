@@ -674,7 +674,16 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             pool.queue_wait
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
-            let mut resp = crate::layers::call_now(&mut inner, req).await?;
+            let mut resp = match crate::layers::call_now(&mut inner, req).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // Nothing went (the upstream's breaker): nothing is charged.
+                    if e.unsent() {
+                        permit.settle(&Cost::default());
+                    }
+                    return Err(e);
+                }
+            };
             learn_own_org(&own_orgs, &ctx, resp.headers());
             let tool = ToolPermit::after(tool, &resp);
             let classified = classify::of(&resp);

@@ -57,6 +57,12 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
     fn is_refusal(&self) -> bool {
         self.retry_after().is_some()
     }
+
+    /// Nothing was sent upstream (penstock answered for it): whatever was
+    /// booked for the call is given back.
+    fn unsent(&self) -> bool {
+        false
+    }
 }
 
 /// Marks a response that renders a [`Problem::is_personal`] refusal, so a layer
@@ -104,6 +110,10 @@ impl ProxyError {
 
     pub fn is_refusal(&self) -> bool {
         self.0.is_refusal()
+    }
+
+    pub fn unsent(&self) -> bool {
+        self.0.unsent()
     }
 
     pub fn is_personal(&self) -> bool {

@@ -128,7 +128,15 @@ async fn after_an_outage_a_probe_closes_the_breaker() {
             fail_every: Some(1),
             ..Behaviour::default()
         },
-        |c| c.upstream.breaker_cooldown = Duration::from_millis(200),
+        |c| {
+            c.upstream.breaker_cooldown = Duration::from_millis(200);
+            c.budgets = vec![BudgetConfig {
+                name: Some("images".into()),
+                models: vec!["gpt-image-*".into()],
+                rpm: Some(6000),
+                ..BudgetConfig::default()
+            }];
+        },
         |_| None,
     )
     .await;
@@ -141,11 +149,26 @@ async fn after_an_outage_a_probe_closes_the_breaker() {
     for t in all {
         assert!([500, 502, 503].contains(&t.await.unwrap()));
     }
-    let during = h.fake.calls();
-    assert!(during <= 60, "{during} upstream calls for 50 requests");
+    let first = h.fake.calls();
+    assert!(first <= 60, "{first} upstream calls for 50 requests");
     let s = h.status().await;
     assert_eq!(s["upstream"]["healthy"], false, "{s}");
     assert!(s["upstream"]["opened_total"].as_u64().unwrap() >= 1);
+    // Answered by the breaker: sent nowhere, so charged to no budget.
+    let left = |s: &serde_json::Value| {
+        s["pools"][0]["remaining"]["requests"]["minute_remaining"]
+            .as_u64()
+            .unwrap()
+    };
+    let (before, calls) = (left(&s), h.fake.calls());
+    for _ in 0..20 {
+        let resp = post(&h.url, &image()).await;
+        assert_eq!(json(resp).await["error"]["code"], "penstock_upstream_down");
+    }
+    // Probes are charged (they went); the rest is not.
+    let probes = (h.fake.calls() - calls) as u64;
+    assert_eq!(left(&h.status().await), before - probes, "nothing charged");
+    let during = h.fake.calls();
 
     // The upstream is back: after the cool-down one probe goes, and then all.
     h.fake.set_behaviour(|b| b.fail_every = None);

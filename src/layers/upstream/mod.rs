@@ -82,6 +82,10 @@ impl Problem for Failure {
             _ => None,
         }
     }
+
+    fn unsent(&self) -> bool {
+        matches!(self, Failure::Down(_) | Failure::InvalidPath(_))
+    }
 }
 
 /// Credentials penstock sends in sidecar mode, replacing the client's.
