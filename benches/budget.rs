@@ -57,6 +57,7 @@ fn budget(rpm: u64) -> BudgetConfig {
         safety_margin: Duration::from_millis(50),
         max_in_flight: None,
         shared: false,
+        upstream: None,
     }
 }
 

@@ -62,9 +62,10 @@ pub struct Config {
     /// beside the config file. Created readable by its owner alone (0700).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// Where requests go.
+    /// Where requests go: `[upstream]`, or several `[[upstream]]`s (the
+    /// first is the default; `config.upstream.x` is the first's).
     #[serde(default)]
-    pub upstream: UpstreamConfig,
+    pub upstream: Upstreams,
     /// How penstock serves its clients.
     #[serde(default)]
     pub server: ServerConfig,
@@ -642,6 +643,10 @@ pub struct BudgetConfig {
     /// whole of one organization's limit, whoever sends.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// With several upstreams: the one whose limits these are (by name).
+    /// Unset, the budget applies to each upstream on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl Default for BudgetConfig {
@@ -656,6 +661,7 @@ impl Default for BudgetConfig {
             safety_margin: default_safety_margin(),
             max_in_flight: None,
             shared: false,
+            upstream: None,
         }
     }
 }
@@ -764,6 +770,24 @@ pub struct PriceConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
+    /// How `/status`, logs and `x-penstock-upstream` name it (with several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Model globs it serves (none: every model).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// What it speaks: OpenAI's API, or Azure OpenAI's.
+    #[serde(default)]
+    pub kind: UpstreamKind,
+    /// Azure: the deployment serving each model (a model not named goes by
+    /// its own name).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub deployments: std::collections::BTreeMap<String, String>,
+    /// Azure: with an `api_version`, calls go to deployment paths
+    /// (`/openai/deployments/{deployment}/...?api-version=`); without, to
+    /// the v1 API (`/openai/v1/...`, the deployment as `model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
     /// Scheme, host and optional path prefix; request paths are appended as they come.
     #[serde(default = "default_base_url")]
     pub base_url: String,
@@ -817,6 +841,131 @@ fn default_breaker_failures() -> u32 {
 
 fn default_breaker_cooldown() -> Duration {
     Duration::from_secs(2)
+}
+
+/// What an upstream speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    #[default]
+    Openai,
+    Azure,
+}
+
+/// One upstream (`[upstream]`) or several (`[[upstream]]`); never none.
+#[derive(Debug, Clone)]
+pub struct Upstreams(Vec<UpstreamConfig>);
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams(vec![UpstreamConfig::default()])
+    }
+}
+
+impl std::ops::Deref for Upstreams {
+    type Target = UpstreamConfig;
+    /// The first: the default upstream.
+    fn deref(&self) -> &UpstreamConfig {
+        &self.0[0]
+    }
+}
+
+impl std::ops::DerefMut for Upstreams {
+    fn deref_mut(&mut self) -> &mut UpstreamConfig {
+        &mut self.0[0]
+    }
+}
+
+impl Upstreams {
+    pub fn all(&self) -> &[UpstreamConfig] {
+        &self.0
+    }
+
+    pub fn all_mut(&mut self) -> &mut Vec<UpstreamConfig> {
+        &mut self.0
+    }
+
+    /// Several upstreams from a list (the first is the default); none is the
+    /// default upstream alone.
+    pub fn from_list(list: Vec<UpstreamConfig>) -> Upstreams {
+        match list.is_empty() {
+            true => Upstreams::default(),
+            false => Upstreams(list),
+        }
+    }
+
+    /// An upstream's name: its own, else `default` for the first and
+    /// `upstream-N` for the others.
+    pub fn name_of(&self, i: usize) -> String {
+        match (self.0.get(i).and_then(|u| u.name.clone()), i) {
+            (Some(n), _) => n,
+            (None, 0) => "default".to_string(),
+            (None, i) => format!("upstream-{i}"),
+        }
+    }
+
+    /// The credential whose pools penstock's own key for upstream `i` pays:
+    /// `sidecar` for the first (as with one upstream), `sidecar@name` for
+    /// the others.
+    pub fn credential(&self, i: usize) -> String {
+        match i {
+            0 => "sidecar".to_string(),
+            i => format!("sidecar@{}", self.name_of(i)),
+        }
+    }
+
+    /// The config key of upstream `i`'s field `key`: `upstream.key` with one,
+    /// `upstream[i].key` with several.
+    pub fn key(&self, i: usize, key: &str) -> String {
+        match self.0.len() {
+            1 => format!("upstream.{key}"),
+            _ => format!("upstream[{i}].{key}"),
+        }
+    }
+}
+
+impl Serialize for Upstreams {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Upstreams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Upstreams;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an [upstream] table or [[upstream]] tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Upstreams, A::Error> {
+                let one =
+                    UpstreamConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Upstreams(vec![one]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Upstreams, A::Error> {
+                let many = Vec::<UpstreamConfig>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                if many.is_empty() {
+                    return Err(serde::de::Error::custom(
+                        "expected at least one [[upstream]]",
+                    ));
+                }
+                Ok(Upstreams(many))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// How penstock serves its clients.
@@ -980,6 +1129,11 @@ impl Default for QueueConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
+            name: None,
+            models: Vec::new(),
+            kind: UpstreamKind::Openai,
+            deployments: Default::default(),
+            api_version: None,
             base_url: default_base_url(),
             api_key_env: None,
             organization: None,
@@ -1019,7 +1173,7 @@ impl Default for Config {
             listen: default_listen(),
             admin_listen: default_admin_listen(),
             admin: AdminConfig::default(),
-            upstream: UpstreamConfig::default(),
+            upstream: Upstreams::default(),
             server: ServerConfig::default(),
             budgets: Vec::new(),
             queue: QueueConfig::default(),
@@ -1375,6 +1529,120 @@ impl Config {
                 "expected a valid HTTP header name".into(),
             ));
         }
+        // Several upstreams: each is checked as the first is, has a name of
+        // its own and penstock's own key (requests are spread over them).
+        let ups = self.upstream.all();
+        if ups.len() > 64 {
+            return Err(bad(
+                "upstream",
+                format!("{} upstreams: at most 64", ups.len()),
+            ));
+        }
+        let mut up_names = std::collections::HashSet::new();
+        for (i, u) in ups.iter().enumerate() {
+            let key = |field: &str| self.upstream.key(i, field);
+            if i > 0 {
+                crate::vocab::url::BaseUrl::parse(&u.base_url)
+                    .map_err(|m| bad(&key("base_url"), m))?;
+                if let Some(ca) = u.ca_file.as_ref().filter(|ca| !ca.is_file()) {
+                    return Err(bad(
+                        &key("ca_file"),
+                        format!("{} is not a readable file", ca.display()),
+                    ));
+                }
+                for (field, d) in [
+                    ("connect_timeout", u.connect_timeout),
+                    ("attempt_timeout", u.attempt_timeout),
+                    ("read_timeout", u.read_timeout),
+                    ("keep_alive_interval", u.keep_alive_interval),
+                ] {
+                    if d.is_zero() || d > Duration::from_secs(3600) {
+                        return Err(bad(
+                            &key(field),
+                            "expected a duration above zero and at most an hour, like \"30s\""
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            let name = self.upstream.name_of(i);
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(bad(
+                    &key("name"),
+                    "expected 1 to 64 letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if !up_names.insert(name.clone()) {
+                return Err(bad(&key("name"), format!("{name:?} names two upstreams")));
+            }
+            if u.api_key_env.as_ref().is_some_and(String::is_empty) {
+                return Err(bad(
+                    &key("api_key_env"),
+                    "expected the name of an environment variable".into(),
+                ));
+            }
+            if ups.len() > 1 && u.api_key_env.is_none() {
+                return Err(bad(
+                    &key("api_key_env"),
+                    "with several upstreams each sends penstock's own key: name the variable holding this one's".into(),
+                ));
+            }
+            if u.kind == UpstreamKind::Azure && u.api_key_env.is_none() {
+                return Err(bad(
+                    &key("api_key_env"),
+                    "an Azure upstream needs the variable holding its api-key".into(),
+                ));
+            }
+            if u.models.iter().any(String::is_empty) {
+                return Err(bad(
+                    &key("models"),
+                    "expected model globs, like \"gpt-image-*\"".into(),
+                ));
+            }
+            if u.kind != UpstreamKind::Azure
+                && (!u.deployments.is_empty() || u.api_version.is_some())
+            {
+                return Err(bad(
+                    &key("kind"),
+                    "deployments and api_version are for kind = \"azure\"".into(),
+                ));
+            }
+            if let Some((m, d)) = u.deployments.iter().find(|(m, d)| {
+                m.is_empty()
+                    || d.is_empty()
+                    || !d
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            }) {
+                return Err(bad(
+                    &key("deployments"),
+                    format!(
+                        "{m:?} = {d:?}: expected a deployment name of letters, digits, '-', '_' or '.'"
+                    ),
+                ));
+            }
+            if let Some(v) = u.api_version.as_ref().filter(|v| {
+                v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            }) {
+                return Err(bad(
+                    &key("api_version"),
+                    format!("{v:?}: expected a version like \"2025-04-01-preview\""),
+                ));
+            }
+        }
+        for (i, b) in self.budgets.iter().enumerate() {
+            if let Some(u) = b.upstream.as_ref().filter(|u| !up_names.contains(*u)) {
+                return Err(bad(
+                    &format!("budget[{i}].upstream"),
+                    format!("{u:?} names no upstream"),
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, b) in self.budgets.iter().enumerate() {
             let key = |field: &str| format!("budget[{i}].{field}");
@@ -1653,7 +1921,9 @@ impl Config {
 
     pub fn to_redacted_toml(&self) -> String {
         let mut copy = self.clone();
-        copy.upstream.base_url = crate::vocab::url::BaseUrl::redact(&copy.upstream.base_url);
+        for u in copy.upstream.all_mut() {
+            u.base_url = crate::vocab::url::BaseUrl::redact(&u.base_url);
+        }
         copy.state.redis_url = crate::vocab::url::BaseUrl::redact(&copy.state.redis_url);
         for url in copy
             .state

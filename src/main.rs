@@ -79,7 +79,7 @@ fn main() -> ExitCode {
         Command::Check => {
             // Build what serving would build (the sidecar key must be present, the CA
             // file must parse) without binding anything.
-            if let Err(e) = penstock::layers::upstream::Upstream::new(
+            if let Err(e) = penstock::layers::upstream::Upstream::several(
                 &config.upstream,
                 |k| std::env::var(k).ok(),
                 None,

@@ -68,7 +68,7 @@ where
     B::Error: Into<BoxError>,
 {
     let metrics = Arc::new(Metrics::new(&config.prices));
-    let upstream = Upstream::new(&config.upstream, &env, Some(metrics.clone()))?;
+    let upstream = Upstream::several(&config.upstream, &env, Some(metrics.clone()))?;
     // Shared state: with Redis, every pool's ledger, the breaker and the cache
     // are shared by the replicas that name it.
     let redis = match config.state.backend {
@@ -155,6 +155,7 @@ where
             budgets.clone(),
             metrics.clone(),
             own_orgs,
+            upstream.clone(),
         ))
         // One attempt upstream, bounded by the per-attempt timeout.
         .service(upstream);

@@ -57,6 +57,7 @@ async fn a_known_mix_gives_exact_counts_costs_and_savings_and_no_key_anywhere() 
                 safety_margin: Duration::from_millis(50),
                 max_in_flight: None,
                 shared: false,
+                upstream: None,
             }];
         },
         |_| None,

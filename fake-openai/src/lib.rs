@@ -80,6 +80,9 @@ pub struct Behaviour {
     pub reset_every: Option<u64>,
     /// Answer every call with 429 `insufficient_quota`.
     pub insufficient_quota: bool,
+    /// Keys (`Authorization` or `api-key` values, as sent) OpenAI does not
+    /// know: answered 401 `invalid_api_key`, before anything else.
+    pub invalid_keys: Vec<String>,
     /// Keys (their `Authorization` value) whose organization's money is
     /// gone: their calls alone are answered `insufficient_quota`, as OpenAI
     /// answers per organization/project.
@@ -134,6 +137,7 @@ impl Default for Behaviour {
             fail_every: None,
             reset_every: None,
             insufficient_quota: false,
+            invalid_keys: Vec::new(),
             quota_exhausted_keys: Vec::new(),
             limits: None,
             cut_stream_after: None,
@@ -945,6 +949,16 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+
+    if b.invalid_keys.contains(&key) {
+        st.record(&parts, &body, 401, b.record_bodies);
+        return Ok(error_body(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided. You can find your API key at https://platform.openai.com/account/api-keys.",
+            "invalid_request_error",
+            Some("invalid_api_key"),
+        ));
+    }
 
     let call = match parse_call(&parts, &body).await {
         Ok(c) => c,

@@ -39,6 +39,12 @@ fn summary(config: &Config) -> serde_json::Value {
         "hash": config.hash(),
         "listen": config.listen.to_string(),
         "upstream": crate::vocab::url::BaseUrl::redact(&config.upstream.base_url),
+        "upstreams": config.upstream.all().iter().enumerate().map(|(i, u)| json!({
+            "name": config.upstream.name_of(i),
+            "base_url": crate::vocab::url::BaseUrl::redact(&u.base_url),
+            "kind": u.kind,
+            "models": u.models,
+        })).collect::<Vec<_>>(),
         "sidecar": config.upstream.api_key_env.is_some(),
         "budgets": config.budgets.iter().map(|b| json!({
             "name": b.display_name(),
@@ -137,6 +143,7 @@ impl State {
             },
             "recent": metrics.recent.view(),
             "upstream": self.shared.upstream.health(),
+            "upstreams": self.shared.upstream.healths(),
             "spend": self.shared.spend.status().await,
         })
     }

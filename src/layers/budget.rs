@@ -21,6 +21,7 @@ use tower::Service;
 use wildmatch::WildMatch;
 
 use crate::config::{Config, LearnConfig, Refund};
+use crate::layers::upstream::Upstream;
 use crate::logic::classify::{self, Class};
 use crate::logic::encoding::{Encoding, Tail};
 use crate::logic::learn::Learner;
@@ -50,6 +51,20 @@ struct Spec {
     max_in_flight: Option<usize>,
     /// One pool for every credential.
     shared: bool,
+    /// The one upstream it applies to (else each on its own).
+    upstream: Option<usize>,
+}
+
+/// An upstream as admission sees it: the models it serves and the
+/// credentials its pools are counted under.
+struct UpRoute {
+    globs: Vec<WildMatch>,
+    /// Its key's pools (penstock's own key: `sidecar`, `sidecar@name`).
+    credential: Arc<str>,
+    /// Its budgets' pools shared by every credential.
+    shared: Arc<str>,
+    /// It takes requests shaped for Azure (`/openai/...`).
+    azure: bool,
 }
 
 /// The credential of a shared budget's one pool, as `/status` shows it.
@@ -92,6 +107,13 @@ pub struct Registry {
     /// For pools shared by every key: the credentials whose money is gone,
     /// each answered with its own upstream error until its cool-down ends.
     breakers: Mutex<HashMap<Arc<str>, Arc<Tripped>>>,
+    /// The upstreams, in the config's order (not reloaded).
+    ups: Vec<UpRoute>,
+}
+
+/// Whether `pool` is a budget's one pool for every credential.
+fn is_shared(pool: &Pool) -> bool {
+    pool.credential.as_ref() == SHARED || pool.credential.starts_with("shared@")
 }
 
 /// The budgets of a config, in its order.
@@ -110,6 +132,26 @@ fn specs_of(config: &Config) -> Vec<Spec> {
             },
             max_in_flight: b.max_in_flight,
             shared: b.shared,
+            upstream: b.upstream.as_ref().and_then(|u| {
+                (0..config.upstream.all().len()).find(|&i| config.upstream.name_of(i) == *u)
+            }),
+        })
+        .collect()
+}
+
+fn routes_of(config: &Config) -> Vec<UpRoute> {
+    (0..config.upstream.all().len())
+        .map(|i| {
+            let u = &config.upstream.all()[i];
+            UpRoute {
+                globs: u.models.iter().map(|g| WildMatch::new(g)).collect(),
+                credential: config.upstream.credential(i).into(),
+                shared: match i {
+                    0 => SHARED.into(),
+                    i => format!("{SHARED}@{}", config.upstream.name_of(i)).into(),
+                },
+                azure: u.kind == crate::config::UpstreamKind::Azure,
+            }
         })
         .collect()
 }
@@ -144,7 +186,65 @@ impl Registry {
             redis,
             heard: Mutex::new(foldhash::HashSet::default()),
             breakers: Mutex::new(HashMap::default()),
+            ups: routes_of(config),
         }
+    }
+
+    /// Where a request may go, best first: with several upstreams, a
+    /// request of penstock's own key that makes no object goes to any
+    /// upstream serving its model whose breaker lets calls through (all
+    /// of them, should every one be out); an Azure-shaped one to the Azure
+    /// upstreams. Anything else goes to the first, on its own credential.
+    fn candidates(
+        &self,
+        ctx: &RequestContext,
+        azure_shaped: bool,
+        upstream: &Upstream,
+    ) -> Vec<(usize, Arc<str>)> {
+        let alone = || vec![(0, ctx.credential.clone())];
+        if self.ups.len() <= 1 || ctx.credential.as_ref() != "sidecar" {
+            return alone();
+        }
+        let Some(model) = ctx.model.as_deref() else {
+            return alone();
+        };
+        let serving: Vec<usize> = (0..self.ups.len())
+            .filter(|&i| {
+                let u = &self.ups[i];
+                (u.globs.is_empty() || u.globs.iter().any(|g| g.matches(model)))
+                    && (!azure_shaped || u.azure)
+            })
+            .collect();
+        let first = serving.first().copied().unwrap_or(0);
+        let failed = ctx.failed_upstreams.load(Ordering::Relaxed);
+        let failed_here = |i: usize| i < 64 && failed & (1 << i) != 0;
+        let mut open: Vec<usize> = match ctx.spread {
+            true => serving
+                .iter()
+                .copied()
+                .filter(|&i| !upstream.unavailable(i) && !failed_here(i))
+                .collect(),
+            false => vec![first],
+        };
+        if open.is_empty() {
+            open = serving
+                .iter()
+                .copied()
+                .filter(|&i| !upstream.unavailable(i))
+                .collect();
+        }
+        if open.is_empty() {
+            open = serving;
+        }
+        if open.is_empty() {
+            open.push(first);
+        }
+        // Where several could take it at once, the least busy goes first
+        // (a stable sort: equals keep the config's order).
+        open.sort_by_key(|&i| upstream.in_flight(i));
+        open.into_iter()
+            .map(|i| (i, self.ups[i].credential.clone()))
+            .collect()
     }
 
     /// A request's class: what its `x-penstock-priority` asks, unless its
@@ -192,10 +292,9 @@ impl Registry {
                     continue;
                 }
                 let was = &old[idx];
-                match new
-                    .iter()
-                    .position(|s| s.name == was.name && s.shared == was.shared)
-                {
+                match new.iter().position(|s| {
+                    s.name == was.name && s.shared == was.shared && s.upstream == was.upstream
+                }) {
                     Some(j) => {
                         pool.reconfigure(new[j].limits, new[j].max_in_flight);
                         next.insert((j, credential), pool);
@@ -240,18 +339,27 @@ impl Registry {
     /// The pool that pays for `model` with `credential`: its configured
     /// budget's, else one that learns the upstream's limits for that model.
     pub fn pool(&self, model: &str, credential: &Arc<str>) -> Option<Arc<Pool>> {
+        self.pool_at(model, credential, 0)
+    }
+
+    /// [`Registry::pool`] on upstream `up`: a budget naming another
+    /// upstream does not count.
+    pub fn pool_at(&self, model: &str, credential: &Arc<str>, up: usize) -> Option<Arc<Pool>> {
         // Idle pools are swept by [`Registry::evict_periodically`], not here:
         // a request takes this lock and nothing else.
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let specs = self.specs.load();
-        let idx = specs
-            .iter()
-            .position(|s| s.globs.iter().any(|g| g.matches(model)));
+        let idx = specs.iter().position(|s| {
+            s.upstream.is_none_or(|u| u == up) && s.globs.iter().any(|g| g.matches(model))
+        });
         let Some(idx) = idx else {
             return self.learned_pool(&mut pools, model, credential);
         };
         let credential = match specs[idx].shared {
-            true => SHARED.into(),
+            true => self
+                .ups
+                .get(up)
+                .map_or_else(|| SHARED.into(), |u| u.shared.clone()),
             false => credential.clone(),
         };
         let pool = pools.entry((idx, credential.clone())).or_insert_with(|| {
@@ -380,6 +488,7 @@ impl Registry {
         &self,
         model: &str,
         credential: &Arc<str>,
+        up: usize,
         refused: Option<(&RateLimitHeaders, Duration)>,
     ) {
         if self.learn.is_none() {
@@ -394,7 +503,7 @@ impl Registry {
                 heard.insert(model.into());
             }
         }
-        let pool = self.pool(model, credential);
+        let pool = self.pool_at(model, credential, up);
         if let (Some((headers, delay)), Some(pool)) = (refused, pool) {
             pool.hear(headers);
             pool.pause(tokio::time::Instant::now() + delay);
@@ -490,16 +599,24 @@ pub struct Layer {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     own_orgs: Arc<OwnOrgs>,
+    upstream: Upstream,
 }
 
 impl Layer {
     /// `own_orgs` learns each key's own organization from the answers (the
-    /// edge reads it to tell pools apart).
-    pub fn new(registry: Arc<Registry>, metrics: Arc<Metrics>, own_orgs: Arc<OwnOrgs>) -> Layer {
+    /// edge reads it to tell pools apart); `upstream` says which upstreams'
+    /// breakers let calls through.
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        own_orgs: Arc<OwnOrgs>,
+        upstream: Upstream,
+    ) -> Layer {
         Layer {
             registry,
             metrics,
             own_orgs,
+            upstream,
         }
     }
 }
@@ -512,6 +629,7 @@ impl<S> tower::Layer<S> for Layer {
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
             own_orgs: self.own_orgs.clone(),
+            upstream: self.upstream.clone(),
         }
     }
 }
@@ -538,6 +656,7 @@ pub struct Budget<S> {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     own_orgs: Arc<OwnOrgs>,
+    upstream: Upstream,
 }
 
 impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
@@ -551,14 +670,15 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Payload>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Payload>) -> Self::Future {
         let mut inner = self.inner.clone();
         let ctx = req.body().ctx.clone();
-        let pool = ctx.as_ref().and_then(|c| {
-            self.registry
-                .pool(c.model.as_deref()?, &c.credential)
-                .map(|p| (p, c.clone()))
-        });
+        // Where it may go: one upstream, or several it waits for at once.
+        let azure_shaped = req.uri().path().starts_with("/openai/");
+        let candidates = ctx
+            .as_ref()
+            .map(|c| self.registry.candidates(c, azure_shaped, &self.upstream));
+        let several = self.upstream.len() > 1;
         let max_wait = self.registry.max_wait();
         let quota_cooldown = self.registry.quota_cooldown;
         let refund = self.registry.refund;
@@ -566,7 +686,8 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
         };
-        // A Responses request's image tool spends the image model's pool.
+        // A Responses request's image tool spends the image model's pool
+        // (a Responses request stays with the first upstream).
         let tool = ctx.as_ref().and_then(|c| {
             let (model, cost) = c.image_tool.as_deref()?;
             Some((self.registry.pool(model, &c.credential)?, *cost))
@@ -599,32 +720,9 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 }
                 _ => None,
             };
-            let Some((mut pool, ctx)) = pool else {
+            let Some((candidates, ctx)) = candidates.zip(account.ctx.clone()) else {
                 let resp = crate::layers::call_now(&mut inner, req).await?;
                 let tool = ToolPermit::after(tool, &resp);
-                if let Some(ctx) = &account.ctx {
-                    learn_own_org(&own_orgs, ctx, resp.headers());
-                }
-                // A model the upstream answers for gets its learned pool from
-                // now on (refused for its rate limit: paused at once).
-                if let Some(ctx) = &account.ctx
-                    && let Some(model) = ctx.model.as_deref()
-                {
-                    match classify::of(&resp) {
-                        Some(c) if c.class == Class::Success => {
-                            registry.heard(model, &ctx.credential, None)
-                        }
-                        Some(c) if c.class == Class::RateLimited => {
-                            let hints = RateLimitHeaders::parse(resp.headers());
-                            let delay = c
-                                .retry_after
-                                .or_else(|| hints.exhausted_until())
-                                .unwrap_or(DEFAULT_PAUSE);
-                            registry.heard(model, &ctx.credential, Some((&hints, delay)));
-                        }
-                        _ => {}
-                    }
-                }
                 return Ok(if resp.status().is_success() {
                     Settle::wrap(resp, None, tool, refund, account)
                 } else {
@@ -636,45 +734,58 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .deadline
                 .saturating_duration_since(tokio::time::Instant::now());
             let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
-            let shared_pool = pool.credential.as_ref() == SHARED;
-            if shared_pool && let Some(t) = registry.tripped(&ctx.credential) {
-                return Err(Refusal::CircuitOpen(t).into());
+            let alternatives = candidates.len() > 1;
+            let Admitted {
+                up,
+                credential,
+                pool,
+            } = admit(&registry, &ctx, class, max_wait, candidates).await?;
+            if several {
+                req.body_mut().upstream = u8::try_from(up).ok();
             }
-            let began = tokio::time::Instant::now();
-            let mut moved = false;
-            let mut permit = loop {
-                let left = max_wait.saturating_sub(began.elapsed());
-                match pool.acquire_as(&ctx.tenant.0, class, ctx.cost, left).await {
-                    // A reload removed its budget while it waited: it waits on
-                    // (within the same limit) for the pool covering its model now.
-                    Err(Refusal::Moved { pool: gone }) => {
-                        let model = ctx.model.as_deref().unwrap_or_default();
-                        match registry.pool(model, &ctx.credential) {
-                            Some(next) if !Arc::ptr_eq(&next, &pool) => {
-                                pool = next;
-                                moved = true;
-                            }
-                            _ => return Err(Refusal::Moved { pool: gone }.into()),
-                        }
-                    }
-                    other => break other.map_err(ProxyError::from)?,
+            let Some((pool, permit)) = pool else {
+                let result = crate::layers::call_now(&mut inner, req).await;
+                if alternatives {
+                    note_failure(&ctx, up, &result);
                 }
+                let mut resp = result?;
+                if alternatives {
+                    mark_failover(&mut resp);
+                }
+                let tool = ToolPermit::after(tool, &resp);
+                learn_own_org(&own_orgs, &ctx, resp.headers());
+                // A model the upstream answers for gets its learned pool from
+                // now on (refused for its rate limit: paused at once).
+                if let Some(model) = ctx.model.as_deref() {
+                    match classify::of(&resp) {
+                        Some(c) if c.class == Class::Success => {
+                            registry.heard(model, &credential, up, None)
+                        }
+                        Some(c) if c.class == Class::RateLimited => {
+                            let hints = RateLimitHeaders::parse(resp.headers());
+                            let delay = c
+                                .retry_after
+                                .or_else(|| hints.exhausted_until())
+                                .unwrap_or(DEFAULT_PAUSE);
+                            registry.heard(model, &credential, up, Some((&hints, delay)));
+                        }
+                        _ => {}
+                    }
+                }
+                return Ok(if resp.status().is_success() {
+                    Settle::wrap(resp, None, tool, refund, account)
+                } else {
+                    resp
+                });
             };
-            if moved {
-                // Its wait in all, in both pools.
-                permit.queued = began.elapsed();
-            }
-            let shared_pool = pool.credential.as_ref() == SHARED;
-            // Its credential's money ran out while it waited: it is not sent,
-            // and charged nothing.
-            if shared_pool && let Some(t) = registry.tripped(&ctx.credential) {
-                permit.settle(&Cost::default());
-                return Err(Refusal::CircuitOpen(t).into());
-            }
             pool.queue_wait
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
-            let mut resp = match crate::layers::call_now(&mut inner, req).await {
+            let result = crate::layers::call_now(&mut inner, req).await;
+            if alternatives {
+                note_failure(&ctx, up, &result);
+            }
+            let mut resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
                     // Nothing went (the upstream's breaker): nothing is charged.
@@ -684,6 +795,9 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     return Err(e);
                 }
             };
+            if alternatives {
+                mark_failover(&mut resp);
+            }
             learn_own_org(&own_orgs, &ctx, resp.headers());
             let tool = ToolPermit::after(tool, &resp);
             let classified = classify::of(&resp);
@@ -736,9 +850,9 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     // The money of the organization/project that paid: a
                     // pool one credential pays for stops; in a pool shared
                     // by every key, only this credential's calls do.
-                    if pool.credential.as_ref() == SHARED {
-                        tracing::warn!(pool = %pool.name, credential = %ctx.credential, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this credential's requests with it");
-                        registry.trip(&ctx.credential, tripped);
+                    if is_shared(&pool) {
+                        tracing::warn!(pool = %pool.name, %credential, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this credential's requests with it");
+                        registry.trip(&credential, tripped);
                     } else {
                         tracing::warn!(pool = %pool.name, cooldown = %humantime::format_duration(quota_cooldown), "upstream quota exhausted: answering this pool's requests with it");
                         pool.trip(tripped);
@@ -760,6 +874,135 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             }
         })
     }
+}
+
+/// An answer another upstream could do better than: penstock's key refused,
+/// the money gone, a rate limit. Its retry goes at once (a failure, a 5xx,
+/// is retried as ever, after a backoff and within the retry budget, so a
+/// failing upstream is not hammered before its breaker opens).
+fn mark_failover(resp: &mut Response<Body>) {
+    let refused = matches!(
+        resp.status(),
+        http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
+    );
+    let other_could = classify::of(resp)
+        .is_some_and(|c| matches!(c.class, Class::QuotaExhausted | Class::RateLimited));
+    if refused || other_could {
+        resp.extensions_mut()
+            .insert(crate::vocab::context::Failover);
+    }
+}
+
+/// Upstream `up` failed this request (no answer, a 5xx, its key refused,
+/// its money gone): the request's retries go elsewhere while they can.
+fn note_failure(ctx: &RequestContext, up: usize, result: &Result<Response<Body>, ProxyError>) {
+    let failed = match result {
+        Err(e) => e.unanswered().is_some() || e.unsent(),
+        Ok(resp) => {
+            matches!(
+                resp.status(),
+                http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
+            ) || classify::of(resp)
+                .is_some_and(|c| matches!(c.class, Class::Transient | Class::QuotaExhausted))
+        }
+    };
+    if failed && up < 64 {
+        ctx.failed_upstreams.fetch_or(1 << up, Ordering::Relaxed);
+    }
+}
+
+/// Where admission sent a request: which upstream, on which credential,
+/// and the pool that paid (none: no pool limits its model there).
+struct Admitted {
+    up: usize,
+    credential: Arc<str>,
+    pool: Option<(Arc<Pool>, Permit)>,
+}
+
+/// Waits for a turn on one of `candidates`. With several, the request waits
+/// in each one's queue at once and goes with the first to admit it (ties go
+/// by the config's order: futures are polled in it); its places in the
+/// others are given up as it goes, so it is tied to no upstream until sent.
+async fn admit(
+    registry: &Registry,
+    ctx: &RequestContext,
+    class: Priority,
+    max_wait: Duration,
+    mut candidates: Vec<(usize, Arc<str>)>,
+) -> Result<Admitted, ProxyError> {
+    if candidates.len() <= 1 {
+        let (up, credential) = candidates.pop().unwrap_or((0, ctx.credential.clone()));
+        return admit_at(registry, ctx, class, max_wait, up, credential).await;
+    }
+    let races: Vec<_> = candidates
+        .into_iter()
+        .map(|(up, credential)| Box::pin(admit_at(registry, ctx, class, max_wait, up, credential)))
+        .collect();
+    futures_util::future::select_ok(races)
+        .await
+        .map(|(admitted, _others)| admitted)
+}
+
+/// Waits for a turn on upstream `up`'s pool for the request's model.
+async fn admit_at(
+    registry: &Registry,
+    ctx: &RequestContext,
+    class: Priority,
+    max_wait: Duration,
+    up: usize,
+    credential: Arc<str>,
+) -> Result<Admitted, ProxyError> {
+    let model = ctx.model.as_deref().unwrap_or_default();
+    let pool = ctx
+        .model
+        .as_deref()
+        .and_then(|m| registry.pool_at(m, &credential, up));
+    let Some(mut pool) = pool else {
+        return Ok(Admitted {
+            up,
+            credential,
+            pool: None,
+        });
+    };
+    if is_shared(&pool)
+        && let Some(t) = registry.tripped(&credential)
+    {
+        return Err(Refusal::CircuitOpen(t).into());
+    }
+    let began = tokio::time::Instant::now();
+    let mut moved = false;
+    let mut permit = loop {
+        let left = max_wait.saturating_sub(began.elapsed());
+        match pool.acquire_as(&ctx.tenant.0, class, ctx.cost, left).await {
+            // A reload removed its budget while it waited: it waits on
+            // (within the same limit) for the pool covering its model now.
+            Err(Refusal::Moved { pool: gone }) => match registry.pool_at(model, &credential, up) {
+                Some(next) if !Arc::ptr_eq(&next, &pool) => {
+                    pool = next;
+                    moved = true;
+                }
+                _ => return Err(Refusal::Moved { pool: gone }.into()),
+            },
+            other => break other.map_err(ProxyError::from)?,
+        }
+    };
+    if moved {
+        // Its wait in all, in both pools.
+        permit.queued = began.elapsed();
+    }
+    // Its credential's money ran out while it waited: it is not sent, and
+    // charged nothing.
+    if is_shared(&pool)
+        && let Some(t) = registry.tripped(&credential)
+    {
+        permit.settle(&Cost::default());
+        return Err(Refusal::CircuitOpen(t).into());
+    }
+    Ok(Admitted {
+        up,
+        credential,
+        pool: Some((pool, permit)),
+    })
 }
 
 /// A Responses call's admission to its image tool's pool.
@@ -948,6 +1191,7 @@ mod tests {
                 safety_margin: Duration::ZERO,
                 max_in_flight: None,
                 shared: false,
+                upstream: None,
             }],
             ..Config::default()
         };
@@ -1039,7 +1283,7 @@ mod tests {
             registry.pool("junk-more", &key).is_none(),
             "junk is bounded"
         );
-        registry.heard("gpt-image-1", &key, None);
+        registry.heard("gpt-image-1", &key, 0, None);
         assert!(
             registry.pool("gpt-image-1", &key).is_some(),
             "a model the upstream answered for still gets its pool"

@@ -164,6 +164,22 @@ impl Policy {
         result: &Result<Response<Body>, ProxyError>,
     ) -> Option<Duration> {
         let outcome = crate::logic::classify::attempt(result);
+        // Another upstream can take it now: it goes at once, whatever the
+        // answer was (each upstream is tried at most once per attempt left,
+        // the one that refused being out or paused).
+        let failover = result.as_ref().is_ok_and(|r| {
+            r.extensions()
+                .get::<crate::vocab::context::Failover>()
+                .is_some()
+        });
+        if failover {
+            let attempt = self.attempts.load(Ordering::Relaxed);
+            if attempt >= self.shared.max_attempts || Instant::now() >= self.deadline {
+                return None;
+            }
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            return Some(Duration::ZERO);
+        }
         if !outcome.class.is_retryable() {
             return None;
         }

@@ -13,6 +13,12 @@ use tokio::time::Instant;
 use super::cost::{Cost, ImageAsk};
 use super::route::Route;
 
+/// On an answer: another upstream could serve the request now (this one
+/// refused penstock's key, has no money left, is rate-limited or failing),
+/// so its retry goes at once, to where admission sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Failover;
+
 /// Who a request belongs to, for fair queueing and cache separation: the client's
 /// API key (as a hash, never the key) or, in sidecar mode, its client id header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,6 +84,13 @@ pub struct RequestContext {
     /// the upstream layer builds each attempt's headers from them.
     pub headers: HeaderMap,
     pub received: Instant,
+    /// It may go to any upstream serving its model: it neither makes nor
+    /// names an object that lives with one organization (a file, a batch, a
+    /// stored response or completion).
+    pub spread: bool,
+    /// Upstreams (bits by index) that failed this request: its retries go
+    /// elsewhere while anywhere else serves its model.
+    pub failed_upstreams: std::sync::atomic::AtomicU64,
     /// When the whole request must be over (`retry.deadline` after it came):
     /// every wait for budget and every attempt ends by then.
     pub deadline: Instant,
@@ -128,6 +141,9 @@ pub struct Payload {
     /// Asked before each attempt goes upstream (an async job records, first,
     /// that its call may be paid for).
     pub gate: Option<Arc<dyn SendGate>>,
+    /// Which upstream this attempt goes to (its index in the config), when
+    /// admission chose one; else the first.
+    pub upstream: Option<u8>,
 }
 
 /// Asked before an attempt goes upstream: an error keeps it from going, and

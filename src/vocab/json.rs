@@ -212,6 +212,51 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
     }
 }
 
+/// Where the top-level member `key`'s value lies in the JSON object `body`
+/// (a string value, its quotes included), found without parsing the rest:
+/// penstock rewrites one value of a body it otherwise sends as it came.
+/// `None` when `body` is not an object or has no such string member.
+pub fn top_level_string(body: &[u8], key: &str) -> Option<std::ops::Range<usize>> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    let mut expect_key = false;
+    let mut found = None;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < body.len() && body[i] != b'"' {
+                    i += if body[i] == b'\\' { 2 } else { 1 };
+                }
+                let end = (i + 1).min(body.len());
+                if depth == 1 && expect_key {
+                    expect_key = false;
+                    let is_key = body.get(start + 1..end.saturating_sub(1)) == Some(key.as_bytes());
+                    found = is_key.then_some(());
+                } else if depth == 1 && found.take().is_some() {
+                    return Some(start..end);
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth == 1 {
+                    expect_key = body[i] == b'{';
+                }
+                found = None;
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => {
+                expect_key = true;
+                found = None;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +290,18 @@ mod tests {
     fn nesting_past_serde_json_s_limit_is_an_error_not_a_crash() {
         let deep = "[".repeat(100_000) + &"]".repeat(100_000);
         assert!(serde_json::from_str::<Json>(&deep).is_err());
+    }
+
+    #[test]
+    fn a_top_level_string_is_found_and_nested_ones_are_not() {
+        let body =
+            br#"{"tools":[{"model":"inner"}],"n":1, "model" : "gpt-image-1","x":{"model":"y"}}"#;
+        let at = top_level_string(body, "model").unwrap();
+        assert_eq!(&body[at], br#""gpt-image-1""#);
+        let body = br#"{"prompt":"say \"model\": no","model":"m"}"#;
+        assert_eq!(&body[top_level_string(body, "model").unwrap()], br#""m""#);
+        assert_eq!(top_level_string(br#"{"model":1}"#, "model"), None);
+        assert_eq!(top_level_string(br#"["model","x"]"#, "model"), None);
+        assert_eq!(top_level_string(b"", "model"), None);
     }
 }

@@ -66,6 +66,7 @@ fn image_budget() -> BudgetConfig {
         safety_margin: Duration::from_millis(50),
         max_in_flight: None,
         shared: false,
+        upstream: None,
     }
 }
 

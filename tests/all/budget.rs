@@ -20,6 +20,7 @@ fn budget(models: &[&str], rpm: Option<u64>, tpm: Option<u64>, ipm: Option<u64>)
         safety_margin: Duration::from_millis(50),
         max_in_flight: None,
         shared: false,
+        upstream: None,
     }
 }
 

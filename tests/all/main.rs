@@ -26,3 +26,4 @@ mod retry;
 mod sdk;
 mod spend;
 mod tls;
+mod upstreams;

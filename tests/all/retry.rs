@@ -205,6 +205,7 @@ async fn insufficient_quota_costs_one_call_then_answers_at_once_for_the_cool_dow
                 safety_margin: Duration::from_millis(50),
                 max_in_flight: None,
                 shared: false,
+                upstream: None,
             }];
         },
         |_| None,

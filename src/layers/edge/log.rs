@@ -235,6 +235,8 @@ mod tests {
     fn the_direct_line_and_the_traced_line_are_the_same() {
         let now = Instant::now();
         let ctx = RequestContext {
+            spread: true,
+            failed_upstreams: Default::default(),
             route: Route::ChatCompletions,
             model: Some("gpt-4o-mini".into()),
             model_label: ModelLabel {

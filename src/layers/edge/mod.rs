@@ -591,7 +591,10 @@ where
         }
         _ => None,
     };
+    let spread = spreads(route, &parsed);
     let ctx = RequestContext {
+        spread,
+        failed_upstreams: Default::default(),
         route,
         stream: parsed.stream(),
         model_label: config.metrics.model_label(model.as_deref()),
@@ -615,6 +618,7 @@ where
         interest: None,
         held,
         gate: None,
+        upstream: None,
     };
     Ok(Request::from_parts(parts, payload))
 }
@@ -744,6 +748,26 @@ fn credentials_marked_sensitive(mut headers: HeaderMap) -> HeaderMap {
         }
     }
     headers
+}
+
+/// Whether a request may go to any upstream serving its model: a call that
+/// makes nothing kept (an image, a completion or embedding not stored). A
+/// file, a batch, an upload, a stored response or completion, or any call
+/// that names one, belongs to the organization that made it.
+fn spreads(route: Route, parsed: &Parsed) -> bool {
+    let stored = match parsed {
+        Parsed::Json(v) => v.get("store").and_then(crate::vocab::json::Json::as_bool) == Some(true),
+        _ => false,
+    };
+    match route {
+        Route::ImagesGenerations
+        | Route::ImagesEdits
+        | Route::ImagesVariations
+        | Route::Completions
+        | Route::Embeddings => true,
+        Route::ChatCompletions => !stored,
+        Route::Responses | Route::Models | Route::Other => false,
+    }
 }
 
 fn azure_deployment(path: &str) -> Option<String> {

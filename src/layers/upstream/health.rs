@@ -18,6 +18,8 @@ const MAX_COOLDOWN: Duration = Duration::from_secs(60);
 const PROBE_WAIT: Duration = Duration::from_millis(250);
 
 pub struct Health {
+    /// The upstream's name, for the log.
+    name: std::sync::Arc<str>,
     threshold: u32,
     first_cooldown: Duration,
     state: Mutex<State>,
@@ -42,6 +44,7 @@ pub enum Admit {
 /// For `/status`.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
+    pub name: std::sync::Arc<str>,
     pub healthy: bool,
     pub failures_in_a_row: u32,
     pub open_for_ms: u64,
@@ -51,7 +54,13 @@ pub struct Status {
 impl Health {
     /// `threshold` 0 turns the breaker off.
     pub fn new(threshold: u32, cooldown: Duration) -> Health {
+        Health::named("default".into(), threshold, cooldown)
+    }
+
+    /// [`Health::new`] for the upstream `name`.
+    pub fn named(name: std::sync::Arc<str>, threshold: u32, cooldown: Duration) -> Health {
         Health {
+            name,
             threshold,
             first_cooldown: cooldown.max(Duration::from_millis(1)),
             state: Mutex::new(State::default()),
@@ -81,6 +90,41 @@ impl Health {
         Admit::Go { probe: true }
     }
 
+    /// Whether a call sent now would be answered by the breaker (open, or
+    /// its probe out): routing passes such an upstream over. It asks
+    /// nothing of the breaker: a cool-down that has ended is available
+    /// (the next call is its probe).
+    pub fn unavailable(&self) -> bool {
+        if self.threshold == 0 {
+            return false;
+        }
+        let st = self.lock();
+        st.open_until
+            .is_some_and(|until| Instant::now() < until || st.probe_out)
+    }
+
+    /// The upstream refused penstock's own key (401, 403): it is taken out
+    /// for a cool-down at once, then probed as after failures.
+    pub fn trip(&self, probe: bool) {
+        if self.threshold == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        if probe {
+            st.probe_out = false;
+        }
+        if st.open_until.is_some_and(|u| Instant::now() < u) {
+            return;
+        }
+        st.cooldown = match st.open_until {
+            Some(_) => st.cooldown.saturating_mul(2).min(MAX_COOLDOWN),
+            None => self.first_cooldown,
+        };
+        st.open_until = Some(Instant::now() + st.cooldown);
+        st.opened += 1;
+        tracing::warn!(upstream = %self.name, cooldown_ms = st.cooldown.as_millis() as u64, "the upstream refused penstock's key: taken out until a probe is accepted");
+    }
+
     /// What an attempt came to: `failed` (no answer, a timeout, a 5xx) or
     /// not (any answer, errors of the request's own included).
     pub fn record(&self, failed: bool, probe: bool) {
@@ -93,7 +137,7 @@ impl Health {
         }
         if !failed {
             if st.open_until.is_some() {
-                tracing::info!("the upstream answers again: breaker closed");
+                tracing::info!(upstream = %self.name, "the upstream answers again: breaker closed");
             }
             *st = State {
                 opened: st.opened,
@@ -111,6 +155,7 @@ impl Health {
             st.open_until = Some(Instant::now() + st.cooldown);
             st.opened += 1;
             tracing::warn!(
+                upstream = %self.name,
                 failures_in_a_row = st.in_a_row,
                 cooldown_ms = st.cooldown.as_millis() as u64,
                 "the upstream keeps failing: breaker open, calls answered at once until a probe gets an answer"
@@ -129,6 +174,7 @@ impl Health {
             u.saturating_duration_since(Instant::now())
         });
         Status {
+            name: self.name.clone(),
             healthy: st.open_until.is_none(),
             failures_in_a_row: st.in_a_row,
             open_for_ms: u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX),

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamKind, Upstreams};
 use crate::logic::classify::classify;
 use crate::logic::encoding::{self, Accept, Encoding};
 use crate::logic::metrics::Metrics;
@@ -25,6 +25,7 @@ use crate::vocab::body::{Body, full};
 use crate::vocab::context::Payload;
 use crate::vocab::error::{Problem, ProxyError};
 use crate::vocab::headers::{name, remove_where};
+use crate::vocab::route::Route;
 use crate::vocab::url::BaseUrl;
 
 /// Why an attempt got no answer from the upstream.
@@ -91,23 +92,87 @@ impl Problem for Failure {
 /// Credentials penstock sends in sidecar mode, replacing the client's.
 #[derive(Clone)]
 struct SidecarAuth {
+    /// `authorization` (OpenAI) or `api-key` (Azure).
+    header: HeaderName,
     authorization: HeaderValue,
     organization: Option<HeaderValue>,
     project: Option<HeaderValue>,
 }
 
+/// What keeps an upstream from being built: `key` names the config key
+/// (`upstream.x`, or `upstream[i].x` with several).
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("upstream.base_url: {0}")]
-    BaseUrl(String),
-    #[error("upstream.api_key_env: environment variable {0} is not set")]
-    KeyMissing(String),
-    #[error("upstream.{key}: not a valid header value")]
-    BadHeader { key: &'static str },
-    #[error("upstream.ca_file: {0}")]
-    CaFile(String),
-    #[error("TLS setup: {0}")]
-    Tls(#[from] rustls::Error),
+#[error("{key}: {message}")]
+pub struct BuildError {
+    key: String,
+    message: String,
+}
+
+/// An Azure OpenAI upstream: how an OpenAI-shaped request is put to it.
+struct Azure {
+    /// Model -> deployment (a model not named is its own deployment).
+    deployments: std::collections::BTreeMap<String, String>,
+    /// Deployment paths with this `api-version`; else the v1 API.
+    api_version: Option<String>,
+}
+
+impl Azure {
+    /// The Azure path and body of an OpenAI-shaped request (`/v1/...`):
+    /// the v1 API (`/openai/v1/...`) or a deployment path with its
+    /// `api-version`; a JSON body's top-level `model` names the deployment.
+    fn rewrite(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        ctx: Option<&crate::vocab::context::RequestContext>,
+        body: Bytes,
+    ) -> (String, Bytes) {
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        let model = ctx.and_then(|c| c.model.as_deref());
+        let deployment = model.map(|m| self.deployments.get(m).map_or(m, String::as_str));
+        let q = |sep: char| query.map_or(String::new(), |q| format!("{sep}{q}"));
+        let path = match &self.api_version {
+            None => format!("/openai/v1{rest}{}", q('?')),
+            Some(v) => {
+                let scoped = ctx.is_some_and(|c| {
+                    matches!(
+                        c.route,
+                        Route::ImagesGenerations
+                            | Route::ImagesEdits
+                            | Route::ImagesVariations
+                            | Route::ChatCompletions
+                            | Route::Completions
+                            | Route::Embeddings
+                    )
+                }) || rest.starts_with("/audio/");
+                match deployment.filter(|_| scoped) {
+                    Some(d) => format!("/openai/deployments/{d}{rest}?api-version={v}{}", q('&')),
+                    None => format!("/openai{rest}?api-version={v}{}", q('&')),
+                }
+            }
+        };
+        let body = match (model, deployment) {
+            (Some(m), Some(d)) if m != d => rename_model(body, d),
+            _ => body,
+        };
+        (path, body)
+    }
+}
+
+/// A JSON body with its top-level `model` replaced by `to`; any other body
+/// as it is.
+fn rename_model(body: Bytes, to: &str) -> Bytes {
+    let Some(at) = crate::vocab::json::top_level_string(&body, "model") else {
+        return body;
+    };
+    let Ok(quoted) = serde_json::to_string(to) else {
+        return body;
+    };
+    let mut out = Vec::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..at.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[at.end..]);
+    Bytes::from(out)
 }
 
 /// Whether `name` (lowercase) describes one hop and is never forwarded (RFC
@@ -178,14 +243,21 @@ fn forwarded(client: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// The innermost service: one attempt against the upstream. Cloned into every
-/// request's futures, so it is one pointer.
+/// The innermost service: one attempt against the upstream the request was
+/// given to (the first unless the budget layer chose another). Cloned into
+/// every request's futures, so it is one pointer.
 #[derive(Clone)]
 pub struct Upstream {
-    inner: Arc<Inner>,
+    all: Arc<[Arc<Inner>]>,
 }
 
 struct Inner {
+    /// Attempts sent and not yet answered (their heads).
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// With several upstreams: `x-penstock-upstream` on its answers, and a
+    /// refusal of penstock's key takes it out.
+    announce: Option<HeaderValue>,
+    azure: Option<Azure>,
     /// Connections, pooled per thread: a proxy thread's requests use the
     /// connections its own runtime drives.
     conns: conns::Conns,
@@ -198,34 +270,126 @@ struct Inner {
 }
 
 impl Upstream {
-    /// The breaker's state, for `/status`.
+    /// The first upstream's breaker, for `/status`.
     pub fn health(&self) -> health::Status {
-        self.inner.health.status()
+        self.all[0].health.status()
     }
 
-    /// Builds the client; `env` reads the sidecar key's variable; `metrics`, when
-    /// given, counts every attempt and its time to the response head.
+    /// Every upstream's breaker, in the config's order.
+    pub fn healths(&self) -> Vec<health::Status> {
+        self.all.iter().map(|u| u.health.status()).collect()
+    }
+
+    /// How many upstreams there are.
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+
+    /// Attempts out to upstream `i` and not answered yet.
+    pub fn in_flight(&self, i: usize) -> usize {
+        self.all.get(i).map_or(0, |u| {
+            u.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// Whether a call to upstream `i` now would be answered by its breaker.
+    pub fn unavailable(&self, i: usize) -> bool {
+        self.all.get(i).is_some_and(|u| u.health.unavailable())
+    }
+
+    /// One upstream: builds the client; `env` reads the sidecar key's
+    /// variable; `metrics`, when given, counts every attempt and its time
+    /// to the response head.
     pub fn new(
         config: &UpstreamConfig,
         env: impl Fn(&str) -> Option<String>,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Upstream, BuildError> {
-        let base = BaseUrl::parse(&config.base_url).map_err(BuildError::BaseUrl)?;
-        if base.credentials {
-            tracing::warn!("upstream.base_url names a user or password: it is not sent upstream");
+        Upstream::several(&Upstreams::from_list(vec![config.clone()]), env, metrics)
+    }
+
+    /// Every configured upstream, the first the default.
+    pub fn several(
+        config: &Upstreams,
+        env: impl Fn(&str) -> Option<String>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Upstream, BuildError> {
+        let several = config.all().len() > 1;
+        let mut all = Vec::with_capacity(config.all().len());
+        for (i, one) in config.all().iter().enumerate() {
+            let name: Arc<str> = config.name_of(i).into();
+            let key = |field: &str| config.key(i, field);
+            let announce = match several {
+                true => Some(
+                    HeaderValue::try_from(name.as_ref()).map_err(|_| BuildError {
+                        key: key("name"),
+                        message: "not a valid header value".into(),
+                    })?,
+                ),
+                false => None,
+            };
+            all.push(Arc::new(Inner::build(
+                one,
+                name,
+                announce,
+                &key,
+                &env,
+                metrics.clone(),
+            )?));
         }
+        Ok(Upstream { all: all.into() })
+    }
+}
+
+impl Inner {
+    fn build(
+        config: &UpstreamConfig,
+        name: Arc<str>,
+        announce: Option<HeaderValue>,
+        key: &dyn Fn(&str) -> String,
+        env: &dyn Fn(&str) -> Option<String>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Inner, BuildError> {
+        let err = |field: &str, message: String| BuildError {
+            key: key(field),
+            message,
+        };
+        let base = BaseUrl::parse(&config.base_url).map_err(|m| err("base_url", m))?;
+        if base.credentials {
+            tracing::warn!(
+                "{}: names a user or password: it is not sent upstream",
+                key("base_url")
+            );
+        }
+        let azure = config.kind == UpstreamKind::Azure;
         let sidecar = match &config.api_key_env {
             Some(var) => {
-                let key = env(var).filter(|k| !k.is_empty());
-                let key = key.ok_or_else(|| BuildError::KeyMissing(var.clone()))?;
-                let header = |key: &'static str, v: &str| {
-                    let mut v =
-                        HeaderValue::try_from(v).map_err(|_| BuildError::BadHeader { key })?;
+                let secret = env(var).filter(|k| !k.is_empty());
+                let secret = secret.ok_or_else(|| {
+                    err(
+                        "api_key_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?;
+                let header = |field: &str, v: &str| {
+                    let mut v = HeaderValue::try_from(v)
+                        .map_err(|_| err(field, "not a valid header value".into()))?;
                     v.set_sensitive(true);
                     Ok::<_, BuildError>(v)
                 };
                 Some(SidecarAuth {
-                    authorization: header("api_key_env", &format!("Bearer {key}"))?,
+                    header: match azure {
+                        true => name::API_KEY,
+                        false => header::AUTHORIZATION,
+                    },
+                    authorization: match azure {
+                        true => header("api_key_env", &secret)?,
+                        false => header("api_key_env", &format!("Bearer {secret}"))?,
+                    },
                     organization: config
                         .organization
                         .as_deref()
@@ -246,23 +410,27 @@ impl Upstream {
         if let Some(path) = &config.ca_file {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| BuildError::CaFile(format!("{}: {e}", path.display())))?;
+                .map_err(|e| err("ca_file", format!("{}: {e}", path.display())))?;
             if certs.is_empty() {
-                return Err(BuildError::CaFile(format!(
-                    "{}: no PEM certificate found",
-                    path.display()
-                )));
+                return Err(err(
+                    "ca_file",
+                    format!("{}: no PEM certificate found", path.display()),
+                ));
             }
             for cert in certs {
                 roots
                     .add(cert)
-                    .map_err(|e| BuildError::CaFile(format!("{}: {e}", path.display())))?;
+                    .map_err(|e| err("ca_file", format!("{}: {e}", path.display())))?;
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BuildError {
+            key: "TLS setup".into(),
+            message: e.to_string(),
+        })?
         .with_root_certificates(roots)
         .with_no_client_auth();
 
@@ -275,31 +443,56 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        Ok(Upstream {
-            inner: Arc::new(Inner {
-                conns: conns::Conns::new(
-                    https,
-                    base.clone(),
-                    config.pool_idle_timeout,
-                    config.keep_alive_interval,
-                ),
-                base,
-                sidecar,
-                attempt_timeout: config.attempt_timeout,
-                read_timeout: config.read_timeout,
-                metrics,
-                health: health::Health::new(config.breaker_failures, config.breaker_cooldown),
+        Ok(Inner {
+            conns: conns::Conns::new(
+                https,
+                base.clone(),
+                config.pool_idle_timeout,
+                config.keep_alive_interval,
+            ),
+            base,
+            sidecar,
+            attempt_timeout: config.attempt_timeout,
+            read_timeout: config.read_timeout,
+            metrics,
+            health: health::Health::named(
+                name.clone(),
+                config.breaker_failures,
+                config.breaker_cooldown,
+            ),
+            in_flight: Default::default(),
+            announce,
+            azure: azure.then(|| Azure {
+                deployments: config.deployments.clone(),
+                api_version: config.api_version.clone(),
             }),
         })
     }
 
-    fn upstream_request(&self, req: Request<Payload>) -> Result<Request<Full<Bytes>>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
+    fn request(&self, req: Request<Payload>) -> Result<Request<Full<Bytes>>, ProxyError> {
+        let (mut parts, mut body) = req.into_parts();
+        // An OpenAI-shaped request to Azure takes Azure's path and names
+        // the deployment; an Azure-shaped one goes as it came.
+        let azure_path = match &self.azure {
+            Some(az) if parts.uri.path().starts_with("/v1/") => {
+                let (path, bytes) = az.rewrite(
+                    parts.uri.path(),
+                    parts.uri.query(),
+                    body.ctx.as_deref(),
+                    std::mem::take(&mut body.bytes),
+                );
+                body.bytes = bytes;
+                Some(
+                    http::uri::PathAndQuery::try_from(path)
+                        .map_err(|e| Failure::InvalidPath(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         // Origin form: the connection sets what HTTP/1.1 or HTTP/2 needs.
         parts.uri = self
-            .inner
             .base
-            .path(parts.uri.path_and_query())
+            .path(azure_path.as_ref().or(parts.uri.path_and_query()))
             .map(Uri::from)
             .map_err(|e| Failure::InvalidPath(e.to_string()))?;
         // The upstream connection picks its own protocol version.
@@ -330,16 +523,17 @@ impl Upstream {
         if let Some(value) = replaced {
             h.insert(header::ACCEPT_ENCODING, value);
         }
-        if let Some(auth) = &self.inner.sidecar {
+        if let Some(auth) = &self.sidecar {
             // The client's own credentials never go upstream in sidecar mode.
             for name in [
+                header::AUTHORIZATION,
                 name::API_KEY,
                 name::OPENAI_ORGANIZATION,
                 name::OPENAI_PROJECT,
             ] {
                 h.remove(name);
             }
-            h.insert(header::AUTHORIZATION, auth.authorization.clone());
+            h.insert(auth.header.clone(), auth.authorization.clone());
             if let Some(org) = &auth.organization {
                 h.insert(name::OPENAI_ORGANIZATION, org.clone());
             }
@@ -378,8 +572,13 @@ impl tower::Service<Request<Payload>> for Upstream {
                 me.call(req).await
             });
         }
+        let inner = match req.body().upstream {
+            Some(i) => self.all.get(usize::from(i)).unwrap_or(&self.all[0]),
+            None => &self.all[0],
+        }
+        .clone();
         // The upstream keeps failing: nothing is sent until a probe answers.
-        let probe = match self.inner.health.admit() {
+        let probe = match inner.health.admit() {
             health::Admit::Go { probe } => probe,
             health::Admit::Down(wait) => {
                 return Box::pin(std::future::ready(Err(Failure::Down(wait).into())));
@@ -394,13 +593,13 @@ impl tower::Service<Request<Payload>> for Upstream {
         if let Some(ctx) = &ctx {
             ctx.tally.update(|t| t.sent = true);
         }
-        let req = self.upstream_request(req);
-        let inner = self.inner.clone();
+        let req = inner.request(req);
         Box::pin(async move {
             // A probe whose caller leaves gives its turn back.
             let mut out = ProbeOut {
                 inner: probe.then(|| inner.clone()),
             };
+            let _out = Out::count(&inner);
             let sent = tokio::time::Instant::now();
             // No attempt outlives the request's deadline.
             let timeout = ctx.as_ref().map_or(inner.attempt_timeout, |c| {
@@ -418,7 +617,22 @@ impl tower::Service<Request<Payload>> for Upstream {
             };
             let failed = crate::logic::classify::attempt(&result).class
                 == crate::logic::classify::Class::Transient;
-            inner.health.record(failed, probe);
+            // One of several upstreams refused penstock's own key, or its
+            // money is gone: its traffic goes to the others until a probe
+            // is accepted.
+            let refused = inner.announce.is_some()
+                && inner.sidecar.is_some()
+                && result.as_ref().is_ok_and(|r| {
+                    matches!(
+                        r.status(),
+                        http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
+                    ) || crate::logic::classify::of(r)
+                        .is_some_and(|c| c.class == crate::logic::classify::Class::QuotaExhausted)
+                });
+            match refused {
+                true => inner.health.trip(probe),
+                false => inner.health.record(failed, probe),
+            }
             out.inner = None;
             if let Some(m) = &inner.metrics {
                 let outcome = crate::logic::classify::attempt_label(&result);
@@ -426,8 +640,32 @@ impl tower::Service<Request<Payload>> for Upstream {
                 let model = m.label_of(ctx.as_deref());
                 m.attempt(route, &model, outcome, sent.elapsed().as_secs_f64());
             }
+            let mut result = result;
+            if let (Some(name), Ok(resp)) = (&inner.announce, &mut result) {
+                resp.headers_mut().insert(name::UPSTREAM, name.clone());
+            }
             result
         })
+    }
+}
+
+/// An attempt out, counted until its answer's head (or its failure).
+struct Out<'a>(&'a Inner);
+
+impl<'a> Out<'a> {
+    fn count(inner: &'a Inner) -> Out<'a> {
+        inner
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Out(inner)
+    }
+}
+
+impl Drop for Out<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
