@@ -124,6 +124,32 @@ pub struct Behaviour {
     /// Close a keep-alive connection idle this long, as OpenAI's edge closes
     /// idle connections (a client must not send on one it just closed).
     pub idle_close: Option<Duration>,
+    /// Act as an Azure OpenAI resource instead (see [`Azure`]).
+    pub azure: Option<Azure>,
+}
+
+/// An Azure OpenAI resource, as far as we know it (`openai-contract.md`):
+/// the v1 API at `/openai/v1/...` (the deployment as `model`) and
+/// deployment paths `/openai/deployments/{deployment}/...?api-version=`;
+/// an `api-key` header (or an Entra bearer token); answers carry
+/// `x-ratelimit-remaining-requests/-tokens` without limits or resets; a
+/// 429 comes in Azure's shape with `retry-after` and `retry-after-ms`; a
+/// filtered prompt is refused with 400 `content_filter`. Limits apply per
+/// deployment, as Azure's quota does.
+#[derive(Clone, Debug, Default)]
+pub struct Azure {
+    /// Deployments that exist (none listed: any name is one).
+    pub deployments: Vec<String>,
+    /// A prompt containing this is refused by the content filter.
+    pub filtered_word: Option<String>,
+}
+
+/// The path an Azure request came with, kept for the call log.
+#[derive(Clone, Debug)]
+struct AzureOriginal {
+    path: String,
+    query: Option<String>,
+    deployment: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -144,6 +170,7 @@ impl Default for Behaviour {
             image_bytes: 64,
             record_bodies: true,
             stall_after_bytes: None,
+            azure: None,
             key_projects: Vec::new(),
             announce_limits: true,
             image_answer_limits: false,
@@ -377,11 +404,15 @@ impl State {
     }
 
     fn record(&self, parts: &http::request::Parts, body: &Bytes, status: u16, keep_body: bool) {
+        let original = parts.extensions.get::<AzureOriginal>();
         self.log.lock().unwrap().push(Recorded {
             method: parts.method.clone(),
             version: parts.version,
-            path: parts.uri.path().to_string(),
-            query: parts.uri.query().map(str::to_string),
+            path: original.map_or_else(|| parts.uri.path().to_string(), |o| o.path.clone()),
+            query: match original {
+                Some(o) => o.query.clone(),
+                None => parts.uri.query().map(str::to_string),
+            },
             headers: parts.headers.clone(),
             body: if keep_body {
                 body.clone()
@@ -757,7 +788,18 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         .filter_map(|v| v.to_str().ok())
         .collect::<Vec<_>>()
         .join(",");
-    let resp = answer(st.clone(), req).await?;
+    let azure = st.behaviour.lock().unwrap().azure.clone();
+    let resp = match azure {
+        Some(azure) => match azure_request(req) {
+            Ok(req) => azure_answer(answer(st.clone(), req).await?, &azure).await,
+            Err(refused) => {
+                let (parts, _) = refused.0.into_parts();
+                st.record(&parts, &Bytes::new(), refused.1.status().as_u16(), false);
+                refused.1
+            }
+        },
+        None => answer(st.clone(), req).await?,
+    };
     let (compress, stall) = {
         let b = st.behaviour.lock().unwrap();
         (b.compress, b.stall_after_bytes)
@@ -770,6 +812,151 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         Some(coding) => compressed(resp, coding),
         None => resp,
     })
+}
+
+/// An Azure error: `{"error": {"code", "message"}}`.
+fn azure_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    )
+}
+
+/// An Azure request as the OpenAI handler reads it: its path put as
+/// `/v1/...` (the original kept for the log), the deployment its model; or
+/// Azure's refusal of it (no key, no such path, no `api-version`).
+#[allow(clippy::result_large_err)]
+fn azure_request(
+    req: Request<Incoming>,
+) -> Result<Request<Incoming>, (Request<Incoming>, Response<Body>)> {
+    let has_key = req.headers().contains_key("api-key")
+        || req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "));
+    if !has_key {
+        return Err((
+            req,
+            azure_error(
+                StatusCode::UNAUTHORIZED,
+                "401",
+                "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+            ),
+        ));
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let api_version = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p.starts_with("api-version=") && p.len() > 12)
+    });
+    let (rest, deployment) = if let Some(rest) = path.strip_prefix("/openai/v1/") {
+        (rest.to_string(), None)
+    } else if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let Some((dep, op)) = rest.split_once('/') else {
+            return Err((
+                req,
+                azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
+            ));
+        };
+        if !api_version {
+            return Err((
+                req,
+                azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
+            ));
+        }
+        (op.to_string(), Some(dep.to_string()))
+    } else if let Some(rest) = path.strip_prefix("/openai/").filter(|_| api_version) {
+        (rest.to_string(), None)
+    } else {
+        return Err((
+            req,
+            azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
+        ));
+    };
+    let (mut parts, body) = req.into_parts();
+    // The client's other query parameters go on; api-version is Azure's.
+    let kept: Vec<&str> = query
+        .as_deref()
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.starts_with("api-version="))
+                .collect()
+        })
+        .unwrap_or_default();
+    let uri = match kept.is_empty() {
+        true => format!("/v1/{rest}"),
+        false => format!("/v1/{rest}?{}", kept.join("&")),
+    };
+    parts.uri = uri.parse().expect("a path the fake built");
+    parts.extensions.insert(AzureOriginal {
+        path,
+        query,
+        deployment,
+    });
+    Ok(Request::from_parts(parts, body))
+}
+
+/// An OpenAI answer as Azure gives it: rate-limit headers of what remains
+/// only; a 429 in Azure's shape with `retry-after-ms`.
+async fn azure_answer(resp: Response<Body>, _azure: &Azure) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    let gone: Vec<http::HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.starts_with("x-ratelimit-limit-") || k.starts_with("x-ratelimit-reset-")
+        })
+        .cloned()
+        .collect();
+    for k in gone {
+        parts.headers.remove(k);
+    }
+    parts.headers.remove("openai-organization");
+    parts
+        .headers
+        .insert("x-ms-region", HeaderValue::from_static("Fake Region"));
+    if parts.status != StatusCode::TOO_MANY_REQUESTS {
+        return Response::from_parts(parts, body);
+    }
+    let bytes = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if v["error"]["code"] == "insufficient_quota" {
+        return Response::from_parts(parts, full(bytes));
+    }
+    let secs: u64 = parts
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut resp = azure_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "429",
+        &format!(
+            "Requests to the Images_Generations Operation under Azure OpenAI API version 2025-04-01-preview have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after {secs} second. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
+        ),
+    );
+    let h = resp.headers_mut();
+    let ms = parts
+        .headers
+        .get("retry-after-ms")
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(secs * 1000));
+    h.insert("retry-after", HeaderValue::from(secs));
+    h.insert("retry-after-ms", ms);
+    for (k, v) in parts.headers.iter() {
+        if k.as_str().starts_with("x-ratelimit-remaining-") || k == "x-request-id" {
+            h.insert(k.clone(), v.clone());
+        }
+    }
+    resp
 }
 
 /// The answer's first `n` bytes, then nothing, for ever.
@@ -972,6 +1159,44 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             ));
         }
     };
+
+    // Azure: a deployment path names the model; unknown deployments and
+    // filtered prompts are refused.
+    let mut call = call;
+    if let Some(azure) = &b.azure {
+        let original = parts.extensions.get::<AzureOriginal>().cloned();
+        let deployment = original
+            .as_ref()
+            .and_then(|o| o.deployment.clone())
+            .unwrap_or_else(|| call.model.clone());
+        if !azure.deployments.is_empty() && !azure.deployments.contains(&deployment) {
+            st.record(&parts, &body, 404, b.record_bodies);
+            return Ok(azure_error(
+                StatusCode::NOT_FOUND,
+                "DeploymentNotFound",
+                "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
+            ));
+        }
+        call.model = deployment;
+        if azure
+            .filtered_word
+            .as_deref()
+            .is_some_and(|w| call.prompt.contains(w))
+        {
+            st.record(&parts, &body, 400, b.record_bodies);
+            return Ok(json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": {
+                    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766",
+                    "type": null, "param": "prompt", "code": "content_filter", "status": 400,
+                    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+                        "hate": {"filtered": false, "severity": "safe"},
+                        "self_harm": {"filtered": false, "severity": "safe"},
+                        "sexual": {"filtered": false, "severity": "safe"},
+                        "violence": {"filtered": true, "severity": "medium"}}}}}),
+            ));
+        }
+    }
 
     // A response continues only one its key stored.
     if let Some(prev) = &call.previous_response_id {

@@ -53,6 +53,15 @@ struct Args {
     /// balancers in front of OpenAI do (0: never).
     #[arg(long, default_value_t = 60)]
     idle_close_s: u64,
+    /// Act as an Azure OpenAI resource: /openai/v1/... and
+    /// /openai/deployments/{d}/...?api-version=, an api-key header, limits
+    /// per deployment, remaining-only headers, Azure-shaped 429s.
+    #[arg(long)]
+    azure: bool,
+    /// With --azure: a prompt containing this word is refused by the
+    /// content filter (400 content_filter).
+    #[arg(long)]
+    azure_filtered_word: Option<String>,
 }
 
 #[tokio::main]
@@ -83,6 +92,10 @@ async fn main() {
             ..Limits::default()
         }),
         record_bodies: false,
+        azure: args.azure.then(|| fake_openai::Azure {
+            deployments: Vec::new(),
+            filtered_word: args.azure_filtered_word.clone(),
+        }),
         ..Behaviour::default()
     };
     let fake = match Fake::serve(args.listen, behaviour, None).await {

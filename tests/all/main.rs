@@ -8,6 +8,7 @@
 mod support;
 
 mod admin;
+mod azure;
 mod budget;
 mod cache;
 mod cli;
