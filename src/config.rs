@@ -72,6 +72,9 @@ pub struct Config {
     /// Rate budgets: a request's model picks the first budget whose globs match it.
     #[serde(default, rename = "budget", skip_serializing_if = "Vec::is_empty")]
     pub budgets: Vec<BudgetConfig>,
+    /// Models to use instead of others when those cannot be had in time.
+    #[serde(default, rename = "fallback", skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<FallbackConfig>,
     /// The wait for budget.
     #[serde(default)]
     pub queue: QueueConfig,
@@ -114,6 +117,7 @@ pub struct Config {
 /// effect at the next start.
 pub const LIVE_KEYS: &[&str] = &[
     "budget",
+    "fallback",
     "client",
     "queue.max_wait",
     "queue.max_depth",
@@ -121,6 +125,27 @@ pub const LIVE_KEYS: &[&str] = &[
     "spend.usd_per_day",
     "spend.usd_per_month",
 ];
+
+/// `[[fallback]]`: when a model cannot be had in time (every upstream
+/// serving it out of quota or down, or its wait longer than `after`), a
+/// request that allows it goes with the first of `to` that can be had.
+/// Opt in: none is configured by default, and a request with
+/// `x-penstock-fallback: none` never falls back.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Model globs this applies to.
+    pub models: Vec<String>,
+    /// The models to use instead, in order.
+    pub to: Vec<String>,
+    /// The longest wait for the asked model before a fallback is used.
+    #[serde(default = "default_fallback_after", with = "humantime_serde")]
+    pub after: Duration,
+}
+
+fn default_fallback_after() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// `[admin]`: who may read the admin listener.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -1176,6 +1201,7 @@ impl Default for Config {
             upstream: Upstreams::default(),
             server: ServerConfig::default(),
             budgets: Vec::new(),
+            fallbacks: Vec::new(),
             queue: QueueConfig::default(),
             estimate: EstimateConfig {
                 default_max_output_tokens: default_max_output_tokens(),
@@ -1640,6 +1666,28 @@ impl Config {
                 return Err(bad(
                     &format!("budget[{i}].upstream"),
                     format!("{u:?} names no upstream"),
+                ));
+            }
+        }
+        for (i, f) in self.fallbacks.iter().enumerate() {
+            let key = |field: &str| format!("fallback[{i}].{field}");
+            if f.models.is_empty() || f.models.iter().any(String::is_empty) {
+                return Err(bad(
+                    &key("models"),
+                    "expected at least one model glob, like \"gpt-image-1\"".into(),
+                ));
+            }
+            if f.to.is_empty() || f.to.iter().any(|m| m.is_empty() || m.contains(['*', '?'])) {
+                return Err(bad(
+                    &key("to"),
+                    "expected at least one model name (not a glob), like \"gpt-image-1-mini\""
+                        .into(),
+                ));
+            }
+            if f.after > Duration::from_secs(24 * 3600) {
+                return Err(bad(
+                    &key("after"),
+                    "expected at most a day, like \"30s\"".into(),
                 ));
             }
         }

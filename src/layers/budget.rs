@@ -109,6 +109,27 @@ pub struct Registry {
     breakers: Mutex<HashMap<Arc<str>, Arc<Tripped>>>,
     /// The upstreams, in the config's order (not reloaded).
     ups: Vec<UpRoute>,
+    /// `[[fallback]]`s, swapped whole by a reload.
+    fallbacks: ArcSwap<Vec<Fallback>>,
+}
+
+/// A `[[fallback]]`: the models to use instead of those its globs match.
+pub struct Fallback {
+    globs: Vec<WildMatch>,
+    pub to: Vec<Arc<str>>,
+    pub after: Duration,
+}
+
+fn fallbacks_of(config: &Config) -> Vec<Fallback> {
+    config
+        .fallbacks
+        .iter()
+        .map(|f| Fallback {
+            globs: f.models.iter().map(|g| WildMatch::new(g)).collect(),
+            to: f.to.iter().map(|m| Arc::from(m.as_str())).collect(),
+            after: f.after,
+        })
+        .collect()
 }
 
 /// Whether `pool` is a budget's one pool for every credential.
@@ -187,7 +208,17 @@ impl Registry {
             heard: Mutex::new(foldhash::HashSet::default()),
             breakers: Mutex::new(HashMap::default()),
             ups: routes_of(config),
+            fallbacks: ArcSwap::from_pointee(fallbacks_of(config)),
         }
+    }
+
+    /// The fallbacks of `model` and how long it is waited for first.
+    fn fallback_for(&self, model: &str) -> Option<(Vec<Arc<str>>, Duration)> {
+        let all = self.fallbacks.load();
+        let f = all
+            .iter()
+            .find(|f| f.globs.iter().any(|g| g.matches(model)))?;
+        Some((f.to.clone(), f.after))
     }
 
     /// Where a request may go, best first: with several upstreams, a
@@ -198,6 +229,7 @@ impl Registry {
     fn candidates(
         &self,
         ctx: &RequestContext,
+        model: Option<&str>,
         azure_shaped: bool,
         upstream: &Upstream,
     ) -> Vec<(usize, Arc<str>)> {
@@ -205,7 +237,7 @@ impl Registry {
         if self.ups.len() <= 1 || ctx.credential.as_ref() != "sidecar" {
             return alone();
         }
-        let Some(model) = ctx.model.as_deref() else {
+        let Some(model) = model else {
             return alone();
         };
         let serving: Vec<usize> = (0..self.ups.len())
@@ -310,6 +342,7 @@ impl Registry {
             self.max_wait
                 .store(micros(config.queue.max_wait), Ordering::Relaxed);
             self.priorities.store(Arc::new(priorities_of(config)));
+            self.fallbacks.store(Arc::new(fallbacks_of(config)));
             self.batch_min_share
                 .store(config.queue.batch_min_share.to_bits(), Ordering::Relaxed);
             pools.values().cloned().collect()
@@ -675,16 +708,35 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
         let ctx = req.body().ctx.clone();
         // Where it may go: one upstream, or several it waits for at once.
         let azure_shaped = req.uri().path().starts_with("/openai/");
-        let candidates = ctx
-            .as_ref()
-            .map(|c| self.registry.candidates(c, azure_shaped, &self.upstream));
+        let candidates = ctx.as_ref().map(|c| {
+            self.registry
+                .candidates(c, c.model.as_deref(), azure_shaped, &self.upstream)
+        });
         let several = self.upstream.len() > 1;
+        // Fallback models: configured for its model, a JSON body naming it,
+        // and not refused by the request.
+        let fallback = ctx.as_ref().and_then(|c| {
+            let refused = c
+                .headers
+                .get(name::FALLBACK)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"none"));
+            let json = c
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            if refused || !json || azure_shaped {
+                return None;
+            }
+            self.registry.fallback_for(c.model.as_deref()?)
+        });
+        let upstream = self.upstream.clone();
         let max_wait = self.registry.max_wait();
         let quota_cooldown = self.registry.quota_cooldown;
         let refund = self.registry.refund;
         let account = Account {
             metrics: self.metrics.clone(),
             ctx: ctx.clone(),
+            model: None,
         };
         // A Responses request's image tool spends the image model's pool
         // (a Responses request stays with the first upstream).
@@ -734,15 +786,111 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .deadline
                 .saturating_duration_since(tokio::time::Instant::now());
             let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
-            let alternatives = candidates.len() > 1;
+            let alternatives = candidates.len() > 1 || fallback.is_some();
+            let began = tokio::time::Instant::now();
+            let (admitted, chosen) = match fallback {
+                None => (
+                    admit(
+                        &registry,
+                        &ctx,
+                        ctx.model.as_deref(),
+                        class,
+                        max_wait,
+                        candidates,
+                    )
+                    .await?,
+                    None,
+                ),
+                Some((to, after)) => {
+                    let spent = ctx.spent_upstreams.load(Ordering::Relaxed);
+                    let out = |c: &[(usize, Arc<str>)]| {
+                        c.iter().all(|(i, _)| {
+                            upstream.unavailable(*i) || (*i < 64 && spent & (1 << i) != 0)
+                        })
+                    };
+                    // Every upstream of the model out (spent, refusing,
+                    // down): straight to the fallbacks.
+                    let first = match out(&candidates) {
+                        true => None,
+                        false => Some(
+                            admit(
+                                &registry,
+                                &ctx,
+                                ctx.model.as_deref(),
+                                class,
+                                after.min(max_wait),
+                                candidates.clone(),
+                            )
+                            .await,
+                        ),
+                    };
+                    match first {
+                        Some(Ok(admitted)) => (admitted, None),
+                        Some(Err(e)) if !falls_back(&e) => return Err(e),
+                        first => {
+                            let mut last = first.and_then(Result::err);
+                            let mut found = None;
+                            for model in &to {
+                                let c = registry.candidates(&ctx, Some(model), false, &upstream);
+                                if out(&c) {
+                                    continue;
+                                }
+                                let left = max_wait.saturating_sub(began.elapsed());
+                                match admit(&registry, &ctx, Some(model), class, left, c).await {
+                                    Ok(admitted) => {
+                                        found = Some((admitted, model.clone()));
+                                        break;
+                                    }
+                                    Err(e) => last = Some(e),
+                                }
+                            }
+                            match (found, last) {
+                                (Some((admitted, model)), _) => (admitted, Some(model)),
+                                (None, Some(e)) => return Err(e),
+                                // Nothing could be tried: the asked model, as
+                                // without fallbacks.
+                                (None, None) => (
+                                    admit(
+                                        &registry,
+                                        &ctx,
+                                        ctx.model.as_deref(),
+                                        class,
+                                        max_wait.saturating_sub(began.elapsed()),
+                                        candidates,
+                                    )
+                                    .await?,
+                                    None,
+                                ),
+                            }
+                        }
+                    }
+                }
+            };
             let Admitted {
                 up,
                 credential,
                 pool,
-            } = admit(&registry, &ctx, class, max_wait, candidates).await?;
+            } = admitted;
             if several {
                 req.body_mut().upstream = u8::try_from(up).ok();
             }
+            // A fallback: the body names it, and everything after counts it.
+            if let Some(model) = &chosen {
+                let body = req.body_mut();
+                if let Some(renamed) =
+                    crate::vocab::json::with_top_level_string(&body.bytes, "model", model)
+                {
+                    body.bytes = Bytes::from(renamed);
+                }
+                body.model = Some(model.clone());
+            }
+            let account = Account {
+                model: chosen.clone(),
+                ..account
+            };
+            let model_now: Option<Arc<str>> = chosen
+                .clone()
+                .or_else(|| ctx.model.as_deref().map(Arc::from));
             let Some((pool, permit)) = pool else {
                 let result = crate::layers::call_now(&mut inner, req).await;
                 if alternatives {
@@ -752,11 +900,12 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 if alternatives {
                     mark_failover(&mut resp);
                 }
+                announce_model(&mut resp, chosen.as_deref());
                 let tool = ToolPermit::after(tool, &resp);
                 learn_own_org(&own_orgs, &ctx, resp.headers());
                 // A model the upstream answers for gets its learned pool from
                 // now on (refused for its rate limit: paused at once).
-                if let Some(model) = ctx.model.as_deref() {
+                if let Some(model) = model_now.as_deref() {
                     match classify::of(&resp) {
                         Some(c) if c.class == Class::Success => {
                             registry.heard(model, &credential, up, None)
@@ -798,6 +947,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             if alternatives {
                 mark_failover(&mut resp);
             }
+            announce_model(&mut resp, chosen.as_deref());
             learn_own_org(&own_orgs, &ctx, resp.headers());
             let tool = ToolPermit::after(tool, &resp);
             let classified = classify::of(&resp);
@@ -893,6 +1043,27 @@ fn mark_failover(resp: &mut Response<Body>) {
     }
 }
 
+/// Refusals that send a request to its fallback model: no turn in time, no
+/// room in the queue, the money gone, a request larger than the limit.
+fn falls_back(e: &ProxyError) -> bool {
+    matches!(
+        e.code(),
+        "penstock_wait_too_long"
+            | "penstock_queue_timeout"
+            | "penstock_queue_full"
+            | "penstock_circuit_open"
+            | "penstock_request_too_large"
+            | "penstock_upstream_down"
+    )
+}
+
+/// An answer of a fallback model says which (`x-penstock-model`).
+fn announce_model(resp: &mut Response<Body>, model: Option<&str>) {
+    if let Some(v) = model.and_then(|m| http::HeaderValue::try_from(m).ok()) {
+        resp.headers_mut().insert(name::MODEL, v);
+    }
+}
+
 /// Upstream `up` failed this request (no answer, a 5xx, its key refused,
 /// its money gone): the request's retries go elsewhere while they can.
 fn note_failure(ctx: &RequestContext, up: usize, result: &Result<Response<Body>, ProxyError>) {
@@ -906,8 +1077,20 @@ fn note_failure(ctx: &RequestContext, up: usize, result: &Result<Response<Body>,
                 .is_some_and(|c| matches!(c.class, Class::Transient | Class::QuotaExhausted))
         }
     };
+    let spent = match result {
+        Ok(resp) => {
+            matches!(
+                resp.status(),
+                http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
+            ) || classify::of(resp).is_some_and(|c| c.class == Class::QuotaExhausted)
+        }
+        Err(_) => false,
+    };
     if failed && up < 64 {
         ctx.failed_upstreams.fetch_or(1 << up, Ordering::Relaxed);
+    }
+    if spent && up < 64 {
+        ctx.spent_upstreams.fetch_or(1 << up, Ordering::Relaxed);
     }
 }
 
@@ -926,17 +1109,22 @@ struct Admitted {
 async fn admit(
     registry: &Registry,
     ctx: &RequestContext,
+    model: Option<&str>,
     class: Priority,
     max_wait: Duration,
     mut candidates: Vec<(usize, Arc<str>)>,
 ) -> Result<Admitted, ProxyError> {
     if candidates.len() <= 1 {
         let (up, credential) = candidates.pop().unwrap_or((0, ctx.credential.clone()));
-        return admit_at(registry, ctx, class, max_wait, up, credential).await;
+        return admit_at(registry, ctx, model, class, max_wait, up, credential).await;
     }
     let races: Vec<_> = candidates
         .into_iter()
-        .map(|(up, credential)| Box::pin(admit_at(registry, ctx, class, max_wait, up, credential)))
+        .map(|(up, credential)| {
+            Box::pin(admit_at(
+                registry, ctx, model, class, max_wait, up, credential,
+            ))
+        })
         .collect();
     futures_util::future::select_ok(races)
         .await
@@ -947,16 +1135,14 @@ async fn admit(
 async fn admit_at(
     registry: &Registry,
     ctx: &RequestContext,
+    model: Option<&str>,
     class: Priority,
     max_wait: Duration,
     up: usize,
     credential: Arc<str>,
 ) -> Result<Admitted, ProxyError> {
-    let model = ctx.model.as_deref().unwrap_or_default();
-    let pool = ctx
-        .model
-        .as_deref()
-        .and_then(|m| registry.pool_at(m, &credential, up));
+    let pool = model.and_then(|m| registry.pool_at(m, &credential, up));
+    let model = model.unwrap_or_default();
     let Some(mut pool) = pool else {
         return Ok(Admitted {
             up,
@@ -1042,6 +1228,8 @@ impl ToolPermit {
 struct Account {
     metrics: Arc<Metrics>,
     ctx: Option<Arc<RequestContext>>,
+    /// The model that answered, when a fallback did (priced as itself).
+    model: Option<Arc<str>>,
 }
 
 impl Account {
@@ -1049,8 +1237,13 @@ impl Account {
     fn record(&self, usage: Option<&Usage>) {
         let ctx = self.ctx.as_deref();
         let usd = self.metrics.answered(
-            ctx.and_then(|c| c.model.as_deref()),
-            &self.metrics.label_of(ctx),
+            self.model
+                .as_deref()
+                .or_else(|| ctx.and_then(|c| c.model.as_deref())),
+            &match &self.model {
+                Some(m) => self.metrics.model_label(Some(m)),
+                None => self.metrics.label_of(ctx),
+            },
             ctx.map_or(0, |c| c.cost.tokens),
             usage,
             ctx.and_then(|c| c.image.as_deref()),

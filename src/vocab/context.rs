@@ -91,6 +91,9 @@ pub struct RequestContext {
     /// Upstreams (bits by index) that failed this request: its retries go
     /// elsewhere while anywhere else serves its model.
     pub failed_upstreams: std::sync::atomic::AtomicU64,
+    /// Of them, those whose money is gone or that refused penstock's key:
+    /// a model no upstream can serve so goes to its fallback.
+    pub spent_upstreams: std::sync::atomic::AtomicU64,
     /// When the whole request must be over (`retry.deadline` after it came):
     /// every wait for budget and every attempt ends by then.
     pub deadline: Instant,
@@ -144,6 +147,9 @@ pub struct Payload {
     /// Which upstream this attempt goes to (its index in the config), when
     /// admission chose one; else the first.
     pub upstream: Option<u8>,
+    /// The model this attempt asks for, when admission chose a fallback
+    /// (its body already says so).
+    pub model: Option<Arc<str>>,
 }
 
 /// Asked before an attempt goes upstream: an error keeps it from going, and

@@ -21,6 +21,8 @@ pub mod name {
     pub const CACHE: HeaderName = HeaderName::from_static("x-penstock-cache");
     pub const CIRCUIT: HeaderName = HeaderName::from_static("x-penstock-circuit");
     pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-penstock-max-wait-ms");
+    pub const FALLBACK: HeaderName = HeaderName::from_static("x-penstock-fallback");
+    pub const MODEL: HeaderName = HeaderName::from_static("x-penstock-model");
     pub const UPSTREAM: HeaderName = HeaderName::from_static("x-penstock-upstream");
     pub const PRIORITY: HeaderName = HeaderName::from_static("x-penstock-priority");
     pub const STAINLESS_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");

@@ -212,6 +212,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
     }
 }
 
+/// `body` with the string value of its top-level member `key` replaced by
+/// `to`, the rest byte for byte; `None` when it has no such member.
+pub fn with_top_level_string(body: &[u8], key: &str, to: &str) -> Option<Vec<u8>> {
+    let at = top_level_string(body, key)?;
+    let quoted = serde_json::to_string(to).ok()?;
+    let mut out = Vec::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..at.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[at.end..]);
+    Some(out)
+}
+
 /// Where the top-level member `key`'s value lies in the JSON object `body`
 /// (a string value, its quotes included), found without parsing the rest:
 /// penstock rewrites one value of a body it otherwise sends as it came.

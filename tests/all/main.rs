@@ -12,6 +12,7 @@ mod azure;
 mod budget;
 mod cache;
 mod cli;
+mod fallback;
 mod floors;
 mod hardening;
 mod jobs;

@@ -237,6 +237,7 @@ mod tests {
         let ctx = RequestContext {
             spread: true,
             failed_upstreams: Default::default(),
+            spent_upstreams: Default::default(),
             route: Route::ChatCompletions,
             model: Some("gpt-4o-mini".into()),
             model_label: ModelLabel {

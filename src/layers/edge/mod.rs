@@ -212,6 +212,15 @@ impl EdgeConfig {
                 .as_bytes(),
         );
         h.update(b"\0");
+        // A request that refuses fallback models never shares an answer
+        // one of them gave.
+        if parts
+            .headers
+            .get(crate::vocab::headers::name::FALLBACK)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"none"))
+        {
+            h.update(b"no-fallback\0");
+        }
         match parsed {
             Parsed::Json(v) => hash_json(&mut h, v),
             Parsed::Multipart(m) => {
@@ -595,6 +604,7 @@ where
     let ctx = RequestContext {
         spread,
         failed_upstreams: Default::default(),
+        spent_upstreams: Default::default(),
         route,
         stream: parsed.stream(),
         model_label: config.metrics.model_label(model.as_deref()),
@@ -619,6 +629,7 @@ where
         held,
         gate: None,
         upstream: None,
+        model: None,
     };
     Ok(Request::from_parts(parts, payload))
 }

@@ -124,19 +124,19 @@ impl Azure {
         &self,
         path: &str,
         query: Option<&str>,
-        ctx: Option<&crate::vocab::context::RequestContext>,
+        route: Option<Route>,
+        model: Option<&str>,
         body: Bytes,
     ) -> (String, Bytes) {
         let rest = path.strip_prefix("/v1").unwrap_or(path);
-        let model = ctx.and_then(|c| c.model.as_deref());
         let deployment = model.map(|m| self.deployments.get(m).map_or(m, String::as_str));
         let q = |sep: char| query.map_or(String::new(), |q| format!("{sep}{q}"));
         let path = match &self.api_version {
             None => format!("/openai/v1{rest}{}", q('?')),
             Some(v) => {
-                let scoped = ctx.is_some_and(|c| {
+                let scoped = route.is_some_and(|r| {
                     matches!(
-                        c.route,
+                        r,
                         Route::ImagesGenerations
                             | Route::ImagesEdits
                             | Route::ImagesVariations
@@ -162,17 +162,10 @@ impl Azure {
 /// A JSON body with its top-level `model` replaced by `to`; any other body
 /// as it is.
 fn rename_model(body: Bytes, to: &str) -> Bytes {
-    let Some(at) = crate::vocab::json::top_level_string(&body, "model") else {
-        return body;
-    };
-    let Ok(quoted) = serde_json::to_string(to) else {
-        return body;
-    };
-    let mut out = Vec::with_capacity(body.len() + quoted.len());
-    out.extend_from_slice(&body[..at.start]);
-    out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(&body[at.end..]);
-    Bytes::from(out)
+    match crate::vocab::json::with_top_level_string(&body, "model", to) {
+        Some(renamed) => Bytes::from(renamed),
+        None => body,
+    }
 }
 
 /// Whether `name` (lowercase) describes one hop and is never forwarded (RFC
@@ -475,10 +468,15 @@ impl Inner {
         // the deployment; an Azure-shaped one goes as it came.
         let azure_path = match &self.azure {
             Some(az) if parts.uri.path().starts_with("/v1/") => {
+                let model = body
+                    .model
+                    .clone()
+                    .or_else(|| body.ctx.as_ref()?.model.as_deref().map(Arc::from));
                 let (path, bytes) = az.rewrite(
                     parts.uri.path(),
                     parts.uri.query(),
-                    body.ctx.as_deref(),
+                    body.ctx.as_ref().map(|c| c.route),
+                    model.as_deref(),
                     std::mem::take(&mut body.bytes),
                 );
                 body.bytes = bytes;
