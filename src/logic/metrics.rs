@@ -99,6 +99,12 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamOutcome {
+    upstream: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClientPeriod {
     client: String,
     period: &'static str,
@@ -146,6 +152,7 @@ pub struct Metrics {
     webhooks: Family<Outcome, Counter>,
     reloads: Family<ReloadResult, Counter>,
     client_spend: Family<ClientPeriod, Gauge<f64, AtomicU64>>,
+    upstream_calls: Family<UpstreamOutcome, Counter>,
     /// Plain model names seen, by their slot in `series`.
     models: Mutex<HashMap<Arc<str>, usize>>,
     /// Each model label's series, resolved once: "none", "other", then the
@@ -249,6 +256,7 @@ impl Metrics {
             webhooks: Family::default(),
             reloads: Family::default(),
             client_spend: Family::default(),
+            upstream_calls: Family::default(),
             models: Mutex::new(HashMap::default()),
             series: (0..FIRST_NAMED + MAX_MODELS)
                 .map(|_| OnceLock::new())
@@ -297,6 +305,11 @@ impl Metrics {
             "penstock_client_spend_usd",
             "What each [[client]] with a spend cap has spent this UTC day and month",
             m.client_spend.clone(),
+        );
+        r.register(
+            "penstock_upstream_calls",
+            "Attempts sent to each of several upstreams, by outcome",
+            m.upstream_calls.clone(),
         );
         r.register(
             "penstock_config_reload",
@@ -618,6 +631,16 @@ impl Metrics {
     /// `gave_up`.
     pub fn webhook(&self, outcome: &'static str) {
         self.webhooks.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// An attempt to `upstream` (one of several) came to `outcome`.
+    pub fn upstream_call(&self, upstream: &Arc<str>, outcome: &'static str) {
+        self.upstream_calls
+            .get_or_create(&UpstreamOutcome {
+                upstream: upstream.clone(),
+                outcome,
+            })
+            .inc();
     }
 
     /// What a capped client has spent, this `period` (`"day"`, `"month"`).

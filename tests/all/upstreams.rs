@@ -151,6 +151,21 @@ async fn fifty_generations_spread_over_two_upstreams_of_five_a_second_with_no_42
         .map(|u| u["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a", "b"]);
+    let metrics = http()
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let calls = |up: &str| {
+        support::sample(
+            &metrics,
+            &format!(r#"penstock_upstream_calls_total{{upstream="{up}",outcome="success"}}"#),
+        ) as usize
+    };
+    assert_eq!((calls("a"), calls("b")), (on_a, on_b));
 }
 
 #[tokio::test]

@@ -245,6 +245,7 @@ pub struct Upstream {
 }
 
 struct Inner {
+    name: Arc<str>,
     /// Attempts sent and not yet answered (their heads).
     in_flight: std::sync::atomic::AtomicUsize,
     /// With several upstreams: `x-penstock-upstream` on its answers, and a
@@ -454,6 +455,7 @@ impl Inner {
                 config.breaker_cooldown,
             ),
             in_flight: Default::default(),
+            name,
             announce,
             azure: azure.then(|| Azure {
                 deployments: config.deployments.clone(),
@@ -637,6 +639,9 @@ impl tower::Service<Request<Payload>> for Upstream {
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
                 let model = m.label_of(ctx.as_deref());
                 m.attempt(route, &model, outcome, sent.elapsed().as_secs_f64());
+                if inner.announce.is_some() {
+                    m.upstream_call(&inner.name, outcome);
+                }
             }
             let mut result = result;
             if let (Some(name), Ok(resp)) = (&inner.announce, &mut result) {
