@@ -316,4 +316,12 @@ fn the_readmes_worked_config_is_valid() {
     let toml = block.split("```").next().unwrap();
     let config = penstock::Config::parse(toml, "README.md").expect("it parses");
     config.validate("README.md").expect("it is valid");
+    // And the one with several upstreams after it.
+    let start = readme.find("### More capacity").unwrap();
+    let block = readme[start..].split("```toml").nth(1).unwrap();
+    let toml = block.split("```").next().unwrap();
+    let config = penstock::Config::parse(toml, "README.md").expect("it parses");
+    config.validate("README.md").expect("it is valid");
+    assert_eq!(config.upstream.all().len(), 3);
+    assert_eq!(config.fallbacks.len(), 1);
 }
