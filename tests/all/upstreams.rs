@@ -168,6 +168,63 @@ async fn fifty_generations_spread_over_two_upstreams_of_five_a_second_with_no_42
     assert_eq!((calls("a"), calls("b")), (on_a, on_b));
 }
 
+/// A fake allowing `n` requests a second.
+fn per_second(n: u32) -> Behaviour {
+    Behaviour {
+        limits: Some(Limits {
+            requests: n,
+            window: Duration::from_secs(1),
+            ..Limits::default()
+        }),
+        latency: (Duration::from_millis(50), Duration::from_millis(100)),
+        ..Behaviour::default()
+    }
+}
+
+#[tokio::test]
+async fn three_upstreams_of_different_limits_each_take_their_share_with_no_429() {
+    let fakes = [
+        Fake::start(per_second(2)).await,
+        Fake::start(per_second(4)).await,
+        Fake::start(per_second(6)).await,
+    ];
+    let names = ["a", "b", "c"];
+    let mut c = config(
+        names
+            .iter()
+            .zip(&fakes)
+            .map(|(n, f)| upstream(n, &f.url()))
+            .collect(),
+    );
+    // Each upstream's own limits, named.
+    c.budgets = names
+        .iter()
+        .zip([120, 240, 360])
+        .map(|(n, rpm)| BudgetConfig {
+            name: Some(format!("images-{n}")),
+            upstream: Some(n.to_string()),
+            ..images_budget(rpm)
+        })
+        .collect();
+    let (_running, url, _) = start(&c).await;
+    let answers = burst(&url, 60).await;
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    let served: Vec<usize> = names
+        .iter()
+        .map(|n| answers.iter().filter(|(_, u)| u == n).count())
+        .collect();
+    // 12 a second in all: about 10, 20 and 30 of the 60.
+    assert!(
+        (6..=14).contains(&served[0])
+            && (15..=25).contains(&served[1])
+            && (24..=36).contains(&served[2]),
+        "{served:?}"
+    );
+    for f in &fakes {
+        assert_eq!(f.answered(429), 0);
+    }
+}
+
 #[tokio::test]
 async fn one_upstream_alone_serves_the_same_burst_in_twice_the_windows() {
     // The control for the test above: the same budget on one upstream
@@ -353,4 +410,27 @@ fn several_upstreams_each_need_a_name_and_a_key_and_budgets_name_real_ones() {
     );
     // One [upstream] table is as before.
     assert_eq!(err("[upstream]\nbase_url = \"http://127.0.0.1:1\"\n"), "");
+}
+
+#[tokio::test]
+async fn two_replicas_share_each_upstreams_budget_through_redis() {
+    let Some(redis) = support::redis_server::RedisServer::start().await else {
+        return;
+    };
+    let a = Fake::start(five_per_second()).await;
+    let b = Fake::start(five_per_second()).await;
+    let mut c = config(vec![upstream("a", &a.url()), upstream("b", &b.url())]);
+    c.budgets = vec![images_budget(300)];
+    c.state.backend = penstock::config::Backend::Redis;
+    c.state.redis_url = redis.url();
+    c.state.heartbeat = Duration::from_millis(200);
+    let (_one, url_one, _) = start(&c).await;
+    let (_two, url_two, _) = start(&c).await;
+    let (x, y) = tokio::join!(burst(&url_one, 20), burst(&url_two, 20));
+    let all: Vec<_> = x.into_iter().chain(y).collect();
+    assert!(all.iter().all(|(s, _)| *s == 200), "{all:?}");
+    let on_b = all.iter().filter(|(_, u)| u == "b").count();
+    assert!((10..=30).contains(&on_b), "b served {on_b} of 40");
+    // Two replicas, one ledger per upstream: neither fake refused a call.
+    assert_eq!(a.answered(429) + b.answered(429), 0);
 }
