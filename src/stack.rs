@@ -45,6 +45,17 @@ pub struct Shared {
     pub upstream: Upstream,
 }
 
+/// The edge's parsing, for requests penstock makes itself (async jobs).
+fn prepare(edge: Arc<edge::EdgeConfig>) -> crate::vocab::context::Prepare {
+    Arc::new(move |req| {
+        let edge = edge.clone();
+        Box::pin(async move {
+            let route = crate::vocab::route::Route::from_path(req.uri().path());
+            edge::buffer(req, edge, route, tokio::time::Instant::now()).await
+        })
+    })
+}
+
 /// Builds the proxy service; `env` reads environment variables (the sidecar key).
 pub fn build<B>(
     config: &Config,
@@ -101,7 +112,7 @@ where
                 config.retry.after_send,
                 config.upstream.attempt_timeout,
                 metrics.clone(),
-                edge.clone(),
+                prepare(edge.clone()),
                 redis.clone(),
                 &env,
             )

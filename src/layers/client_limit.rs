@@ -106,6 +106,10 @@ impl Problem for OverLimit {
     fn is_personal(&self) -> bool {
         true
     }
+
+    fn may_wait_out(&self) -> bool {
+        true
+    }
 }
 
 impl<S> Service<Request<Payload>> for ClientLimit<S>

@@ -22,15 +22,15 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use super::Called;
-use super::edge::respond;
 use crate::config::CacheConfig;
 use crate::logic::encoding::{self, Encoding, Tail};
 use crate::logic::metrics::Metrics;
 use crate::state::{Answer, Kind, Lease, Redis};
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
-use crate::vocab::error::{Personal, Problem, ProxyError};
+use crate::vocab::error::{Personal, Problem, ProxyError, Refused};
 use crate::vocab::headers::{name, remove_where};
+use crate::vocab::render;
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -75,6 +75,10 @@ pub struct Stored {
     /// The leader's own refusal (its deadline, its client cap): not an answer
     /// for those who waited with it; they carry the call on themselves.
     pub personal: bool,
+    /// penstock's own refusal, as rendered: read again by whoever gets it
+    /// here (an async job waits it out). Never shared with other replicas:
+    /// it speaks of this one.
+    pub refused: Option<Refused>,
     /// Made by another replica: found in the shared cache (`hit`) or shared by
     /// its leader (`coalesced`).
     pub elsewhere: Option<&'static str>,
@@ -86,8 +90,9 @@ impl Stored {
             Ok(resp) => resp.extensions().get::<Personal>().is_some(),
             Err(e) => e.is_personal(),
         };
-        let resp = result.unwrap_or_else(respond::into_response);
+        let resp = result.unwrap_or_else(render::into_response);
         let (parts, mut body) = resp.into_parts();
+        let refused = parts.extensions.get::<Refused>().cloned();
         let mut buf = bytes::BytesMut::new();
         let mut first: Option<Bytes> = None;
         while let Some(frame) = body.frame().await {
@@ -118,13 +123,15 @@ impl Stored {
             headers: parts.headers,
             body: first.unwrap_or_else(|| buf.freeze()),
             personal,
+            refused,
             elsewhere: None,
         }
     }
 
     fn from_error(e: impl Into<ProxyError>) -> Stored {
-        let (parts, body) = respond::into_parts(e.into());
+        let (parts, body) = render::into_parts(e.into());
         Stored {
+            refused: parts.extensions.get::<Refused>().cloned(),
             status: parts.status,
             headers: parts.headers,
             body,
@@ -139,6 +146,7 @@ impl Stored {
             headers: answer.headers,
             body: answer.body,
             personal: false,
+            refused: None,
             elsewhere: Some(elsewhere),
         }
     }
@@ -169,6 +177,9 @@ impl Stored {
         let mut resp = Response::new(full(self.body.clone()));
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
+        if let Some(refused) = &self.refused {
+            resp.extensions_mut().insert(refused.clone());
+        }
         let coding = Encoding::of(&self.headers);
         let empty = HeaderMap::new();
         if coding != Some(Encoding::Identity)
@@ -452,7 +463,7 @@ impl Inner {
                     let _ = redis
                         .put_cached(hex, &stored.answer(), inner.ttl, inner.max_size)
                         .await;
-                } else if lease.is_some() && !stored.personal {
+                } else if lease.is_some() && !stored.personal && stored.refused.is_none() {
                     let _ = redis
                         .put(Kind::Result, hex, &stored.answer(), redis.lease)
                         .await;
@@ -702,6 +713,7 @@ mod tests {
             headers,
             body: Bytes::from(z.finish().unwrap()),
             personal: false,
+            refused: None,
             elsewhere: None,
         };
         assert_eq!(stored.usage().map(|u| u.total), Some(3));

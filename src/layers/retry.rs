@@ -20,11 +20,11 @@ use tower::retry::budget::{Budget as _, TpsBudget};
 use crate::vocab::body::Body;
 use crate::vocab::headers::{name, number};
 
-use super::edge::respond;
 use crate::config::{AfterSend, RetryConfig};
 use crate::logic::metrics::Metrics;
 use crate::vocab::context::Payload;
 use crate::vocab::error::ProxyError;
+use crate::vocab::render;
 use crate::vocab::route::Route;
 
 /// What all requests share: the settings and the retry budget.
@@ -117,7 +117,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
                     // penstock's own refusals keep their own advice (retry after ...).
                     Err(e) => {
                         let gave_up = !e.is_refusal();
-                        (respond::into_response(e), gave_up)
+                        (render::into_response(e), gave_up)
                     }
                 };
                 let h = resp.headers_mut();

@@ -180,6 +180,17 @@ impl Problem for Refusal {
     fn is_personal(&self) -> bool {
         matches!(self, Refusal::WaitTooLong { .. } | Refusal::TimedOut { .. })
     }
+
+    /// At shutdown too: a job stays (never sent) and runs after the restart.
+    fn may_wait_out(&self) -> bool {
+        matches!(
+            self,
+            Refusal::WaitTooLong { .. }
+                | Refusal::TimedOut { .. }
+                | Refusal::QueueFull { .. }
+                | Refusal::ShuttingDown { .. }
+        )
+    }
 }
 
 /// For the probe after a pause: which pause.

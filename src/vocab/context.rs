@@ -152,6 +152,20 @@ pub struct Payload {
     pub model: Option<Arc<str>>,
 }
 
+/// Turns a request of penstock's own making into one the stack takes (its
+/// body buffered, its context attached): the edge's parsing, handed by the
+/// stack to whoever makes requests (the async jobs' runner), so that none of
+/// them needs the edge.
+pub type Prepare = Arc<
+    dyn Fn(
+            http::Request<http_body_util::Full<Bytes>>,
+        ) -> futures_util::future::BoxFuture<
+            'static,
+            Result<http::Request<Payload>, super::error::ProxyError>,
+        > + Send
+        + Sync,
+>;
+
 /// Asked before an attempt goes upstream: an error keeps it from going, and
 /// is what the request answers.
 pub trait SendGate: Send + Sync + std::fmt::Debug {

@@ -1,7 +1,8 @@
 //! The error type of the stack. Each module defines its own errors as data (the
 //! budget's refusals, the client cap, the upstream's failures, the edge's bad
 //! requests) and says, through [`Problem`], what a client should be told; the
-//! edge (`layers::edge::respond`) is the one place they become OpenAI-shaped
+//! edge renders a request's own (with [`crate::vocab::render`], also used where
+//! an answer is kept for others: a shared call's, a job's) as OpenAI-shaped
 //! responses.
 
 use std::fmt;
@@ -63,6 +64,14 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
     fn unsent(&self) -> bool {
         false
     }
+
+    /// A refusal to send now that waiting out (its [`Problem::retry_after`])
+    /// may cure: no turn of the budget in time, no room in the queue, a
+    /// client over its cap, the upstream's breaker, a replica shutting down.
+    /// An async job goes back to its queue for it instead of failing.
+    fn may_wait_out(&self) -> bool {
+        false
+    }
 }
 
 /// Marks a response that renders a [`Problem::is_personal`] refusal, so a layer
@@ -76,6 +85,8 @@ pub struct Personal;
 pub struct Refused {
     pub code: &'static str,
     pub message: std::sync::Arc<str>,
+    /// When it may be waited out ([`Problem::may_wait_out`]): how long.
+    pub wait_out: Option<Duration>,
 }
 
 /// Any [`Problem`], as the stack's services return it.
@@ -122,6 +133,10 @@ impl ProxyError {
 
     pub fn maybe_processed(&self) -> bool {
         self.0.maybe_processed()
+    }
+
+    pub fn may_wait_out(&self) -> bool {
+        self.0.may_wait_out()
     }
 }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod headers;
 pub mod json;
 pub mod logline;
+pub mod render;
 pub mod route;
 pub mod url;
 pub mod usage;

@@ -172,6 +172,24 @@ fn no_module_imports_from_a_higher_floor() {
     assert!(wrong.is_empty(), "imports from a higher floor: {wrong:?}");
 }
 
+/// The edge is the stack's door: the services below it get what they need
+/// of it (rendering, parsing) from the vocabulary or from the stack, never
+/// by importing it.
+#[test]
+fn no_layer_but_the_edge_imports_the_edge() {
+    let modules = modules(&src());
+    let mut wrong = Vec::new();
+    for (module, targets) in imports(&modules) {
+        if module.starts_with("layers::edge") || floor(&module) != floor("layers") {
+            continue;
+        }
+        for t in targets.iter().filter(|t| t.starts_with("layers::edge")) {
+            wrong.push(format!("{module} -> {t}"));
+        }
+    }
+    assert!(wrong.is_empty(), "layers importing the edge: {wrong:?}");
+}
+
 #[test]
 fn modules_import_each_other_in_no_cycle() {
     let graph = imports(&modules(&src()));

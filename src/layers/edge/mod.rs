@@ -6,7 +6,6 @@
 
 pub mod log;
 pub mod parse;
-pub mod respond;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -439,7 +438,7 @@ where
         Box::pin(async move {
             let (ctx, call) = started.await;
             let result = call.await;
-            let mut resp = result.unwrap_or_else(respond::into_response);
+            let mut resp = result.unwrap_or_else(crate::vocab::render::into_response);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
                 resp.headers_mut().insert(name::REQUEST_ID, v);
             }

@@ -32,13 +32,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, Semaphore};
 use tower::Service;
 
-use super::edge::EdgeConfig;
-use super::edge::respond;
 use crate::config::{AfterSend, JobsConfig};
 use crate::logic::metrics::Metrics;
 use crate::vocab::body::{Body, full};
-use crate::vocab::context::Payload;
-use crate::vocab::error::{Problem, ProxyError};
+use crate::vocab::context::{Payload, Prepare};
+use crate::vocab::error::{Problem, ProxyError, Refused};
 use crate::vocab::headers::name;
 use crate::vocab::route::Route;
 
@@ -256,6 +254,12 @@ impl Problem for JobError {
             _ => None,
         }
     }
+
+    /// This replica could not show it still held the job, which was then
+    /// not sent: whoever holds it now runs it.
+    fn may_wait_out(&self) -> bool {
+        matches!(self, JobError::LeaseLost(_))
+    }
 }
 
 fn store_err(e: impl std::fmt::Display) -> ProxyError {
@@ -378,7 +382,8 @@ pub struct Jobs {
     /// `upstream.attempt_timeout`: how long a sent call may still be running.
     attempt_timeout: Duration,
     metrics: Arc<Metrics>,
-    edge: Arc<EdgeConfig>,
+    /// The edge's parsing of a stored request, handed over by the stack.
+    prepare: Prepare,
     mem: Mutex<Mem>,
     wake: Arc<Notify>,
     started: OnceLock<()>,
@@ -410,7 +415,7 @@ impl Jobs {
         after_send: AfterSend,
         attempt_timeout: Duration,
         metrics: Arc<Metrics>,
-        edge: Arc<EdgeConfig>,
+        prepare: Prepare,
         redis: Option<Arc<crate::state::Redis>>,
         env: &impl Fn(&str) -> Option<String>,
     ) -> Result<Arc<Jobs>, String> {
@@ -500,7 +505,7 @@ impl Jobs {
             after_send,
             attempt_timeout,
             metrics,
-            edge,
+            prepare,
             mem: Mutex::new(mem),
             wake: Arc::new(Notify::new()),
             started: OnceLock::new(),
@@ -1270,9 +1275,7 @@ impl Jobs {
             }
             let resp = match builder.body(Full::new(body)) {
                 Ok(req) => {
-                    let route = Route::from_path(req.uri().path());
-                    let received = tokio::time::Instant::now();
-                    match super::edge::buffer(req, me.edge.clone(), route, received).await {
+                    match (me.prepare)(req).await {
                         Ok(mut req) => {
                             // A sent attempt runs no longer than this (the
                             // gate asks again before each).
@@ -1294,7 +1297,7 @@ impl Jobs {
                 }
                 Err(e) => Err(JobError::Store(e.to_string()).into()),
             };
-            let resp = resp.unwrap_or_else(respond::into_response);
+            let resp = resp.unwrap_or_else(crate::vocab::render::into_response);
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.map(|b| b.to_bytes());
             (parts, body, job)
@@ -1320,8 +1323,8 @@ impl Jobs {
         // client waiting, so it goes back to the head of the queue and tries
         // again when the budget could take it. Meanwhile it stays running
         // (and, with Redis, leased), so a crash now still finds it.
-        if let Ok(b) = &body
-            && let Some(after) = waited_too_long(parts.status, &parts.headers, b)
+        if body.is_ok()
+            && let Some(after) = waited_too_long(&parts)
         {
             let me = self.clone();
             tokio::spawn(async move {
@@ -1525,36 +1528,12 @@ impl Jobs {
     }
 }
 
-/// When an answer is penstock's refusal to send now (the wait for budget
-/// would be longer than `queue.max_wait`, the queue is full, the client is
-/// over its cap, ...): how long until it is worth asking again (at least a
-/// second, at most a minute).
-fn waited_too_long(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Option<Duration> {
-    if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let code = v["error"]["code"].as_str()?;
-    // At shutdown too: the job stays (running, never sent) and runs again
-    // after the restart; when this replica could not show it still held the
-    // job, which was then not sent (whoever holds it now runs it); and over
-    // its client's own cap, as over a budget.
-    if !matches!(
-        code,
-        "penstock_wait_too_long"
-            | "penstock_queue_timeout"
-            | "penstock_queue_full"
-            | "penstock_shutting_down"
-            | "penstock_job_lease_lost"
-            | "penstock_client_rate_limited"
-            | "penstock_upstream_down"
-    ) {
-        return None;
-    }
-    let after = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .map_or(Duration::from_secs(1), Duration::from_millis);
+/// When an answer is penstock's refusal to send now that may be waited out
+/// (the wait for budget would be longer than `queue.max_wait`, the queue is
+/// full, the client is over its cap, ...: [`Problem::may_wait_out`]): how
+/// long until it is worth asking again (at least a second, at most a minute).
+fn waited_too_long(parts: &http::response::Parts) -> Option<Duration> {
+    let after = parts.extensions.get::<Refused>()?.wait_out?;
     Some(after.clamp(Duration::from_secs(1), Duration::from_secs(60)))
 }
 

@@ -87,6 +87,10 @@ impl Problem for Failure {
     fn unsent(&self) -> bool {
         matches!(self, Failure::Down(_) | Failure::InvalidPath(_))
     }
+
+    fn may_wait_out(&self) -> bool {
+        matches!(self, Failure::Down(_))
+    }
 }
 
 /// Credentials penstock sends in sidecar mode, replacing the client's.

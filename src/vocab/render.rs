@@ -1,6 +1,8 @@
-//! The one place penstock's errors become responses: OpenAI-shaped JSON
+//! How penstock's errors read as responses: OpenAI-shaped JSON
 //! (`{"error":{"message","type","param","code"}}`) whose `code` starts with
-//! `penstock_`, so it can be told apart from an error OpenAI sent.
+//! `penstock_`, so it can be told apart from an error OpenAI sent. The edge
+//! renders a request's own errors; an answer kept for others (a shared
+//! call's, a job's) is rendered by the same function.
 
 use std::time::Duration;
 
@@ -19,6 +21,13 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 pub fn into_response(error: ProxyError) -> Response<Body> {
     let (parts, body) = into_parts(error);
     Response::from_parts(parts, full(body))
+}
+
+/// How long a refusal that may be waited out asks to wait.
+fn wait_out(problem: &dyn crate::vocab::error::Problem) -> Option<Duration> {
+    problem
+        .may_wait_out()
+        .then(|| problem.retry_after().unwrap_or(Duration::from_secs(1)))
 }
 
 /// The `type` field.
@@ -41,6 +50,7 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
         parts.extensions.insert(Refused {
             code: problem.code(),
             message: error.to_string().into(),
+            wait_out: wait_out(problem),
         });
         return (parts, body);
     }
@@ -60,6 +70,7 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     resp.extensions_mut().insert(Refused {
         code: problem.code(),
         message: message.into(),
+        wait_out: wait_out(problem),
     });
     let h = resp.headers_mut();
     h.insert(
@@ -88,12 +99,25 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::upstream::Failure;
+    use crate::vocab::error::Problem;
     use http_body_util::BodyExt;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("the upstream did not answer within 5m")]
+    struct Timeout;
+
+    impl Problem for Timeout {
+        fn status(&self) -> http::StatusCode {
+            http::StatusCode::GATEWAY_TIMEOUT
+        }
+        fn code(&self) -> &'static str {
+            "penstock_upstream_timeout"
+        }
+    }
 
     #[tokio::test]
     async fn errors_are_openai_shaped_and_name_penstock() {
-        let resp = into_response(Failure::Timeout(Duration::from_secs(300)).into());
+        let resp = into_response(Timeout.into());
         assert_eq!(resp.status(), 504);
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
