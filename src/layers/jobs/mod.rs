@@ -1622,3 +1622,151 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
         Either::Left(self.inner.call(req))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each change of a job's state, against the in-memory store, with the
+    //! stack below the jobs layer played by a script.
+    use super::*;
+    use crate::config::{Config, JobStore};
+
+    fn jobs() -> Arc<Jobs> {
+        let mut config = Config::default();
+        config.jobs.store = JobStore::Memory;
+        let metrics = Arc::new(Metrics::new(&config.prices));
+        let edge = Arc::new(crate::layers::edge::EdgeConfig::new(
+            &config,
+            metrics.clone(),
+        ));
+        let prepare: Prepare = Arc::new(move |req| {
+            let edge = edge.clone();
+            Box::pin(async move {
+                let route = Route::from_path(req.uri().path());
+                crate::layers::edge::buffer(req, edge, route, tokio::time::Instant::now()).await
+            })
+        });
+        Jobs::open(
+            &config.jobs,
+            config.retry.after_send,
+            config.upstream.attempt_timeout,
+            metrics,
+            prepare,
+            None,
+            &|_| None,
+        )
+        .expect("an in-memory store opens")
+    }
+
+    async fn submit(jobs: &Arc<Jobs>) -> String {
+        let req = Request::post("/v1/images/generations")
+            .header("content-type", "application/json")
+            .header("prefer", "respond-async")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"gpt-image-1","prompt":"a lighthouse"}"#,
+            )))
+            .unwrap();
+        let req = (jobs.prepare)(req).await.unwrap();
+        let resp = jobs.submit(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    async fn state(jobs: &Jobs, id: &str) -> State {
+        jobs.load(id).await.unwrap().unwrap().state
+    }
+
+    /// The stack below, answering every call with `answer()`.
+    fn answering(answer: fn() -> Result<Response<Body>, ProxyError>) -> impl crate::layers::Inner {
+        tower::service_fn(move |_req: Request<Payload>| std::future::ready(answer()))
+    }
+
+    #[tokio::test]
+    async fn a_queued_job_runs_and_keeps_its_answer() {
+        let jobs = jobs();
+        let id = submit(&jobs).await;
+        assert_eq!(state(&jobs, &id).await, State::Queued);
+        let held = jobs
+            .run_once(&id, answering(|| Ok(Response::new(full(r#"{"data":[]}"#)))))
+            .await;
+        assert!(!held);
+        assert_eq!(state(&jobs, &id).await, State::Succeeded);
+        let answer = jobs.bytes(&id, true).await.unwrap().unwrap();
+        assert_eq!(answer, r#"{"data":[]}"#);
+        // Run again: a finished job is left as it is.
+        assert!(!jobs.run_once(&id, answering(|| unreachable!())).await);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_fails_the_job_with_the_answer_kept() {
+        let jobs = jobs();
+        let id = submit(&jobs).await;
+        jobs.run_once(
+            &id,
+            answering(|| {
+                let mut resp = Response::new(full(r#"{"error":{"code":"server_error"}}"#));
+                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                Ok(resp)
+            }),
+        )
+        .await;
+        assert_eq!(state(&jobs, &id).await, State::Failed);
+        let job = jobs.load(&id).await.unwrap().unwrap();
+        assert_eq!(job.answer.unwrap().status, 500);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_that_may_be_waited_out_puts_the_job_back_in_the_queue() {
+        let jobs = jobs();
+        let id = submit(&jobs).await;
+        let held = jobs
+            .run_once(
+                &id,
+                answering(|| {
+                    Err(crate::logic::pool::Refusal::QueueFull {
+                        depth: 10,
+                        retry_after: Duration::from_secs(3),
+                    }
+                    .into())
+                }),
+            )
+            .await;
+        assert!(held, "still held, to go back");
+        assert_eq!(state(&jobs, &id).await, State::Running);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(state(&jobs, &id).await, State::Queued);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_that_waiting_cannot_cure_fails_the_job() {
+        let jobs = jobs();
+        let id = submit(&jobs).await;
+        jobs.run_once(
+            &id,
+            answering(|| {
+                Err(crate::logic::pool::Refusal::TooLarge {
+                    pool: "images".into(),
+                    dimension: "images",
+                    limit: 1,
+                    asked: 2,
+                }
+                .into())
+            }),
+        )
+        .await;
+        assert_eq!(state(&jobs, &id).await, State::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_never_runs() {
+        let jobs = jobs();
+        let id = submit(&jobs).await;
+        let job = jobs.load(&id).await.unwrap().unwrap();
+        let resp = jobs.cancel(job).await.unwrap();
+        assert!(resp.status().is_success());
+        assert_eq!(state(&jobs, &id).await, State::Cancelled);
+        assert!(!jobs.run_once(&id, answering(|| unreachable!())).await);
+        assert_eq!(state(&jobs, &id).await, State::Cancelled);
+    }
+}
