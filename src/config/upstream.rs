@@ -17,6 +17,10 @@ pub struct UpstreamConfig {
     /// Model globs it serves (none: every model).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+    /// With several: its share of calls when more than one could take a
+    /// request at once (calls out are kept in proportion to weights).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
     /// What it speaks: OpenAI's API, or Azure OpenAI's.
     #[serde(default)]
     pub kind: UpstreamKind,
@@ -72,6 +76,10 @@ pub struct UpstreamConfig {
     /// (up to a minute).
     #[serde(default = "default_breaker_cooldown", with = "humantime_serde")]
     pub breaker_cooldown: Duration,
+}
+
+pub(super) fn default_weight() -> u32 {
+    1
 }
 
 pub(super) fn default_breaker_failures() -> u32 {
@@ -238,6 +246,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             name: None,
             models: Vec::new(),
+            weight: default_weight(),
             kind: UpstreamKind::Openai,
             deployments: Default::default(),
             api_version: None,
@@ -332,6 +341,9 @@ impl Upstreams {
                     &key("api_key_env"),
                     "an Azure upstream needs the variable holding its api-key".into(),
                 ));
+            }
+            if u.weight == 0 || u.weight > 1000 {
+                return Err(bad(&key("weight"), "expected 1 to 1000".into()));
             }
             if u.models.iter().any(String::is_empty) {
                 return Err(bad(

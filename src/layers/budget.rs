@@ -65,6 +65,8 @@ struct UpRoute {
     shared: Arc<str>,
     /// It takes requests shaped for Azure (`/openai/...`).
     azure: bool,
+    /// Its share when several could take a request at once.
+    weight: u64,
 }
 
 /// The credential of a shared budget's one pool, as `/status` shows it.
@@ -172,6 +174,7 @@ fn routes_of(config: &Config) -> Vec<UpRoute> {
                     i => format!("{SHARED}@{}", config.upstream.name_of(i)).into(),
                 },
                 azure: u.kind == crate::config::UpstreamKind::Azure,
+                weight: u64::from(u.weight.max(1)),
             }
         })
         .collect()
@@ -271,9 +274,11 @@ impl Registry {
         if open.is_empty() {
             open.push(first);
         }
-        // Where several could take it at once, the least busy goes first
-        // (a stable sort: equals keep the config's order).
-        open.sort_by_key(|&i| upstream.in_flight(i));
+        // Where several could take it at once, the least busy for its
+        // weight goes first (a stable sort: equals keep the config's order).
+        open.sort_by_key(|&i| {
+            (upstream.in_flight(i) as u64).saturating_mul(1_000_000) / self.ups[i].weight
+        });
         open.into_iter()
             .map(|i| (i, self.ups[i].credential.clone()))
             .collect()

@@ -226,6 +226,21 @@ async fn three_upstreams_of_different_limits_each_take_their_share_with_no_429()
 }
 
 #[tokio::test]
+async fn with_room_everywhere_calls_follow_the_weights() {
+    let a = support::fake_taking(Duration::from_millis(200)).await;
+    let b = support::fake_taking(Duration::from_millis(200)).await;
+    let mut heavy = upstream("a", &a.url());
+    heavy.weight = 3;
+    let c = config(vec![heavy, upstream("b", &b.url())]);
+    let (_running, url, _) = start(&c).await;
+    let answers = burst(&url, 40).await;
+    assert!(answers.iter().all(|(s, _)| *s == 200));
+    // Forty at once, nothing limiting: three out at a for each at b.
+    let on_a = answers.iter().filter(|(_, u)| u == "a").count();
+    assert!((26..=34).contains(&on_a), "a took {on_a} of 40");
+}
+
+#[tokio::test]
 async fn one_upstream_alone_serves_the_same_burst_in_twice_the_windows() {
     // The control for the test above: the same budget on one upstream
     // admits 5 a second, so 50 need ten windows (each request's queue time
