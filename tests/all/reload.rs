@@ -108,14 +108,7 @@ async fn a_raised_budget_admits_what_waits_in_place() {
     assert_eq!(s["reload"]["result"], "ok");
     assert_ne!(s["config"]["hash"], hash_before);
     assert_eq!(s["config"]["budgets"][0]["rpm"], 600);
-    let metrics = http()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_at(&admin).await;
     assert_eq!(
         sample(&metrics, r#"penstock_config_reload_total{result="ok"}"#),
         1.0
@@ -212,14 +205,7 @@ async fn a_bad_file_changes_nothing_and_says_which_key() {
     assert_eq!(s["reload"]["result"], "error");
     assert!(s["reload"]["error"].as_str().unwrap().contains("rpm"));
     assert_eq!(generate(&url, "sk-a").await.status(), 200);
-    let metrics = http()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_at(&admin).await;
     assert_eq!(
         sample(&metrics, r#"penstock_config_reload_total{result="error"}"#),
         2.0

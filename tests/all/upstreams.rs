@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use penstock::config::{BudgetConfig, Config, UpstreamConfig, Upstreams};
 
-use crate::support::{self, Behaviour, Fake, Limits, http, json};
+use crate::support::{self, Behaviour, Fake, Limits, http};
 
 /// An image request of its own (identical ones would be coalesced).
 fn image() -> serde_json::Value {
@@ -133,7 +133,7 @@ async fn fifty_generations_spread_over_two_upstreams_of_five_a_second_with_no_42
     assert_eq!(keys_seen(&a), ["Bearer sk-a"]);
     assert_eq!(keys_seen(&b), ["Bearer sk-b"]);
     // /status: each upstream's pool and health.
-    let status = json(http().get(format!("{admin}/status")).send().await.unwrap()).await;
+    let status = support::status_at(&admin).await;
     let creds: Vec<&str> = status["pools"]
         .as_array()
         .unwrap()
@@ -151,14 +151,7 @@ async fn fifty_generations_spread_over_two_upstreams_of_five_a_second_with_no_42
         .map(|u| u["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["a", "b"]);
-    let metrics = http()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_at(&admin).await;
     let calls = |up: &str| {
         support::sample(
             &metrics,
@@ -304,7 +297,7 @@ async fn a_spent_upstream_gets_a_probe_per_cool_down_and_the_other_serves_everyo
     let probes = spent.calls() - resp_attempts;
     assert!(probes <= 2, "the spent upstream got {probes} probes");
     assert_eq!(b.calls(), 31);
-    let status = json(http().get(format!("{admin}/status")).send().await.unwrap()).await;
+    let status = support::status_at(&admin).await;
     assert_eq!(status["upstreams"][0]["healthy"], false, "{status}");
     assert_eq!(status["upstreams"][1]["healthy"], true);
 }

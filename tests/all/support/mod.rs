@@ -111,6 +111,17 @@ impl Harness {
     }
 }
 
+/// `GET /metrics` on the admin listener at `admin`, as text.
+pub async fn metrics_at(admin: &str) -> String {
+    let url = format!("{admin}/metrics");
+    http().get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// `GET /status` on the admin listener at `admin`.
+pub async fn status_at(admin: &str) -> serde_json::Value {
+    json(http().get(format!("{admin}/status")).send().await.unwrap()).await
+}
+
 pub async fn json(resp: reqwest::Response) -> serde_json::Value {
     resp.json().await.expect("JSON body")
 }
