@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::error::{Bad, HOUR, MINUTE, durations};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ConfigError, default_true};
@@ -269,6 +270,63 @@ impl BudgetConfig {
         }
         if self.max_in_flight == Some(0) {
             return Err(bad("max_in_flight", "expected a number above zero".into()));
+        }
+        Ok(())
+    }
+}
+
+impl QueueConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        durations(
+            bad,
+            &[
+                ("queue.max_wait", self.max_wait, false, 24 * HOUR),
+                ("queue.probe_grace", self.probe_grace, false, 5 * MINUTE),
+            ],
+        )?;
+        if !(0.0..=1.0).contains(&self.batch_min_share) {
+            return Err(bad(
+                "queue.batch_min_share",
+                "expected a share from 0 to 1".into(),
+            ));
+        }
+        if self.max_depth == 0 {
+            return Err(bad(
+                "queue.max_depth",
+                "expected a number above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl LearnConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        if !(0.05..=1.0).contains(&self.safety) {
+            return Err(bad(
+                "learn.safety",
+                "expected a fraction from 0.05 to 1".into(),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(bad(
+                "learn.max_in_flight",
+                "expected a number above zero".into(),
+            ));
+        }
+        if self.burst.is_zero() || self.burst > Duration::from_secs(60) {
+            return Err(bad(
+                "learn.burst",
+                "expected a duration from above zero to \"60s\"".into(),
+            ));
+        }
+        if self.safety_margin > MAX_MARGIN {
+            return Err(bad(
+                "learn.safety_margin",
+                "expected a duration of at most \"10s\"".into(),
+            ));
         }
         Ok(())
     }

@@ -31,3 +31,34 @@ fn line_suffix(line: Option<usize>) -> String {
 pub(super) fn default_true() -> bool {
     true
 }
+
+/// How a part's `validate` reports a broken key: its whole name (`state.lease`)
+/// and what was expected.
+pub type Bad<'a> = &'a dyn Fn(&str, String) -> ConfigError;
+
+pub(super) const MINUTE: u64 = 60;
+pub(super) const HOUR: u64 = 3600;
+
+/// Each duration above zero where asked (`nonzero`), and at most its bound in
+/// seconds: a typo of a unit ("600h") must not turn a bound off.
+pub(super) fn durations(
+    bad: Bad,
+    list: &[(&str, std::time::Duration, bool, u64)],
+) -> Result<(), ConfigError> {
+    for &(key, d, nonzero, max_secs) in list {
+        if nonzero && d.is_zero() {
+            return Err(bad(
+                key,
+                "expected a duration above zero, like \"30s\"".into(),
+            ));
+        }
+        let max = std::time::Duration::from_secs(max_secs);
+        if d > max {
+            return Err(bad(
+                key,
+                format!("expected at most {}", humantime::format_duration(max)),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::error::{Bad, ConfigError};
+use crate::vocab::cost::check_image_tables;
+use crate::vocab::route::ROUTE_LABELS;
+
 use crate::vocab::cost::ImageTable;
 
 /// How a request's cost is estimated before it is sent; the response's `usage`
@@ -96,5 +100,31 @@ impl Default for EstimateConfig {
             default_model: default_models(),
             image_output_tokens: Default::default(),
         }
+    }
+}
+
+impl EstimateConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        let cpt = self.chars_per_token;
+        if !(0.5..=100.0).contains(&cpt) {
+            return Err(bad(
+                "estimate.chars_per_token",
+                "expected a number from 0.5 to 100".into(),
+            ));
+        }
+        if let Some(route) = self
+            .default_model
+            .keys()
+            .find(|r| !ROUTE_LABELS.contains(&r.as_str()))
+        {
+            return Err(bad(
+                "estimate.default_model",
+                format!("{route:?} is not a route; expected one of {ROUTE_LABELS:?}"),
+            ));
+        }
+        check_image_tables(&self.image_output_tokens)
+            .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
+        Ok(())
     }
 }

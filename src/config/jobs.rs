@@ -5,6 +5,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use super::error::{Bad, ConfigError, HOUR, durations};
+
 use super::error::default_true;
 
 /// `[jobs]`: durable async jobs.
@@ -110,5 +112,51 @@ impl Default for JobsConfig {
             webhook_attempts: default_webhook_attempts(),
             webhook_backoff: default_webhook_backoff(),
         }
+    }
+}
+
+impl JobsConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        durations(
+            bad,
+            &[
+                ("jobs.ttl", self.ttl, false, 30 * 24 * HOUR),
+                ("jobs.webhook_backoff", self.webhook_backoff, false, HOUR),
+            ],
+        )?;
+        for (key, url) in self
+            .webhook_url
+            .iter()
+            .map(|u| ("jobs.webhook_url", u))
+            .chain(
+                self.webhook_prefixes
+                    .iter()
+                    .map(|u| ("jobs.webhook_prefixes", u)),
+            )
+        {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(
+                    key,
+                    format!("expected an http:// or https:// URL, not {url:?}"),
+                ));
+            }
+        }
+        for (i, prefix) in self.webhook_prefixes.iter().enumerate() {
+            crate::vocab::url::UrlPrefix::parse(prefix)
+                .map_err(|e| bad(&format!("jobs.webhook_prefixes[{i}]"), e))?;
+        }
+        if (self.webhook_url.is_some() || !self.webhook_prefixes.is_empty())
+            && self.webhook_secret_env.is_none()
+        {
+            return Err(bad(
+                "jobs.webhook_secret_env",
+                "webhooks are signed: name the environment variable holding the secret".into(),
+            ));
+        }
+        if self.max_running == 0 || self.max_total == 0 || self.max_per_tenant == 0 {
+            return Err(bad("jobs.max_running", "expected limits above zero".into()));
+        }
+        Ok(())
     }
 }

@@ -4,12 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::vocab::cost::check_image_tables;
-use crate::vocab::route::ROUTE_LABELS;
 
 mod budget;
 mod error;
@@ -290,222 +286,17 @@ impl Config {
                 format!("must differ from `listen` ({})", self.listen),
             ));
         }
-        crate::vocab::url::BaseUrl::parse(&self.upstream.base_url)
-            .map_err(|m| bad("upstream.base_url", m))?;
         if self.admin.token_env.as_ref().is_some_and(String::is_empty) {
             return Err(bad(
                 "admin.token_env",
                 "expected the name of an environment variable".into(),
             ));
         }
-        if self
-            .upstream
-            .api_key_env
-            .as_ref()
-            .is_some_and(String::is_empty)
-        {
-            return Err(bad(
-                "upstream.api_key_env",
-                "expected the name of an environment variable".into(),
-            ));
-        }
-        if let Some(ca) = self.upstream.ca_file.as_ref().filter(|ca| !ca.is_file()) {
-            return Err(bad(
-                "upstream.ca_file",
-                format!("{} is not a readable file", ca.display()),
-            ));
-        }
-        for (key, d) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.attempt_timeout", self.upstream.attempt_timeout),
-            ("upstream.read_timeout", self.upstream.read_timeout),
-            (
-                "upstream.keep_alive_interval",
-                self.upstream.keep_alive_interval,
-            ),
-            (
-                "server.header_read_timeout",
-                self.server.header_read_timeout,
-            ),
-            ("server.body_read_timeout", self.server.body_read_timeout),
-            ("state.connect_timeout", self.state.connect_timeout),
-            ("state.command_timeout", self.state.command_timeout),
-            ("state.heartbeat", self.state.heartbeat),
-            ("state.lease", self.state.lease),
-        ] {
-            if d.is_zero() {
-                return Err(bad(
-                    key,
-                    "expected a duration above zero, like \"30s\"".into(),
-                ));
-            }
-        }
-        // Upper bounds: a typo of a unit ("600h") must not turn a bound off.
-        const MINUTE: u64 = 60;
-        const HOUR: u64 = 3600;
-        for (key, d, max_secs) in [
-            (
-                "upstream.connect_timeout",
-                self.upstream.connect_timeout,
-                5 * MINUTE,
-            ),
-            (
-                "upstream.attempt_timeout",
-                self.upstream.attempt_timeout,
-                HOUR,
-            ),
-            (
-                "upstream.pool_idle_timeout",
-                self.upstream.pool_idle_timeout,
-                HOUR,
-            ),
-            ("server.shutdown_grace", self.server.shutdown_grace, HOUR),
-            ("queue.max_wait", self.queue.max_wait, 24 * HOUR),
-            ("queue.probe_grace", self.queue.probe_grace, 5 * MINUTE),
-            ("retry.initial_backoff", self.retry.initial_backoff, HOUR),
-            ("retry.max_backoff", self.retry.max_backoff, HOUR),
-            ("retry.deadline", self.retry.deadline, 24 * HOUR),
-            ("retry.quota_cooldown", self.retry.quota_cooldown, 24 * HOUR),
-            ("cache.ttl", self.cache.ttl, 30 * 24 * HOUR),
-            ("upstream.read_timeout", self.upstream.read_timeout, HOUR),
-            (
-                "upstream.keep_alive_interval",
-                self.upstream.keep_alive_interval,
-                HOUR,
-            ),
-            (
-                "server.header_read_timeout",
-                self.server.header_read_timeout,
-                10 * MINUTE,
-            ),
-            (
-                "server.body_read_timeout",
-                self.server.body_read_timeout,
-                10 * MINUTE,
-            ),
-            (
-                "server.lingering_timeout",
-                self.server.lingering_timeout,
-                10 * MINUTE,
-            ),
-            ("server.lingering_time", self.server.lingering_time, HOUR),
-            ("state.connect_timeout", self.state.connect_timeout, MINUTE),
-            ("state.command_timeout", self.state.command_timeout, MINUTE),
-            ("state.heartbeat", self.state.heartbeat, MINUTE),
-            ("state.lease", self.state.lease, HOUR),
-            ("jobs.ttl", self.jobs.ttl, 30 * 24 * HOUR),
-            ("jobs.webhook_backoff", self.jobs.webhook_backoff, HOUR),
-        ] {
-            if d > Duration::from_secs(max_secs) {
-                return Err(bad(
-                    key,
-                    format!(
-                        "expected at most {}",
-                        humantime::format_duration(Duration::from_secs(max_secs))
-                    ),
-                ));
-            }
-        }
-        for (key, url) in self
-            .jobs
-            .webhook_url
-            .iter()
-            .map(|u| ("jobs.webhook_url", u))
-            .chain(
-                self.jobs
-                    .webhook_prefixes
-                    .iter()
-                    .map(|u| ("jobs.webhook_prefixes", u)),
-            )
-        {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(bad(
-                    key,
-                    format!("expected an http:// or https:// URL, not {url:?}"),
-                ));
-            }
-        }
-        for (i, prefix) in self.jobs.webhook_prefixes.iter().enumerate() {
-            crate::vocab::url::UrlPrefix::parse(prefix)
-                .map_err(|e| bad(&format!("jobs.webhook_prefixes[{i}]"), e))?;
-        }
-        if (self.jobs.webhook_url.is_some() || !self.jobs.webhook_prefixes.is_empty())
-            && self.jobs.webhook_secret_env.is_none()
-        {
-            return Err(bad(
-                "jobs.webhook_secret_env",
-                "webhooks are signed: name the environment variable holding the secret".into(),
-            ));
-        }
-        if self.jobs.max_running == 0 || self.jobs.max_total == 0 || self.jobs.max_per_tenant == 0 {
-            return Err(bad("jobs.max_running", "expected limits above zero".into()));
-        }
-        if self.state.backend == Backend::Redis {
-            let url = &self.state.redis_url;
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(bad(
-                    "state.redis_url",
-                    "expected redis://host:port or rediss://host:port".into(),
-                ));
-            }
-            if !self.state.sentinels.is_empty() && !self.state.cluster_nodes.is_empty() {
-                return Err(bad(
-                    "state.cluster_nodes",
-                    "expected either state.sentinels or state.cluster_nodes, not both".into(),
-                ));
-            }
-            if !self.state.sentinels.is_empty() && self.state.sentinel_master.is_none() {
-                return Err(bad(
-                    "state.sentinel_master",
-                    "expected the name the sentinels monitor the primary by".into(),
-                ));
-            }
-            if self.state.sentinel_master.is_some() && self.state.sentinels.is_empty() {
-                return Err(bad(
-                    "state.sentinels",
-                    "expected the sentinels' addresses (host:port)".into(),
-                ));
-            }
-            for (i, node) in self.state.cluster_nodes.iter().enumerate() {
-                if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
-                    return Err(bad(
-                        &format!("state.cluster_nodes[{i}]"),
-                        "expected redis://host:port or rediss://host:port".into(),
-                    ));
-                }
-            }
-            if self.state.key_prefix.is_empty()
-                || self.state.key_prefix.len() > 64
-                || !self
-                    .state
-                    .key_prefix
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
-            {
-                return Err(bad(
-                    "state.key_prefix",
-                    "expected 1 to 64 printable characters without braces".into(),
-                ));
-            }
-            if self.state.replicas == Some(0) {
-                return Err(bad("state.replicas", "expected at least 1".into()));
-            }
-        }
-        if http::HeaderName::try_from(self.server.client_id_header.as_str()).is_err() {
-            return Err(bad(
-                "server.client_id_header",
-                "expected a valid HTTP header name".into(),
-            ));
-        }
+        // Each part its own rules, in the order of the file.
         let up_names = self.upstream.validate(&bad)?;
-        for (i, b) in self.budgets.iter().enumerate() {
-            if let Some(u) = b.upstream.as_ref().filter(|u| !up_names.contains(*u)) {
-                return Err(bad(
-                    &format!("budget[{i}].upstream"),
-                    format!("{u:?} names no upstream"),
-                ));
-            }
-        }
+        self.server.validate(&bad)?;
+        self.state.validate(&bad)?;
+        self.jobs.validate(&bad)?;
         for (i, f) in self.fallbacks.iter().enumerate() {
             f.validate(&|field, m| bad(&format!("fallback[{i}].{field}"), m))?;
         }
@@ -519,101 +310,17 @@ impl Config {
                     format!("the name {:?} is used by another budget", b.display_name()),
                 ));
             }
+            if let Some(u) = b.upstream.as_ref().filter(|u| !up_names.contains(*u)) {
+                return Err(bad("upstream", format!("{u:?} names no upstream")));
+            }
         }
-        let r = &self.retry;
-        if r.max_attempts == 0 || r.max_attempts > 20 {
-            return Err(bad(
-                "retry.max_attempts",
-                "expected 1 (no retries) to 20".into(),
-            ));
-        }
-        if !(0.0..=1000.0).contains(&r.budget_percent) || r.budget_percent.is_nan() {
-            return Err(bad(
-                "retry.budget_percent",
-                "expected a percentage from 0 to 1000".into(),
-            ));
-        }
-        if r.min_retries_per_second > 1_000_000 {
-            return Err(bad(
-                "retry.min_retries_per_second",
-                "expected at most 1000000".into(),
-            ));
-        }
-        if r.initial_backoff > r.max_backoff {
-            return Err(bad(
-                "retry.initial_backoff",
-                "must not exceed `retry.max_backoff`".into(),
-            ));
-        }
-        if r.deadline.is_zero() {
-            return Err(bad(
-                "retry.deadline",
-                "expected a duration above zero, like \"10m\"".into(),
-            ));
-        }
-        if self.cache.max_entry_size > self.cache.max_size {
-            return Err(bad(
-                "cache.max_entry_size",
-                "must not exceed `cache.max_size`".into(),
-            ));
-        }
-        if self.cache.max_entry_size.as_u64() > u32::MAX as u64 {
-            return Err(bad(
-                "cache.max_entry_size",
-                "expected at most \"4GiB\"".into(),
-            ));
-        }
-        if let Some(p) = self.cache.paths.iter().find(|p| !p.starts_with('/')) {
-            return Err(bad(
-                "cache.paths",
-                format!("{p:?} is not a path; expected like \"/v1/embeddings\""),
-            ));
-        }
+        self.retry.validate(&bad)?;
+        self.cache.validate(&bad)?;
         for (i, c) in self.clients.iter().enumerate() {
-            if c.id.is_empty() {
-                return Err(bad(
-                    &format!("client[{i}].id"),
-                    "expected a client id".into(),
-                ));
-            }
-            if c.rpm.is_some_and(|r| r == 0 || r > u32::MAX as u64) {
-                return Err(bad(
-                    &format!("client[{i}].rpm"),
-                    "expected a number from 1 to 4294967295".into(),
-                ));
-            }
-            if c.burst.is_some_and(|b| b == 0 || b > u32::MAX as u64) {
-                return Err(bad(
-                    &format!("client[{i}].burst"),
-                    "expected a number from 1 to 4294967295".into(),
-                ));
-            }
-            for (key, usd) in [
-                ("usd_per_day", c.usd_per_day),
-                ("usd_per_month", c.usd_per_month),
-            ] {
-                if usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
-                    return Err(bad(
-                        &format!("client[{i}].{key}"),
-                        "expected a number of dollars, 0 or more".into(),
-                    ));
-                }
-            }
+            c.validate(&|field, m| bad(&format!("client[{i}].{field}"), m))?;
         }
-        for (key, usd) in [
-            ("spend.usd_per_day", self.spend.usd_per_day),
-            ("spend.usd_per_month", self.spend.usd_per_month),
-        ] {
-            if usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
-                return Err(bad(key, "expected a number of dollars, 0 or more".into()));
-            }
-        }
-        if !(0.0..=1.0).contains(&self.queue.batch_min_share) {
-            return Err(bad(
-                "queue.batch_min_share",
-                "expected a share from 0 to 1".into(),
-            ));
-        }
+        self.spend.validate(&bad)?;
+        self.queue.validate(&bad)?;
         let mut projects = std::collections::HashSet::new();
         for (i, p) in self.projects.iter().enumerate() {
             if p.name.is_empty() || !projects.insert(&p.name) {
@@ -631,84 +338,8 @@ impl Config {
                 ));
             }
         }
-        if !(0.05..=1.0).contains(&self.learn.safety) {
-            return Err(bad(
-                "learn.safety",
-                "expected a fraction from 0.05 to 1".into(),
-            ));
-        }
-        if self.learn.max_in_flight == 0 {
-            return Err(bad(
-                "learn.max_in_flight",
-                "expected a number above zero".into(),
-            ));
-        }
-        if self.learn.burst.is_zero() || self.learn.burst > Duration::from_secs(60) {
-            return Err(bad(
-                "learn.burst",
-                "expected a duration from above zero to \"60s\"".into(),
-            ));
-        }
-        if self.learn.safety_margin > MAX_MARGIN {
-            return Err(bad(
-                "learn.safety_margin",
-                "expected a duration of at most \"10s\"".into(),
-            ));
-        }
-        if self.queue.max_depth == 0 {
-            return Err(bad(
-                "queue.max_depth",
-                "expected a number above zero".into(),
-            ));
-        }
-        let cpt = self.estimate.chars_per_token;
-        if !(0.5..=100.0).contains(&cpt) {
-            return Err(bad(
-                "estimate.chars_per_token",
-                "expected a number from 0.5 to 100".into(),
-            ));
-        }
-        if let Some(route) = self
-            .estimate
-            .default_model
-            .keys()
-            .find(|r| !ROUTE_LABELS.contains(&r.as_str()))
-        {
-            return Err(bad(
-                "estimate.default_model",
-                format!("{route:?} is not a route; expected one of {ROUTE_LABELS:?}"),
-            ));
-        }
-        check_image_tables(&self.estimate.image_output_tokens)
-            .map_err(|(k, m)| bad(&format!("estimate.{k}"), m))?;
-        if self.server.threads > 1024 {
-            return Err(bad(
-                "server.threads",
-                format!(
-                    "{} threads: expected at most 1024 (0 is one per core)",
-                    self.server.threads
-                ),
-            ));
-        }
-        if self.server.max_connections == 0 {
-            return Err(bad(
-                "server.max_connections",
-                "expected a number above zero".into(),
-            ));
-        }
-        if self.server.max_buffered < self.server.max_body_size {
-            return Err(bad(
-                "server.max_buffered",
-                "must be at least `server.max_body_size`".into(),
-            ));
-        }
-        if self.server.max_body_size.as_u64() == 0 {
-            return Err(bad(
-                "server.max_body_size",
-                "expected a size above zero, like \"64MiB\"".into(),
-            ));
-        }
-        Ok(())
+        self.learn.validate(&bad)?;
+        self.estimate.validate(&bad)
     }
 
     /// The effective config as TOML, for `penstock check`. It holds no secret: keys
@@ -773,6 +404,7 @@ impl Config {
 mod tests {
     use super::*;
     use bytesize::ByteSize;
+    use std::time::Duration;
 
     fn err(text: &str) -> String {
         Config::parse(text, "x.toml")

@@ -6,6 +6,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use super::error::{Bad, ConfigError, HOUR, durations};
+
 use super::error::default_true;
 
 /// A cap on one client's requests, whatever the budgets allow.
@@ -230,4 +232,124 @@ pub(super) fn default_deadline() -> Duration {
 
 pub(super) fn default_quota_cooldown() -> Duration {
     Duration::from_secs(60)
+}
+
+impl RetryConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        durations(
+            bad,
+            &[
+                ("retry.initial_backoff", self.initial_backoff, false, HOUR),
+                ("retry.max_backoff", self.max_backoff, false, HOUR),
+                ("retry.deadline", self.deadline, false, 24 * HOUR),
+                (
+                    "retry.quota_cooldown",
+                    self.quota_cooldown,
+                    false,
+                    24 * HOUR,
+                ),
+            ],
+        )?;
+        if self.max_attempts == 0 || self.max_attempts > 20 {
+            return Err(bad(
+                "retry.max_attempts",
+                "expected 1 (no retries) to 20".into(),
+            ));
+        }
+        if !(0.0..=1000.0).contains(&self.budget_percent) || self.budget_percent.is_nan() {
+            return Err(bad(
+                "retry.budget_percent",
+                "expected a percentage from 0 to 1000".into(),
+            ));
+        }
+        if self.min_retries_per_second > 1_000_000 {
+            return Err(bad(
+                "retry.min_retries_per_second",
+                "expected at most 1000000".into(),
+            ));
+        }
+        if self.initial_backoff > self.max_backoff {
+            return Err(bad(
+                "retry.initial_backoff",
+                "must not exceed `retry.max_backoff`".into(),
+            ));
+        }
+        if self.deadline.is_zero() {
+            return Err(bad(
+                "retry.deadline",
+                "expected a duration above zero, like \"10m\"".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl CacheConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        durations(bad, &[("cache.ttl", self.ttl, false, 30 * 24 * HOUR)])?;
+        if self.max_entry_size > self.max_size {
+            return Err(bad(
+                "cache.max_entry_size",
+                "must not exceed `cache.max_size`".into(),
+            ));
+        }
+        if self.max_entry_size.as_u64() > u32::MAX as u64 {
+            return Err(bad(
+                "cache.max_entry_size",
+                "expected at most \"4GiB\"".into(),
+            ));
+        }
+        if let Some(p) = self.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(bad(
+                "cache.paths",
+                format!("{p:?} is not a path; expected like \"/v1/embeddings\""),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ClientConfig {
+    /// Checks what the types cannot; `bad` takes the key within the
+    /// `[[client]]` (`rpm`, ...).
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        if self.id.is_empty() {
+            return Err(bad("id", "expected a client id".into()));
+        }
+        if self.rpm.is_some_and(|r| r == 0 || r > u32::MAX as u64) {
+            return Err(bad("rpm", "expected a number from 1 to 4294967295".into()));
+        }
+        if self.burst.is_some_and(|b| b == 0 || b > u32::MAX as u64) {
+            return Err(bad(
+                "burst",
+                "expected a number from 1 to 4294967295".into(),
+            ));
+        }
+        for (key, usd) in [
+            ("usd_per_day", self.usd_per_day),
+            ("usd_per_month", self.usd_per_month),
+        ] {
+            if usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
+                return Err(bad(key, "expected a number of dollars, 0 or more".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SpendConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        for (key, usd) in [
+            ("spend.usd_per_day", self.usd_per_day),
+            ("spend.usd_per_month", self.usd_per_month),
+        ] {
+            if usd.is_some_and(|u| !u.is_finite() || u < 0.0) {
+                return Err(bad(key, "expected a number of dollars, 0 or more".into()));
+            }
+        }
+        Ok(())
+    }
 }

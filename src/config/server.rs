@@ -5,6 +5,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use super::error::{Bad, ConfigError, HOUR, MINUTE, durations};
+
 /// `[admin]`: who may read the admin listener.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -110,5 +112,70 @@ impl Default for ServerConfig {
             max_buffered: default_max_buffered(),
             threads: 0,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        durations(
+            bad,
+            &[
+                (
+                    "server.header_read_timeout",
+                    self.header_read_timeout,
+                    true,
+                    10 * MINUTE,
+                ),
+                (
+                    "server.body_read_timeout",
+                    self.body_read_timeout,
+                    true,
+                    10 * MINUTE,
+                ),
+                ("server.shutdown_grace", self.shutdown_grace, false, HOUR),
+                (
+                    "server.lingering_timeout",
+                    self.lingering_timeout,
+                    false,
+                    10 * MINUTE,
+                ),
+                ("server.lingering_time", self.lingering_time, false, HOUR),
+            ],
+        )?;
+        if http::HeaderName::try_from(self.client_id_header.as_str()).is_err() {
+            return Err(bad(
+                "server.client_id_header",
+                "expected a valid HTTP header name".into(),
+            ));
+        }
+        if self.threads > 1024 {
+            return Err(bad(
+                "server.threads",
+                format!(
+                    "{} threads: expected at most 1024 (0 is one per core)",
+                    self.threads
+                ),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(bad(
+                "server.max_connections",
+                "expected a number above zero".into(),
+            ));
+        }
+        if self.max_buffered < self.max_body_size {
+            return Err(bad(
+                "server.max_buffered",
+                "must be at least `server.max_body_size`".into(),
+            ));
+        }
+        if self.max_body_size.as_u64() == 0 {
+            return Err(bad(
+                "server.max_body_size",
+                "expected a size above zero, like \"64MiB\"".into(),
+            ));
+        }
+        Ok(())
     }
 }

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::error::{Bad, ConfigError, HOUR, MINUTE, durations};
+
 /// Which state backend.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,5 +102,72 @@ impl Default for StateConfig {
             sentinel_master: None,
             cluster_nodes: Vec::new(),
         }
+    }
+}
+
+impl StateConfig {
+    /// Checks what the types cannot; `bad` takes whole key names.
+    pub fn validate(&self, bad: Bad) -> Result<(), ConfigError> {
+        durations(
+            bad,
+            &[
+                ("state.connect_timeout", self.connect_timeout, true, MINUTE),
+                ("state.command_timeout", self.command_timeout, true, MINUTE),
+                ("state.heartbeat", self.heartbeat, true, MINUTE),
+                ("state.lease", self.lease, true, HOUR),
+            ],
+        )?;
+        if self.backend != Backend::Redis {
+            return Ok(());
+        }
+        let url = &self.redis_url;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(bad(
+                "state.redis_url",
+                "expected redis://host:port or rediss://host:port".into(),
+            ));
+        }
+        if !self.sentinels.is_empty() && !self.cluster_nodes.is_empty() {
+            return Err(bad(
+                "state.cluster_nodes",
+                "expected either state.sentinels or state.cluster_nodes, not both".into(),
+            ));
+        }
+        if !self.sentinels.is_empty() && self.sentinel_master.is_none() {
+            return Err(bad(
+                "state.sentinel_master",
+                "expected the name the sentinels monitor the primary by".into(),
+            ));
+        }
+        if self.sentinel_master.is_some() && self.sentinels.is_empty() {
+            return Err(bad(
+                "state.sentinels",
+                "expected the sentinels' addresses (host:port)".into(),
+            ));
+        }
+        for (i, node) in self.cluster_nodes.iter().enumerate() {
+            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                return Err(bad(
+                    &format!("state.cluster_nodes[{i}]"),
+                    "expected redis://host:port or rediss://host:port".into(),
+                ));
+            }
+        }
+        if self.key_prefix.is_empty()
+            || self.key_prefix.len() > 64
+            || !self
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+        {
+            return Err(bad(
+                "state.key_prefix",
+                "expected 1 to 64 printable characters without braces".into(),
+            ));
+        }
+        if self.replicas == Some(0) {
+            return Err(bad("state.replicas", "expected at least 1".into()));
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::error::ConfigError;
+use super::error::{Bad, ConfigError, HOUR, MINUTE, durations};
 
 /// The OpenAI-compatible upstream.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -269,10 +269,7 @@ impl Default for UpstreamConfig {
 impl Upstreams {
     /// Checks what the types cannot, naming `upstream.key` (one) or
     /// `upstream[i].key` (several); the upstreams' names.
-    pub fn validate(
-        &self,
-        bad: &dyn Fn(&str, String) -> ConfigError,
-    ) -> Result<std::collections::HashSet<String>, ConfigError> {
+    pub fn validate(&self, bad: Bad) -> Result<std::collections::HashSet<String>, ConfigError> {
         // Several upstreams: each is checked as the first is, has a name of
         // its own and penstock's own key (requests are spread over them).
         let ups = self.all();
@@ -285,30 +282,30 @@ impl Upstreams {
         let mut up_names = std::collections::HashSet::new();
         for (i, u) in ups.iter().enumerate() {
             let key = |field: &str| self.key(i, field);
-            if i > 0 {
-                crate::vocab::url::BaseUrl::parse(&u.base_url)
-                    .map_err(|m| bad(&key("base_url"), m))?;
-                if let Some(ca) = u.ca_file.as_ref().filter(|ca| !ca.is_file()) {
-                    return Err(bad(
-                        &key("ca_file"),
-                        format!("{} is not a readable file", ca.display()),
-                    ));
-                }
-                for (field, d) in [
-                    ("connect_timeout", u.connect_timeout),
-                    ("attempt_timeout", u.attempt_timeout),
-                    ("read_timeout", u.read_timeout),
-                    ("keep_alive_interval", u.keep_alive_interval),
-                ] {
-                    if d.is_zero() || d > Duration::from_secs(3600) {
-                        return Err(bad(
-                            &key(field),
-                            "expected a duration above zero and at most an hour, like \"30s\""
-                                .into(),
-                        ));
-                    }
-                }
+            crate::vocab::url::BaseUrl::parse(&u.base_url).map_err(|m| bad(&key("base_url"), m))?;
+            if let Some(ca) = u.ca_file.as_ref().filter(|ca| !ca.is_file()) {
+                return Err(bad(
+                    &key("ca_file"),
+                    format!("{} is not a readable file", ca.display()),
+                ));
             }
+            let (connect, attempt, idle, read, ping) = (
+                key("connect_timeout"),
+                key("attempt_timeout"),
+                key("pool_idle_timeout"),
+                key("read_timeout"),
+                key("keep_alive_interval"),
+            );
+            durations(
+                bad,
+                &[
+                    (&connect, u.connect_timeout, true, 5 * MINUTE),
+                    (&attempt, u.attempt_timeout, true, HOUR),
+                    (&idle, u.pool_idle_timeout, false, HOUR),
+                    (&read, u.read_timeout, true, HOUR),
+                    (&ping, u.keep_alive_interval, true, HOUR),
+                ],
+            )?;
             let name = self.name_of(i);
             if name.is_empty()
                 || name.len() > 64
