@@ -7,8 +7,8 @@
 //! 3. [`state`]: the shared state of several replicas, in Redis;
 //! 4. [`logic`]: estimates, prices, the classifier, admission (ledger, fair
 //!    queue, pool) and metrics;
-//! 5. [`layers`]: the services of the stack (edge, coalesce, client caps,
-//!    retry, budget, upstream);
+//! 5. [`layers`]: the services of the stack (edge, jobs, coalesce, client
+//!    caps, spend, retry, budget, upstream);
 //! 6. wiring: [`stack`], [`admin`], [`reload`], [`server`], [`logsink`] and `main`.
 //!
 //! `tests/all/floors.rs` fails when an import goes the other way.

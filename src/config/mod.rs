@@ -1,6 +1,7 @@
-//! The configuration tree: serde structs with defaults, parsed from TOML and checked
-//! by [`Config::validate`] before anything binds. Every error names the file, the key
-//! and what was expected.
+//! The second floor. The configuration tree: serde structs with defaults, one
+//! file per part, parsed from TOML and checked by [`Config::validate`] (each
+//! part's own rules in its file) before anything binds. Every error names the
+//! file, the key and what was expected.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,9 @@
-//! The fourth floor: the services of the stack, outermost first: the edge
-//! (buffer, parse, respond, log), coalescing and the cache, per-client caps,
-//! retries, budget admission, and the upstream call. Each is a tower layer of
-//! its own; they share the vocabulary, the config and the logic below them.
+//! The fifth floor: the services of the stack, outermost first: the edge
+//! (buffer, parse, log), async jobs, coalescing and the cache, per-client
+//! caps, spend caps, retries, budget admission (which also picks the
+//! upstream), and the upstream call. Each is a tower layer of its own; they
+//! share the vocabulary, the config, the state and the logic below them, and
+//! none but the edge imports the edge.
 
 pub mod budget;
 pub mod client_limit;

@@ -1,7 +1,7 @@
 //! Retries that absorb routine failures without multiplying cost. tower's retry
 //! runs a per-request [`Policy`] around the budget and the upstream, so every
 //! retry waits for and pays its budget again; what is retryable comes from the
-//! one classifier (`crate::classify`); a shared `TpsBudget` keeps retries a small
+//! one classifier (`crate::logic::classify`); a shared `TpsBudget` keeps retries a small
 //! fraction of traffic when the upstream fails everything. When penstock gives up,
 //! the client gets the last upstream answer unchanged with `x-should-retry: false`,
 //! so the SDK's own retries do not multiply penstock's.

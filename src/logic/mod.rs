@@ -1,7 +1,7 @@
-//! The third floor: penstock's logic, without HTTP services. Cost estimates,
+//! The fourth floor: penstock's logic, without HTTP services. Cost estimates,
 //! prices, the classifier of upstream answers, and admission (a pool's ledger,
 //! its fair queue, and the pool that drives them); metrics count what happens.
-//! Imports the vocabulary and the config only.
+//! Imports the vocabulary, the config and the shared state below it.
 
 pub mod classify;
 pub mod encoding;

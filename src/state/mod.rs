@@ -1,4 +1,4 @@
-//! Shared state for several replicas: budgets, finished answers, in-flight
+//! The third floor. Shared state for several replicas: budgets, finished answers, in-flight
 //! leases and the quota breaker, kept in Redis when `[state] backend = "redis"`.
 //! Every replica that names the same Redis and key prefix spends one ledger.
 //!
