@@ -718,18 +718,18 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .candidates(c, c.model.as_deref(), azure_shaped, &self.upstream)
         });
         let several = self.upstream.len() > 1;
-        // Fallback models: configured for its model, a JSON body naming it,
-        // and not refused by the request.
+        // Fallback models: configured for its model, a JSON or multipart
+        // body naming it, and not refused by the request.
         let fallback = ctx.as_ref().and_then(|c| {
             let refused = c
                 .headers
                 .get(name::FALLBACK)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"none"));
-            let json = c
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-            if refused || !json || azure_shaped {
+            let rewritable = c.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| {
+                let v = v.as_bytes();
+                v.starts_with(b"application/json") || v.starts_with(b"multipart/form-data")
+            });
+            if refused || !rewritable || azure_shaped {
                 return None;
             }
             self.registry.fallback_for(c.model.as_deref()?)
@@ -882,8 +882,12 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             // A fallback: the body names it, and everything after counts it.
             if let Some(model) = &chosen {
                 let body = req.body_mut();
+                let content_type = ctx
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok());
                 if let Some(renamed) =
-                    crate::vocab::json::with_top_level_string(&body.bytes, "model", model)
+                    crate::vocab::fields::with_model(&body.bytes, content_type, model)
                 {
                     body.bytes = Bytes::from(renamed);
                 }

@@ -8,6 +8,7 @@ pub mod body;
 pub mod context;
 pub mod cost;
 pub mod error;
+pub mod fields;
 pub mod headers;
 pub mod json;
 pub mod logline;

@@ -335,3 +335,27 @@ async fn the_python_sdks_azure_client_sees_through_penstock_what_it_sees_directl
         assert!(t.headers.get("authorization").is_none());
     }
 }
+
+#[tokio::test]
+async fn an_image_edit_names_the_deployment_in_its_form() {
+    let fake = fake_azure(Behaviour::default()).await;
+    let (_running, url) = start(vec![azure(&fake.url(), None)]).await;
+    let body = support::multipart(
+        "XyZ",
+        &[("model", "gpt-image-1"), ("prompt", "add a boat")],
+        &[("image", "harbour.png", b"PNGDATA")],
+    );
+    let resp = http()
+        .post(format!("{url}/v1/images/edits"))
+        .header("content-type", "multipart/form-data; boundary=XyZ")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = &fake.requests()[0];
+    assert_eq!(got.path, "/openai/v1/images/edits");
+    let expected =
+        String::from_utf8_lossy(&body).replace("\r\n\r\ngpt-image-1\r\n", "\r\n\r\nimg-east\r\n");
+    assert_eq!(String::from_utf8_lossy(&got.body), expected);
+}

@@ -172,3 +172,44 @@ fn a_fallback_names_models_not_globs() {
     let err = penstock::Config::load(&path).unwrap_err().to_string();
     assert!(err.contains("fallback[0].to"), "{err}");
 }
+
+#[tokio::test]
+async fn an_image_edit_falls_back_with_its_forms_model_rewritten() {
+    let h = support::start_with(
+        Behaviour {
+            record_bodies: true,
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-image-1".into()],
+                rpm: Some(1),
+                burst: Duration::from_secs(60),
+                ..BudgetConfig::default()
+            }];
+            c.fallbacks = vec![to_mini(Duration::from_millis(200))];
+        },
+        |_| None,
+    )
+    .await;
+    // The minute's one call.
+    assert_eq!(send(&h.url, &image(0), false).await, (200, None));
+    let body = support::multipart(
+        "XyZ",
+        &[("model", "gpt-image-1"), ("prompt", "add a boat")],
+        &[("image", "harbour.png", b"PNGDATA")],
+    );
+    let resp = http()
+        .post(format!("{}/v1/images/edits", h.url))
+        .header("content-type", "multipart/form-data; boundary=XyZ")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-penstock-model"], "gpt-image-1-mini");
+    let sent = &h.fake.requests()[1];
+    let expected = String::from_utf8_lossy(&body)
+        .replace("\r\n\r\ngpt-image-1\r\n", "\r\n\r\ngpt-image-1-mini\r\n");
+    assert_eq!(String::from_utf8_lossy(&sent.body), expected);
+}

@@ -123,13 +123,15 @@ struct Azure {
 impl Azure {
     /// The Azure path and body of an OpenAI-shaped request (`/v1/...`):
     /// the v1 API (`/openai/v1/...`) or a deployment path with its
-    /// `api-version`; a JSON body's top-level `model` names the deployment.
+    /// `api-version`; the body's `model` (JSON or a form's) names the
+    /// deployment.
     fn rewrite(
         &self,
         path: &str,
         query: Option<&str>,
         route: Option<Route>,
         model: Option<&str>,
+        content_type: Option<&str>,
         body: Bytes,
     ) -> (String, Bytes) {
         let rest = path.strip_prefix("/v1").unwrap_or(path);
@@ -156,17 +158,17 @@ impl Azure {
             }
         };
         let body = match (model, deployment) {
-            (Some(m), Some(d)) if m != d => rename_model(body, d),
+            (Some(m), Some(d)) if m != d => rename_model(body, content_type, d),
             _ => body,
         };
         (path, body)
     }
 }
 
-/// A JSON body with its top-level `model` replaced by `to`; any other body
-/// as it is.
-fn rename_model(body: Bytes, to: &str) -> Bytes {
-    match crate::vocab::json::with_top_level_string(&body, "model", to) {
+/// A body with its `model` (a JSON body's top-level member, a form's text
+/// part) replaced by `to`; a body without one as it is.
+fn rename_model(body: Bytes, content_type: Option<&str>, to: &str) -> Bytes {
+    match crate::vocab::fields::with_model(&body, content_type, to) {
         Some(renamed) => Bytes::from(renamed),
         None => body,
     }
@@ -483,6 +485,10 @@ impl Inner {
                     parts.uri.query(),
                     body.ctx.as_ref().map(|c| c.route),
                     model.as_deref(),
+                    body.ctx
+                        .as_ref()
+                        .and_then(|c| c.headers.get(header::CONTENT_TYPE))
+                        .and_then(|v| v.to_str().ok()),
                     std::mem::take(&mut body.bytes),
                 );
                 body.bytes = bytes;
