@@ -203,6 +203,30 @@ struct Window {
     calls: VecDeque<(Instant, u64, u64)>,
 }
 
+impl Window {
+    /// Forgets the calls older than `window`.
+    fn prune(&mut self, now: Instant, window: Duration) {
+        while self
+            .calls
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) >= window)
+        {
+            self.calls.pop_front();
+        }
+    }
+}
+
+/// What OpenAI's image 429s say: the image limit per minute, nothing left,
+/// and when it resets (a Go duration).
+fn image_refusal_headers(h: &mut HeaderMap, per_minute: u64, wait: Duration) {
+    h.insert("x-ratelimit-limit-images", per_minute.into());
+    h.insert("x-ratelimit-remaining-images", 0u64.into());
+    h.insert(
+        "x-ratelimit-reset-images",
+        HeaderValue::from_str(&go_duration(wait)).unwrap(),
+    );
+}
+
 struct State {
     behaviour: Mutex<Behaviour>,
     /// Stored responses (`store` not false): id -> the key that made it.
@@ -1231,13 +1255,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         let w = windows
             .entry((scope.clone(), tool.model.clone()))
             .or_default();
-        while w
-            .calls
-            .front()
-            .is_some_and(|(t, _, _)| now.duration_since(*t) >= limit.window)
-        {
-            w.calls.pop_front();
-        }
+        w.prune(now, limit.window);
         let used: u64 = w.calls.iter().map(|(_, _, i)| i).sum();
         let cap = limit.images.unwrap_or(u64::from(limit.requests));
         if used + 1 > cap {
@@ -1260,12 +1278,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
             );
             let h = resp.headers_mut();
             if b.announce_limits && b.image_refusal_limits {
-                h.insert("x-ratelimit-limit-images", limit.per_minute(cap).into());
-                h.insert("x-ratelimit-remaining-images", 0u64.into());
-                h.insert(
-                    "x-ratelimit-reset-images",
-                    HeaderValue::from_str(&go_duration(wait)).unwrap(),
-                );
+                image_refusal_headers(h, limit.per_minute(cap), wait);
             }
             h.insert(
                 "retry-after",
@@ -1279,13 +1292,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         let now = Instant::now();
         let mut windows = st.windows.lock().unwrap();
         let w = windows.entry((scope, call.model.clone())).or_default();
-        while w
-            .calls
-            .front()
-            .is_some_and(|(t, _, _)| now.duration_since(*t) >= limits.window)
-        {
-            w.calls.pop_front();
-        }
+        w.prune(now, limits.window);
         let used_tokens: u64 = w.calls.iter().map(|(_, t, _)| t).sum();
         let used_images: u64 = w.calls.iter().map(|(_, _, i)| i).sum();
         // A request larger than a whole limit can never pass.
@@ -1364,12 +1371,7 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
                 // it resets, and `retry-after` in whole seconds.
                 if b.announce_limits && b.image_refusal_limits {
                     let images_limit = limits.images.unwrap_or(u64::from(limits.requests));
-                    h.insert("x-ratelimit-limit-images", per_minute(images_limit).into());
-                    h.insert("x-ratelimit-remaining-images", 0u64.into());
-                    h.insert(
-                        "x-ratelimit-reset-images",
-                        HeaderValue::from_str(&go_duration(wait)).unwrap(),
-                    );
+                    image_refusal_headers(h, per_minute(images_limit), wait);
                 }
             } else {
                 // A refusal announces the limits too (the contract: "on

@@ -81,6 +81,10 @@ const MAX_LEARNED_POOLS: usize = 1000;
 /// How often idle pools are looked for.
 const EVICT_EVERY: Duration = Duration::from_secs(60);
 
+/// Where a request may go, best first: an upstream's index and the
+/// credential its pools count. One, the usual case, is kept inline.
+type Candidates = smallvec::SmallVec<[(usize, Arc<str>); 1]>;
+
 /// A pool's identity: which budget, and which upstream credential pays.
 type PoolKey = (usize, Arc<str>);
 
@@ -235,8 +239,8 @@ impl Registry {
         model: Option<&str>,
         azure_shaped: bool,
         upstream: &Upstream,
-    ) -> Vec<(usize, Arc<str>)> {
-        let alone = || vec![(0, ctx.credential.clone())];
+    ) -> Candidates {
+        let alone = || smallvec::smallvec![(0, ctx.credential.clone())];
         if self.ups.len() <= 1 || ctx.credential.as_ref() != "sidecar" {
             return alone();
         }
@@ -734,7 +738,8 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             }
             self.registry.fallback_for(c.model.as_deref()?)
         });
-        let upstream = self.upstream.clone();
+        // Fallbacks look for upstreams again.
+        let fallback = fallback.map(|(to, after)| (to, after, self.upstream.clone()));
         let max_wait = self.registry.max_wait();
         let quota_cooldown = self.registry.quota_cooldown;
         let refund = self.registry.refund;
@@ -806,7 +811,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     .await?,
                     None,
                 ),
-                Some((to, after)) => {
+                Some((to, after, upstream)) => {
                     let spent = ctx.spent_upstreams.load(Ordering::Relaxed);
                     let out = |c: &[(usize, Arc<str>)]| {
                         c.iter().all(|(i, _)| {
@@ -831,7 +836,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                     };
                     match first {
                         Some(Ok(admitted)) => (admitted, None),
-                        Some(Err(e)) if !falls_back(&e) => return Err(e),
+                        Some(Err(e)) if !e.model_unavailable() => return Err(e),
                         first => {
                             let mut last = first.and_then(Result::err);
                             let mut found = None;
@@ -1052,20 +1057,6 @@ fn mark_failover(resp: &mut Response<Body>) {
     }
 }
 
-/// Refusals that send a request to its fallback model: no turn in time, no
-/// room in the queue, the money gone, a request larger than the limit.
-fn falls_back(e: &ProxyError) -> bool {
-    matches!(
-        e.code(),
-        "penstock_wait_too_long"
-            | "penstock_queue_timeout"
-            | "penstock_queue_full"
-            | "penstock_circuit_open"
-            | "penstock_request_too_large"
-            | "penstock_upstream_down"
-    )
-}
-
 /// An answer of a fallback model says which (`x-penstock-model`).
 fn announce_model(resp: &mut Response<Body>, model: Option<&str>) {
     if let Some(v) = model.and_then(|m| http::HeaderValue::try_from(m).ok()) {
@@ -1121,7 +1112,7 @@ async fn admit(
     model: Option<&str>,
     class: Priority,
     max_wait: Duration,
-    mut candidates: Vec<(usize, Arc<str>)>,
+    mut candidates: Candidates,
 ) -> Result<Admitted, ProxyError> {
     if candidates.len() <= 1 {
         let (up, credential) = candidates.pop().unwrap_or((0, ctx.credential.clone()));

@@ -181,6 +181,17 @@ impl Problem for Refusal {
         matches!(self, Refusal::WaitTooLong { .. } | Refusal::TimedOut { .. })
     }
 
+    fn model_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Refusal::WaitTooLong { .. }
+                | Refusal::TimedOut { .. }
+                | Refusal::QueueFull { .. }
+                | Refusal::CircuitOpen(_)
+                | Refusal::TooLarge { .. }
+        )
+    }
+
     /// At shutdown too: a job stays (never sent) and runs after the restart.
     fn may_wait_out(&self) -> bool {
         matches!(

@@ -72,6 +72,13 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
     fn may_wait_out(&self) -> bool {
         false
     }
+
+    /// The asked model cannot be had now (no turn in time, no room in the
+    /// queue, its money gone, a request larger than its limits, its
+    /// upstream down): a `[[fallback]]` model may serve instead.
+    fn model_unavailable(&self) -> bool {
+        false
+    }
 }
 
 /// Marks a response that renders a [`Problem::is_personal`] refusal, so a layer
@@ -137,6 +144,10 @@ impl ProxyError {
 
     pub fn may_wait_out(&self) -> bool {
         self.0.may_wait_out()
+    }
+
+    pub fn model_unavailable(&self) -> bool {
+        self.0.model_unavailable()
     }
 }
 

@@ -20,6 +20,28 @@ fn to_mini(after: Duration) -> FallbackConfig {
     }
 }
 
+/// penstock before a recording fake: gpt-image-1 at `rpm` (over `burst`),
+/// falling back to gpt-image-1-mini (unlimited) after `after`.
+async fn limited_with_fallback(rpm: u64, burst: Duration, after: Duration) -> support::Harness {
+    support::start_with(
+        Behaviour {
+            record_bodies: true,
+            ..Behaviour::default()
+        },
+        |c| {
+            c.budgets = vec![BudgetConfig {
+                models: vec!["gpt-image-1".into()],
+                rpm: Some(rpm),
+                burst,
+                ..BudgetConfig::default()
+            }];
+            c.fallbacks = vec![to_mini(after)];
+        },
+        |_| None,
+    )
+    .await
+}
+
 /// The models the fake was asked for, in order.
 fn models(fake: &Fake) -> Vec<String> {
     fake.requests()
@@ -48,24 +70,8 @@ async fn send(url: &str, body: &serde_json::Value, no_fallback: bool) -> (u16, O
 
 #[tokio::test]
 async fn a_model_full_for_longer_than_after_falls_back_and_a_request_that_refuses_waits() {
-    let h = support::start_with(
-        Behaviour {
-            record_bodies: true,
-            ..Behaviour::default()
-        },
-        |c| {
-            // One gpt-image-1 a second; gpt-image-1-mini unlimited.
-            c.budgets = vec![BudgetConfig {
-                models: vec!["gpt-image-1".into()],
-                rpm: Some(60),
-                burst: Duration::from_secs(1),
-                ..BudgetConfig::default()
-            }];
-            c.fallbacks = vec![to_mini(Duration::from_millis(500))];
-        },
-        |_| None,
-    )
-    .await;
+    // One gpt-image-1 a second; gpt-image-1-mini unlimited.
+    let h = limited_with_fallback(60, Duration::from_secs(1), Duration::from_millis(500)).await;
     let mut tasks = Vec::new();
     for i in 0..6 {
         let url = h.url.clone();
@@ -175,23 +181,7 @@ fn a_fallback_names_models_not_globs() {
 
 #[tokio::test]
 async fn an_image_edit_falls_back_with_its_forms_model_rewritten() {
-    let h = support::start_with(
-        Behaviour {
-            record_bodies: true,
-            ..Behaviour::default()
-        },
-        |c| {
-            c.budgets = vec![BudgetConfig {
-                models: vec!["gpt-image-1".into()],
-                rpm: Some(1),
-                burst: Duration::from_secs(60),
-                ..BudgetConfig::default()
-            }];
-            c.fallbacks = vec![to_mini(Duration::from_millis(200))];
-        },
-        |_| None,
-    )
-    .await;
+    let h = limited_with_fallback(1, Duration::from_secs(60), Duration::from_millis(200)).await;
     // The minute's one call.
     assert_eq!(send(&h.url, &image(0), false).await, (200, None));
     let body = support::multipart(

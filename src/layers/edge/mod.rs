@@ -765,7 +765,8 @@ fn credentials_marked_sensitive(mut headers: HeaderMap) -> HeaderMap {
 /// file, a batch, an upload, a stored response or completion, or any call
 /// that names one, belongs to the organization that made it.
 fn spreads(route: Route, parsed: &Parsed) -> bool {
-    let stored = match parsed {
+    // Looked up for chat alone, the one route where it decides.
+    let stored = || match parsed {
         Parsed::Json(v) => v.get("store").and_then(crate::vocab::json::Json::as_bool) == Some(true),
         _ => false,
     };
@@ -775,7 +776,7 @@ fn spreads(route: Route, parsed: &Parsed) -> bool {
         | Route::ImagesVariations
         | Route::Completions
         | Route::Embeddings => true,
-        Route::ChatCompletions => !stored,
+        Route::ChatCompletions => !stored(),
         Route::Responses | Route::Models | Route::Other => false,
     }
 }

@@ -91,6 +91,10 @@ impl Problem for Failure {
     fn may_wait_out(&self) -> bool {
         matches!(self, Failure::Down(_))
     }
+
+    fn model_unavailable(&self) -> bool {
+        matches!(self, Failure::Down(_))
+    }
 }
 
 /// Credentials penstock sends in sidecar mode, replacing the client's.
