@@ -119,8 +119,8 @@ async fn multipart_key() {
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     let body = Bytes::from(body);
     let defaults = penstock::Config::default();
-    let metrics = std::sync::Arc::new(penstock::logic::metrics::Metrics::new(&defaults.prices));
-    let config = std::sync::Arc::new(penstock::layers::edge::EdgeConfig::new(&defaults, metrics));
+    let metrics = std::sync::Arc::new(penstock::telemetry::metrics::Metrics::new(&defaults.prices));
+    let config = std::sync::Arc::new(penstock::edge::EdgeConfig::new(&defaults, metrics));
     let request = || {
         http::Request::post("/v1/images/edits")
             .header(
@@ -132,7 +132,7 @@ async fn multipart_key() {
             .unwrap()
     };
     // Once to warm the tokenizer, then measured.
-    penstock::layers::edge::prepare(request(), config.clone())
+    penstock::edge::prepare(request(), config.clone())
         .await
         .unwrap();
     let runs = 10;
@@ -141,7 +141,7 @@ async fn multipart_key() {
     for _ in 0..runs {
         let before = ALLOCATED.load(Ordering::Relaxed);
         let t = Instant::now();
-        let prepared = penstock::layers::edge::prepare(request(), config.clone())
+        let prepared = penstock::edge::prepare(request(), config.clone())
             .await
             .unwrap();
         best = best.min(t.elapsed().as_secs_f64());

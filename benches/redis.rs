@@ -86,8 +86,8 @@ fn main() {
         }
         // The admission script alone, one call at a time.
         let alone = {
-            use penstock::logic::ledger::Limits;
-            use penstock::state::Candidate;
+            use penstock::admission::ledger::Limits;
+            use penstock::admission::shared::Candidate;
             let state = penstock::state::Redis::start(&config.state).unwrap();
             while !state.healthy() {
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -40,16 +40,16 @@ enum LogFormat {
     Json,
 }
 
-/// Logs go to stderr through [`penstock::logsink`]: lines gather in memory
+/// Logs go to stderr through [`penstock::telemetry::logsink`]: lines gather in memory
 /// and a thread of their own writes them every few milliseconds, so a
 /// request's line costs no `write` on the worker. The guard writes what is
 /// left when `main` ends.
-fn init_logs(format: LogFormat) -> penstock::logsink::Flushed {
+fn init_logs(format: LogFormat) -> penstock::telemetry::logsink::Flushed {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PENSTOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal, never into a log file.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = penstock::logsink::stderr();
+    let (writer, guard) = penstock::telemetry::logsink::stderr();
     let direct = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -59,8 +59,10 @@ fn init_logs(format: LogFormat) -> penstock::logsink::Flushed {
         LogFormat::Text => builder.init(),
         LogFormat::Json => {
             // A request's line goes straight into the same sink.
-            penstock::vocab::logline::write_directly(move |line| direct.push(line));
-            builder.event_format(penstock::vocab::logline::Json).init()
+            penstock::telemetry::logline::write_directly(move |line| direct.push(line));
+            builder
+                .event_format(penstock::telemetry::logline::Json)
+                .init()
         }
     }
     guard
@@ -79,7 +81,7 @@ fn main() -> ExitCode {
         Command::Check => {
             // Build what serving would build (the sidecar key must be present, the CA
             // file must parse) without binding anything.
-            if let Err(e) = penstock::layers::upstream::Upstream::several(
+            if let Err(e) = penstock::upstream::Upstream::several(
                 &config.upstream,
                 |k| std::env::var(k).ok(),
                 None,

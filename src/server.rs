@@ -43,10 +43,10 @@ pub struct Running {
     /// runtime running, as tasks one thread started (a pool's admission, a
     /// shared call) may serve another's requests.
     drained: watch::Sender<bool>,
-    budgets: Arc<crate::layers::budget::Registry>,
+    budgets: Arc<crate::admission::Registry>,
     grace: Duration,
     reloader: crate::reload::Reloader,
-    spend: crate::layers::spend::Layer,
+    spend: crate::spend::Layer,
 }
 
 impl Running {
@@ -154,7 +154,7 @@ pub async fn start(
     // The edge is always ready (it waits inside calls), so each request calls
     // it directly: no `oneshot` keeping room for a service and a request for
     // the request's whole life.
-    let proxy_svc = service_fn(move |req| crate::layers::call_now(&mut stack.clone(), req));
+    let proxy_svc = service_fn(move |req| crate::vocab::service::call_now(&mut stack.clone(), req));
     let mut tasks = Vec::new();
     let (drained, all_drained) = watch::channel(false);
     if threads <= 1 {

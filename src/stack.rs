@@ -8,10 +8,10 @@ use http::{Request, Response};
 use tower::ServiceBuilder;
 
 use crate::config::Config;
-use crate::layers::upstream::{self, Upstream};
-use crate::layers::{budget, client_limit, coalesce, edge, jobs, retry, spend};
-use crate::logic::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::{self, Upstream};
 use crate::vocab::body::{Body, BoxError};
+use crate::{admission, cache, client_caps, edge, jobs, retry, spend};
 
 /// What keeps the stack from being built; each names the config key.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +28,8 @@ pub enum BuildError {
 
 /// State the stack shares with the admin endpoints.
 pub struct Shared {
-    pub budgets: Arc<budget::Registry>,
-    pub cache: coalesce::Handle,
+    pub budgets: Arc<admission::Registry>,
+    pub cache: cache::Handle,
     pub metrics: Arc<Metrics>,
     /// Bytes of request bodies held now.
     pub buffered: edge::Buffered,
@@ -38,7 +38,7 @@ pub struct Shared {
     /// Async jobs, when enabled.
     pub jobs: Option<Arc<jobs::Jobs>>,
     /// The per-client caps, which a reload replaces.
-    pub clients: client_limit::Layer,
+    pub clients: client_caps::Layer,
     /// The spend caps and what each client spent.
     pub spend: spend::Layer,
     /// The upstream, for its health.
@@ -90,7 +90,7 @@ where
             Some(redis)
         }
     };
-    let budgets = Arc::new(budget::Registry::new(config, redis.clone()));
+    let budgets = Arc::new(admission::Registry::new(config, redis.clone()));
     budgets.evict_periodically();
     let mut edge = edge::EdgeConfig::new(config, metrics.clone());
     edge.add_projects(&config.projects, &env)
@@ -120,7 +120,7 @@ where
         ),
         false => None,
     };
-    let cache = coalesce::Layer::new(
+    let cache = cache::Layer::new(
         &config.cache,
         config.retry.deadline,
         metrics.clone(),
@@ -128,7 +128,7 @@ where
     );
     let cache_handle = cache.handle();
     let upstream_handle = upstream.clone();
-    let clients = client_limit::Layer::new(&config.clients);
+    let clients = client_caps::Layer::new(&config.clients);
     // Spend: shared in Redis; else in a file when a cap is configured at
     // start (`spend.path`, beside the jobs), in memory otherwise.
     let ledger = match (&redis, config.caps_spend()) {
@@ -162,11 +162,11 @@ where
         // waits for and pays its own budget (the upstream counts failed calls too).
         .layer(retry::Layer::new(&config.retry, metrics.clone()))
         // Admission: each attempt waits here, fairly, until its pool can pay.
-        .layer(budget::Layer::new(
+        .layer(admission::Layer::new(
             budgets.clone(),
             metrics.clone(),
             own_orgs,
-            upstream.clone(),
+            Arc::new(upstream.clone()),
         ))
         // One attempt upstream, bounded by the per-attempt timeout.
         .service(upstream);

@@ -107,7 +107,7 @@ impl State {
     pub fn sample_periodically(self: &Arc<Self>) {
         let state = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::logic::recent::SAMPLE_EVERY);
+            let mut tick = tokio::time::interval(crate::telemetry::recent::SAMPLE_EVERY);
             loop {
                 tick.tick().await;
                 let Some(state) = state.upgrade() else {

@@ -13,7 +13,7 @@ use crate::config::StateConfig;
 /// or through Sentinel) or to a Cluster, which routes each command by its
 /// key's hash tag. Cheap to clone: both are multiplexed handles.
 #[derive(Clone)]
-pub(super) enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -141,9 +141,9 @@ pub struct Redis {
     /// it (one multiplexed connection answers in order).
     bulk: RwLock<Option<Conn>>,
     /// `{prefix}:v1:`
-    pub(super) base: String,
+    pub(crate) base: String,
     /// This replica's id, as other replicas see it.
-    pub(super) replica: String,
+    pub(crate) replica: String,
     command_timeout: Duration,
     connect_timeout: Duration,
     heartbeat: Duration,
@@ -438,7 +438,7 @@ impl Redis {
     }
 
     /// A connection, when Redis is believed healthy.
-    pub(super) fn conn(&self) -> Result<Conn, Unavailable> {
+    pub(crate) fn conn(&self) -> Result<Conn, Unavailable> {
         if !self.healthy() {
             return Err(Unavailable);
         }
@@ -447,7 +447,7 @@ impl Redis {
 
     /// Runs one command (or script) within the command timeout; a failure
     /// marks Redis unavailable until the next heartbeat succeeds.
-    pub(super) async fn timed<T>(
+    pub(crate) async fn timed<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Unavailable> {
@@ -466,7 +466,7 @@ impl Redis {
 
     /// The connection for answers and bodies, when Redis is believed healthy
     /// (until it is made, the first).
-    pub(super) fn bulk_conn(&self) -> Result<Conn, Unavailable> {
+    pub(crate) fn bulk_conn(&self) -> Result<Conn, Unavailable> {
         if !self.healthy() {
             return Err(Unavailable);
         }
@@ -479,7 +479,7 @@ impl Redis {
     /// other on the connection) plus the time the bytes take at a slow
     /// 4 MiB/s. A failure is this transfer's alone: the heartbeat, not a
     /// large answer that took its time, says whether Redis is healthy.
-    pub(super) async fn timed_bulk<T>(
+    pub(crate) async fn timed_bulk<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
         bytes: usize,
@@ -495,7 +495,7 @@ impl Redis {
     /// As [`Redis::timed`], but an error Redis answered with (out of memory,
     /// say) is the caller's to handle and leaves Redis healthy; only a
     /// timeout or a broken connection marks it unavailable.
-    pub(super) async fn timed_quietly<T>(
+    pub(crate) async fn timed_quietly<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<redis::RedisResult<T>, Unavailable> {

@@ -14,7 +14,6 @@ use redis::AsyncCommands;
 use std::time::Duration;
 
 use super::client::{Redis, Unavailable};
-use super::ledger::PoolKey;
 
 /// The largest piece of a body written or read in one command.
 const PIECE: usize = 512 * 1024;
@@ -177,7 +176,7 @@ static LEASE_SCRIPTS: std::sync::LazyLock<[redis::Script; 3]> =
     std::sync::LazyLock::new(|| [RENEW, RELEASE, ACCOUNT].map(redis::Script::new));
 
 impl Redis {
-    pub(super) fn answer_key(&self, kind: Kind, key: &str) -> String {
+    pub(crate) fn answer_key(&self, kind: Kind, key: &str) -> String {
         format!("{}{}:{{{key}}}", self.base, kind.name())
     }
 
@@ -384,11 +383,11 @@ impl Redis {
         Ok(())
     }
 
-    /// Opens the pool's quota breaker for every replica, with the upstream's
-    /// answer to repeat until `cooldown` ends.
+    /// Keeps `answer` under `key` until `cooldown` ends, its body cut to one
+    /// piece: a quota breaker's answer to repeat, open for every replica.
     pub async fn trip(
         &self,
-        pool: &PoolKey,
+        key: &str,
         answer: &Answer,
         cooldown: Duration,
     ) -> Result<(), Unavailable> {
@@ -397,14 +396,13 @@ impl Redis {
         small.body.truncate(PIECE);
         let ms = cooldown.as_millis().clamp(1, u64::MAX as u128) as u64;
         let head = encode(&small, 0);
-        let set = conn.pset_ex::<_, _, ()>(pool.breaker(), head.as_ref(), ms);
+        let set = conn.pset_ex::<_, _, ()>(key, head.as_ref(), ms);
         self.timed(set).await
     }
 
-    /// The answer the open breaker repeats, and for how long more.
-    pub async fn tripped(&self, pool: &PoolKey) -> Result<Option<(Answer, Duration)>, Unavailable> {
+    /// The answer kept by [`Redis::trip`] under `key`, and for how long more.
+    pub async fn tripped(&self, key: &str) -> Result<Option<(Answer, Duration)>, Unavailable> {
         let mut conn = self.conn()?;
-        let key = pool.breaker();
         let (raw, ttl): (Option<Vec<u8>>, i64) = self
             .timed(redis::pipe().get(key).pttl(key).query_async(&mut conn))
             .await?;

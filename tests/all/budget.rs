@@ -630,7 +630,7 @@ async fn in_a_pool_shared_by_every_key_one_keys_spent_quota_stops_that_key_alone
 #[tokio::test]
 async fn a_client_cannot_step_out_of_its_cap_or_pool_by_naming_an_organization() {
     let key = "Bearer sk-test";
-    let id = penstock::layers::edge::key_id_of(key.as_bytes());
+    let id = penstock::edge::key_id_of(key.as_bytes());
     let own = fake_openai::own_org(key);
     let h = start_with(
         Behaviour {

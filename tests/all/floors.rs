@@ -1,24 +1,41 @@
-//! The crate's modules stand on floors (see `src/lib.rs`): the vocabulary, the
-//! config, the shared state, the logic, the services of the stack, the wiring. This test reads
-//! `src/` and fails when a module imports one on a higher floor, or when modules
-//! import each other in a cycle (counting `crate::`, `super::` and `self::`
-//! paths and uses of child modules, outside `#[cfg(test)]` parts).
+//! The crate's folders stand on floors (see `src/lib.rs`): the vocabulary, the
+//! config, the shared state and telemetry, the capabilities, the wiring. This
+//! test reads `src/` and fails when a module imports one on a higher floor,
+//! when a capability imports another capability (or the shared state the
+//! telemetry, or the other way), or when modules import each other in a cycle
+//! (counting `crate::`, `super::` and `self::` paths and uses of child
+//! modules, outside `#[cfg(test)]` parts).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Floors by top-level module, lowest first; `crate` is lib.rs and main.rs.
-const FLOORS: [&[&str]; 6] = [
+const FLOORS: [&[&str]; 5] = [
     &["vocab"],
     &["config"],
-    &["state"],
-    &["logic"],
-    &["layers"],
-    &["stack", "admin", "reload", "server", "logsink", "crate"],
+    &["state", "telemetry"],
+    &[
+        "edge",
+        "jobs",
+        "cache",
+        "client_caps",
+        "spend",
+        "retry",
+        "admission",
+        "upstream",
+    ],
+    &["stack", "admin", "reload", "server", "crate"],
 ];
 
+/// The floor of the wiring, whose modules may import each other.
+const WIRING: usize = FLOORS.len() - 1;
+
+fn top(module: &str) -> &str {
+    module.split("::").next().unwrap_or(module)
+}
+
 fn floor(module: &str) -> usize {
-    let top = module.split("::").next().unwrap_or(module);
+    let top = top(module);
     FLOORS
         .iter()
         .position(|f| f.contains(&top))
@@ -172,22 +189,47 @@ fn no_module_imports_from_a_higher_floor() {
     assert!(wrong.is_empty(), "imports from a higher floor: {wrong:?}");
 }
 
-/// The edge is the stack's door: the services below it get what they need
-/// of it (rendering, parsing) from the vocabulary or from the stack, never
-/// by importing it.
-#[test]
-fn no_layer_but_the_edge_imports_the_edge() {
-    let modules = modules(&src());
+/// A capability keeps what it needs beside it: what two capabilities share is
+/// a word of the vocabulary, and what one needs of another (the edge's parser
+/// for jobs, the upstreams' health for admission) the stack hands it. So no
+/// folder imports another folder of its own floor, but on the wiring's.
+fn across_capabilities(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let mut wrong = Vec::new();
-    for (module, targets) in imports(&modules) {
-        if module.starts_with("layers::edge") || floor(&module) != floor("layers") {
+    for (module, targets) in graph {
+        if floor(module) == WIRING {
             continue;
         }
-        for t in targets.iter().filter(|t| t.starts_with("layers::edge")) {
-            wrong.push(format!("{module} -> {t}"));
+        for t in targets {
+            if top(t) != top(module) && floor(t) == floor(module) {
+                wrong.push(format!("{module} -> {t}"));
+            }
         }
     }
-    assert!(wrong.is_empty(), "layers importing the edge: {wrong:?}");
+    wrong
+}
+
+#[test]
+fn no_capability_imports_another() {
+    let wrong = across_capabilities(&imports(&modules(&src())));
+    assert!(wrong.is_empty(), "imports across capabilities: {wrong:?}");
+}
+
+#[test]
+fn the_check_sees_a_capability_importing_another() {
+    let graph = |from: &str, to: &str| {
+        BTreeMap::from([(from.to_string(), BTreeSet::from([to.to_string()]))])
+    };
+    assert_eq!(
+        across_capabilities(&graph("jobs", "edge::parse")),
+        ["jobs -> edge::parse"]
+    );
+    assert_eq!(
+        across_capabilities(&graph("telemetry::metrics", "state")),
+        ["telemetry::metrics -> state"]
+    );
+    assert!(across_capabilities(&graph("edge::log", "edge")).is_empty());
+    assert!(across_capabilities(&graph("cache", "telemetry::metrics")).is_empty());
+    assert!(across_capabilities(&graph("server", "stack")).is_empty());
 }
 
 #[test]

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use penstock::admission::ledger::{Ledger, Limits};
 use penstock::config::EstimateConfig;
-use penstock::logic::estimate::{self, Estimator, InputImage, MultipartSummary};
-use penstock::logic::ledger::{Ledger, Limits};
+use penstock::edge::estimate::{self, Estimator, InputImage, MultipartSummary};
 use penstock::vocab::cost::Cost;
 use penstock::vocab::headers::{RateLimitHeaders, Remaining};
 use penstock::vocab::json::Json;
@@ -335,7 +335,7 @@ fn write(v: &Value, reverse: bool, spaced: bool) -> String {
 fn key(text: &str) -> [u8; 32] {
     let v: Json = serde_json::from_str(text).unwrap();
     let mut h = blake3::Hasher::new();
-    penstock::layers::edge::parse::hash_json(&mut h, &v);
+    penstock::edge::parse::hash_json(&mut h, &v);
     h.finalize().into()
 }
 
@@ -365,8 +365,8 @@ proptest! {
             1 => (0..5000u64).prop_map(Use::Wait),
         ], 1..300),
     ) {
-        use penstock::logic::learn::Learner;
-        use penstock::logic::pool::{Pool, Settings};
+        use penstock::admission::learn::Learner;
+        use penstock::admission::pool::{Pool, Settings};
         const CEILING: usize = 64;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

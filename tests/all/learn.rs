@@ -180,8 +180,8 @@ async fn told_nothing_the_calls_in_flight_are_learned_from_the_429s() {
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_learned_pool_forgets_and_starts_open_again() {
+    use penstock::admission::Registry;
     use penstock::config::Config;
-    use penstock::layers::budget::Registry;
     use penstock::vocab::cost::Cost;
     use penstock::vocab::headers::RateLimitHeaders;
 

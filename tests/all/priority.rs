@@ -96,7 +96,7 @@ async fn an_interactive_request_goes_before_batch_requests_that_waited_longer() 
 
 #[tokio::test]
 async fn jobs_wait_as_batch_and_a_client_may_be_kept_from_choosing() {
-    let forbidden = penstock::layers::edge::key_id_of(b"Bearer sk-batchy");
+    let forbidden = penstock::edge::key_id_of(b"Bearer sk-batchy");
     let h = start_with(
         Behaviour::default(),
         |c| {

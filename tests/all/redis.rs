@@ -399,8 +399,8 @@ async fn a_clients_turn_does_not_depend_on_the_replica_it_reached() {
 /// dimension, refunds included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_bookings_never_exceed_a_limit_in_any_window() {
-    use penstock::logic::ledger::Limits;
-    use penstock::state::{Booking, Candidate};
+    use penstock::admission::ledger::Limits;
+    use penstock::admission::shared::{Booking, Candidate};
     use penstock::vocab::cost::Cost;
     let Some(redis) = RedisServer::start().await else {
         return;
@@ -535,8 +535,8 @@ fn one_call() -> penstock::vocab::cost::Cost {
     }
 }
 
-fn limits_600() -> penstock::logic::ledger::Limits {
-    penstock::logic::ledger::Limits {
+fn limits_600() -> penstock::admission::ledger::Limits {
+    penstock::admission::ledger::Limits {
         per_minute: [Some(600), Some(1_000_000), None],
         burst: Duration::from_secs(1),
         margin: Duration::from_millis(50),
@@ -550,7 +550,7 @@ fn limits_600() -> penstock::logic::ledger::Limits {
 /// they sum, and a pool then looked full for ever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pools_keys_are_kept_alive_together_by_every_script() {
-    use penstock::state::{Booking, Candidate};
+    use penstock::admission::shared::{Booking, Candidate};
     use penstock::vocab::headers::{RateLimitHeaders, Remaining};
     let Some(redis) = RedisServer::start().await else {
         return;
@@ -606,7 +606,7 @@ async fn a_pools_keys_are_kept_alive_together_by_every_script() {
 /// the pool: an empty window sums to nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sums_without_their_entries_do_not_stall_the_pool() {
-    use penstock::state::{Booking, Candidate};
+    use penstock::admission::shared::{Booking, Candidate};
     let Some(redis) = RedisServer::start().await else {
         return;
     };
@@ -618,7 +618,7 @@ async fn sums_without_their_entries_do_not_stall_the_pool() {
         cost: one_call(),
         batch: false,
     }];
-    let limits = penstock::logic::ledger::Limits {
+    let limits = penstock::admission::ledger::Limits {
         per_minute: [Some(60), None, None],
         ..limits_600()
     };

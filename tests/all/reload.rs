@@ -256,7 +256,7 @@ async fn keys_that_cannot_change_live_are_named_and_wait_for_the_next_start() {
 async fn client_caps_change_live() {
     let fake = Fake::start(Behaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let id = penstock::layers::edge::key_id_of(b"Bearer sk-capped");
+    let id = penstock::edge::key_id_of(b"Bearer sk-capped");
     let cap = |rpm: u64| format!("[[client]]\nid = \"{id}\"\nrpm = {rpm}\nburst = 1\n");
     let path = write(&dir, &fake, &cap(1));
     let (running, url, _admin) = started(&path).await;

@@ -25,7 +25,7 @@ async fn generate(url: &str, key: &str, prompt: &str) -> reqwest::Response {
 
 fn capped(key: &str, usd_per_day: f64) -> ClientConfig {
     ClientConfig {
-        id: penstock::layers::edge::key_id_of(format!("Bearer {key}").as_bytes()),
+        id: penstock::edge::key_id_of(format!("Bearer {key}").as_bytes()),
         usd_per_day: Some(usd_per_day),
         ..ClientConfig::default()
     }
@@ -79,7 +79,7 @@ async fn a_client_past_its_daily_cap_is_refused_until_the_day_ends() {
 async fn what_was_spent_survives_a_restart() {
     let fake = Fake::start(Behaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let id = penstock::layers::edge::key_id_of(b"Bearer sk-capped");
+    let id = penstock::edge::key_id_of(b"Bearer sk-capped");
     let path = config_file(
         &dir,
         &fake.url(),
@@ -111,7 +111,7 @@ async fn what_was_spent_survives_a_restart() {
 async fn a_reload_raises_a_cap_and_what_was_spent_stays() {
     let fake = Fake::start(Behaviour::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let id = penstock::layers::edge::key_id_of(b"Bearer sk-capped");
+    let id = penstock::edge::key_id_of(b"Bearer sk-capped");
     let write = |usd: f64| {
         config_file(
             &dir,

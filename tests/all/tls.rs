@@ -100,7 +100,7 @@ fn a_ca_file_without_certificates_stops_startup() {
     std::fs::write(&ca_file, "not a certificate\n").unwrap();
     let mut config = config_for("https://localhost:1");
     config.upstream.ca_file = Some(ca_file);
-    let err = penstock::layers::upstream::Upstream::new(&config.upstream, |_| None, None)
+    let err = penstock::upstream::Upstream::new(&config.upstream, |_| None, None)
         .err()
         .expect("startup error");
     assert!(err.to_string().starts_with("upstream.ca_file: "), "{err}");

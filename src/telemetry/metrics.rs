@@ -20,11 +20,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::pool::PoolStatus;
 use super::prices::Prices;
 use crate::config::PriceConfig;
 use crate::vocab::context::{ModelLabel, RequestContext};
 use crate::vocab::cost::ImageAsk;
+use crate::vocab::status::PoolStatus;
 use crate::vocab::usage::Usage;
 
 /// Seconds, up to ten minutes: image calls and queue waits are slow.

@@ -4,6 +4,7 @@
 //! [`RequestContext`], turns penstock's errors into responses ([`respond`]), and
 //! writes the one log line per request ([`log`]).
 
+pub mod estimate;
 pub mod log;
 pub mod parse;
 
@@ -23,15 +24,15 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::config::{CacheScope, Config, ProjectConfig};
-use crate::logic::estimate::{self, Estimator};
-use crate::logic::metrics::Metrics;
-use crate::logic::scope::OwnOrgs;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{CacheKey, CacheMode, Payload, RequestContext, Tally, Tenant};
 use crate::vocab::cost::Cost;
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::{first_of, name, seconds};
 use crate::vocab::route::Route;
+use crate::vocab::scope::OwnOrgs;
+use estimate::Estimator;
 use futures_util::future::{Either, ready};
 use log::{Line, Logged};
 use parse::{Parsed, RequestError, hash_json, parse_body};
@@ -397,7 +398,7 @@ fn push_hex(out: &mut String, n: u64) {
 
 impl<S, B> Service<Request<B>> for Edge<S>
 where
-    S: crate::layers::Inner,
+    S: crate::vocab::service::Inner,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -430,7 +431,10 @@ where
             match buffer(req, buffer_config, route, received).await {
                 Ok(req) => {
                     let ctx = req.body().ctx.clone();
-                    (ctx, Either::Left(crate::layers::call_now(&mut inner, req)))
+                    (
+                        ctx,
+                        Either::Left(crate::vocab::service::call_now(&mut inner, req)),
+                    )
                 }
                 Err(e) => (None, Either::Right(Box::pin(ready(Err(e))))),
             }
@@ -464,7 +468,7 @@ where
                 config
                     .metrics
                     .recent
-                    .refused(crate::logic::recent::Refusal {
+                    .refused(crate::telemetry::recent::Refusal {
                         at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                             .to_string(),
                         status: resp.status().as_u16(),

@@ -20,21 +20,22 @@ use http_body_util::BodyExt;
 use tower::Service;
 use wildmatch::WildMatch;
 
+use crate::admission::learn::Learner;
+use crate::admission::ledger::Limits;
+use crate::admission::pool::{Permit, Pool, Refusal, Remote, Settings, Tripped};
 use crate::config::{Config, LearnConfig, Refund};
-use crate::layers::upstream::Upstream;
-use crate::logic::classify::{self, Class};
-use crate::logic::encoding::{Encoding, Tail};
-use crate::logic::learn::Learner;
-use crate::logic::ledger::Limits;
-use crate::logic::metrics::Metrics;
-use crate::logic::pool::{Permit, Pool, PoolStatus, Refusal, Remote, Settings, Tripped};
-use crate::logic::scope::OwnOrgs;
 use crate::state::Redis;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
+use crate::vocab::classify::{self, Class};
 use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::cost::{Cost, Priority};
+use crate::vocab::encoding::{Encoding, Tail};
 use crate::vocab::error::ProxyError;
 use crate::vocab::headers::{RateLimitHeaders, name, number};
+use crate::vocab::scope::OwnOrgs;
+use crate::vocab::service::Upstreams;
+use crate::vocab::status::PoolStatus;
 use crate::vocab::usage::Usage;
 
 /// The most of an answer decoded to find its `usage`; a body that inflates past
@@ -238,7 +239,7 @@ impl Registry {
         ctx: &RequestContext,
         model: Option<&str>,
         azure_shaped: bool,
-        upstream: &Upstream,
+        upstream: &dyn Upstreams,
     ) -> Candidates {
         let alone = || smallvec::smallvec![(0, ctx.credential.clone())];
         if self.ups.len() <= 1 || ctx.credential.as_ref() != "sidecar" {
@@ -641,7 +642,7 @@ pub struct Layer {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     own_orgs: Arc<OwnOrgs>,
-    upstream: Upstream,
+    upstream: Arc<dyn Upstreams>,
 }
 
 impl Layer {
@@ -652,7 +653,7 @@ impl Layer {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         own_orgs: Arc<OwnOrgs>,
-        upstream: Upstream,
+        upstream: Arc<dyn Upstreams>,
     ) -> Layer {
         Layer {
             registry,
@@ -698,14 +699,14 @@ pub struct Budget<S> {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     own_orgs: Arc<OwnOrgs>,
-    upstream: Upstream,
+    upstream: Arc<dyn Upstreams>,
 }
 
-impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
+impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Budget<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: admission is a wait of its own before the inner call.
-    type Future = crate::layers::BoxCall;
+    type Future = crate::vocab::service::BoxCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         // Waiting happens inside the call, with a deadline, never here.
@@ -719,9 +720,9 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
         let azure_shaped = req.uri().path().starts_with("/openai/");
         let candidates = ctx.as_ref().map(|c| {
             self.registry
-                .candidates(c, c.model.as_deref(), azure_shaped, &self.upstream)
+                .candidates(c, c.model.as_deref(), azure_shaped, &*self.upstream)
         });
-        let several = self.upstream.len() > 1;
+        let several = self.upstream.count() > 1;
         // Fallback models: configured for its model, a JSON or multipart
         // body naming it, and not refused by the request.
         let fallback = ctx.as_ref().and_then(|c| {
@@ -783,7 +784,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 _ => None,
             };
             let Some((candidates, ctx)) = candidates.zip(account.ctx.clone()) else {
-                let resp = crate::layers::call_now(&mut inner, req).await?;
+                let resp = crate::vocab::service::call_now(&mut inner, req).await?;
                 let tool = ToolPermit::after(tool, &resp);
                 return Ok(if resp.status().is_success() {
                     Settle::wrap(resp, None, tool, refund, account)
@@ -841,7 +842,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                             let mut last = first.and_then(Result::err);
                             let mut found = None;
                             for model in &to {
-                                let c = registry.candidates(&ctx, Some(model), false, &upstream);
+                                let c = registry.candidates(&ctx, Some(model), false, &*upstream);
                                 if out(&c) {
                                     continue;
                                 }
@@ -906,7 +907,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
                 .clone()
                 .or_else(|| ctx.model.as_deref().map(Arc::from));
             let Some((pool, permit)) = pool else {
-                let result = crate::layers::call_now(&mut inner, req).await;
+                let result = crate::vocab::service::call_now(&mut inner, req).await;
                 if alternatives {
                     note_failure(&ctx, up, &result);
                 }
@@ -944,7 +945,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Budget<S> {
             pool.queue_wait
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
-            let result = crate::layers::call_now(&mut inner, req).await;
+            let result = crate::vocab::service::call_now(&mut inner, req).await;
             if alternatives {
                 note_failure(&ctx, up, &result);
             }

@@ -206,7 +206,7 @@ impl<'a> From<&'a str> for Name<'a> {
 #[macro_export]
 macro_rules! field {
     ($name:literal) => {
-        $crate::vocab::logline::Name::Written(concat!(",\"", $name, "\":"))
+        $crate::telemetry::logline::Name::Written(concat!(",\"", $name, "\":"))
     };
 }
 

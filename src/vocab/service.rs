@@ -1,18 +1,5 @@
-//! The fifth floor: the services of the stack, outermost first: the edge
-//! (buffer, parse, log), async jobs, coalescing and the cache, per-client
-//! caps, spend caps, retries, budget admission (which also picks the
-//! upstream), and the upstream call. Each is a tower layer of its own; they
-//! share the vocabulary, the config, the state and the logic below them, and
-//! none but the edge imports the edge.
-
-pub mod budget;
-pub mod client_limit;
-pub mod coalesce;
-pub mod edge;
-pub mod jobs;
-pub mod retry;
-pub mod spend;
-pub mod upstream;
+//! What every service of the stack is: a request with its body buffered in,
+//! a response or penstock's own error out; and how one calls the next.
 
 use crate::vocab::body::Body;
 use crate::vocab::context::Payload;
@@ -64,4 +51,16 @@ pub(crate) fn call_now<S: tower::Service<R>, R>(service: &mut S, req: R) -> S::F
         "penstock's layers are ready at once"
     );
     service.call(req)
+}
+
+/// What admission asks of the upstreams as it picks one: how many there
+/// are, which would be answered by its breaker now, and how busy each is.
+/// The upstream layer answers it; the stack hands it to admission.
+pub trait Upstreams: Send + Sync + 'static {
+    /// How many upstreams, in the config's order.
+    fn count(&self) -> usize;
+    /// Whether a call to upstream `i` now would be answered by its breaker.
+    fn unavailable(&self, i: usize) -> bool;
+    /// Attempts out to upstream `i` and not answered yet.
+    fn in_flight(&self, i: usize) -> usize;
 }

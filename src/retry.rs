@@ -1,7 +1,7 @@
 //! Retries that absorb routine failures without multiplying cost. tower's retry
 //! runs a per-request [`Policy`] around the budget and the upstream, so every
 //! retry waits for and pays its budget again; what is retryable comes from the
-//! one classifier (`crate::logic::classify`); a shared `TpsBudget` keeps retries a small
+//! one classifier (`crate::vocab::classify`); a shared `TpsBudget` keeps retries a small
 //! fraction of traffic when the upstream fails everything. When penstock gives up,
 //! the client gets the last upstream answer unchanged with `x-should-retry: false`,
 //! so the SDK's own retries do not multiply penstock's.
@@ -21,7 +21,7 @@ use crate::vocab::body::Body;
 use crate::vocab::headers::{name, number};
 
 use crate::config::{AfterSend, RetryConfig};
-use crate::logic::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::context::Payload;
 use crate::vocab::error::ProxyError;
 use crate::vocab::render;
@@ -80,11 +80,11 @@ pub struct Retry<S> {
     shared: Arc<Shared>,
 }
 
-impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
+impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Retry<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // Boxed: a retried call is a sequence of attempts and sleeps.
-    type Future = crate::layers::BoxCall;
+    type Future = crate::vocab::service::BoxCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -107,7 +107,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Retry<S> {
         // Mapped, not awaited in an async block: a block would keep the future
         // twice (captured, and again where it is awaited), per waiting request.
         Box::pin(
-            crate::layers::call_now(&mut retrying, req).map(move |result| {
+            crate::vocab::service::call_now(&mut retrying, req).map(move |result| {
                 let attempts = number(u64::from(attempts.load(Ordering::Relaxed)));
                 let (mut resp, gave_up) = match result {
                     Ok(resp) => {
@@ -163,7 +163,7 @@ impl Policy {
         after_send: bool,
         result: &Result<Response<Body>, ProxyError>,
     ) -> Option<Duration> {
-        let outcome = crate::logic::classify::attempt(result);
+        let outcome = crate::vocab::classify::attempt(result);
         // Another upstream can take it now: it goes at once, whatever the
         // answer was (each upstream is tried at most once per attempt left,
         // the one that refused being out or paused).
@@ -205,7 +205,7 @@ impl Policy {
         // pause and probe, which already keep the upstream from a storm, and
         // a burst refused at once (an open learned pool's first) must not
         // leave its callers with the upstream's 429.
-        if outcome.class != crate::logic::classify::Class::RateLimited
+        if outcome.class != crate::vocab::classify::Class::RateLimited
             && !self.shared.budget.withdraw()
         {
             tracing::debug!(attempt, "retry budget exhausted; giving up");
@@ -252,8 +252,8 @@ impl tower::retry::Policy<Request<Payload>, Response<Body>, ProxyError> for Poli
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::logic::classify::classify;
     use crate::vocab::body::full;
+    use crate::vocab::classify::classify;
     use http::StatusCode;
     use std::sync::atomic::AtomicUsize;
     use tower::ServiceExt;

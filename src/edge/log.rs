@@ -10,10 +10,10 @@ use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::logic::metrics::Metrics;
+use crate::telemetry::logline::JsonFields;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Accounted, RequestContext};
-use crate::vocab::logline::JsonFields;
 use crate::vocab::route::Route;
 
 /// The one log line of a request, written when its response body ends (or the
@@ -67,7 +67,7 @@ impl Line {
             return;
         }
         let fields = Fields::of(self, complete);
-        if !crate::vocab::logline::write_info(TARGET, "request", |f| fields.write(f)) {
+        if !crate::telemetry::logline::write_info(TARGET, "request", |f| fields.write(f)) {
             fields.trace();
         }
     }
@@ -209,9 +209,9 @@ impl HttpBody for Logged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::logline::{info_text, traced_text};
     use crate::vocab::context::{CacheMode, ModelLabel, Tally, Tenant};
     use crate::vocab::cost::Cost;
-    use crate::vocab::logline::{info_text, traced_text};
 
     fn line(ctx: Option<Arc<RequestContext>>) -> Line {
         Line {

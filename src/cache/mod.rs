@@ -21,16 +21,16 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, he
 use http_body_util::BodyExt;
 use tower::Service;
 
-use super::Called;
 use crate::config::CacheConfig;
-use crate::logic::encoding::{self, Encoding, Tail};
-use crate::logic::metrics::Metrics;
 use crate::state::{Answer, Kind, Lease, Redis};
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
+use crate::vocab::encoding::{self, Encoding, Tail};
 use crate::vocab::error::{Personal, Problem, ProxyError, Refused};
 use crate::vocab::headers::{name, remove_where};
 use crate::vocab::render;
+use crate::vocab::service::Called;
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -372,7 +372,7 @@ impl Inner {
         register: bool,
     ) -> (InFlight, Watch)
     where
-        S: crate::layers::Inner,
+        S: crate::vocab::service::Inner,
     {
         let interest = Arc::new(Interest::default());
         let first = interest.watch();
@@ -407,7 +407,7 @@ impl Inner {
                         Step::Alone => {}
                     }
                 }
-                Err(crate::layers::call_now(&mut service, req).await)
+                Err(crate::vocab::service::call_now(&mut service, req).await)
             };
             tokio::pin!(call);
             let result = loop {
@@ -487,13 +487,15 @@ impl Inner {
     }
 }
 
-impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
+impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     // A call that is not looked up goes on as the inner future, only marked;
     // a cache lookup and a wait on a shared call are boxed.
-    type Future =
-        Either<futures_util::future::Map<S::Future, fn(Called) -> Called>, crate::layers::BoxCall>;
+    type Future = Either<
+        futures_util::future::Map<S::Future, fn(Called) -> Called>,
+        crate::vocab::service::BoxCall,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -518,7 +520,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Coalesce<S> {
                     .insert(name::CACHE, HeaderValue::from_static("bypass"));
                 Ok(resp)
             };
-            return Either::Left(crate::layers::call_now(&mut service, req).map(bypassed));
+            return Either::Left(crate::vocab::service::call_now(&mut service, req).map(bypassed));
         };
         Either::Right(Box::pin(async move {
             let caller = ctx.as_deref().map(|c| &c.headers);

@@ -17,6 +17,7 @@
 //! Webhooks specifies.
 
 mod local;
+mod shared;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -33,7 +34,7 @@ use tokio::sync::{Notify, Semaphore};
 use tower::Service;
 
 use crate::config::{AfterSend, JobsConfig};
-use crate::logic::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{Payload, Prepare};
 use crate::vocab::error::{Problem, ProxyError, Refused};
@@ -291,7 +292,7 @@ struct Mem {
     /// lease was last renewed.
     held: HashMap<String, Holding>,
     /// The shared counts, as last read.
-    shared: crate::state::JobCounts,
+    shared: shared::JobCounts,
 }
 
 impl Mem {
@@ -348,7 +349,7 @@ impl crate::vocab::context::SendGate for JobGate {
                         if h.renewed.elapsed() >= r.lease * 2 / 3 {
                             return Err(lost());
                         }
-                        crate::state::Claimed {
+                        shared::Claimed {
                             id: id.clone(),
                             holder: h.holder.clone(),
                         }
@@ -536,7 +537,7 @@ impl Jobs {
 
     /// A job as Redis holds it; a finished one past `jobs.ttl`, or whose
     /// answer was dropped for `jobs.max_bytes`, is expired.
-    fn decode(&self, stored: crate::state::StoredJob) -> Option<Job> {
+    fn decode(&self, stored: shared::StoredJob) -> Option<Job> {
         let mut job = serde_json::from_slice::<Job>(&stored.record).ok()?;
         job.state = State::from_label(&stored.state)?;
         job.sent |= stored.sent;
@@ -613,7 +614,7 @@ impl Jobs {
                     State::Cancelled => None,
                     _ => self.lock().held.get(&job.id).map(|h| h.holder.clone()),
                 };
-                let change = crate::state::Change {
+                let change = shared::Change {
                     id: &job.id,
                     tenant: &job.tenant,
                     seq: job.seq,
@@ -668,7 +669,7 @@ impl Jobs {
     }
 
     /// Records a lease this replica now holds.
-    fn hold(&self, claimed: &crate::state::Claimed) {
+    fn hold(&self, claimed: &shared::Claimed) {
         self.lock().held.insert(
             claimed.id.clone(),
             Holding {
@@ -817,21 +818,21 @@ impl Jobs {
                         None => return Err(JobError::Unavailable.into()),
                     },
                 };
-                if submitted == crate::state::Submitted::Full("by size (jobs.max_bytes)") {
+                if submitted == shared::Submitted::Full("by size (jobs.max_bytes)") {
                     // Finished answers give way to a new job first.
                     self.sweep().await;
                     submitted = submit().await.map_err(unavailable)?;
                 }
                 match submitted {
-                    crate::state::Submitted::Full(whose) => {
+                    shared::Submitted::Full(whose) => {
                         return Err(JobError::Full(whose, after).into());
                     }
-                    crate::state::Submitted::Exists => {
+                    shared::Submitted::Exists => {
                         if let Some(found) = self.load(&id).await? {
                             return self.accepted(&found);
                         }
                     }
-                    crate::state::Submitted::Accepted => {}
+                    shared::Submitted::Accepted => {}
                 }
             }
         }
@@ -1088,7 +1089,7 @@ impl Jobs {
     }
 
     /// Runs queued jobs through `inner`, at most `jobs.max_running` at once.
-    fn start<S: crate::layers::Inner>(self: &Arc<Self>, inner: S) {
+    fn start<S: crate::vocab::service::Inner>(self: &Arc<Self>, inner: S) {
         if self.started.set(()).is_err() {
             return;
         }
@@ -1159,11 +1160,11 @@ impl Jobs {
         let Store::Shared(r) = &self.store else {
             return;
         };
-        let held: Vec<crate::state::Claimed> = self
+        let held: Vec<shared::Claimed> = self
             .lock()
             .held
             .iter()
-            .map(|(id, h)| crate::state::Claimed {
+            .map(|(id, h)| shared::Claimed {
                 id: id.clone(),
                 holder: h.holder.clone(),
             })
@@ -1222,14 +1223,18 @@ impl Jobs {
     }
 
     /// One job, from the store to its answer.
-    async fn run<S: crate::layers::Inner>(self: &Arc<Self>, id: &str, inner: S) {
+    async fn run<S: crate::vocab::service::Inner>(self: &Arc<Self>, id: &str, inner: S) {
         if !self.run_once(id, inner).await {
             self.lock().held.remove(id);
         }
     }
 
     /// [`Jobs::run`]; true when the job is still held, to go back to the queue.
-    async fn run_once<S: crate::layers::Inner>(self: &Arc<Self>, id: &str, mut inner: S) -> bool {
+    async fn run_once<S: crate::vocab::service::Inner>(
+        self: &Arc<Self>,
+        id: &str,
+        mut inner: S,
+    ) -> bool {
         let Ok(Some(mut job)) = self.load(id).await else {
             return false;
         };
@@ -1290,7 +1295,7 @@ impl Jobs {
                                 id: job_id.clone(),
                                 deadline,
                             }));
-                            crate::layers::call_now(&mut inner, req).await
+                            crate::vocab::service::call_now(&mut inner, req).await
                         }
                         Err(e) => Err(e),
                     }
@@ -1571,7 +1576,7 @@ impl Layer {
     }
 }
 
-impl<S: crate::layers::Inner> tower::Layer<S> for Layer {
+impl<S: crate::vocab::service::Inner> tower::Layer<S> for Layer {
     type Service = JobsService<S>;
     fn layer(&self, inner: S) -> JobsService<S> {
         if let Some(jobs) = &self.jobs {
@@ -1592,12 +1597,12 @@ pub struct JobsService<S> {
     jobs: Option<Arc<Jobs>>,
 }
 
-impl<S: crate::layers::Inner> Service<Request<Payload>> for JobsService<S> {
+impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for JobsService<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
     /// A call that is not a job goes on as the inner service's own future, not
     /// boxed again.
-    type Future = Either<S::Future, crate::layers::BoxCall>;
+    type Future = Either<S::Future, crate::vocab::service::BoxCall>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -1634,15 +1639,12 @@ mod tests {
         let mut config = Config::default();
         config.jobs.store = JobStore::Memory;
         let metrics = Arc::new(Metrics::new(&config.prices));
-        let edge = Arc::new(crate::layers::edge::EdgeConfig::new(
-            &config,
-            metrics.clone(),
-        ));
+        let edge = Arc::new(crate::edge::EdgeConfig::new(&config, metrics.clone()));
         let prepare: Prepare = Arc::new(move |req| {
             let edge = edge.clone();
             Box::pin(async move {
                 let route = Route::from_path(req.uri().path());
-                crate::layers::edge::buffer(req, edge, route, tokio::time::Instant::now()).await
+                crate::edge::buffer(req, edge, route, tokio::time::Instant::now()).await
             })
         });
         Jobs::open(
@@ -1678,7 +1680,9 @@ mod tests {
     }
 
     /// The stack below, answering every call with `answer()`.
-    fn answering(answer: fn() -> Result<Response<Body>, ProxyError>) -> impl crate::layers::Inner {
+    fn answering(
+        answer: fn() -> Result<Response<Body>, ProxyError>,
+    ) -> impl crate::vocab::service::Inner {
         tower::service_fn(move |_req: Request<Payload>| std::future::ready(answer()))
     }
 
@@ -1724,7 +1728,7 @@ mod tests {
             .run_once(
                 &id,
                 answering(|| {
-                    Err(crate::logic::pool::Refusal::QueueFull {
+                    Err(crate::admission::pool::Refusal::QueueFull {
                         depth: 10,
                         retry_after: Duration::from_secs(3),
                     }
@@ -1745,7 +1749,7 @@ mod tests {
         jobs.run_once(
             &id,
             answering(|| {
-                Err(crate::logic::pool::Refusal::TooLarge {
+                Err(crate::admission::pool::Refusal::TooLarge {
                     pool: "images".into(),
                     dimension: "images",
                     limit: 1,

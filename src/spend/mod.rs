@@ -7,6 +7,7 @@
 //! retries (a request reserves once; its retries are settled with it).
 
 pub mod ledger;
+mod shared;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -22,7 +23,7 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use crate::config::Config;
-use crate::logic::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, BoxError};
 use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::error::{Problem, ProxyError};
@@ -232,10 +233,10 @@ fn estimate(metrics: &Metrics, ctx: &RequestContext) -> u64 {
     micros(usd)
 }
 
-impl<S: crate::layers::Inner> Service<Request<Payload>> for Spend<S> {
+impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Spend<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = crate::layers::BoxCall;
+    type Future = crate::vocab::service::BoxCall;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -251,7 +252,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Spend<S> {
                 Some((c.clone(), caps))
             });
             let Some((ctx, caps)) = capped else {
-                return crate::layers::call_now(&mut inner, req).await;
+                return crate::vocab::service::call_now(&mut inner, req).await;
             };
             let p = Period::at(SystemTime::now());
             let reserved = estimate(&layer.metrics, &ctx);
@@ -283,7 +284,7 @@ impl<S: crate::layers::Inner> Service<Request<Payload>> for Spend<S> {
                 ctx,
                 done: false,
             };
-            match crate::layers::call_now(&mut inner, req).await {
+            match crate::vocab::service::call_now(&mut inner, req).await {
                 Ok(resp) => Ok(resp.map(|body| {
                     BodyExt::boxed(Settled {
                         inner: body,

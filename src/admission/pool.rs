@@ -12,12 +12,14 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::learn::{Learner, Source};
-use super::ledger::{DIM_NAMES, DimStatus, Ledger, Limits, Ticket};
+use super::ledger::{DIM_NAMES, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
-use crate::state::{Answer, Booking, Candidate, MAX_CANDIDATES, PoolKey, Redis, STALE_HEAD};
+use super::shared::{Booking, Candidate, MAX_CANDIDATES, PoolKey, STALE_HEAD};
+use crate::state::{Answer, Redis};
 use crate::vocab::cost::{Cost, Priority};
 use crate::vocab::error::Problem;
 use crate::vocab::headers::{RateLimitHeaders, name};
+use crate::vocab::status::PoolStatus;
 
 /// Why a request was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -330,28 +332,6 @@ pub struct Pool {
     remote: Option<Remote>,
     /// Its waits for budget, as metrics record them: found on first use.
     pub queue_wait: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
-}
-
-/// `/status` view of a pool.
-#[derive(Debug, serde::Serialize)]
-pub struct PoolStatus {
-    pub name: Arc<str>,
-    pub credential: Arc<str>,
-    /// Configured, or learned (and how).
-    pub limits: &'static str,
-    /// For a learned pool: when its limits last changed (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limits_since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_in_flight: Option<usize>,
-    pub queue_depth: usize,
-    /// Of them, batch requests.
-    pub queue_batch: usize,
-    /// How long the longest-waiting request in the queue has waited.
-    pub longest_wait_ms: u64,
-    pub in_flight: usize,
-    pub paused_for_ms: u64,
-    pub remaining: std::collections::BTreeMap<&'static str, DimStatus>,
 }
 
 /// How a pool admits: its limits and how they may change.
@@ -855,7 +835,9 @@ impl Pool {
                 // (the head stays registered meanwhile).
                 Ok((Booking::Deferred, _)) => return Some(now + DEFER),
                 Ok((Booking::Tripped(_), _)) => {
-                    if let Ok(Some((answer, left))) = remote.redis.tripped(&remote.key).await {
+                    if let Ok(Some((answer, left))) =
+                        remote.redis.tripped(remote.key.breaker()).await
+                    {
                         self.lock().tripped = Some(Arc::new(Tripped::from_answer(
                             answer,
                             Instant::now() + left,
@@ -971,7 +953,7 @@ impl Pool {
             let cooldown = tripped.until.saturating_duration_since(Instant::now());
             let (redis, key) = (remote.redis.clone(), remote.key.clone());
             tokio::spawn(async move {
-                let _ = redis.trip(&key, &answer, cooldown).await;
+                let _ = redis.trip(key.breaker(), &answer, cooldown).await;
             });
         }
         self.lock().tripped = Some(Arc::new(tripped));

@@ -6,7 +6,7 @@
 
 use std::sync::LazyLock;
 
-use super::client::{Redis, Unavailable};
+use crate::state::{Redis, Unavailable};
 
 /// KEYS: the day's total, the month's. ARGV: delta (micro-USD, may be
 /// negative), day cap, month cap (-1: none), day ttl ms, month ttl ms, mode

@@ -23,8 +23,8 @@ use http::{HeaderMap, StatusCode};
 use redis::AsyncCommands;
 use std::time::Duration;
 
-use super::client::{Redis, Unavailable};
-use super::store::{Answer, Kind};
+use crate::state::{Answer, Kind};
+use crate::state::{Redis, Unavailable};
 
 /// What a submit came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

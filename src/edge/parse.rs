@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use bytes::Bytes;
 use http::{HeaderMap, header};
 
-use crate::logic::estimate::{self, InputImage, MultipartSummary};
+use crate::edge::estimate::{self, InputImage, MultipartSummary};
 use crate::vocab::error::Problem;
 use crate::vocab::json::Json;
 use crate::vocab::route::Route;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::vocab::cost::Cost;
 pub use crate::vocab::cost::Limits;
 use crate::vocab::headers::RateLimitHeaders;
+use crate::vocab::status::DimStatus;
 
 /// The most one call counts for in a dimension: far above any limit (a call
 /// above a limit is refused before it is charged), and low enough that the
@@ -82,19 +83,6 @@ struct Hint {
     until: Instant,
     /// Admission time of the call whose response carried it: newer wins.
     seen_for: Instant,
-}
-
-/// Remaining capacity of one dimension, for `/status`.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct DimStatus {
-    /// What the pool admits a minute on average (the limit times the safety
-    /// fraction).
-    pub per_minute: u64,
-    /// The limit, as configured or announced.
-    pub limit: u64,
-    pub burst_capacity: u64,
-    pub burst_remaining: u64,
-    pub minute_remaining: u64,
 }
 
 #[derive(Debug)]

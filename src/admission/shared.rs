@@ -1,5 +1,5 @@
 //! A pool's ledger in Redis, shared by every replica: the same sliding windows
-//! as the in-process ledger (`logic::ledger`), a minute and a burst window per
+//! as the in-process ledger (`admission::ledger`), a minute and a burst window per
 //! dimension, kept as two sorted sets of entries, their costs and running sums.
 //!
 //! Each admission is one script, atomic in Redis and timed by Redis's clock:
@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use super::client::{Redis, Unavailable};
+use crate::state::{Redis, Unavailable};
 use crate::vocab::cost::{Cost, Limits};
 use crate::vocab::headers::RateLimitHeaders;
 

@@ -18,11 +18,11 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use crate::config::{UpstreamConfig, UpstreamKind, Upstreams};
-use crate::logic::classify::classify;
-use crate::logic::encoding::{self, Accept, Encoding};
-use crate::logic::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, full};
+use crate::vocab::classify::classify;
 use crate::vocab::context::Payload;
+use crate::vocab::encoding::{self, Accept, Encoding};
 use crate::vocab::error::{Problem, ProxyError};
 use crate::vocab::headers::{name, remove_where};
 use crate::vocab::route::Route;
@@ -271,6 +271,20 @@ struct Inner {
     read_timeout: Duration,
     metrics: Option<Arc<Metrics>>,
     health: health::Health,
+}
+
+impl crate::vocab::service::Upstreams for Upstream {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn unavailable(&self, i: usize) -> bool {
+        Upstream::unavailable(self, i)
+    }
+
+    fn in_flight(&self, i: usize) -> usize {
+        Upstream::in_flight(self, i)
+    }
 }
 
 impl Upstream {
@@ -568,7 +582,7 @@ impl tower::Service<Request<Payload>> for Upstream {
     type Error = ProxyError;
     // Boxed once per attempt: an attempt is a network round trip, and the error
     // path reads the body before answering.
-    type Future = crate::layers::BoxCall;
+    type Future = crate::vocab::service::BoxCall;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         // The connection pool has no readiness of its own: connections are taken per call.
@@ -629,8 +643,8 @@ impl tower::Service<Request<Payload>> for Upstream {
                     return Err(e);
                 }
             };
-            let failed = crate::logic::classify::attempt(&result).class
-                == crate::logic::classify::Class::Transient;
+            let failed = crate::vocab::classify::attempt(&result).class
+                == crate::vocab::classify::Class::Transient;
             // One of several upstreams refused penstock's own key, or its
             // money is gone: its traffic goes to the others until a probe
             // is accepted.
@@ -640,8 +654,8 @@ impl tower::Service<Request<Payload>> for Upstream {
                     matches!(
                         r.status(),
                         http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
-                    ) || crate::logic::classify::of(r)
-                        .is_some_and(|c| c.class == crate::logic::classify::Class::QuotaExhausted)
+                    ) || crate::vocab::classify::of(r)
+                        .is_some_and(|c| c.class == crate::vocab::classify::Class::QuotaExhausted)
                 });
             match refused {
                 true => inner.health.trip(probe),
@@ -649,7 +663,7 @@ impl tower::Service<Request<Payload>> for Upstream {
             }
             out.inner = None;
             if let Some(m) = &inner.metrics {
-                let outcome = crate::logic::classify::attempt_label(&result);
+                let outcome = crate::vocab::classify::attempt_label(&result);
                 let route = ctx.as_ref().map_or("other", |c| c.route.label());
                 let model = m.label_of(ctx.as_deref());
                 m.attempt(route, &model, outcome, sent.elapsed().as_secs_f64());
