@@ -12,19 +12,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use tokio::time::Instant;
 use tower::Service;
 use tower::retry::budget::{Budget as _, TpsBudget};
 
 use crate::vocab::body::Body;
-use crate::vocab::headers::{name, number};
 
 use crate::config::{AfterSend, RetryConfig};
 use crate::telemetry::metrics::Metrics;
 use crate::vocab::context::Payload;
 use crate::vocab::error::ProxyError;
-use crate::vocab::render;
 use crate::vocab::route::Route;
 
 /// What all requests share: the settings and the retry budget.
@@ -102,30 +100,27 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Retry<S> {
             deadline,
         };
         let attempts = policy.attempts.clone();
+        let ctx = req.body().ctx.clone();
         let mut retrying = tower::retry::Retry::new(policy, self.inner.clone());
         self.shared.budget.deposit();
         // Mapped, not awaited in an async block: a block would keep the future
         // twice (captured, and again where it is awaited), per waiting request.
+        // What it did is told in the request's tally; an error stays an error
+        // (penstock's own refusals keep their own advice: retry after ...).
         Box::pin(
             crate::vocab::service::call_now(&mut retrying, req).map(move |result| {
-                let attempts = number(u64::from(attempts.load(Ordering::Relaxed)));
-                let (mut resp, gave_up) = match result {
-                    Ok(resp) => {
-                        let failed = !resp.status().is_success();
-                        (resp, failed)
-                    }
-                    // penstock's own refusals keep their own advice (retry after ...).
-                    Err(e) => {
-                        let gave_up = !e.is_refusal();
-                        (render::into_response(e), gave_up)
-                    }
+                let gave_up = match &result {
+                    Ok(resp) => !resp.status().is_success(),
+                    Err(e) => !e.is_refusal(),
                 };
-                let h = resp.headers_mut();
-                h.insert(name::ATTEMPTS, attempts);
-                if gave_up {
-                    h.insert(name::SHOULD_RETRY, HeaderValue::from_static("false"));
+                if let Some(ctx) = ctx {
+                    let attempts = attempts.load(Ordering::Relaxed);
+                    ctx.tally.update(|t| {
+                        t.attempts = Some(attempts);
+                        t.gave_up = gave_up;
+                    });
                 }
-                Ok(resp)
+                result
             }),
         )
     }
@@ -254,7 +249,7 @@ mod tests {
     use super::*;
     use crate::vocab::body::full;
     use crate::vocab::classify::classify;
-    use http::StatusCode;
+    use http::{HeaderValue, StatusCode};
     use std::sync::atomic::AtomicUsize;
     use tower::ServiceExt;
 
@@ -302,6 +297,23 @@ mod tests {
         Request::new(Payload::from(bytes::Bytes::from_static(b"{}")))
     }
 
+    /// The answer to a request whose deadline is `retry.deadline` from now,
+    /// with the headers the edge writes from its tally.
+    async fn told(
+        deadline: Duration,
+        retry: impl Service<Request<Payload>, Response = Response<Body>, Error = ProxyError>,
+    ) -> Response<Body> {
+        let ctx = Arc::new(crate::vocab::context::RequestContext::plain(
+            Route::ChatCompletions,
+            Instant::now() + deadline,
+        ));
+        let mut req = request();
+        req.body_mut().ctx = Some(ctx.clone());
+        let mut resp = retry.oneshot(req).await.unwrap();
+        let _ = crate::vocab::render::tally_headers(resp.headers_mut(), &ctx.tally.get());
+        resp
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_upstreams_retry_after_is_honoured_to_the_millisecond() {
         let (svc, calls) = scripted(vec![(429, Some("1500")), (200, None)]);
@@ -310,7 +322,7 @@ mod tests {
             svc,
         );
         let start = Instant::now();
-        let resp = retry.oneshot(request()).await.unwrap();
+        let resp = told(config().deadline, retry).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(Instant::now() - start, Duration::from_millis(1500));
         assert_eq!(calls.load(Ordering::Relaxed), 2);
@@ -326,7 +338,7 @@ mod tests {
             svc,
         );
         let start = Instant::now();
-        let resp = retry.oneshot(request()).await.unwrap();
+        let resp = told(config().deadline, retry).await;
         assert_eq!(resp.status(), 503);
         assert_eq!(calls.load(Ordering::Relaxed), 4, "max_attempts");
         // Jittered waits of at most 100 + 200 + 400 ms.
@@ -343,7 +355,7 @@ mod tests {
                 &Layer::new(&config(), Arc::new(Metrics::new(&Default::default()))),
                 svc,
             );
-            let resp = retry.oneshot(request()).await.unwrap();
+            let resp = told(config().deadline, retry).await;
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(calls.load(Ordering::Relaxed), 1);
             assert_eq!(resp.headers()["x-should-retry"], "false");
@@ -367,7 +379,7 @@ mod tests {
             ),
             svc,
         );
-        let resp = retry.oneshot(request()).await.unwrap();
+        let resp = told(Duration::from_secs(2), retry).await;
         assert_eq!(resp.status(), 429, "a 5 s wait does not fit a 2 s deadline");
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         assert_eq!(resp.headers()["x-should-retry"], "false");

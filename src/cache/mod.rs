@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Either, Shared};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use tower::Service;
 
@@ -27,10 +27,8 @@ use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{CacheKey, CacheMode, Interest, Payload, RequestContext, Watch};
 use crate::vocab::encoding::{self, Encoding, Tail};
-use crate::vocab::error::{Personal, Problem, ProxyError, Refused};
+use crate::vocab::error::{Problem, ProxyError};
 use crate::vocab::headers::{name, remove_where};
-use crate::vocab::render;
-use crate::vocab::service::Called;
 
 /// The most of a response penstock buffers to share it with waiting callers.
 const MAX_SHARED: usize = 512 * 1024 * 1024;
@@ -72,13 +70,13 @@ pub struct Stored {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// penstock's own error instead of an answer: each who waited gets it
+    /// as an error, rendered by its own edge. Never shared with other
+    /// replicas: it speaks of this one.
+    pub error: Option<ProxyError>,
     /// The leader's own refusal (its deadline, its client cap): not an answer
     /// for those who waited with it; they carry the call on themselves.
     pub personal: bool,
-    /// penstock's own refusal, as rendered: read again by whoever gets it
-    /// here (an async job waits it out). Never shared with other replicas:
-    /// it speaks of this one.
-    pub refused: Option<Refused>,
     /// Made by another replica: found in the shared cache (`hit`) or shared by
     /// its leader (`coalesced`).
     pub elsewhere: Option<&'static str>,
@@ -86,13 +84,11 @@ pub struct Stored {
 
 impl Stored {
     async fn from_result(result: Result<Response<Body>, ProxyError>) -> Stored {
-        let personal = match &result {
-            Ok(resp) => resp.extensions().get::<Personal>().is_some(),
-            Err(e) => e.is_personal(),
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => return Stored::from_error(e),
         };
-        let resp = result.unwrap_or_else(render::into_response);
         let (parts, mut body) = resp.into_parts();
-        let refused = parts.extensions.get::<Refused>().cloned();
         let mut buf = bytes::BytesMut::new();
         let mut first: Option<Bytes> = None;
         while let Some(frame) = body.frame().await {
@@ -122,20 +118,20 @@ impl Stored {
             status: parts.status,
             headers: parts.headers,
             body: first.unwrap_or_else(|| buf.freeze()),
-            personal,
-            refused,
+            error: None,
+            personal: false,
             elsewhere: None,
         }
     }
 
     fn from_error(e: impl Into<ProxyError>) -> Stored {
-        let (parts, body) = render::into_parts(e.into());
+        let e = e.into();
         Stored {
-            refused: parts.extensions.get::<Refused>().cloned(),
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            personal: false,
+            status: e.status(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            personal: e.is_personal(),
+            error: Some(e),
             elsewhere: None,
         }
     }
@@ -145,8 +141,8 @@ impl Stored {
             status: answer.status,
             headers: answer.headers,
             body: answer.body,
+            error: None,
             personal: false,
-            refused: None,
             elsewhere: Some(elsewhere),
         }
     }
@@ -169,38 +165,50 @@ impl Stored {
         (self.body.len() + headers + 128).min(u32::MAX as usize) as u32
     }
 
-    /// A response for one caller, in a coding it accepts. Hits and coalesced
-    /// callers made no attempt and waited for no budget of their own, and the
-    /// headers that belonged to the one call (cookies, the rate-limit state of
-    /// that moment, its date) are not theirs.
-    fn response(&self, outcome: &'static str, caller: Option<&HeaderMap>) -> Response<Body> {
+    /// A response for one caller, in a coding it accepts, or the error all
+    /// who waited get. Hits and coalesced callers made no attempt and waited
+    /// for no budget of their own, and the headers that belonged to the one
+    /// call (cookies, the rate-limit state of that moment, its date) are not
+    /// theirs. What the cache did is told in the caller's tally.
+    fn response(
+        &self,
+        outcome: &'static str,
+        ctx: Option<&RequestContext>,
+    ) -> Result<Response<Body>, ProxyError> {
+        if let Some(ctx) = ctx {
+            ctx.tally.update(|t| {
+                t.cache = Some(outcome);
+                if outcome != "miss" {
+                    t.attempts = Some(0);
+                }
+            });
+        }
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
         let mut resp = Response::new(full(self.body.clone()));
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
-        if let Some(refused) = &self.refused {
-            resp.extensions_mut().insert(refused.clone());
-        }
         let coding = Encoding::of(&self.headers);
         let empty = HeaderMap::new();
+        let caller = ctx.map_or(&empty, |c| &c.headers);
         if coding != Some(Encoding::Identity)
-            && !coding.is_some_and(|c| encoding::accepts(caller.unwrap_or(&empty), c))
+            && !coding.is_some_and(|c| encoding::accepts(caller, c))
             && let Some(plain) = encoding::decode_all(coding, &self.body, MAX_SHARED)
         {
             *resp.body_mut() = full(plain);
             resp.headers_mut().remove(header::CONTENT_ENCODING);
             resp.headers_mut().remove(header::CONTENT_LENGTH);
         }
-        let h = resp.headers_mut();
-        h.insert(name::CACHE, HeaderValue::from_static(outcome));
         if outcome != "miss" {
+            let h = resp.headers_mut();
             h.remove(name::QUEUE_MS);
-            h.insert(name::ATTEMPTS, HeaderValue::from_static("0"));
             for name in PER_CALL {
                 h.remove(name);
             }
             remove_where(h, |k| k.as_str().starts_with("x-ratelimit-"));
         }
-        resp
+        Ok(resp)
     }
 
     /// The `usage` the answer reported, whatever its coding.
@@ -463,7 +471,7 @@ impl Inner {
                     let _ = redis
                         .put_cached(hex, &stored.answer(), inner.ttl, inner.max_size)
                         .await;
-                } else if lease.is_some() && !stored.personal && stored.refused.is_none() {
+                } else if lease.is_some() && stored.error.is_none() {
                     let _ = redis
                         .put(Kind::Result, hex, &stored.answer(), redis.lease)
                         .await;
@@ -492,10 +500,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> 
     type Error = ProxyError;
     // A call that is not looked up goes on as the inner future, only marked;
     // a cache lookup and a wait on a shared call are boxed.
-    type Future = Either<
-        futures_util::future::Map<S::Future, fn(Called) -> Called>,
-        crate::vocab::service::BoxCall,
-    >;
+    type Future = Either<S::Future, crate::vocab::service::BoxCall>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -513,21 +518,17 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> 
             .zip(key)
             .filter(|_| mode != CacheMode::Bypass)
         else {
-            // Mapped, not awaited in an async block, which would keep it twice.
-            let bypassed: fn(Called) -> Called = |result| {
-                let mut resp = result?;
-                resp.headers_mut()
-                    .insert(name::CACHE, HeaderValue::from_static("bypass"));
-                Ok(resp)
-            };
-            return Either::Left(crate::vocab::service::call_now(&mut service, req).map(bypassed));
+            if let Some(ctx) = &ctx {
+                ctx.tally.update(|t| t.cache = Some("bypass"));
+            }
+            return Either::Left(crate::vocab::service::call_now(&mut service, req));
         };
         Either::Right(Box::pin(async move {
-            let caller = ctx.as_deref().map(|c| &c.headers);
+            let caller = ctx.as_deref();
             if mode == CacheMode::Refresh {
                 // A fresh call, stored for the next ones; it joins nothing.
                 let (call, _watch) = inner.spawn_call(service, req, key, false);
-                return Ok(call.answer.await.response("miss", caller));
+                return call.answer.await.response("miss", caller);
             }
             let saved = |stored: &Stored, reason| {
                 record_saving(&metrics, ctx.as_deref(), stored, reason);
@@ -547,11 +548,11 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> 
                         continue;
                     }
                     saved(&stored, "coalesced");
-                    return Ok(stored.response("coalesced", caller));
+                    return stored.response("coalesced", caller);
                 }
                 if let Some(stored) = inner.cache.get(&key).await {
                     saved(&stored, "cache");
-                    return Ok(stored.response("hit", caller));
+                    return stored.response("hit", caller);
                 }
                 let (answer, _watch, outcome) = {
                     let mut in_flight = inner.lock();
@@ -588,7 +589,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> 
                         },
                     );
                 }
-                return Ok(stored.response(outcome, caller));
+                return stored.response(outcome, caller);
             }
         }))
     }
@@ -701,7 +702,16 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vocab::route::Route;
+    use http::HeaderValue;
     use std::io::{Read, Write};
+
+    /// A caller that sends `headers`.
+    fn caller(headers: HeaderMap) -> RequestContext {
+        let mut ctx = RequestContext::plain(Route::ImagesGenerations, tokio::time::Instant::now());
+        ctx.headers = headers;
+        ctx
+    }
 
     #[tokio::test]
     async fn an_answer_stored_compressed_reaches_a_caller_without_gzip_decoded() {
@@ -714,14 +724,14 @@ mod tests {
             status: StatusCode::OK,
             headers,
             body: Bytes::from(z.finish().unwrap()),
+            error: None,
             personal: false,
-            refused: None,
             elsewhere: None,
         };
         assert_eq!(stored.usage().map(|u| u.total), Some(3));
         let mut gzip_caller = HeaderMap::new();
         gzip_caller.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
-        let as_is = stored.response("hit", Some(&gzip_caller));
+        let as_is = stored.response("hit", Some(&caller(gzip_caller))).unwrap();
         assert_eq!(as_is.headers()[header::CONTENT_ENCODING], "gzip");
         let body = as_is.into_body().collect().await.unwrap().to_bytes();
         let mut out = Vec::new();
@@ -729,7 +739,9 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         assert_eq!(out, plain);
-        let decoded = stored.response("hit", Some(&HeaderMap::new()));
+        let decoded = stored
+            .response("hit", Some(&caller(HeaderMap::new())))
+            .unwrap();
         assert!(!decoded.headers().contains_key(header::CONTENT_ENCODING));
         let body = decoded.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], plain);

@@ -442,42 +442,42 @@ where
         Box::pin(async move {
             let (ctx, call) = started.await;
             let result = call.await;
-            let mut resp = result.unwrap_or_else(crate::vocab::render::into_response);
+            // What penstock did for the request, told by the layers in its
+            // tally, and its error if it ended in one: both written here, once.
+            let tally = ctx.as_deref().map(|c| c.tally.get()).unwrap_or_default();
+            let mut resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    let c = ctx.as_deref();
+                    config
+                        .metrics
+                        .recent
+                        .refused(crate::telemetry::recent::Refusal {
+                            at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                                .to_string(),
+                            status: e.status().as_u16(),
+                            code: e.code(),
+                            message: e.to_string(),
+                            route: route.label(),
+                            model: c.and_then(|c| c.model.clone()),
+                            client: c.map(|c| c.tenant.0.to_string()),
+                        });
+                    crate::vocab::render::into_response(e)
+                }
+            };
+            let (attempts, cache) = crate::vocab::render::tally_headers(resp.headers_mut(), &tally);
             if let Ok(v) = HeaderValue::try_from(id.as_str()) {
                 resp.headers_mut().insert(name::REQUEST_ID, v);
             }
             // One pass over the answer's names: compared, not hashed.
-            let [
-                mut upstream_request_id,
-                mut queue_ms,
-                mut attempts,
-                mut cache,
-            ] = [None, None, None, None];
+            let [mut upstream_request_id, mut queue_ms] = [None, None];
             for (name, value) in resp.headers() {
                 let slot = match name {
                     n if *n == name::UPSTREAM_REQUEST_ID => &mut upstream_request_id,
                     n if *n == name::QUEUE_MS => &mut queue_ms,
-                    n if *n == name::ATTEMPTS => &mut attempts,
-                    n if *n == name::CACHE => &mut cache,
                     _ => continue,
                 };
                 slot.get_or_insert_with(|| value.clone());
-            }
-            if let Some(refused) = resp.extensions().get::<crate::vocab::error::Refused>() {
-                let ctx = ctx.as_deref();
-                config
-                    .metrics
-                    .recent
-                    .refused(crate::telemetry::recent::Refusal {
-                        at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                            .to_string(),
-                        status: resp.status().as_u16(),
-                        code: refused.code,
-                        message: refused.message.to_string(),
-                        route: route.label(),
-                        model: ctx.and_then(|c| c.model.clone()),
-                        client: ctx.map(|c| c.tenant.0.to_string()),
-                    });
             }
             let line = Line {
                 upstream_request_id,

@@ -37,7 +37,7 @@ use crate::config::{AfterSend, JobsConfig};
 use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::context::{Payload, Prepare};
-use crate::vocab::error::{Problem, ProxyError, Refused};
+use crate::vocab::error::{Problem, ProxyError};
 use crate::vocab::headers::name;
 use crate::vocab::route::Route;
 
@@ -1278,10 +1278,12 @@ impl Jobs {
                     builder = builder.header(k.as_str(), v);
                 }
             }
+            let mut ctx = None;
             let resp = match builder.body(Full::new(body)) {
                 Ok(req) => {
                     match (me.prepare)(req).await {
                         Ok(mut req) => {
+                            ctx = req.body().ctx.clone();
                             // A sent attempt runs no longer than this (the
                             // gate asks again before each).
                             let attempt = tokio::time::Instant::now() + me.attempt_timeout;
@@ -1302,10 +1304,16 @@ impl Jobs {
                 }
                 Err(e) => Err(JobError::Store(e.to_string()).into()),
             };
-            let resp = resp.unwrap_or_else(crate::vocab::render::into_response);
+            // This runner is the job's edge: its answer, or its error
+            // rendered, becomes the result, with what penstock did for it.
+            let wait_out = resp.as_ref().err().and_then(ProxyError::wait_out);
+            let mut resp = resp.unwrap_or_else(crate::vocab::render::into_response);
+            if let Some(ctx) = ctx {
+                let _ = crate::vocab::render::tally_headers(resp.headers_mut(), &ctx.tally.get());
+            }
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.map(|b| b.to_bytes());
-            (parts, body, job)
+            (parts, body, job, wait_out)
         });
         {
             let mut mem = self.lock();
@@ -1317,7 +1325,7 @@ impl Jobs {
         }
         let outcome = call.await;
         let still_ours = self.lock().running.remove(id).is_some();
-        let Ok((parts, body, mut job)) = outcome else {
+        let Ok((parts, body, mut job, wait_out)) = outcome else {
             // Cancelled: the cancel recorded it.
             return false;
         };
@@ -1329,7 +1337,7 @@ impl Jobs {
         // again when the budget could take it. Meanwhile it stays running
         // (and, with Redis, leased), so a crash now still finds it.
         if body.is_ok()
-            && let Some(after) = waited_too_long(&parts)
+            && let Some(after) = waited_too_long(wait_out)
         {
             let me = self.clone();
             tokio::spawn(async move {
@@ -1533,13 +1541,12 @@ impl Jobs {
     }
 }
 
-/// When an answer is penstock's refusal to send now that may be waited out
-/// (the wait for budget would be longer than `queue.max_wait`, the queue is
-/// full, the client is over its cap, ...: [`Problem::may_wait_out`]): how
+/// When a call ended in penstock's refusal to send now that may be waited
+/// out (the wait for budget would be longer than `queue.max_wait`, the queue
+/// is full, the client is over its cap, ...: [`Problem::may_wait_out`]): how
 /// long until it is worth asking again (at least a second, at most a minute).
-fn waited_too_long(parts: &http::response::Parts) -> Option<Duration> {
-    let after = parts.extensions.get::<Refused>()?.wait_out?;
-    Some(after.clamp(Duration::from_secs(1), Duration::from_secs(60)))
+fn waited_too_long(wait_out: Option<Duration>) -> Option<Duration> {
+    Some(wait_out?.clamp(Duration::from_secs(1), Duration::from_secs(60)))
 }
 
 fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {

@@ -114,6 +114,44 @@ pub struct Accounted {
     pub queued: Duration,
     /// An attempt has gone to the upstream: from here the request may cost money.
     pub sent: bool,
+    /// Attempts made upstream, as the retry layer counted them (0 for a
+    /// cached or shared answer): `x-penstock-attempts`.
+    pub attempts: Option<u32>,
+    /// What the cache did: `miss`, `hit`, `coalesced` or `bypass`:
+    /// `x-penstock-cache`.
+    pub cache: Option<&'static str>,
+    /// Its retries gave up on a failure: `x-should-retry: false`.
+    pub gave_up: bool,
+}
+
+impl RequestContext {
+    /// A context with nothing learned of the request: for tests of one layer.
+    pub fn plain(route: Route, deadline: Instant) -> RequestContext {
+        RequestContext {
+            route,
+            model: None,
+            model_label: ModelLabel {
+                name: "none".into(),
+                slot: 0,
+            },
+            stream: false,
+            tenant: Tenant("none".into()),
+            credential: "none".into(),
+            cost: Cost::default(),
+            max_wait: None,
+            cache_key: None,
+            cache_mode: CacheMode::Normal,
+            image: None,
+            image_tool: None,
+            tally: Tally::default(),
+            headers: HeaderMap::new(),
+            received: Instant::now(),
+            spread: false,
+            failed_upstreams: Default::default(),
+            spent_upstreams: Default::default(),
+            deadline,
+        }
+    }
 }
 
 impl Tally {

@@ -1,9 +1,10 @@
 //! The error type of the stack. Each module defines its own errors as data (the
 //! budget's refusals, the client cap, the upstream's failures, the edge's bad
-//! requests) and says, through [`Problem`], what a client should be told; the
-//! edge renders a request's own (with [`crate::vocab::render`], also used where
-//! an answer is kept for others: a shared call's, a job's) as OpenAI-shaped
-//! responses.
+//! requests) and says, through [`Problem`], what a client should be told. An
+//! error stays an `Err` through every layer (a shared call hands its waiters
+//! the same error, cloned) until the edge renders it with
+//! [`crate::vocab::render`]; an async job's runner, the edge of a request
+//! answered later, renders the same way into the job's result.
 
 use std::fmt;
 use std::time::Duration;
@@ -81,27 +82,14 @@ pub trait Problem: std::error::Error + Send + Sync + 'static {
     }
 }
 
-/// Marks a response that renders a [`Problem::is_personal`] refusal, so a layer
-/// that receives it rendered still knows it belongs to one caller alone.
-#[derive(Debug, Clone, Copy)]
-pub struct Personal;
-
-/// Marks a response that renders a refusal of penstock's own, with its code
-/// and message, so the edge can list it among the recent refusals.
-#[derive(Debug, Clone)]
-pub struct Refused {
-    pub code: &'static str,
-    pub message: std::sync::Arc<str>,
-    /// When it may be waited out ([`Problem::may_wait_out`]): how long.
-    pub wait_out: Option<Duration>,
-}
-
-/// Any [`Problem`], as the stack's services return it.
-pub struct ProxyError(Box<dyn Problem>);
+/// Any [`Problem`], as the stack's services return it. Cloned, it is the
+/// same error: a shared call gives each who waited for it the leader's.
+#[derive(Clone)]
+pub struct ProxyError(std::sync::Arc<dyn Problem>);
 
 impl<P: Problem> From<P> for ProxyError {
     fn from(p: P) -> ProxyError {
-        ProxyError(Box::new(p))
+        ProxyError(std::sync::Arc::new(p))
     }
 }
 
@@ -148,6 +136,14 @@ impl ProxyError {
 
     pub fn model_unavailable(&self) -> bool {
         self.0.model_unavailable()
+    }
+
+    /// When it may be waited out ([`Problem::may_wait_out`]): how long to
+    /// wait (its `retry_after`, else a second).
+    pub fn wait_out(&self) -> Option<Duration> {
+        self.0
+            .may_wait_out()
+            .then(|| self.0.retry_after().unwrap_or(Duration::from_secs(1)))
     }
 }
 

@@ -1,18 +1,20 @@
 //! How penstock's errors read as responses: OpenAI-shaped JSON
 //! (`{"error":{"message","type","param","code"}}`) whose `code` starts with
-//! `penstock_`, so it can be told apart from an error OpenAI sent. The edge
-//! renders a request's own errors; an answer kept for others (a shared
-//! call's, a job's) is rendered by the same function.
+//! `penstock_`, so it can be told apart from an error OpenAI sent; and the
+//! headers that tell a client what penstock did for its request (attempts,
+//! the cache, whether to retry). The edge renders them, once per request; an
+//! async job's runner, for the job's result.
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, header};
+use http::{HeaderMap, HeaderValue, Response, header};
 use serde_json::json;
 
 use crate::vocab::body::{Body, full};
-use crate::vocab::error::{Personal, ProxyError, Refused};
-use crate::vocab::headers::name;
+use crate::vocab::context::Accounted;
+use crate::vocab::error::ProxyError;
+use crate::vocab::headers::{name, number};
 
 /// The most `retry-after-ms` penstock sends: both official SDKs obey up to 60 s.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
@@ -21,13 +23,6 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 pub fn into_response(error: ProxyError) -> Response<Body> {
     let (parts, body) = into_parts(error);
     Response::from_parts(parts, full(body))
-}
-
-/// How long a refusal that may be waited out asks to wait.
-fn wait_out(problem: &dyn crate::vocab::error::Problem) -> Option<Duration> {
-    problem
-        .may_wait_out()
-        .then(|| problem.retry_after().unwrap_or(Duration::from_secs(1)))
 }
 
 /// The `type` field.
@@ -41,18 +36,33 @@ fn kind(error: &ProxyError) -> &'static str {
     }
 }
 
-/// The response as its head and its body's bytes, for those that keep it
-/// (a shared call's answer).
+/// What penstock did for a request, as headers: `x-penstock-attempts`,
+/// `x-penstock-cache`, and `x-should-retry: false` when its retries gave up.
+/// Gives the first two back, for the log line.
+pub fn tally_headers(
+    h: &mut HeaderMap,
+    t: &Accounted,
+) -> (Option<HeaderValue>, Option<HeaderValue>) {
+    let attempts = t.attempts.map(|n| number(u64::from(n)));
+    let cache = t.cache.map(HeaderValue::from_static);
+    if let Some(v) = &attempts {
+        h.insert(name::ATTEMPTS, v.clone());
+    }
+    if let Some(v) = &cache {
+        h.insert(name::CACHE, v.clone());
+    }
+    if t.gave_up {
+        h.insert(name::SHOULD_RETRY, HeaderValue::from_static("false"));
+    }
+    (attempts, cache)
+}
+
+/// The response as its head and its body's bytes.
 pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     let problem = error.problem();
-    if let Some((mut parts, body)) = problem.answer() {
+    if let Some(answer) = problem.answer() {
         // The upstream's own answer, repeated (a spent quota's breaker).
-        parts.extensions.insert(Refused {
-            code: problem.code(),
-            message: error.to_string().into(),
-            wait_out: wait_out(problem),
-        });
-        return (parts, body);
+        return answer;
     }
     let status = problem.status();
     let message = error.to_string();
@@ -64,14 +74,6 @@ pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     }});
     let mut resp = Response::new(());
     *resp.status_mut() = status;
-    if problem.is_personal() {
-        resp.extensions_mut().insert(Personal);
-    }
-    resp.extensions_mut().insert(Refused {
-        code: problem.code(),
-        message: message.into(),
-        wait_out: wait_out(problem),
-    });
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
