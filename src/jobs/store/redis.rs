@@ -16,31 +16,29 @@
 //! that sent it may still be running it, and its paid answer is kept.
 //!
 //! The job keys share one Cluster hash tag, `{jobs}`; bodies and answers
-//! have their own.
+//! have their own. [`RedisStore`] is the jobs application's side of it: it
+//! holds this replica's leases and the shared counts as last read.
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
-use redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, StatusCode};
+use redis::AsyncCommands;
+
+use super::{Kept, Store, Submitted, store_err};
+use crate::config::JobsConfig;
+use crate::jobs::{Job, JobError, JobsStatus, State, now_ms};
 use crate::state::{Answer, Kind};
 use crate::state::{Redis, Unavailable};
-
-/// What a submit came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Submitted {
-    Accepted,
-    /// A job of this id was submitted before (the same idempotency key):
-    /// it is that job.
-    Exists,
-    /// Refused: too many jobs waiting `"in all"` or `"for this client"`, or
-    /// too many bytes kept.
-    Full(&'static str),
-}
+use crate::vocab::error::ProxyError;
 
 /// A job as stored: its record and what scripts keep beside it.
 #[derive(Debug, Clone)]
-pub struct StoredJob {
+struct StoredJob {
     pub record: Vec<u8>,
     pub state: String,
     /// An attempt reached the upstream.
@@ -51,14 +49,14 @@ pub struct StoredJob {
 
 /// Counts for `/status`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct JobCounts {
+struct JobCounts {
     pub queued: u64,
     pub running: u64,
     pub bytes: u64,
 }
 
 /// A change of a job's state: the states it may be in, the one it goes to.
-pub struct Change<'a> {
+struct Change<'a> {
     pub id: &'a str,
     pub tenant: &'a str,
     pub seq: u64,
@@ -77,7 +75,7 @@ pub struct Change<'a> {
 
 /// A job taken by this replica: its id and the fenced name it holds it by.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claimed {
+struct Claimed {
     pub id: String,
     pub holder: String,
 }
@@ -310,7 +308,7 @@ impl Redis {
     }
 
     /// The next number in the shared submit order.
-    pub async fn job_seq(&self) -> Result<u64, Unavailable> {
+    async fn job_seq(&self) -> Result<u64, Unavailable> {
         let mut conn = self.conn()?;
         self.timed(conn.incr(self.jobs_key("seq"), 1u64)).await
     }
@@ -318,7 +316,7 @@ impl Redis {
     /// Stores a new job and its request body and queues it, unless the
     /// tenant or everyone has too many jobs waiting.
     #[allow(clippy::too_many_arguments)]
-    pub async fn job_submit(
+    async fn job_submit(
         &self,
         id: &str,
         tenant: &str,
@@ -389,7 +387,7 @@ impl Redis {
     }
 
     /// A job's record, if it is still kept.
-    pub async fn job_load(&self, id: &str) -> Result<Option<StoredJob>, Unavailable> {
+    async fn job_load(&self, id: &str) -> Result<Option<StoredJob>, Unavailable> {
         let mut conn = self.conn()?;
         let fields: JobFields = self
             .timed(self.job_fields(id).query_async(&mut conn))
@@ -406,7 +404,7 @@ impl Redis {
     }
 
     /// A job's request body (`answer` false) or answer body.
-    pub async fn job_bytes(&self, id: &str, answer: bool) -> Result<Option<Bytes>, Unavailable> {
+    async fn job_bytes(&self, id: &str, answer: bool) -> Result<Option<Bytes>, Unavailable> {
         let kind = if answer {
             Kind::JobResult
         } else {
@@ -417,7 +415,7 @@ impl Redis {
 
     /// Moves a job to another state if it is in one `change.expect` names;
     /// an ended job's answer is stored first, kept for `ttl`.
-    pub async fn job_change(
+    async fn job_change(
         &self,
         change: &Change<'_>,
         answer: Option<Bytes>,
@@ -468,7 +466,7 @@ impl Redis {
     }
 
     /// Takes the first queued job, leased to this replica.
-    pub async fn job_claim(&self) -> Result<Option<Claimed>, Unavailable> {
+    async fn job_claim(&self) -> Result<Option<Claimed>, Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[2].prepare_invoke();
         inv.key(self.jobs_key("queue"))
@@ -483,7 +481,7 @@ impl Redis {
 
     /// Renews the leases on `held`; returns the ids this replica no longer
     /// holds.
-    pub async fn job_renew(&self, held: &[Claimed]) -> Result<Vec<String>, Unavailable> {
+    async fn job_renew(&self, held: &[Claimed]) -> Result<Vec<String>, Unavailable> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
@@ -500,7 +498,7 @@ impl Redis {
     }
 
     /// Takes over running jobs whose lease lapsed: their replica is gone.
-    pub async fn job_orphans(&self) -> Result<Vec<Claimed>, Unavailable> {
+    async fn job_orphans(&self) -> Result<Vec<Claimed>, Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[4].prepare_invoke();
         inv.key(self.jobs_key("running"))
@@ -515,7 +513,7 @@ impl Redis {
     /// Marks a held job's call as about to go upstream, where it may run for
     /// `runs` at most; false when this replica no longer holds a live lease
     /// on it (the call must not go).
-    pub async fn job_mark_sent(&self, held: &Claimed, runs: Duration) -> Result<bool, Unavailable> {
+    async fn job_mark_sent(&self, held: &Claimed, runs: Duration) -> Result<bool, Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[6].prepare_invoke();
         inv.key(self.job_key(&held.id))
@@ -528,13 +526,13 @@ impl Redis {
     }
 
     /// Where a queued job stands in the shared queue (0 is next).
-    pub async fn job_position(&self, id: &str) -> Result<Option<u64>, Unavailable> {
+    async fn job_position(&self, id: &str) -> Result<Option<u64>, Unavailable> {
         let mut conn = self.conn()?;
         self.timed(conn.zrank(self.jobs_key("queue"), id)).await
     }
 
     /// A tenant's latest jobs, newest first, at most `max`.
-    pub async fn job_list(&self, tenant: &str, max: usize) -> Result<Vec<StoredJob>, Unavailable> {
+    async fn job_list(&self, tenant: &str, max: usize) -> Result<Vec<StoredJob>, Unavailable> {
         let mut conn = self.conn()?;
         let key = self.jobs_key(&format!("tenant:{tenant}"));
         let stop = max.saturating_sub(1) as isize;
@@ -564,7 +562,7 @@ impl Redis {
 
     /// Drops answers past `ttl`, then the oldest while more than
     /// `max_bytes` are kept.
-    pub async fn job_sweep(&self, ttl: Duration, max_bytes: u64) -> Result<usize, Unavailable> {
+    async fn job_sweep(&self, ttl: Duration, max_bytes: u64) -> Result<usize, Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = SCRIPTS[5].prepare_invoke();
         inv.key(self.jobs_key("ended"))
@@ -580,7 +578,7 @@ impl Redis {
     }
 
     /// Jobs queued and running across replicas, and the bytes of answers kept.
-    pub async fn job_counts(&self) -> Result<JobCounts, Unavailable> {
+    async fn job_counts(&self) -> Result<JobCounts, Unavailable> {
         let mut conn = self.conn()?;
         let (queued, running, bytes): (u64, u64, Option<i64>) = self
             .timed(
@@ -596,5 +594,348 @@ impl Redis {
             running,
             bytes: bytes.unwrap_or(0).max(0) as u64,
         })
+    }
+}
+
+fn unavailable(_: Unavailable) -> ProxyError {
+    JobError::Unavailable.into()
+}
+
+/// A Redis lease on a job, as this replica holds it.
+struct Holding {
+    holder: String,
+    renewed: tokio::time::Instant,
+}
+
+/// Every replica's jobs, in Redis.
+pub(in crate::jobs) struct RedisStore {
+    redis: Arc<Redis>,
+    config: JobsConfig,
+    /// Jobs this replica holds a lease on (running, or waiting to go back
+    /// to the queue): the fenced name it holds each by, and when that lease
+    /// was last renewed.
+    held: Mutex<HashMap<String, Holding>>,
+    /// The shared counts, as last read.
+    counts: Mutex<JobCounts>,
+}
+
+impl RedisStore {
+    pub(super) fn new(redis: Arc<Redis>, config: &JobsConfig) -> RedisStore {
+        RedisStore {
+            redis,
+            config: config.clone(),
+            held: Mutex::new(HashMap::new()),
+            counts: Mutex::new(JobCounts::default()),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holding>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn counts(&self) -> JobCounts {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a lease this replica now holds.
+    fn hold(&self, claimed: &Claimed) {
+        self.held().insert(
+            claimed.id.clone(),
+            Holding {
+                holder: claimed.holder.clone(),
+                renewed: tokio::time::Instant::now(),
+            },
+        );
+    }
+
+    /// A job as Redis holds it; a finished one past `jobs.ttl`, or whose
+    /// answer was dropped for `jobs.max_bytes`, is expired.
+    fn decode(&self, stored: StoredJob) -> Option<Job> {
+        let mut job = serde_json::from_slice::<Job>(&stored.record).ok()?;
+        job.state = State::from_label(&stored.state)?;
+        job.sent |= stored.sent;
+        let ttl = self.config.ttl.as_millis() as u64;
+        let finished = job.finished_at.unwrap_or(0);
+        if job.state.is_done() && (stored.evicted || finished.saturating_add(ttl) < now_ms()) {
+            job.state = State::Expired;
+            job.answer = None;
+        }
+        Some(job)
+    }
+
+    /// A submit whose answer from Redis was lost: whether Redis (once it
+    /// answers again, within a few seconds) has the job.
+    async fn found_after_loss(&self, id: &str) -> bool {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Ok(found) = self.redis.job_load(id).await {
+                return found.and_then(|stored| self.decode(stored)).is_some();
+            }
+        }
+        false
+    }
+
+    async fn submit_once(
+        &self,
+        job: &Job,
+        record: &[u8],
+        body: Bytes,
+    ) -> Result<Submitted, Unavailable> {
+        self.redis
+            .job_submit(
+                &job.id,
+                &job.tenant,
+                job.seq,
+                record,
+                body,
+                self.config.max_total,
+                self.config.max_per_tenant,
+                self.config.max_bytes.as_u64(),
+                self.config.ttl.saturating_mul(3),
+            )
+            .await
+    }
+}
+
+impl Store for RedisStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn idle(&self) -> Duration {
+        Duration::from_millis(250)
+    }
+
+    fn tick(&self) -> Duration {
+        (self.redis.lease / 3).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    fn status(&self, running_here: usize) -> JobsStatus {
+        let counts = self.counts();
+        JobsStatus {
+            store: "redis",
+            queued: counts.queued,
+            running: counts.running,
+            running_here,
+            bytes: counts.bytes,
+            durable: true,
+        }
+    }
+
+    fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Job>, ProxyError>> {
+        async move {
+            Ok(self
+                .redis
+                .job_load(id)
+                .await
+                .map_err(unavailable)?
+                .and_then(|s| self.decode(s)))
+        }
+        .boxed()
+    }
+
+    fn bytes<'a>(
+        &'a self,
+        id: &'a str,
+        answer: bool,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, ProxyError>> {
+        async move { self.redis.job_bytes(id, answer).await.map_err(unavailable) }.boxed()
+    }
+
+    fn submit<'a>(
+        &'a self,
+        job: &'a mut Job,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<Submitted, ProxyError>> {
+        async move {
+            job.seq = self.redis.job_seq().await.map_err(unavailable)?;
+            let record = serde_json::to_vec(&*job).map_err(store_err)?;
+            let mut submitted = match self.submit_once(job, &record, body.clone()).await {
+                Ok(s) => s,
+                // It may have been applied, its answer lost: look.
+                Err(_) => {
+                    return match self.found_after_loss(&job.id).await {
+                        true => Ok(Submitted::Exists),
+                        false => Err(JobError::Unavailable.into()),
+                    };
+                }
+            };
+            if submitted == Submitted::Full("by size (jobs.max_bytes)") {
+                // Finished answers give way to a new job first.
+                self.sweep().await;
+                submitted = self
+                    .submit_once(job, &record, body)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            Ok(submitted)
+        }
+        .boxed()
+    }
+
+    fn change<'a>(
+        &'a self,
+        job: &'a Job,
+        expect: &'a [State],
+        result: Option<Bytes>,
+    ) -> BoxFuture<'a, Result<bool, ProxyError>> {
+        async move {
+            let record = serde_json::to_vec(job).map_err(store_err)?;
+            let expect: Vec<&str> = expect.iter().map(|s| s.label()).collect();
+            // The holder's own changes are fenced; a cancel is anyone's.
+            let holder = match job.state {
+                State::Cancelled => None,
+                _ => self.held().get(&job.id).map(|h| h.holder.clone()),
+            };
+            let change = Change {
+                id: &job.id,
+                tenant: &job.tenant,
+                seq: job.seq,
+                expect: &expect,
+                state: job.state.label(),
+                done: job.state.is_done(),
+                record: &record,
+                finished_ms: job.finished_at.unwrap_or(0),
+                result_bytes: job.result_bytes,
+                keep: self.config.ttl.saturating_mul(3),
+                holder: holder.as_deref(),
+            };
+            self.redis
+                .job_change(&change, result, self.config.ttl)
+                .await
+                .map_err(unavailable)
+        }
+        .boxed()
+    }
+
+    fn claim(&self) -> BoxFuture<'_, Option<String>> {
+        async move {
+            let claimed = self.redis.job_claim().await.ok()??;
+            self.hold(&claimed);
+            Some(claimed.id)
+        }
+        .boxed()
+    }
+
+    fn mark_sent<'a>(
+        &'a self,
+        id: &'a str,
+        runs: Duration,
+    ) -> BoxFuture<'a, Result<bool, ProxyError>> {
+        async move {
+            let claimed = {
+                let held = self.held();
+                let Some(h) = held.get(id) else {
+                    return Ok(false);
+                };
+                // Renewed every third of a lease: one that has not been for
+                // two thirds may lapse before the call is on its way.
+                if h.renewed.elapsed() >= self.redis.lease * 2 / 3 {
+                    return Ok(false);
+                }
+                Claimed {
+                    id: id.to_string(),
+                    holder: h.holder.clone(),
+                }
+            };
+            Ok(matches!(
+                self.redis.job_mark_sent(&claimed, runs).await,
+                Ok(true)
+            ))
+        }
+        .boxed()
+    }
+
+    fn list<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<Job>, ProxyError>> {
+        async move {
+            Ok(self
+                .redis
+                .job_list(tenant, 2000)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .filter_map(|s| self.decode(s))
+                .filter(|j| j.state != State::Expired && j.tenant == tenant)
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn position<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Option<usize>> {
+        async move {
+            self.redis
+                .job_position(id)
+                .await
+                .ok()
+                .flatten()
+                .map(|p| p as usize)
+        }
+        .boxed()
+    }
+
+    fn sweep(&self) -> BoxFuture<'_, Vec<(State, Option<State>)>> {
+        async move {
+            let _ = self
+                .redis
+                .job_sweep(self.config.ttl, self.config.max_bytes.as_u64())
+                .await;
+            Vec::new()
+        }
+        .boxed()
+    }
+
+    fn ended(&self, _job: &Job, _cancelled: bool) {}
+
+    fn held_bytes(&self, just_written: u64) -> u64 {
+        self.counts().bytes.saturating_add(just_written)
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.held().contains_key(id)
+    }
+
+    fn release(&self, id: &str) {
+        self.held().remove(id);
+    }
+
+    fn keep(&self) -> BoxFuture<'_, Kept> {
+        async move {
+            let mut kept = Kept::default();
+            let held: Vec<Claimed> = self
+                .held()
+                .iter()
+                .map(|(id, h)| Claimed {
+                    id: id.clone(),
+                    holder: h.holder.clone(),
+                })
+                .collect();
+            let asked = tokio::time::Instant::now();
+            if let Ok(lost) = self.redis.job_renew(&held).await {
+                let mut mine = self.held();
+                for id in &lost {
+                    mine.remove(id);
+                }
+                for c in &held {
+                    if let Some(h) = mine.get_mut(&c.id)
+                        && h.holder == c.holder
+                    {
+                        h.renewed = asked;
+                    }
+                }
+                kept.lost = lost;
+            }
+            if let Ok(orphans) = self.redis.job_orphans().await {
+                for claimed in orphans {
+                    self.hold(&claimed);
+                    kept.orphans.push(claimed.id);
+                }
+            }
+            if let Ok(counts) = self.redis.job_counts().await {
+                kept.counts = Some((counts.queued, counts.running));
+                *self.counts.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+            }
+            kept
+        }
+        .boxed()
     }
 }
