@@ -26,12 +26,12 @@ use crate::vocab::error::{Problem, ProxyError};
 type Caps = HashMap<String, (u32, u32, Arc<DefaultDirectRateLimiter>)>;
 
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     limits: Arc<ArcSwap<Caps>>,
 }
 
 impl Layer {
-    pub fn new(clients: &[ClientConfig]) -> Layer {
+    pub(crate) fn new(clients: &[ClientConfig]) -> Layer {
         let layer = Layer {
             limits: Arc::new(ArcSwap::from_pointee(HashMap::new())),
         };
@@ -41,7 +41,7 @@ impl Layer {
 
     /// New caps for requests from now on: a client whose cap is unchanged
     /// keeps what it has spent of it; a changed or new cap starts full.
-    pub fn reload(&self, clients: &[ClientConfig]) {
+    pub(crate) fn reload(&self, clients: &[ClientConfig]) {
         let old = self.limits.load();
         let limits = clients
             .iter()
@@ -77,17 +77,17 @@ impl<S> tower::Layer<S> for Layer {
 }
 
 #[derive(Clone)]
-pub struct ClientLimit<S> {
+pub(crate) struct ClientLimit<S> {
     inner: S,
     limits: Arc<ArcSwap<Caps>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("client {client:?} is over its limit of {rpm} requests per minute")]
-pub struct OverLimit {
-    pub client: String,
-    pub rpm: u32,
-    pub retry_after: Duration,
+pub(crate) struct OverLimit {
+    pub(crate) client: String,
+    pub(crate) rpm: u32,
+    pub(crate) retry_after: Duration,
 }
 
 impl Problem for OverLimit {

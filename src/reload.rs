@@ -17,7 +17,7 @@ use crate::config::{Config, LIVE_KEYS};
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     /// RFC 3339.
-    pub at: String,
+    pub(crate) at: String,
     /// `"ok"`, or `"error"` (nothing changed).
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,7 +33,7 @@ pub struct Outcome {
 }
 
 /// Applies reloads to a running penstock.
-pub struct Reloader {
+pub(crate) struct Reloader {
     state: Arc<admin::State>,
     /// The config the process started with: what cannot change live.
     started: Config,
@@ -52,7 +52,7 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Reloader {
-    pub fn new(config: &Config, state: Arc<admin::State>) -> Reloader {
+    pub(crate) fn new(config: &Config, state: Arc<admin::State>) -> Reloader {
         Reloader {
             state,
             started: config.clone(),
@@ -62,7 +62,7 @@ impl Reloader {
     }
 
     /// Loads `path` as at start and applies it.
-    pub fn reload_file(&self, path: &Path) -> Outcome {
+    pub(crate) fn reload_file(&self, path: &Path) -> Outcome {
         match Config::load(path) {
             Ok(config) => self.apply(config),
             Err(e) => self.failed(e.to_string()),
@@ -70,7 +70,7 @@ impl Reloader {
     }
 
     /// A file that cannot be used: nothing changes.
-    pub fn failed(&self, error: String) -> Outcome {
+    pub(crate) fn failed(&self, error: String) -> Outcome {
         let shared = self.state.shared();
         shared.metrics.reloaded("error");
         let mut last = locked(&self.last_error);
@@ -93,7 +93,7 @@ impl Reloader {
     }
 
     /// Applies a validated config: the live keys now, the others named.
-    pub fn apply(&self, new: Config) -> Outcome {
+    pub(crate) fn apply(&self, new: Config) -> Outcome {
         let shared = self.state.shared();
         let mut current = locked(&self.current);
         let live = |key: &String| {

@@ -37,12 +37,12 @@ struct Shared {
 }
 
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     shared: Arc<Shared>,
 }
 
 impl Layer {
-    pub fn new(config: &RetryConfig, metrics: Arc<Metrics>) -> Layer {
+    pub(crate) fn new(config: &RetryConfig, metrics: Arc<Metrics>) -> Layer {
         Layer {
             shared: Arc::new(Shared {
                 max_attempts: config.max_attempts,
@@ -73,7 +73,7 @@ impl<S> tower::Layer<S> for Layer {
 }
 
 #[derive(Clone)]
-pub struct Retry<S> {
+pub(crate) struct Retry<S> {
     inner: S,
     shared: Arc<Shared>,
 }
@@ -128,7 +128,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Retry<S> {
 
 /// One request's retry state; tower clones it into the request's future.
 #[derive(Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     shared: Arc<Shared>,
     /// Attempts made so far (read back for `x-penstock-attempts`).
     attempts: Arc<AtomicU32>,

@@ -32,17 +32,17 @@ pub struct Shared {
     pub cache: cache::Handle,
     pub metrics: Arc<Metrics>,
     /// Bytes of request bodies held now.
-    pub buffered: edge::Buffered,
+    pub(crate) buffered: edge::Buffered,
     /// The Redis backend, when configured.
-    pub redis: Option<Arc<crate::state::Redis>>,
+    pub(crate) redis: Option<Arc<crate::state::Redis>>,
     /// Async jobs, when enabled.
-    pub jobs: Option<Arc<jobs::Jobs>>,
+    pub(crate) jobs: Option<Arc<jobs::Jobs>>,
     /// The per-client caps, which a reload replaces.
-    pub clients: client_caps::Layer,
+    pub(crate) clients: client_caps::Layer,
     /// The spend caps and what each client spent.
-    pub spend: spend::Layer,
+    pub(crate) spend: spend::Layer,
     /// The upstream, for its health.
-    pub upstream: Upstream,
+    pub(crate) upstream: Upstream,
 }
 
 /// The edge's parsing, for requests penstock makes itself (async jobs).

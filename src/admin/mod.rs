@@ -16,9 +16,9 @@ use crate::stack::Shared;
 use crate::vocab::body::{Body, full};
 
 /// What the admin endpoints report on.
-pub struct State {
+pub(crate) struct State {
     /// Config loaded and the proxy listener accepting; false again while draining.
-    pub ready: AtomicBool,
+    pub(crate) ready: AtomicBool,
     started: Instant,
     shared: Shared,
     /// The config in effect, without secrets (a reload changes it).
@@ -73,7 +73,7 @@ fn summary(config: &Config) -> serde_json::Value {
 
 impl State {
     /// `token`: the bearer token `admin.token_env` names, read at start.
-    pub fn new(config: &Config, shared: Shared, token: Option<&str>) -> State {
+    pub(crate) fn new(config: &Config, shared: Shared, token: Option<&str>) -> State {
         State {
             ready: AtomicBool::new(false),
             token: token.map(|t| blake3::hash(t.as_bytes())),
@@ -85,13 +85,13 @@ impl State {
     }
 
     /// What the stack shares with the admin endpoints.
-    pub fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.shared
     }
 
     /// A reload: the config now in effect (none: it failed, nothing
     /// changed), and how it went.
-    pub fn reloaded(&self, config: Option<&Config>, outcome: serde_json::Value) {
+    pub(crate) fn reloaded(&self, config: Option<&Config>, outcome: serde_json::Value) {
         let mut shown = self.summary.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(config) = config {
             *shown = summary(config);
@@ -104,7 +104,7 @@ impl State {
 
     /// Samples the totals the page charts every `SAMPLE_EVERY`, until the
     /// state is gone.
-    pub fn sample_periodically(self: &Arc<Self>) {
+    pub(crate) fn sample_periodically(self: &Arc<Self>) {
         let state = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(crate::telemetry::recent::SAMPLE_EVERY);
@@ -239,7 +239,10 @@ fn page() -> Response<Body> {
     resp
 }
 
-pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Response<Body>, Infallible> {
+pub(crate) async fn handle<B>(
+    state: Arc<State>,
+    req: Request<B>,
+) -> Result<Response<Body>, Infallible> {
     if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
         let mut resp = json_response(
             StatusCode::METHOD_NOT_ALLOWED,

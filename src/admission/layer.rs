@@ -121,10 +121,10 @@ pub struct Registry {
 }
 
 /// A `[[fallback]]`: the models to use instead of those its globs match.
-pub struct Fallback {
+pub(crate) struct Fallback {
     globs: Vec<WildMatch>,
-    pub to: Vec<Arc<str>>,
-    pub after: Duration,
+    pub(crate) to: Vec<Arc<str>>,
+    pub(crate) after: Duration,
 }
 
 fn fallbacks_of(config: &Config) -> Vec<Fallback> {
@@ -292,7 +292,12 @@ impl Registry {
     /// A request's class: what its `x-penstock-priority` asks, unless its
     /// `[[client]]` forbids choosing; else its `[[client]]`'s; else batch
     /// for an async job and interactive for the rest.
-    pub fn class_of(&self, tenant: &str, asked: Option<&http::HeaderValue>, job: bool) -> Priority {
+    pub(crate) fn class_of(
+        &self,
+        tenant: &str,
+        asked: Option<&http::HeaderValue>,
+        job: bool,
+    ) -> Priority {
         let priorities = self.priorities.load();
         let (configured, may_choose) = priorities.get(tenant).copied().unwrap_or((None, true));
         let asked = asked
@@ -310,7 +315,7 @@ impl Registry {
     }
 
     /// How long a request may wait for budget (`queue.max_wait`).
-    pub fn max_wait(&self) -> Duration {
+    pub(crate) fn max_wait(&self) -> Duration {
         Duration::from_micros(self.max_wait.load(Ordering::Relaxed))
     }
 
@@ -320,7 +325,7 @@ impl Registry {
     /// in place; a new budget starts empty; a removed budget's waiters look
     /// again for the pool that covers their model now. Learned pools keep
     /// what they learned. Returns the names of the budgets removed.
-    pub fn reconfigure(&self, config: &Config) -> Vec<Arc<str>> {
+    pub(crate) fn reconfigure(&self, config: &Config) -> Vec<Arc<str>> {
         let new = specs_of(config);
         let max_depth = config.queue.max_depth;
         let mut retired = Vec::new();
@@ -387,7 +392,12 @@ impl Registry {
 
     /// [`Registry::pool`] on upstream `up`: a budget naming another
     /// upstream does not count.
-    pub fn pool_at(&self, model: &str, credential: &Arc<str>, up: usize) -> Option<Arc<Pool>> {
+    pub(crate) fn pool_at(
+        &self,
+        model: &str,
+        credential: &Arc<str>,
+        up: usize,
+    ) -> Option<Arc<Pool>> {
         // Idle pools are swept by [`Registry::evict_periodically`], not here:
         // a request takes this lock and nothing else.
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
@@ -496,7 +506,7 @@ impl Registry {
 
     /// A credential's money is gone (its organization/project's): its calls
     /// through a shared pool are answered with `tripped` until it ends.
-    pub fn trip(&self, credential: &Arc<str>, tripped: Tripped) {
+    pub(crate) fn trip(&self, credential: &Arc<str>, tripped: Tripped) {
         let mut breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         let now = tokio::time::Instant::now();
         breakers.retain(|_, t| t.until > now);
@@ -504,7 +514,7 @@ impl Registry {
     }
 
     /// Every open breaker: its credential and how long it stays open.
-    pub fn breakers(&self) -> Vec<(Arc<str>, Duration)> {
+    pub(crate) fn breakers(&self) -> Vec<(Arc<str>, Duration)> {
         let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         let now = tokio::time::Instant::now();
         breakers
@@ -515,7 +525,7 @@ impl Registry {
     }
 
     /// The open breaker of `credential`, if any.
-    pub fn tripped(&self, credential: &Arc<str>) -> Option<Arc<Tripped>> {
+    pub(crate) fn tripped(&self, credential: &Arc<str>) -> Option<Arc<Tripped>> {
         let breakers = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         breakers
             .get(credential)
@@ -527,7 +537,7 @@ impl Registry {
     /// success, or a refusal for its rate limit (with what it announced and
     /// how long to hold). The model gets a learned pool from now on, paused
     /// by the refusal. Bounded as learned pools are.
-    pub fn heard(
+    pub(crate) fn heard(
         &self,
         model: &str,
         credential: &Arc<str>,
@@ -568,7 +578,7 @@ impl Registry {
 
     /// Shutting down: every pool answers what still waits (it could not go
     /// in time) and admits nothing more.
-    pub fn close_queues(&self) {
+    pub(crate) fn close_queues(&self) {
         let pools: Vec<Arc<Pool>> = self
             .pools
             .lock()
@@ -607,7 +617,7 @@ impl Registry {
     /// in pass-through mode every key has pools, and a page must stay small.
     /// With `filter`, only pools whose name or credential contains it
     /// (ignoring case).
-    pub fn busiest(&self, n: usize, filter: Option<&str>) -> Vec<PoolStatus> {
+    pub(crate) fn busiest(&self, n: usize, filter: Option<&str>) -> Vec<PoolStatus> {
         let mut all = self.status();
         if let Some(f) = filter.map(str::to_lowercase).filter(|f| !f.is_empty()) {
             all.retain(|p| {
@@ -638,7 +648,7 @@ impl Registry {
 }
 
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     own_orgs: Arc<OwnOrgs>,
@@ -649,7 +659,7 @@ impl Layer {
     /// `own_orgs` learns each key's own organization from the answers (the
     /// edge reads it to tell pools apart); `upstream` says which upstreams'
     /// breakers let calls through.
-    pub fn new(
+    pub(crate) fn new(
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         own_orgs: Arc<OwnOrgs>,
@@ -694,7 +704,7 @@ fn learn_own_org(own: &OwnOrgs, ctx: &RequestContext, answer: &http::HeaderMap) 
 /// Admission, and the accounting of every successful answer (budgeted or not):
 /// the tokens it reported, its images and its cost.
 #[derive(Clone)]
-pub struct Budget<S> {
+pub(crate) struct Budget<S> {
     inner: S,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -1263,7 +1273,7 @@ pin_project_lite::pin_project! {
     /// At the end it settles the call's estimate with the `usage` found there and
     /// accounts the answer; dropped early (the client left), it accounts it on
     /// the estimate. Either way the call's time in flight ends with it.
-    pub struct Settle {
+    pub(crate) struct Settle {
         #[pin]
         inner: Body,
         permit: Option<Permit>,

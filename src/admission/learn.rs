@@ -24,7 +24,7 @@ use crate::vocab::headers::RateLimitHeaders;
 
 /// Where a pool's limits come from, for `/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     Configured,
     /// Nothing refused, nothing announced: no limit but the ceiling.
     Open,
@@ -35,7 +35,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Source::Configured => "configured",
             Source::Open => "learned: open (the upstream has refused nothing)",
@@ -47,11 +47,11 @@ impl Source {
 
 /// What a learned pool should enforce now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Learned {
+pub(crate) struct Learned {
     /// requests, tokens, images per minute, as the upstream announced them
     /// (the pool applies its safety fraction).
-    pub per_minute: [Option<u64>; 3],
-    pub max_in_flight: Option<usize>,
+    pub(crate) per_minute: [Option<u64>; 3],
+    pub(crate) max_in_flight: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -84,12 +84,12 @@ impl Learner {
         }
     }
 
-    pub fn source(&self) -> Source {
+    pub(crate) fn source(&self) -> Source {
         self.source
     }
 
     /// When the limits last changed.
-    pub fn changed(&self) -> SystemTime {
+    pub(crate) fn changed(&self) -> SystemTime {
         self.changed
     }
 
@@ -125,7 +125,7 @@ impl Learner {
 
     /// An answer's headers (a success's or a refusal's): limits it announces
     /// replace those known for their dimensions.
-    pub fn on_headers(&mut self, headers: &RateLimitHeaders) -> Option<Learned> {
+    pub(crate) fn on_headers(&mut self, headers: &RateLimitHeaders) -> Option<Learned> {
         let announced = headers.limits.map(|l| l.filter(|l| *l > 0));
         if announced.iter().all(Option::is_none) {
             return None;
@@ -142,7 +142,7 @@ impl Learner {
 
     /// An answer that was not a rate limit, with nothing announced;
     /// `in_flight` counts the pool's calls out, this one included.
-    pub fn on_success(&mut self, in_flight: usize) -> Option<Learned> {
+    pub(crate) fn on_success(&mut self, in_flight: usize) -> Option<Learned> {
         if self.source != Source::RateLimits {
             return None;
         }
@@ -164,7 +164,7 @@ impl Learner {
     /// The upstream refused a call for its rate limit, with no limits
     /// announced. `in_flight` counts the pool's calls out, this one included;
     /// `sent` is when this call was admitted.
-    pub fn on_rate_limited(&mut self, in_flight: usize, sent: Instant) -> Option<Learned> {
+    pub(crate) fn on_rate_limited(&mut self, in_flight: usize, sent: Instant) -> Option<Learned> {
         if self.source == Source::Announced {
             // The pause and the probe handle it; the announced limit stands.
             return None;
@@ -196,7 +196,7 @@ impl Learner {
         })
     }
 
-    pub fn learned(&self) -> Learned {
+    pub(crate) fn learned(&self) -> Learned {
         self.current()
     }
 }

@@ -47,12 +47,12 @@ fn seconds_up(secs: f64) -> Duration {
     Duration::from_micros(micros.min(crate::vocab::headers::MAX_DELAY.as_micros() as f64) as u64)
 }
 
-pub const DIM_NAMES: [&str; 3] = ["requests", "tokens", "images"];
+pub(crate) const DIM_NAMES: [&str; 3] = ["requests", "tokens", "images"];
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// The first dimension in which `cost` is more than a whole minute's limit,
 /// with that limit: such a call can never be admitted.
-pub fn exceeds(per_minute: &[Option<u64>; 3], cost: &Cost) -> Option<(usize, u64)> {
+pub(crate) fn exceeds(per_minute: &[Option<u64>; 3], cost: &Cost) -> Option<(usize, u64)> {
     let c = cost.dims();
     (0..3).find_map(|d| {
         let limit = per_minute[d]?;
@@ -113,7 +113,7 @@ pub struct Ledger {
 }
 
 /// What one burst window admits of each per-minute limit.
-pub fn burst_caps(limits: &Limits) -> [u64; 3] {
+pub(crate) fn burst_caps(limits: &Limits) -> [u64; 3] {
     limits.burst_caps()
 }
 
@@ -166,7 +166,7 @@ impl Ledger {
     /// the burst window as the new one is long (a longer window counts again
     /// what its start now holds), so a lowered limit never admits what the new
     /// one would not.
-    pub fn reconfigure(&mut self, limits: Limits) {
+    pub(crate) fn reconfigure(&mut self, limits: Limits) {
         self.limits = limits;
         self.burst_from = 0;
         self.used_burst = [0; 3];
@@ -181,13 +181,13 @@ impl Ledger {
 
     /// New per-minute limits (learned from the upstream); what was admitted
     /// stays counted.
-    pub fn set_limits(&mut self, per_minute: [Option<u64>; 3]) {
+    pub(crate) fn set_limits(&mut self, per_minute: [Option<u64>; 3]) {
         self.limits.per_minute = per_minute;
         self.derive();
     }
 
     /// Holds 1/`share` of the limits from now on (1: all of them).
-    pub fn set_share(&mut self, share: u32) {
+    pub(crate) fn set_share(&mut self, share: u32) {
         self.share = share.max(1);
         self.derive();
     }
@@ -417,13 +417,13 @@ impl Ledger {
         self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
     }
 
-    pub fn paused_until(&self) -> Option<Instant> {
+    pub(crate) fn paused_until(&self) -> Option<Instant> {
         self.paused_until
     }
 
     /// Nothing counted in any window, no pause, no hint: forgetting this ledger
     /// changes nothing.
-    pub fn is_idle(&mut self, now: Instant) -> bool {
+    pub(crate) fn is_idle(&mut self, now: Instant) -> bool {
         self.expire(now);
         self.drain(now);
         self.entries.is_empty()
@@ -434,7 +434,7 @@ impl Ledger {
 
     /// Roughly how long until everything in `total` could have been admitted, for
     /// refusing early: whole burst windows for what exceeds the room left now.
-    pub fn time_to_serve(&mut self, now: Instant, total: &Cost) -> Duration {
+    pub(crate) fn time_to_serve(&mut self, now: Instant, total: &Cost) -> Duration {
         self.expire(now);
         self.drain(now);
         let mut wait = self.paused_until.map_or(Duration::ZERO, |p| p - now);
@@ -462,7 +462,7 @@ impl Ledger {
         wait
     }
 
-    pub fn status(&mut self, now: Instant) -> [Option<DimStatus>; 3] {
+    pub(crate) fn status(&mut self, now: Instant) -> [Option<DimStatus>; 3] {
         self.expire(now);
         self.drain(now);
         let sustained = self.limits.sustained();

@@ -84,10 +84,10 @@ const SHUTDOWN_RETRY: Duration = Duration::from_secs(1);
 /// An upstream money error, kept to answer with during the cool-down.
 #[derive(Debug)]
 pub struct Tripped {
-    pub until: Instant,
-    pub status: http::StatusCode,
-    pub headers: http::HeaderMap,
-    pub body: bytes::Bytes,
+    pub(crate) until: Instant,
+    pub(crate) status: http::StatusCode,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: bytes::Bytes,
 }
 
 impl Tripped {
@@ -102,7 +102,7 @@ impl Tripped {
     }
 
     /// The upstream's own answer, marked as repeated by penstock.
-    pub fn parts(&self) -> (http::response::Parts, bytes::Bytes) {
+    pub(crate) fn parts(&self) -> (http::response::Parts, bytes::Bytes) {
         let mut resp = http::Response::new(());
         *resp.status_mut() = self.status;
         *resp.headers_mut() = self.headers.clone();
@@ -119,7 +119,7 @@ fn round_ms(d: Duration) -> Duration {
 
 impl Refusal {
     /// When trying again has a chance.
-    pub fn retry_after(&self) -> Duration {
+    pub(crate) fn retry_after(&self) -> Duration {
         match self {
             Refusal::CircuitOpen(t) => t.until.saturating_duration_since(Instant::now()),
             Refusal::QueueFull { retry_after, .. } | Refusal::TimedOut { retry_after, .. } => {
@@ -133,7 +133,7 @@ impl Refusal {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Refusal::QueueFull { .. } => "penstock_queue_full",
             Refusal::WaitTooLong { .. } => "penstock_wait_too_long",
@@ -253,8 +253,8 @@ const DEFER: Duration = Duration::from_millis(15);
 
 /// A pool whose ledger is shared by several replicas, in Redis.
 pub struct Remote {
-    pub redis: Arc<Redis>,
-    pub key: PoolKey,
+    pub(crate) redis: Arc<Redis>,
+    pub(crate) key: PoolKey,
 }
 
 struct State {
@@ -313,9 +313,9 @@ impl State {
 }
 
 pub struct Pool {
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// Which upstream credential this pool counts (a hash, never the key).
-    pub credential: Arc<str>,
+    pub(crate) credential: Arc<str>,
     /// Its limits are learned (no budget configures it): answers teach it.
     learns: bool,
     /// A probe the upstream has not refused within this long was accepted: an
@@ -331,7 +331,7 @@ pub struct Pool {
     /// The shared ledger, with the Redis backend.
     remote: Option<Remote>,
     /// Its waits for budget, as metrics record them: found on first use.
-    pub queue_wait: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    pub(crate) queue_wait: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// How a pool admits: its limits and how they may change.
@@ -534,7 +534,7 @@ impl Pool {
 
     /// [`Pool::acquire`] for a request of `class`: interactive waiters go
     /// first, batch keeps its minimum share.
-    pub async fn acquire_as(
+    pub(crate) async fn acquire_as(
         self: &Arc<Self>,
         client: &Arc<str>,
         class: Priority,
@@ -718,7 +718,7 @@ impl Pool {
 
     /// At the end of a shutdown's grace: what still waits is answered (it
     /// could not be admitted in time), and nothing more is admitted.
-    pub fn close_queue(&self) {
+    pub(crate) fn close_queue(&self) {
         let mut st = self.lock();
         st.closed_queue = true;
         while let Some((_, _, tx, _)) = st.queue.pop() {
@@ -943,7 +943,7 @@ impl Pool {
 
     /// Answers this pool's queued and new requests with the upstream's money error
     /// until the cool-down ends.
-    pub fn trip(&self, tripped: Tripped) {
+    pub(crate) fn trip(&self, tripped: Tripped) {
         if let Some(remote) = &self.remote {
             let answer = Answer {
                 status: tripped.status,
@@ -962,7 +962,7 @@ impl Pool {
 
     /// Holds the pool until `until`: the upstream said it is rate limited. Then
     /// one call probes before the rest follow.
-    pub fn pause(&self, until: Instant) {
+    pub(crate) fn pause(&self, until: Instant) {
         let mut st = self.lock();
         if let Some(remote) = &self.remote {
             let delay = until.saturating_duration_since(Instant::now()) + st.full.margin;
@@ -983,7 +983,7 @@ impl Pool {
 
     /// Takes limits announced on an answer no permit of this pool had (the
     /// refusal that made the pool).
-    pub fn hear(&self, headers: &RateLimitHeaders) {
+    pub(crate) fn hear(&self, headers: &RateLimitHeaders) {
         let mut st = self.lock();
         let Some(learner) = st.learner.as_mut() else {
             return;
@@ -1019,7 +1019,7 @@ impl Pool {
     /// Nothing waits, nothing is in flight, and nothing is left in its windows.
     /// A pause long over needs no probe any more: a pool whose last call was
     /// the 429 that paused it is idle too (it was never evicted).
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         let mut st = self.lock();
         let now = Instant::now();
         st.queue.is_empty()
@@ -1029,25 +1029,25 @@ impl Pool {
     }
 
     /// Ends the admission task; the pool must no longer be reachable.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
     /// Batch's share of turns while interactive requests wait too.
-    pub fn set_batch_min_share(&self, share: f64) {
+    pub(crate) fn set_batch_min_share(&self, share: f64) {
         self.lock().queue.set_batch_min_share(share);
     }
 
     /// A reloaded `queue.max_depth`, for requests arriving from now on.
-    pub fn set_max_depth(&self, max_depth: usize) {
+    pub(crate) fn set_max_depth(&self, max_depth: usize) {
         self.max_depth.store(max_depth, Ordering::Relaxed);
     }
 
     /// A reloaded config changed its budget: its limits and its cap on calls
     /// at once, from now on, in place (what it admitted stays counted, what
     /// waits keeps its place). A learned pool keeps what it learned.
-    pub fn reconfigure(&self, limits: Limits, max_in_flight: Option<usize>) {
+    pub(crate) fn reconfigure(&self, limits: Limits, max_in_flight: Option<usize>) {
         if self.learns {
             return;
         }
@@ -1065,7 +1065,7 @@ impl Pool {
     /// A reloaded config removed its budget: everyone waiting is sent, in
     /// the order they waited, to the pool that covers their model now; calls
     /// in flight end here. Its admission task ends.
-    pub fn retire(&self) {
+    pub(crate) fn retire(&self) {
         let mut st = self.lock();
         st.retired = true;
         while let Some((_, _, tx, _)) = st.queue.pop() {
@@ -1076,7 +1076,8 @@ impl Pool {
         self.close();
     }
 
-    pub fn queue_depth(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn queue_depth(&self) -> usize {
         self.lock().queue.len()
     }
 
@@ -1186,12 +1187,12 @@ pub struct Permit {
 }
 
 impl Permit {
-    pub fn estimate(&self) -> Cost {
+    pub(crate) fn estimate(&self) -> Cost {
         self.cost
     }
 
     /// Replaces the estimate with what the call really cost.
-    pub fn settle(&self, actual: &Cost) {
+    pub(crate) fn settle(&self, actual: &Cost) {
         let waiting = {
             let mut st = self.pool.lock();
             st.ledger.settle(self.ticket, actual);
@@ -1211,7 +1212,7 @@ impl Permit {
     }
 
     /// Folds in the upstream's `x-ratelimit-*` from this call's response.
-    pub fn observe(&self, headers: &RateLimitHeaders) {
+    pub(crate) fn observe(&self, headers: &RateLimitHeaders) {
         if headers == &RateLimitHeaders::default() {
             return;
         }
@@ -1263,7 +1264,7 @@ impl Permit {
     /// The upstream answered this call without a rate limit. Only the probe,
     /// admitted after the pause began, can tell that capacity is back; an
     /// older call's answer says nothing about it.
-    pub fn recovered(&self) {
+    pub(crate) fn recovered(&self) {
         if self.probe.is_none() {
             return;
         }

@@ -64,7 +64,7 @@ fn sub(a: &Cost, b: &Cost) -> Cost {
     }
 }
 
-pub use crate::vocab::cost::DEFAULT_BATCH_SHARE;
+pub(crate) use crate::vocab::cost::DEFAULT_BATCH_SHARE;
 
 /// One turn in how many for a share (0: none).
 fn batch_every(share: f64) -> u32 {
@@ -77,7 +77,7 @@ fn batch_every(share: f64) -> u32 {
 
 /// A request's weight: its cost as millionths of `caps` (a pool's burst
 /// capacity per dimension), in its dearest dimension; at least 1.
-pub fn weight(cost: &Cost, caps: &[u64; 3]) -> u64 {
+pub(crate) fn weight(cost: &Cost, caps: &[u64; 3]) -> u64 {
     cost.dims()
         .iter()
         .zip(caps)
@@ -91,7 +91,7 @@ pub fn weight(cost: &Cost, caps: &[u64; 3]) -> u64 {
         .max(1)
 }
 
-pub struct FairQueue<T> {
+pub(crate) struct FairQueue<T> {
     lanes: HashMap<Arc<str>, Lane<T>>,
     /// The head of every lane, by (virtual finish, arrival): interactive
     /// lanes', then batch lanes'.
@@ -117,7 +117,7 @@ impl<T> Default for FairQueue<T> {
 }
 
 impl<T> FairQueue<T> {
-    pub fn new(caps: [u64; 3]) -> Self {
+    pub(crate) fn new(caps: [u64; 3]) -> Self {
         FairQueue {
             lanes: HashMap::default(),
             heads: [BTreeMap::new(), BTreeMap::new()],
@@ -132,12 +132,12 @@ impl<T> FairQueue<T> {
 
     /// The share of turns batch keeps while interactive requests wait too
     /// (0: none, batch waits until no interactive request does).
-    pub fn set_batch_min_share(&mut self, share: f64) {
+    pub(crate) fn set_batch_min_share(&mut self, share: f64) {
         self.batch_every = batch_every(share);
     }
 
     /// Requests of `class` waiting.
-    pub fn len_of(&self, class: Priority) -> usize {
+    pub(crate) fn len_of(&self, class: Priority) -> usize {
         self.waiting[slot(class)]
     }
 
@@ -153,7 +153,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Batch takes one turn in this many while both classes wait (0: none).
-    pub fn batch_every(&self) -> u32 {
+    pub(crate) fn batch_every(&self) -> u32 {
         self.batch_every
     }
 
@@ -161,16 +161,16 @@ impl<T> FairQueue<T> {
         self.batch_every > 0 && self.since_batch.saturating_add(1) >= self.batch_every
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// New burst capacities, for requests that arrive from now on.
-    pub fn set_caps(&mut self, caps: [u64; 3]) {
+    pub(crate) fn set_caps(&mut self, caps: [u64; 3]) {
         self.caps = caps;
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
@@ -180,13 +180,21 @@ impl<T> FairQueue<T> {
         (w, last.max(self.clock).saturating_add(w))
     }
 
-    pub fn push(&mut self, client: &Arc<str>, id: u64, cost: Cost, value: T) {
+    #[cfg(test)]
+    pub(crate) fn push(&mut self, client: &Arc<str>, id: u64, cost: Cost, value: T) {
         self.push_as(client, Priority::Interactive, id, cost, value)
     }
 
     /// Queues a request of `class` in `client`'s lane (a lane has one class:
     /// a client sending both has a lane for each, under different names).
-    pub fn push_as(&mut self, client: &Arc<str>, class: Priority, id: u64, cost: Cost, value: T) {
+    pub(crate) fn push_as(
+        &mut self,
+        client: &Arc<str>,
+        class: Priority,
+        id: u64,
+        cost: Cost,
+        value: T,
+    ) {
         let (weight, tag) = self.tag_for(client, &cost);
         let lane = self.lanes.entry(client.clone()).or_insert_with(|| Lane {
             items: VecDeque::new(),
@@ -214,14 +222,14 @@ impl<T> FairQueue<T> {
     }
 
     /// The request whose turn it is.
-    pub fn front(&self) -> Option<(&Cost, &T)> {
+    pub(crate) fn front(&self) -> Option<(&Cost, &T)> {
         let (_, client) = self.heads[self.next_class()].first_key_value()?;
         let lane = self.lanes.get(client)?;
         lane.items.front().map(|i| (&i.cost, &i.value))
     }
 
     /// Takes the request whose turn it is.
-    pub fn pop(&mut self) -> Option<T> {
+    pub(crate) fn pop(&mut self) -> Option<T> {
         let (_, client) = self.heads[self.next_class()].first_key_value()?;
         let client = client.clone();
         self.pop_lane(&client)
@@ -231,7 +239,9 @@ impl<T> FairQueue<T> {
     /// in this queue's own order, and whether it may go before batch lanes
     /// elsewhere (interactive, or batch owed its share): those whose turn
     /// comes first in this queue come first.
-    pub fn lane_heads(&self) -> impl Iterator<Item = (&Arc<str>, &Cost, &T, (u64, u64), bool)> {
+    pub(crate) fn lane_heads(
+        &self,
+    ) -> impl Iterator<Item = (&Arc<str>, &Cost, &T, (u64, u64), bool)> {
         let first = self.next_class();
         let owed = self.batch_owed();
         [first, 1 - first].into_iter().flat_map(move |class| {
@@ -244,7 +254,7 @@ impl<T> FairQueue<T> {
 
     /// Takes the first request of `client`'s lane (another order than this
     /// queue's own may pick it: the fair order across replicas).
-    pub fn pop_lane(&mut self, client: &Arc<str>) -> Option<T> {
+    pub(crate) fn pop_lane(&mut self, client: &Arc<str>) -> Option<T> {
         let lane = self.lanes.get_mut(client)?;
         let item = lane.items.pop_front()?;
         let class = slot(lane.class);
@@ -275,7 +285,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Removes a request that no longer waits (its client left).
-    pub fn remove(&mut self, client: &Arc<str>, id: u64) -> Option<T> {
+    pub(crate) fn remove(&mut self, client: &Arc<str>, id: u64) -> Option<T> {
         let lane = self.lanes.get_mut(client)?;
         let pos = lane.items.iter().position(|i| i.id == id)?;
         let item = lane.items.remove(pos)?;
@@ -309,14 +319,15 @@ impl<T> FairQueue<T> {
 
     /// Cost served before a request of `cost` that `client` would add now: its
     /// own lane, and from every other lane what finishes no later than it would.
-    pub fn ahead_of_new(&self, client: &Arc<str>, cost: &Cost) -> Cost {
+    #[cfg(test)]
+    pub(crate) fn ahead_of_new(&self, client: &Arc<str>, cost: &Cost) -> Cost {
         self.ahead_of_new_as(client, Priority::Interactive, cost)
     }
 
     /// [`FairQueue::ahead_of_new`] for a request of `class`: an interactive
     /// one waits for interactive lanes alone (batch's share aside), a batch
     /// one for every interactive request and the batch lanes before it.
-    pub fn ahead_of_new_as(&self, client: &Arc<str>, class: Priority, cost: &Cost) -> Cost {
+    pub(crate) fn ahead_of_new_as(&self, client: &Arc<str>, class: Priority, cost: &Cost) -> Cost {
         let (_, tag) = self.tag_for(client, cost);
         let mut total = Cost::default();
         for (c, lane) in &self.lanes {
@@ -335,7 +346,7 @@ impl<T> FairQueue<T> {
     }
 
     /// Everything waiting.
-    pub fn total(&self) -> Cost {
+    pub(crate) fn total(&self) -> Cost {
         let mut total = Cost::default();
         for lane in self.lanes.values() {
             total.add(&sub(&lane.pushed, &lane.gone));

@@ -22,10 +22,10 @@ const MAX_NUMBER: u64 = 1 << 40;
 
 /// A queue head not heard from for this long no longer holds others back: a
 /// deferred head asks again much sooner, a replica gone never does.
-pub const STALE_HEAD: Duration = Duration::from_millis(500);
+pub(crate) const STALE_HEAD: Duration = Duration::from_millis(500);
 
 /// The most queued requests a replica proposes in one admission.
-pub const MAX_CANDIDATES: usize = 16;
+pub(crate) const MAX_CANDIDATES: usize = 16;
 
 /// The keys of one pool, all under one hash tag.
 #[derive(Debug, Clone)]
@@ -429,7 +429,7 @@ impl Redis {
 
     /// Records in the shared ledger what this replica spent on its own while
     /// Redis was away, `age` ago, so rejoining is not a burst.
-    pub async fn replay(
+    pub(crate) async fn replay(
         &self,
         pool: &PoolKey,
         spent: &[(Duration, Cost)],
@@ -532,7 +532,7 @@ impl Redis {
     }
 
     /// This replica's queue is empty: its head no longer holds others back.
-    pub async fn leave(&self, pool: &PoolKey) -> Result<(), Unavailable> {
+    pub(crate) async fn leave(&self, pool: &PoolKey) -> Result<(), Unavailable> {
         let mut conn = self.conn()?;
         let pipe = redis::pipe()
             .zrem(&pool.keys[5], &self.replica)

@@ -37,7 +37,7 @@ const MAX_SHARED: usize = 512 * 1024 * 1024;
 /// told as the upstream layer tells of a broken connection.
 #[derive(Debug, thiserror::Error)]
 #[error("the connection to the upstream failed: {0}")]
-pub struct SharedCallFailed(String);
+pub(crate) struct SharedCallFailed(String);
 
 impl SharedCallFailed {
     fn too_long(deadline: Duration) -> SharedCallFailed {
@@ -66,20 +66,20 @@ impl Problem for SharedCallFailed {
 
 /// A complete response: kept in the cache, or shared with those who waited.
 #[derive(Debug)]
-pub struct Stored {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct Stored {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
     /// penstock's own error instead of an answer: each who waited gets it
     /// as an error, rendered by its own edge. Never shared with other
     /// replicas: it speaks of this one.
-    pub error: Option<ProxyError>,
+    pub(crate) error: Option<ProxyError>,
     /// The leader's own refusal (its deadline, its client cap): not an answer
     /// for those who waited with it; they carry the call on themselves.
-    pub personal: bool,
+    pub(crate) personal: bool,
     /// Made by another replica: found in the shared cache (`hit`) or shared by
     /// its leader (`coalesced`).
-    pub elsewhere: Option<&'static str>,
+    pub(crate) elsewhere: Option<&'static str>,
 }
 
 impl Stored {
@@ -271,7 +271,7 @@ pub struct Handle(Option<Arc<Inner>>);
 
 impl Handle {
     /// Entries and bytes held, after pending evictions have run.
-    pub async fn usage(&self) -> (u64, u64) {
+    pub(crate) async fn usage(&self) -> (u64, u64) {
         match &self.0 {
             Some(inner) => {
                 inner.cache.run_pending_tasks().await;
@@ -283,14 +283,14 @@ impl Handle {
 }
 
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     inner: Option<Arc<Inner>>,
     metrics: Arc<Metrics>,
 }
 
 impl Layer {
     /// `deadline` bounds a shared call, its body included.
-    pub fn new(
+    pub(crate) fn new(
         config: &CacheConfig,
         deadline: Duration,
         metrics: Arc<Metrics>,
@@ -314,7 +314,7 @@ impl Layer {
         Layer { inner, metrics }
     }
 
-    pub fn handle(&self) -> Handle {
+    pub(crate) fn handle(&self) -> Handle {
         Handle(self.inner.clone())
     }
 }
@@ -331,7 +331,7 @@ impl<S> tower::Layer<S> for Layer {
 }
 
 #[derive(Clone)]
-pub struct Coalesce<S> {
+pub(crate) struct Coalesce<S> {
     service: S,
     inner: Option<Arc<Inner>>,
     metrics: Arc<Metrics>,

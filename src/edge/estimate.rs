@@ -87,13 +87,13 @@ impl Estimator {
     }
 
     /// Output tokens assumed for a request that sets no limit of its own.
-    pub fn default_output(&self) -> u64 {
+    pub(crate) fn default_output(&self) -> u64 {
         self.default_max_output_tokens
     }
 
     /// Tokens of a text as OpenAI's limiter estimates them: by its characters.
     /// `model` is kept for when a model's ratio differs.
-    pub fn count_tokens(&self, _model: &str, text: &str) -> u64 {
+    pub(crate) fn count_tokens(&self, _model: &str, text: &str) -> u64 {
         if text.is_empty() {
             return 0;
         }
@@ -172,7 +172,7 @@ impl Estimator {
     /// route's default for images) and what it costs there: one image, its
     /// tokens by the image table (quality, size, partial images), the
     /// input's text. A tool not called is given back once the answer says so.
-    pub fn responses_image_tool(
+    pub(crate) fn responses_image_tool(
         &self,
         v: &Json<'_>,
         default_model: &str,

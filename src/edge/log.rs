@@ -18,24 +18,24 @@ use crate::vocab::route::Route;
 
 /// The one log line of a request, written when its response body ends (or the
 /// client leaves): by then the tokens and cost the upstream reported are known.
-pub struct Line {
-    pub id: String,
-    pub method: Method,
+pub(crate) struct Line {
+    pub(crate) id: String,
+    pub(crate) method: Method,
     /// The request's target, shared with it (its text is not copied): the
     /// line shows its path.
-    pub uri: http::Uri,
-    pub route: Route,
-    pub status: u16,
-    pub head_ms: u64,
+    pub(crate) uri: http::Uri,
+    pub(crate) route: Route,
+    pub(crate) status: u16,
+    pub(crate) head_ms: u64,
     /// Answer headers, kept as they are (a clone of a header value copies
     /// no bytes) and read as text only when the line is written.
-    pub upstream_request_id: Option<HeaderValue>,
-    pub queue_ms: Option<HeaderValue>,
-    pub attempts: Option<HeaderValue>,
-    pub cache: Option<HeaderValue>,
-    pub received: Instant,
-    pub ctx: Option<Arc<RequestContext>>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) upstream_request_id: Option<HeaderValue>,
+    pub(crate) queue_ms: Option<HeaderValue>,
+    pub(crate) attempts: Option<HeaderValue>,
+    pub(crate) cache: Option<HeaderValue>,
+    pub(crate) received: Instant,
+    pub(crate) ctx: Option<Arc<RequestContext>>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// A kept header value as text, if it is text.
@@ -153,7 +153,7 @@ impl<'a> Fields<'a> {
 
 pin_project_lite::pin_project! {
     /// Passes the response body on; when it ends or is dropped, writes the line.
-    pub struct Logged {
+    pub(crate) struct Logged {
         #[pin]
         inner: Body,
         line: Option<Line>,
@@ -171,7 +171,7 @@ pin_project_lite::pin_project! {
 }
 
 impl Logged {
-    pub fn wrap(inner: Body, line: Line) -> Body {
+    pub(crate) fn wrap(inner: Body, line: Line) -> Body {
         Logged {
             inner,
             line: Some(line),
@@ -259,7 +259,6 @@ mod tests {
             image_tool: None,
             tally: Tally::default(),
             headers: Default::default(),
-            received: now,
             deadline: now,
         };
         ctx.tally.update(|t| {

@@ -110,32 +110,32 @@ const TOKENIZE_INLINE: usize = 64 * 1024;
 
 /// What the edge needs to know to build a request's context.
 pub struct EdgeConfig {
-    pub max_body: u64,
+    pub(crate) max_body: u64,
     /// Sidecar mode: one upstream credential; clients are told apart by header.
-    pub sidecar: bool,
-    pub client_id_header: HeaderName,
-    pub estimator: Estimator,
+    pub(crate) sidecar: bool,
+    pub(crate) client_id_header: HeaderName,
+    pub(crate) estimator: Estimator,
     /// Paths whose POSTs get a cache key; `None` when the cache is off.
-    pub cache_paths: Option<foldhash::HashSet<String>>,
+    pub(crate) cache_paths: Option<foldhash::HashSet<String>>,
     /// Everyone shares cache entries, not only each tenant.
-    pub cache_global: bool,
+    pub(crate) cache_global: bool,
     /// The longest a request may take (`retry.deadline`).
-    pub deadline: Duration,
+    pub(crate) deadline: Duration,
     /// The longest gap between a request body's bytes.
-    pub body_read_timeout: Duration,
+    pub(crate) body_read_timeout: Duration,
     /// How a refused body is read off: until silent this long, or this
     /// long in all.
-    pub lingering: (Duration, Duration),
+    pub(crate) lingering: (Duration, Duration),
     /// Bytes of request bodies held at once, in [`HELD_UNIT`]s.
-    pub buffered: Arc<tokio::sync::Semaphore>,
-    pub max_buffered: u64,
+    pub(crate) buffered: Arc<tokio::sync::Semaphore>,
+    pub(crate) max_buffered: u64,
     /// Route label -> the model the upstream uses when a request names none.
-    pub default_models: std::collections::BTreeMap<String, String>,
+    pub(crate) default_models: std::collections::BTreeMap<String, String>,
     /// Key id -> the configured project whose pool it pays into.
-    pub projects: foldhash::HashMap<Arc<str>, Arc<str>>,
+    pub(crate) projects: foldhash::HashMap<Arc<str>, Arc<str>>,
     /// Each key's own organization, as the upstream's answers name it.
-    pub own_orgs: Arc<OwnOrgs>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) own_orgs: Arc<OwnOrgs>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl EdgeConfig {
@@ -271,7 +271,7 @@ impl EdgeConfig {
         }
     }
 
-    pub fn buffered(&self) -> Buffered {
+    pub(crate) fn buffered(&self) -> Buffered {
         Buffered {
             permits: self.buffered.clone(),
             max: self.max_buffered,
@@ -279,7 +279,7 @@ impl EdgeConfig {
     }
 
     /// Adds the keys of `[[project]]`s, by id or by the variable holding them.
-    pub fn add_projects(
+    pub(crate) fn add_projects(
         &mut self,
         projects: &[ProjectConfig],
         env: impl Fn(&str) -> Option<String>,
@@ -303,13 +303,13 @@ impl EdgeConfig {
 
 /// How many bytes of request bodies penstock holds, for `/status`.
 #[derive(Clone)]
-pub struct Buffered {
+pub(crate) struct Buffered {
     permits: Arc<tokio::sync::Semaphore>,
     max: u64,
 }
 
 impl Buffered {
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         let free = self.permits.available_permits() as u64;
         self.max
             .div_ceil(HELD_UNIT)
@@ -320,18 +320,14 @@ impl Buffered {
 
 /// Builds the [`Edge`] service around the rest of the stack.
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     config: Arc<EdgeConfig>,
 }
 
 impl Layer {
-    pub fn new(config: EdgeConfig) -> Layer {
-        Layer::shared(Arc::new(config))
-    }
-
     /// With a config also used elsewhere (the jobs runner parses stored
     /// requests as the edge parses live ones).
-    pub fn shared(config: Arc<EdgeConfig>) -> Layer {
+    pub(crate) fn shared(config: Arc<EdgeConfig>) -> Layer {
         Layer { config }
     }
 }
@@ -347,7 +343,7 @@ impl<S> tower::Layer<S> for Layer {
 }
 
 #[derive(Clone)]
-pub struct Edge<S> {
+pub(crate) struct Edge<S> {
     inner: S,
     config: Arc<EdgeConfig>,
 }
@@ -622,7 +618,6 @@ where
         image_tool,
         tally: Tally::default(),
         headers: credentials_marked_sensitive(std::mem::take(&mut parts.headers)),
-        received,
         deadline: received + config.deadline,
     };
     let payload = Payload {

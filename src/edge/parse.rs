@@ -15,7 +15,7 @@ use crate::vocab::route::Route;
 
 /// A request penstock cannot take as it came.
 #[derive(Debug, thiserror::Error)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("the request body could not be read: {0}")]
@@ -117,14 +117,14 @@ pub fn hash_json(h: &mut blake3::Hasher, v: &Json<'_>) {
 
 /// A body as penstock understood it; dropped once the context is built. Its
 /// JSON borrows the body's bytes.
-pub enum Parsed<'a> {
+pub(crate) enum Parsed<'a> {
     Json(Json<'a>),
     Multipart(MultipartSummary),
     None,
 }
 
 impl<'a> Parsed<'a> {
-    pub fn view(&self) -> estimate::Body<'_> {
+    pub(crate) fn view(&self) -> estimate::Body<'_> {
         match self {
             Parsed::Json(v) => estimate::Body::Json(v),
             Parsed::Multipart(m) => estimate::Body::Multipart(m),
@@ -132,7 +132,7 @@ impl<'a> Parsed<'a> {
         }
     }
 
-    pub fn model(&self) -> Option<&str> {
+    pub(crate) fn model(&self) -> Option<&str> {
         match self {
             Parsed::Json(v) => v.get("model").and_then(Json::as_str),
             Parsed::Multipart(m) => m.fields.get("model").map(|s| s.trim()),
@@ -140,7 +140,7 @@ impl<'a> Parsed<'a> {
         }
     }
 
-    pub fn stream(&self) -> bool {
+    pub(crate) fn stream(&self) -> bool {
         match self {
             Parsed::Json(v) => v.get("stream").and_then(Json::as_bool).unwrap_or(false),
             Parsed::Multipart(m) => m.fields.get("stream").is_some_and(|s| s.trim() == "true"),
@@ -158,7 +158,7 @@ fn content_type(headers: &HeaderMap) -> &str {
 
 /// Parses the body once. Malformed JSON, or malformed multipart on an image
 /// route, is refused here rather than spent upstream.
-pub async fn parse_body<'a>(
+pub(crate) async fn parse_body<'a>(
     route: Route,
     headers: &HeaderMap,
     body: &'a Bytes,
@@ -202,7 +202,7 @@ pub async fn parse_body<'a>(
 }
 
 /// A JSON body as [`parse_body`] reads it, for a second reading elsewhere.
-pub fn json_of(body: &[u8]) -> Option<Json<'_>> {
+pub(crate) fn json_of(body: &[u8]) -> Option<Json<'_>> {
     json(body).ok()
 }
 
@@ -219,7 +219,7 @@ const IMAGE_HEAD: usize = 256 * 1024;
 
 /// Text fields and image sizes of a multipart body. Walking every part also
 /// checks the framing.
-pub async fn multipart_summary(
+pub(crate) async fn multipart_summary(
     content_type: &str,
     body: &Bytes,
 ) -> Result<MultipartSummary, multer::Error> {

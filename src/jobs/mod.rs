@@ -49,7 +49,7 @@ use crate::vocab::headers::name;
 use crate::vocab::route::Route;
 
 /// Where the job API lives: outside `/v1/`, which belongs to the upstream.
-pub const PREFIX: &str = "/penstock/v1/jobs";
+pub(crate) const PREFIX: &str = "/penstock/v1/jobs";
 
 /// How often finished jobs past their time are looked for.
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -86,7 +86,7 @@ const NOT_KEPT_ANSWER: [&str; 6] = [
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum State {
+pub(crate) enum State {
     Queued,
     Running,
     Succeeded,
@@ -189,7 +189,7 @@ fn now_ms() -> u64 {
 
 /// Refusals of the job API.
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub(crate) enum JobError {
     #[error("no job {0:?} (a job is visible only to the credential or client that submitted it)")]
     NotFound(String),
     #[error("job {0:?} has expired: its answer was kept for jobs.ttl")]
@@ -263,7 +263,7 @@ struct Mem {
     cancelled: std::collections::HashSet<String>,
 }
 
-pub struct Jobs {
+pub(crate) struct Jobs {
     store: Box<dyn store::Store>,
     config: JobsConfig,
     webhook: webhook::Webhook,
@@ -280,21 +280,21 @@ pub struct Jobs {
 
 /// Counts of jobs for `/status`.
 #[derive(Debug, Serialize)]
-pub struct JobsStatus {
+pub(crate) struct JobsStatus {
     /// `redb`, `memory` or `redis`.
-    pub store: &'static str,
-    pub queued: u64,
-    pub running: u64,
+    pub(crate) store: &'static str,
+    pub(crate) queued: u64,
+    pub(crate) running: u64,
     /// Running on this replica.
-    pub running_here: usize,
-    pub bytes: u64,
-    pub durable: bool,
+    pub(crate) running_here: usize,
+    pub(crate) bytes: u64,
+    pub(crate) durable: bool,
 }
 
 impl Jobs {
     /// Opens (or creates) the store and takes up the jobs it holds: redb at
     /// `jobs.path`, or Redis when `redis` is given.
-    pub fn open(
+    pub(crate) fn open(
         config: &JobsConfig,
         after_send: AfterSend,
         attempt_timeout: Duration,
@@ -386,7 +386,7 @@ impl Jobs {
         job.state = to;
     }
 
-    pub fn status(&self) -> JobsStatus {
+    pub(crate) fn status(&self) -> JobsStatus {
         let running_here = self.lock().running.len();
         self.store.status(running_here)
     }
@@ -406,12 +406,12 @@ fn wants_async(headers: &HeaderMap) -> bool {
 }
 
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     jobs: Option<Arc<Jobs>>,
 }
 
 impl Layer {
-    pub fn new(jobs: Option<Arc<Jobs>>) -> Layer {
+    pub(crate) fn new(jobs: Option<Arc<Jobs>>) -> Layer {
         Layer { jobs }
     }
 }
@@ -432,7 +432,7 @@ impl<S: crate::vocab::service::Inner> tower::Layer<S> for Layer {
 /// Accepts `Prefer: respond-async` requests as jobs and serves the job API;
 /// everything else goes on.
 #[derive(Clone)]
-pub struct JobsService<S> {
+pub(crate) struct JobsService<S> {
     inner: S,
     jobs: Option<Arc<Jobs>>,
 }

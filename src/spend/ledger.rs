@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 
 use crate::state::Redis;
 
@@ -18,12 +18,12 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// A UTC day and month, as the keys of their totals name them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Period {
-    pub day: String,
-    pub month: String,
+pub(crate) struct Period {
+    pub(crate) day: String,
+    pub(crate) month: String,
     /// Until the day ends, and the month.
-    pub day_left: Duration,
-    pub month_left: Duration,
+    pub(crate) day_left: Duration,
+    pub(crate) month_left: Duration,
 }
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
@@ -51,7 +51,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 impl Period {
-    pub fn at(now: SystemTime) -> Period {
+    pub(crate) fn at(now: SystemTime) -> Period {
         let secs = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -71,13 +71,13 @@ impl Period {
 }
 
 /// Where the totals are kept.
-pub enum Ledger {
+pub(crate) enum Ledger {
     Local(Arc<Local>),
     Redis(Arc<Redis>),
 }
 
 /// In this process, written to a redb file.
-pub struct Local {
+pub(crate) struct Local {
     totals: Mutex<HashMap<String, i64>>,
     dirty: Mutex<HashSet<String>>,
     db: Option<redb::Database>,
@@ -85,9 +85,9 @@ pub struct Local {
 
 /// A refusal: which period's cap, and what was spent of it.
 #[derive(Debug, Clone, Copy)]
-pub struct Over {
-    pub month: bool,
-    pub spent: i64,
+pub(crate) struct Over {
+    pub(crate) month: bool,
+    pub(crate) spent: i64,
 }
 
 fn day_key(client: &str, p: &Period) -> String {
@@ -101,7 +101,7 @@ fn month_key(client: &str, p: &Period) -> String {
 impl Ledger {
     /// Opens the file (`None`: in memory alone) and takes up its totals of
     /// this day and month; older ones are dropped.
-    pub fn local(path: Option<&std::path::Path>) -> Result<Ledger, String> {
+    pub(crate) fn local(path: Option<&std::path::Path>) -> Result<Ledger, String> {
         let mut totals = HashMap::new();
         let db = match path {
             Some(path) => {
@@ -158,7 +158,7 @@ impl Ledger {
     /// Adds `micros` to `client`'s day and month if both stay within `caps`;
     /// else says which is spent. Redis away: refused as the day (nothing
     /// spent is known), so no cap is ever passed.
-    pub async fn reserve(
+    pub(crate) async fn reserve(
         &self,
         client: &str,
         p: &Period,
@@ -186,7 +186,7 @@ impl Ledger {
     }
 
     /// Adds `delta` (what a call cost beyond or below its reservation).
-    pub async fn settle(&self, client: &str, p: &Period, delta: i64) {
+    pub(crate) async fn settle(&self, client: &str, p: &Period, delta: i64) {
         if delta == 0 {
             return;
         }
@@ -210,7 +210,7 @@ impl Ledger {
     }
 
     /// What `client` has spent this day and month (`None` where unknown).
-    pub async fn spent(&self, client: &str, p: &Period) -> Option<(i64, i64)> {
+    pub(crate) async fn spent(&self, client: &str, p: &Period) -> Option<(i64, i64)> {
         match self {
             Ledger::Local(l) => {
                 let totals = l.totals.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,7 +282,7 @@ impl Local {
     }
 
     /// Writes what changed since the last time, and forgets what is past.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         let past = self.forget_past(&Period::at(SystemTime::now()));
         let Some(db) = &self.db else {
             return;
@@ -352,19 +352,6 @@ fn flush_periodically(local: Weak<Local>) {
         };
         local.flush();
     }
-}
-
-/// Reads a file's totals without opening it for writing (for tests).
-pub fn read_file(path: &std::path::Path) -> Result<Vec<(String, i64)>, String> {
-    let db = redb::Database::open(path).map_err(|e| e.to_string())?;
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let table = txn.open_table(TOTALS).map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for entry in table.iter().map_err(|e| e.to_string())? {
-        let (k, v) = entry.map_err(|e| e.to_string())?;
-        out.push((k.value().to_string(), v.value()));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use crate::vocab::context::{Payload, RequestContext};
 use crate::vocab::error::{Problem, ProxyError};
 use crate::vocab::usage::Usage;
 
-pub use ledger::{Ledger, Period};
+pub(crate) use ledger::{Ledger, Period};
 
 /// Caps in millionths of a dollar, per day and month.
 type Caps = (Option<u64>, Option<u64>);
@@ -85,14 +85,14 @@ impl Table {
 
 /// The spend caps and their ledger.
 #[derive(Clone)]
-pub struct Layer {
+pub(crate) struct Layer {
     table: Arc<ArcSwap<Table>>,
     ledger: Arc<Ledger>,
     metrics: Arc<Metrics>,
 }
 
 impl Layer {
-    pub fn new(config: &Config, ledger: Ledger, metrics: Arc<Metrics>) -> Layer {
+    pub(crate) fn new(config: &Config, ledger: Ledger, metrics: Arc<Metrics>) -> Layer {
         Layer {
             table: Arc::new(ArcSwap::from_pointee(Table::of(config))),
             ledger: Arc::new(ledger),
@@ -101,20 +101,20 @@ impl Layer {
     }
 
     /// Writes what was spent (the file is written every second anyway).
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         if let Ledger::Local(local) = &*self.ledger {
             local.flush();
         }
     }
 
     /// New caps from a reloaded config; what was spent stays.
-    pub fn reload(&self, config: &Config) {
+    pub(crate) fn reload(&self, config: &Config) {
         self.table.store(Arc::new(Table::of(config)));
     }
 
     /// What each capped `[[client]]` has spent this day and month, with
     /// its caps (USD), for `/status`.
-    pub async fn status(&self) -> serde_json::Value {
+    pub(crate) async fn status(&self) -> serde_json::Value {
         let table = self.table.load_full();
         let p = Period::at(SystemTime::now());
         let usd = |m: i64| m as f64 / 1e6;
@@ -151,7 +151,7 @@ impl<S> tower::Layer<S> for Layer {
 }
 
 #[derive(Clone)]
-pub struct Spend<S> {
+pub(crate) struct Spend<S> {
     inner: S,
     layer: Layer,
 }
@@ -162,12 +162,12 @@ pub struct Spend<S> {
     "client {client:?} has spent ${spent:.4} of its ${cap:.2} {period} cap; it resets in {}",
     humantime::format_duration(Duration::from_secs(resets_in.as_secs()))
 )]
-pub struct SpendLimit {
-    pub client: String,
-    pub period: &'static str,
-    pub spent: f64,
-    pub cap: f64,
-    pub resets_in: Duration,
+pub(crate) struct SpendLimit {
+    pub(crate) client: String,
+    pub(crate) period: &'static str,
+    pub(crate) spent: f64,
+    pub(crate) cap: f64,
+    pub(crate) resets_in: Duration,
 }
 
 impl Problem for SpendLimit {
@@ -191,7 +191,7 @@ impl Problem for SpendLimit {
 /// The shared state is away: no spend is known, so nothing capped goes.
 #[derive(Debug, thiserror::Error)]
 #[error("the shared state is unavailable: spend caps cannot be checked")]
-pub struct SpendUnknown;
+pub(crate) struct SpendUnknown;
 
 impl Problem for SpendUnknown {
     fn status(&self) -> http::StatusCode {

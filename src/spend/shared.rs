@@ -46,7 +46,7 @@ impl Redis {
 
     /// Adds `delta` to `client`'s day and month; with `caps`, only if both
     /// stay within them. Returns whether it was added, and the totals.
-    pub async fn spend(
+    pub(crate) async fn spend(
         &self,
         client: &str,
         (day, month): (&str, &str),

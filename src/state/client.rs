@@ -148,7 +148,7 @@ pub struct Redis {
     connect_timeout: Duration,
     heartbeat: Duration,
     /// How long a leader's lease on a shared call lasts unrenewed.
-    pub lease: Duration,
+    pub(crate) lease: Duration,
     configured_replicas: Option<u32>,
     /// [`STARTING`], [`UP`] or [`DOWN`].
     health: AtomicU8,
@@ -170,17 +170,17 @@ pub struct Redis {
 /// `/status` view of the backend.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
-    pub backend: &'static str,
-    pub url: String,
-    pub healthy: bool,
-    pub replica: String,
-    pub live_replicas: Vec<String>,
+    pub(crate) backend: &'static str,
+    pub(crate) url: String,
+    pub(crate) healthy: bool,
+    pub(crate) replica: String,
+    pub(crate) live_replicas: Vec<String>,
     /// Each live replica's config hash: a mismatch shows replicas whose
     /// files differ.
-    pub config_hashes: std::collections::BTreeMap<String, String>,
+    pub(crate) config_hashes: std::collections::BTreeMap<String, String>,
     /// While Redis is unavailable each limit is divided by this (absent:
     /// unknown, and nothing budgeted is admitted until Redis answers).
-    pub fallback_share: Option<u32>,
+    pub(crate) fallback_share: Option<u32>,
 }
 
 const HEARTBEAT: &str = r#"
@@ -375,7 +375,7 @@ impl Redis {
     /// Waits (at most `within`) until the first attempt to reach Redis has
     /// come to something, so a replica starting beside a healthy Redis
     /// serves shared from its first request.
-    pub async fn first_contact(&self, within: Duration) {
+    pub(crate) async fn first_contact(&self, within: Duration) {
         let until = tokio::time::Instant::now() + within;
         while self.health.load(Ordering::Acquire) == STARTING && tokio::time::Instant::now() < until
         {
@@ -385,7 +385,7 @@ impl Redis {
 
     /// How long [`Redis::first_contact`] may take: connecting, then a
     /// heartbeat.
-    pub fn contact_time(&self) -> Duration {
+    pub(crate) fn contact_time(&self) -> Duration {
         self.connect_timeout * 2 + self.command_timeout
     }
 
@@ -393,7 +393,7 @@ impl Redis {
     /// has had a heartbeat to come back too (and tell it what it spent
     /// alone): until then a replica keeps to its own share, so none books
     /// the whole limit while others still spend their shares unknown to it.
-    pub fn settled(&self) -> bool {
+    pub(crate) fn settled(&self) -> bool {
         self.healthy()
             && self
                 .rejoined
@@ -405,7 +405,7 @@ impl Redis {
     /// Settled after an outage, but not long enough that every replica has
     /// surely left its own share for the shared ledger: bookings keep within
     /// this replica's share as well.
-    pub fn rejoining(&self) -> bool {
+    pub(crate) fn rejoining(&self) -> bool {
         let settle = self.heartbeat * 2 + Duration::from_millis(500);
         self.rejoined
             .lock()
@@ -420,7 +420,7 @@ impl Redis {
 
     /// Changes each time Redis comes back: a pool that served on its own share
     /// meanwhile tells the shared ledger what it spent.
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.rejoins.load(Ordering::Acquire)
     }
 
@@ -429,7 +429,7 @@ impl Redis {
     /// before Redis was ever reached with no count configured: how many
     /// replicas share the limits is unknown, and nothing is admitted on a
     /// guess (a replica that spent the whole limit would fail open).
-    pub fn fallback_share(&self) -> Option<u32> {
+    pub(crate) fn fallback_share(&self) -> Option<u32> {
         let seen = self.seen_replicas.load(Ordering::Relaxed);
         match (self.configured_replicas, seen) {
             (None, 0) => None,
@@ -513,11 +513,11 @@ impl Redis {
     }
 
     /// This replica's config hash, told to the others with each heartbeat.
-    pub fn set_config_hash(&self, hash: &str) {
+    pub(crate) fn set_config_hash(&self, hash: &str) {
         *self.config_hash.lock().unwrap_or_else(|e| e.into_inner()) = hash.to_string();
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         Status {
             backend: "redis",
             url: self.shown_url.clone(),

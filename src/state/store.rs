@@ -23,9 +23,9 @@ const MAGIC: &[u8; 4] = b"PSA1";
 /// A complete answer as it is shared between replicas.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 /// The head of a stored answer, and where its pieces are.
@@ -185,7 +185,7 @@ impl Redis {
     }
 
     /// Stores `answer` under `key` for `ttl`.
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         kind: Kind,
         key: &str,
@@ -199,7 +199,7 @@ impl Redis {
     /// As [`Redis::put`], naming the pieces' version: a write tried again
     /// with the same version overwrites its pieces rather than leave the
     /// first try's behind.
-    pub async fn put_version(
+    pub(crate) async fn put_version(
         &self,
         kind: Kind,
         key: &str,
@@ -228,7 +228,7 @@ impl Redis {
     /// in all: the oldest entries go first. A failure to write (Redis at its
     /// memory limit, say) is the cache's alone: it says nothing of Redis's
     /// health, and budgets keep being shared.
-    pub async fn put_cached(
+    pub(crate) async fn put_cached(
         &self,
         key: &str,
         answer: &Answer,
@@ -310,7 +310,7 @@ impl Redis {
     }
 
     /// The answer stored under `key`, if it is whole.
-    pub async fn get(&self, kind: Kind, key: &str) -> Result<Option<Answer>, Unavailable> {
+    pub(crate) async fn get(&self, kind: Kind, key: &str) -> Result<Option<Answer>, Unavailable> {
         let mut conn = self.bulk_conn()?;
         let head_key = self.answer_key(kind, key);
         let raw: Option<Vec<u8>> = self.timed_bulk(conn.get(&head_key), PIECE).await?;
@@ -344,7 +344,7 @@ impl Redis {
     }
 
     /// Takes the lease on the shared call for `key`, if no replica holds it.
-    pub async fn take_lease(&self, key: &str) -> Result<Option<Lease>, Unavailable> {
+    pub(crate) async fn take_lease(&self, key: &str) -> Result<Option<Lease>, Unavailable> {
         let mut conn = self.conn()?;
         let lease = Lease {
             key: format!("{}lease:{{{key}}}", self.base),
@@ -358,14 +358,14 @@ impl Redis {
     }
 
     /// Whether some replica holds the lease for `key`.
-    pub async fn leased(&self, key: &str) -> Result<bool, Unavailable> {
+    pub(crate) async fn leased(&self, key: &str) -> Result<bool, Unavailable> {
         let mut conn = self.conn()?;
         let k = format!("{}lease:{{{key}}}", self.base);
         self.timed(conn.exists(k)).await
     }
 
     /// Extends a held lease by another lease period; false if it was lost.
-    pub async fn renew(&self, lease: &Lease) -> Result<bool, Unavailable> {
+    pub(crate) async fn renew(&self, lease: &Lease) -> Result<bool, Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = LEASE_SCRIPTS[0].prepare_invoke();
         inv.key(&lease.key)
@@ -375,7 +375,7 @@ impl Redis {
     }
 
     /// Gives a held lease up, if it is still this replica's.
-    pub async fn release(&self, lease: &Lease) -> Result<(), Unavailable> {
+    pub(crate) async fn release(&self, lease: &Lease) -> Result<(), Unavailable> {
         let mut conn = self.conn()?;
         let mut inv = LEASE_SCRIPTS[1].prepare_invoke();
         inv.key(&lease.key).arg(&lease.token);
@@ -385,7 +385,7 @@ impl Redis {
 
     /// Keeps `answer` under `key` until `cooldown` ends, its body cut to one
     /// piece: a quota breaker's answer to repeat, open for every replica.
-    pub async fn trip(
+    pub(crate) async fn trip(
         &self,
         key: &str,
         answer: &Answer,
@@ -401,7 +401,10 @@ impl Redis {
     }
 
     /// The answer kept by [`Redis::trip`] under `key`, and for how long more.
-    pub async fn tripped(&self, key: &str) -> Result<Option<(Answer, Duration)>, Unavailable> {
+    pub(crate) async fn tripped(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Answer, Duration)>, Unavailable> {
         let mut conn = self.conn()?;
         let (raw, ttl): (Option<Vec<u8>>, i64) = self
             .timed(redis::pipe().get(key).pttl(key).query_async(&mut conn))

@@ -88,7 +88,11 @@ pub fn write_directly(writer: impl Fn(&[u8]) + Send + Sync + 'static) {
 /// visitor: for the one line of every request. `false` when there is no such
 /// sink (text logs, or penstock run as a library): the caller logs through
 /// `tracing` then. The caller checks that the target is enabled.
-pub fn write_info(target: &str, message: &str, fields: impl FnOnce(&mut JsonFields<'_>)) -> bool {
+pub(crate) fn write_info(
+    target: &str,
+    message: &str,
+    fields: impl FnOnce(&mut JsonFields<'_>),
+) -> bool {
     let Some(direct) = DIRECT.get() else {
         return false;
     };
@@ -116,13 +120,17 @@ fn info_line<R>(
 /// The line [`write_info`] would write, for tests to compare with what
 /// `tracing` and [`Json`] make of the same event.
 #[cfg(test)]
-pub fn info_text(target: &str, message: &str, fields: impl FnOnce(&mut JsonFields<'_>)) -> String {
+pub(crate) fn info_text(
+    target: &str,
+    message: &str,
+    fields: impl FnOnce(&mut JsonFields<'_>),
+) -> String {
     info_line(target, message, fields, str::to_string)
 }
 
 /// What `tracing` and [`Json`] write for the events `emit` makes.
 #[cfg(test)]
-pub fn traced_text(emit: impl FnOnce()) -> String {
+pub(crate) fn traced_text(emit: impl FnOnce()) -> String {
     let seen = Seen::default();
     let writer = seen.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -188,7 +196,7 @@ fn timestamp(out: &mut String, time: std::time::SystemTime) {
 /// A field's name. Names are identifiers penstock's code chose: nothing to
 /// escape in them.
 #[derive(Clone, Copy)]
-pub enum Name<'a> {
+pub(crate) enum Name<'a> {
     /// As written in the line, `,"name":`, joined when penstock is built
     /// ([`field!`](crate::field)): one copy for a field of every request's line.
     Written(&'static str),
@@ -211,7 +219,7 @@ macro_rules! field {
 }
 
 /// Writes fields into a JSON line, each as `,"name":value`.
-pub struct JsonFields<'a> {
+pub(crate) struct JsonFields<'a> {
     out: &'a mut String,
 }
 
@@ -227,7 +235,7 @@ impl JsonFields<'_> {
         }
     }
 
-    pub fn str<'n>(&mut self, name: impl Into<Name<'n>>, value: &str) {
+    pub(crate) fn str<'n>(&mut self, name: impl Into<Name<'n>>, value: &str) {
         self.name(name);
         self.out.push('"');
         escape(self.out, value);
@@ -236,7 +244,7 @@ impl JsonFields<'_> {
 
     /// Text penstock made itself with nothing to escape in it (an id it
     /// numbered, a method, a route's label), written as it is.
-    pub fn plain<'n>(&mut self, name: impl Into<Name<'n>>, value: &str) {
+    pub(crate) fn plain<'n>(&mut self, name: impl Into<Name<'n>>, value: &str) {
         debug_assert!(!value.bytes().any(|b| ESCAPED[b as usize]), "{value:?}");
         self.name(name);
         self.out.push('"');
@@ -244,23 +252,23 @@ impl JsonFields<'_> {
         self.out.push('"');
     }
 
-    pub fn u64<'n>(&mut self, name: impl Into<Name<'n>>, value: u64) {
+    pub(crate) fn u64<'n>(&mut self, name: impl Into<Name<'n>>, value: u64) {
         self.name(name);
         self.out.push_str(itoa::Buffer::new().format(value));
     }
 
-    pub fn i64<'n>(&mut self, name: impl Into<Name<'n>>, value: i64) {
+    pub(crate) fn i64<'n>(&mut self, name: impl Into<Name<'n>>, value: i64) {
         self.name(name);
         self.out.push_str(itoa::Buffer::new().format(value));
     }
 
-    pub fn bool<'n>(&mut self, name: impl Into<Name<'n>>, value: bool) {
+    pub(crate) fn bool<'n>(&mut self, name: impl Into<Name<'n>>, value: bool) {
         self.name(name);
         self.out.push_str(if value { "true" } else { "false" });
     }
 
     /// JSON has no NaN nor infinities: those are `null`.
-    pub fn f64<'n>(&mut self, name: impl Into<Name<'n>>, value: f64) {
+    pub(crate) fn f64<'n>(&mut self, name: impl Into<Name<'n>>, value: f64) {
         self.name(name);
         match value.is_finite() {
             // Most requests save nothing: ryu's own text for zero, without ryu.
@@ -271,13 +279,13 @@ impl JsonFields<'_> {
     }
 
     /// An absent value leaves the field out, as `tracing` does with `None`.
-    pub fn opt_str<'n>(&mut self, name: impl Into<Name<'n>>, value: Option<&str>) {
+    pub(crate) fn opt_str<'n>(&mut self, name: impl Into<Name<'n>>, value: Option<&str>) {
         if let Some(v) = value {
             self.str(name, v);
         }
     }
 
-    pub fn opt_u64<'n>(&mut self, name: impl Into<Name<'n>>, value: Option<u64>) {
+    pub(crate) fn opt_u64<'n>(&mut self, name: impl Into<Name<'n>>, value: Option<u64>) {
         if let Some(v) = value {
             self.u64(name, v);
         }

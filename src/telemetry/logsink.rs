@@ -17,10 +17,10 @@ use std::time::Duration;
 use thread_local::ThreadLocal;
 
 /// How often waiting lines are written.
-pub const EVERY: Duration = Duration::from_millis(20);
+pub(crate) const EVERY: Duration = Duration::from_millis(20);
 
 /// A thread's waiting bytes beyond which it writes them itself.
-pub const MOST: usize = 1 << 20;
+pub(crate) const MOST: usize = 1 << 20;
 
 struct Shared<W> {
     /// Each logging thread's waiting lines.
@@ -124,7 +124,7 @@ impl Drop for Flushed {
 }
 
 /// A sink writing to `out`, and its guard.
-pub fn sink<W: Write + Send + 'static>(out: W) -> (Sink<W>, Flushed) {
+pub(crate) fn sink<W: Write + Send + 'static>(out: W) -> (Sink<W>, Flushed) {
     let shared = Arc::new(Shared {
         waiting: ThreadLocal::new(),
         out: Mutex::new(out),

@@ -158,9 +158,9 @@ pub struct Metrics {
     /// Each model label's series, resolved once: "none", "other", then the
     /// plain names in the order seen.
     series: Box<[OnceLock<Series>]>,
-    pub prices: Prices,
+    pub(crate) prices: Prices,
     /// The last minutes, for the admin page.
-    pub recent: super::recent::Recent,
+    pub(crate) recent: super::recent::Recent,
 }
 
 const SLOT_NONE: usize = 0;
@@ -360,7 +360,7 @@ impl Metrics {
     }
 
     /// An attempt that failed after it was sent, and whether it is retried.
-    pub fn failed_after_send(&self, route: &'static str, retried: bool) {
+    pub(crate) fn failed_after_send(&self, route: &'static str, retried: bool) {
         self.after_send
             .get_or_create(&AfterSendLabels {
                 route,
@@ -371,7 +371,7 @@ impl Metrics {
 
     /// The model as a label: itself for the first models seen (up to a cap, and
     /// only plain names), "other" after.
-    pub fn model_label(&self, model: Option<&str>) -> ModelLabel {
+    pub(crate) fn model_label(&self, model: Option<&str>) -> ModelLabel {
         static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "none".into());
         static OTHER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "other".into());
         let other = || ModelLabel {
@@ -413,7 +413,7 @@ impl Metrics {
 
     /// The upstream answered a call for `model`: from now on it is a label
     /// of its own (the first [`MAX_MODELS`] plain names so answered).
-    pub fn confirm_model(&self, model: &str) {
+    pub(crate) fn confirm_model(&self, model: &str) {
         let plain = model.len() <= 64
             && model
                 .bytes()
@@ -431,7 +431,7 @@ impl Metrics {
     /// The model label of a request: the one its context found at the edge
     /// (looked up again if that was "other": the upstream may have answered
     /// for the model since), or "none" without a context.
-    pub fn label_of(&self, ctx: Option<&RequestContext>) -> ModelLabel {
+    pub(crate) fn label_of(&self, ctx: Option<&RequestContext>) -> ModelLabel {
         match ctx {
             Some(c) if c.model_label.slot == SLOT_OTHER && c.model.is_some() => {
                 self.model_label(c.model.as_deref())
@@ -479,7 +479,13 @@ impl Metrics {
 
     /// A request's answer; `model` is its label ([`Metrics::model_label`]),
     /// found once per request.
-    pub fn request(&self, route: &'static str, model: &ModelLabel, status: u16, cache: &str) {
+    pub(crate) fn request(
+        &self,
+        route: &'static str,
+        model: &ModelLabel,
+        status: u16,
+        cache: &str,
+    ) {
         let key: RequestKey = (route, status, cache_label(cache));
         let make = |(route, status, cache): &RequestKey| {
             let requests = self
@@ -513,7 +519,7 @@ impl Metrics {
         );
     }
 
-    pub fn attempt(
+    pub(crate) fn attempt(
         &self,
         route: &'static str,
         model: &ModelLabel,
@@ -549,7 +555,7 @@ impl Metrics {
 
     /// A pool's histogram of waits for budget, kept by the pool so that an
     /// observation looks nothing up.
-    pub fn queue_wait(&self, pool: &str) -> Histogram {
+    pub(crate) fn queue_wait(&self, pool: &str) -> Histogram {
         self.queue_wait
             .get_or_create(&Pool {
                 pool: pool.to_string(),
@@ -559,7 +565,7 @@ impl Metrics {
 
     /// A finished upstream answer: tokens estimated and reported, images, cost.
     /// Returns the cost in USD.
-    pub fn answered(
+    pub(crate) fn answered(
         &self,
         model: Option<&str>,
         label: &ModelLabel,
@@ -587,7 +593,7 @@ impl Metrics {
     }
 
     /// A job left `from` for `to` (`None`: it was created, or forgotten).
-    pub fn job_moved(&self, from: Option<&'static str>, to: Option<&'static str>) {
+    pub(crate) fn job_moved(&self, from: Option<&'static str>, to: Option<&'static str>) {
         if let Some(state) = from {
             self.jobs.get_or_create(&JobState { state }).dec();
         }
@@ -597,7 +603,7 @@ impl Metrics {
     }
 
     /// Jobs in each state, as the `penstock_jobs` gauge has them.
-    pub fn jobs_by_state(&self) -> BTreeMap<&'static str, i64> {
+    pub(crate) fn jobs_by_state(&self) -> BTreeMap<&'static str, i64> {
         [
             "queued",
             "running",
@@ -612,7 +618,7 @@ impl Metrics {
     }
 
     /// Jobs queued and running across replicas, as the shared store counts them.
-    pub fn jobs_shared(&self, queued: u64, running: u64) {
+    pub(crate) fn jobs_shared(&self, queued: u64, running: u64) {
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.jobs
             .get_or_create(&JobState { state: "queued" })
@@ -623,18 +629,18 @@ impl Metrics {
     }
 
     /// A job ended, `seconds` after it was submitted.
-    pub fn job_done(&self, seconds: f64) {
+    pub(crate) fn job_done(&self, seconds: f64) {
         self.job_seconds.observe(seconds);
     }
 
     /// A webhook delivery attempt: `delivered`, `failed` (will be retried) or
     /// `gave_up`.
-    pub fn webhook(&self, outcome: &'static str) {
+    pub(crate) fn webhook(&self, outcome: &'static str) {
         self.webhooks.get_or_create(&Outcome { outcome }).inc();
     }
 
     /// An attempt to `upstream` (one of several) came to `outcome`.
-    pub fn upstream_call(&self, upstream: &Arc<str>, outcome: &'static str) {
+    pub(crate) fn upstream_call(&self, upstream: &Arc<str>, outcome: &'static str) {
         self.upstream_calls
             .get_or_create(&UpstreamOutcome {
                 upstream: upstream.clone(),
@@ -644,7 +650,7 @@ impl Metrics {
     }
 
     /// What a capped client has spent, this `period` (`"day"`, `"month"`).
-    pub fn client_spend(&self, client: &str, period: &'static str, usd: f64) {
+    pub(crate) fn client_spend(&self, client: &str, period: &'static str, usd: f64) {
         self.client_spend
             .get_or_create(&ClientPeriod {
                 client: client.to_string(),
@@ -654,17 +660,17 @@ impl Metrics {
     }
 
     /// A config reload: `"ok"`, or `"error"` (nothing changed).
-    pub fn reloaded(&self, result: &'static str) {
+    pub(crate) fn reloaded(&self, result: &'static str) {
         self.reloads.get_or_create(&ReloadResult { result }).inc();
     }
 
-    pub fn saved(&self, reason: &'static str, usd: f64) {
+    pub(crate) fn saved(&self, reason: &'static str, usd: f64) {
         self.saved.get_or_create(&Reason { reason }).inc_by(usd);
     }
 
     /// The Prometheus text, with pool gauges read now.
     /// `degraded`: the shared state is configured and unavailable.
-    pub fn encode(&self, pools: &[PoolStatus], degraded: bool) -> String {
+    pub(crate) fn encode(&self, pools: &[PoolStatus], degraded: bool) -> String {
         self.degraded.set(i64::from(degraded));
         let mut depth: BTreeMap<&str, i64> = BTreeMap::new();
         let mut remaining: BTreeMap<(&str, &'static str), i64> = BTreeMap::new();

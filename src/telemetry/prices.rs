@@ -79,10 +79,10 @@ fn default_prices() -> Vec<(&'static str, PriceConfig)> {
     ]
 }
 
-pub struct Prices(Vec<(WildMatch, PriceConfig)>);
+pub(crate) struct Prices(Vec<(WildMatch, PriceConfig)>);
 
 impl Prices {
-    pub fn new(config: &BTreeMap<String, PriceConfig>) -> Prices {
+    pub(crate) fn new(config: &BTreeMap<String, PriceConfig>) -> Prices {
         let mut all: Vec<(WildMatch, PriceConfig)> = config
             .iter()
             .map(|(g, p)| (WildMatch::new(g), p.clone()))
@@ -97,18 +97,18 @@ impl Prices {
 
     /// USD for an answer: by its tokens when the model has token prices and the
     /// answer reported `usage`, else by the image; 0 for a model without prices.
-    pub fn cost(&self, model: &str, usage: Option<&Usage>, image: Option<&ImageAsk>) -> f64 {
+    pub(crate) fn cost(&self, model: &str, usage: Option<&Usage>, image: Option<&ImageAsk>) -> f64 {
         self.cost_at(self.find(model), usage, image)
     }
 
     /// Which entry prices `model`, for [`Prices::cost_at`]: looked up once for
     /// a model seen again and again.
-    pub fn find(&self, model: &str) -> Option<usize> {
+    pub(crate) fn find(&self, model: &str) -> Option<usize> {
         self.0.iter().position(|(g, _)| g.matches(model))
     }
 
     /// [`Prices::cost`] by the entry [`Prices::find`] gave.
-    pub fn cost_at(
+    pub(crate) fn cost_at(
         &self,
         entry: Option<usize>,
         usage: Option<&Usage>,

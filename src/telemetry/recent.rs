@@ -11,11 +11,11 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 /// How often the totals are sampled.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// Samples kept: fifteen minutes.
 const KEPT: usize = 90;
 /// Refusals kept, newest first.
-pub const MAX_REFUSALS: usize = 50;
+pub(crate) const MAX_REFUSALS: usize = 50;
 /// The longest refusal message kept, in characters.
 const MAX_MESSAGE: usize = 300;
 
@@ -39,35 +39,35 @@ struct Totals {
 
 /// The totals at one time.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
-pub struct Sample {
+pub(crate) struct Sample {
     /// Seconds since the Unix epoch.
-    pub at: u64,
-    pub requests: u64,
-    pub upstream_calls: u64,
-    pub upstream_429: u64,
-    pub upstream_errors: u64,
-    pub refused: u64,
-    pub waited: u64,
-    pub wait_ms: u64,
+    pub(crate) at: u64,
+    pub(crate) requests: u64,
+    pub(crate) upstream_calls: u64,
+    pub(crate) upstream_429: u64,
+    pub(crate) upstream_errors: u64,
+    pub(crate) refused: u64,
+    pub(crate) waited: u64,
+    pub(crate) wait_ms: u64,
     /// The longest wait since the sample before (not a total).
-    pub wait_max_ms: u64,
-    pub cache_hits: u64,
-    pub coalesced: u64,
-    pub spend_usd: f64,
-    pub saved_usd: f64,
+    pub(crate) wait_max_ms: u64,
+    pub(crate) cache_hits: u64,
+    pub(crate) coalesced: u64,
+    pub(crate) spend_usd: f64,
+    pub(crate) saved_usd: f64,
 }
 
 /// A refusal penstock answered itself.
 #[derive(Debug, Clone, Serialize)]
-pub struct Refusal {
-    pub at: String,
-    pub status: u16,
-    pub code: &'static str,
-    pub message: String,
-    pub route: &'static str,
-    pub model: Option<String>,
+pub(crate) struct Refusal {
+    pub(crate) at: String,
+    pub(crate) status: u16,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) route: &'static str,
+    pub(crate) model: Option<String>,
     /// The client's id (`key:…` or its sidecar name), never a key.
-    pub client: Option<String>,
+    pub(crate) client: Option<String>,
 }
 
 /// The last upstream failure seen.
@@ -78,7 +78,7 @@ struct Failure {
 }
 
 #[derive(Default)]
-pub struct Recent {
+pub(crate) struct Recent {
     totals: Totals,
     /// The longest wait since the last sample.
     wait_max_ms: AtomicU64,
@@ -119,7 +119,7 @@ fn unix_now() -> u64 {
 
 impl Recent {
     /// A request's answer, when it is over.
-    pub fn answered(&self, cache: &str, queued: Duration, cost_usd: f64, saved_usd: f64) {
+    pub(crate) fn answered(&self, cache: &str, queued: Duration, cost_usd: f64, saved_usd: f64) {
         let t = &self.totals;
         add(&t.requests, 1);
         match cache {
@@ -138,7 +138,7 @@ impl Recent {
     }
 
     /// An attempt's outcome, as `classify::attempt_label` names it.
-    pub fn attempt(&self, outcome: &'static str) {
+    pub(crate) fn attempt(&self, outcome: &'static str) {
         let t = &self.totals;
         add(&t.upstream_calls, 1);
         match outcome {
@@ -153,7 +153,7 @@ impl Recent {
     }
 
     /// A refusal penstock answered itself.
-    pub fn refused(&self, mut refusal: Refusal) {
+    pub(crate) fn refused(&self, mut refusal: Refusal) {
         add(&self.totals.refused, 1);
         if let Some((cut, _)) = refusal.message.char_indices().nth(MAX_MESSAGE) {
             refusal.message.truncate(cut);
@@ -191,7 +191,7 @@ impl Recent {
     }
 
     /// Takes a sample (every [`SAMPLE_EVERY`]).
-    pub fn sample(&self) {
+    pub(crate) fn sample(&self) {
         let now = self.now(true);
         let mut samples = locked(&self.samples);
         if samples.len() > KEPT {
@@ -203,7 +203,7 @@ impl Recent {
     /// The totals, what happened in each interval of the last fifteen
     /// minutes (the last one still running), the last failure upstream and
     /// the last refusals, newest first.
-    pub fn view(&self) -> Value {
+    pub(crate) fn view(&self) -> Value {
         let now = self.now(false);
         let samples = locked(&self.samples);
         let mut history = Vec::with_capacity(samples.len() + 1);

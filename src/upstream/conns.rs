@@ -30,7 +30,7 @@ type Body = Full<Bytes>;
 
 /// Why no answer came.
 #[derive(Debug)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// No connection could be made.
     Connect(String),
     /// The connection failed while the request was sent or answered.
@@ -41,7 +41,7 @@ pub enum SendError {
 const SEND_TRIES: usize = 4;
 
 /// A pool of upstream connections, one set per thread that uses it.
-pub struct Conns {
+pub(crate) struct Conns {
     connector: HttpsConnector<HttpConnector>,
     /// Where connections go; HTTP/2 requests carry its scheme and authority.
     base: BaseUrl,
@@ -63,14 +63,14 @@ struct Local {
 
 /// An HTTP/1.1 connection lent to one request; [`Lent::give_back`] returns
 /// it to the pool it came from.
-pub struct Lent {
+pub(crate) struct Lent {
     sender: http1::SendRequest<Body>,
     home: Arc<Mutex<Local>>,
 }
 
 impl Lent {
     /// Returns the connection to its pool: its answer has been read whole.
-    pub fn give_back(self) {
+    pub(crate) fn give_back(self) {
         if self.sender.is_closed() {
             return;
         }
@@ -86,7 +86,7 @@ enum Checkout {
 }
 
 impl Conns {
-    pub fn new(
+    pub(crate) fn new(
         connector: HttpsConnector<HttpConnector>,
         base: BaseUrl,
         idle_timeout: Duration,
@@ -123,7 +123,7 @@ impl Conns {
     /// Sends `req` (its URI in origin form, `/path?query`) and returns the
     /// answer's head, with the HTTP/1.1 connection to give back once its body
     /// is read.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         mut req: Request<Body>,
     ) -> Result<(Response<Incoming>, Option<Lent>), SendError> {

@@ -17,7 +17,7 @@ const MAX_COOLDOWN: Duration = Duration::from_secs(60);
 /// While a probe is out, others are told to come back this soon.
 const PROBE_WAIT: Duration = Duration::from_millis(250);
 
-pub struct Health {
+pub(crate) struct Health {
     /// The upstream's name, for the log.
     name: std::sync::Arc<str>,
     threshold: u32,
@@ -36,7 +36,7 @@ struct State {
 
 /// May a call go? A probe must report back ([`Health::record`] with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     Go { probe: bool },
     Down(Duration),
 }
@@ -44,21 +44,22 @@ pub enum Admit {
 /// For `/status`.
 #[derive(Debug, serde::Serialize)]
 pub struct Status {
-    pub name: std::sync::Arc<str>,
-    pub healthy: bool,
-    pub failures_in_a_row: u32,
-    pub open_for_ms: u64,
-    pub opened_total: u64,
+    pub(crate) name: std::sync::Arc<str>,
+    pub(crate) healthy: bool,
+    pub(crate) failures_in_a_row: u32,
+    pub(crate) open_for_ms: u64,
+    pub(crate) opened_total: u64,
 }
 
 impl Health {
     /// `threshold` 0 turns the breaker off.
-    pub fn new(threshold: u32, cooldown: Duration) -> Health {
+    #[cfg(test)]
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Health {
         Health::named("default".into(), threshold, cooldown)
     }
 
     /// [`Health::new`] for the upstream `name`.
-    pub fn named(name: std::sync::Arc<str>, threshold: u32, cooldown: Duration) -> Health {
+    pub(crate) fn named(name: std::sync::Arc<str>, threshold: u32, cooldown: Duration) -> Health {
         Health {
             name,
             threshold,
@@ -71,7 +72,7 @@ impl Health {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn admit(&self) -> Admit {
+    pub(crate) fn admit(&self) -> Admit {
         if self.threshold == 0 {
             return Admit::Go { probe: false };
         }
@@ -94,7 +95,7 @@ impl Health {
     /// its probe out): routing passes such an upstream over. It asks
     /// nothing of the breaker: a cool-down that has ended is available
     /// (the next call is its probe).
-    pub fn unavailable(&self) -> bool {
+    pub(crate) fn unavailable(&self) -> bool {
         if self.threshold == 0 {
             return false;
         }
@@ -105,7 +106,7 @@ impl Health {
 
     /// The upstream refused penstock's own key (401, 403): it is taken out
     /// for a cool-down at once, then probed as after failures.
-    pub fn trip(&self, probe: bool) {
+    pub(crate) fn trip(&self, probe: bool) {
         if self.threshold == 0 {
             return;
         }
@@ -127,7 +128,7 @@ impl Health {
 
     /// What an attempt came to: `failed` (no answer, a timeout, a 5xx) or
     /// not (any answer, errors of the request's own included).
-    pub fn record(&self, failed: bool, probe: bool) {
+    pub(crate) fn record(&self, failed: bool, probe: bool) {
         if self.threshold == 0 {
             return;
         }
@@ -164,11 +165,11 @@ impl Health {
     }
 
     /// A probe's caller left before it was answered: another may probe.
-    pub fn abandon_probe(&self) {
+    pub(crate) fn abandon_probe(&self) {
         self.lock().probe_out = false;
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         let st = self.lock();
         let open_for = st.open_until.map_or(Duration::ZERO, |u| {
             u.saturating_duration_since(Instant::now())

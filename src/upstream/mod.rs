@@ -30,7 +30,7 @@ use crate::vocab::url::BaseUrl;
 
 /// Why an attempt got no answer from the upstream.
 #[derive(Debug, thiserror::Error)]
-pub enum Failure {
+pub(crate) enum Failure {
     #[error("the upstream could not be reached: {0}")]
     Unreachable(String),
     #[error("the connection to the upstream failed: {0}")]
@@ -289,33 +289,29 @@ impl crate::vocab::service::Upstreams for Upstream {
 
 impl Upstream {
     /// The first upstream's breaker, for `/status`.
-    pub fn health(&self) -> health::Status {
+    pub(crate) fn health(&self) -> health::Status {
         self.all[0].health.status()
     }
 
     /// Every upstream's breaker, in the config's order.
-    pub fn healths(&self) -> Vec<health::Status> {
+    pub(crate) fn healths(&self) -> Vec<health::Status> {
         self.all.iter().map(|u| u.health.status()).collect()
     }
 
     /// How many upstreams there are.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.all.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.all.is_empty()
-    }
-
     /// Attempts out to upstream `i` and not answered yet.
-    pub fn in_flight(&self, i: usize) -> usize {
+    pub(crate) fn in_flight(&self, i: usize) -> usize {
         self.all.get(i).map_or(0, |u| {
             u.in_flight.load(std::sync::atomic::Ordering::Relaxed)
         })
     }
 
     /// Whether a call to upstream `i` now would be answered by its breaker.
-    pub fn unavailable(&self, i: usize) -> bool {
+    pub(crate) fn unavailable(&self, i: usize) -> bool {
         self.all.get(i).is_some_and(|u| u.health.unavailable())
     }
 

@@ -12,7 +12,7 @@ use crate::vocab::headers::retry_after;
 
 /// The meaning of one upstream attempt's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     Success,
     /// A transient rate limit (`rate_limit_exceeded`, `slow_down`, ...): retry after
     /// the upstream's delay, and hold the whole pool meanwhile.
@@ -29,11 +29,11 @@ pub enum Class {
 }
 
 impl Class {
-    pub fn is_retryable(self) -> bool {
+    pub(crate) fn is_retryable(self) -> bool {
         matches!(self, Class::RateLimited | Class::Transient)
     }
 
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Class::Success => "success",
             Class::RateLimited => "rate_limited",
@@ -48,16 +48,16 @@ impl Class {
 /// The classification of an upstream answer, kept in its extensions so later
 /// layers do not read the body again; a success carries none (see [`of`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Classified {
-    pub class: Class,
+pub(crate) struct Classified {
+    pub(crate) class: Class,
     /// `retry-after-ms` or `retry-after`, when the upstream sent one.
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 /// The outcome of one attempt as the stack sees it: an upstream answer carries its
 /// classification; penstock's own failures to reach the upstream are transient,
 /// its refusals final. Retries decide on it, metrics count it.
-pub fn attempt(result: &Result<Response<Body>, ProxyError>) -> Classified {
+pub(crate) fn attempt(result: &Result<Response<Body>, ProxyError>) -> Classified {
     let class = match result {
         Ok(resp) => {
             return of(resp).unwrap_or(Classified {
@@ -77,7 +77,7 @@ pub fn attempt(result: &Result<Response<Body>, ProxyError>) -> Classified {
 /// An upstream answer's classification: the one in its extensions, else, for
 /// a success, [`Class::Success`] (the upstream layer attaches nothing to a
 /// success, sparing every answer's extensions their allocations).
-pub fn of(resp: &Response<Body>) -> Option<Classified> {
+pub(crate) fn of(resp: &Response<Body>) -> Option<Classified> {
     resp.extensions().get::<Classified>().copied().or_else(|| {
         resp.status().is_success().then_some(Classified {
             class: Class::Success,
@@ -88,7 +88,7 @@ pub fn of(resp: &Response<Body>) -> Option<Classified> {
 
 /// The metrics label of an attempt's outcome: the class of an answer, or what
 /// kept penstock from getting one.
-pub fn attempt_label(result: &Result<Response<Body>, ProxyError>) -> &'static str {
+pub(crate) fn attempt_label(result: &Result<Response<Body>, ProxyError>) -> &'static str {
     match result {
         Ok(_) => attempt(result).class.label(),
         Err(e) => e.unanswered().unwrap_or("connection_error"),
@@ -108,7 +108,7 @@ fn money_gone(code: &str) -> bool {
 }
 
 /// Classifies a response from its status, headers and (for errors) its body.
-pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Classified {
+pub(crate) fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Classified {
     // Nothing waits after a success: its `retry-after`, if any, is not read.
     if status.is_success() {
         return Classified {

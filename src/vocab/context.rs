@@ -17,22 +17,22 @@ use super::route::Route;
 /// refused penstock's key, has no money left, is rate-limited or failing),
 /// so its retry goes at once, to where admission sends it.
 #[derive(Debug, Clone, Copy)]
-pub struct Failover;
+pub(crate) struct Failover;
 
 /// Who a request belongs to, for fair queueing and cache separation: the client's
 /// API key (as a hash, never the key) or, in sidecar mode, its client id header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Tenant(pub Arc<str>);
+pub(crate) struct Tenant(pub Arc<str>);
 
 impl Tenant {
     /// A sidecar's client, by the id its header gives.
-    pub fn client(id: &str) -> Tenant {
+    pub(crate) fn client(id: &str) -> Tenant {
         Tenant(format!("client:{id}").into())
     }
 
     /// The tenant an id in the config names: a `key:…` id (as `/status`
     /// shows a key) or `anonymous` as it is, else a sidecar's client id.
-    pub fn configured(id: &str) -> String {
+    pub(crate) fn configured(id: &str) -> String {
         if id.starts_with("key:") || id == "anonymous" {
             id.to_string()
         } else {
@@ -45,88 +45,88 @@ impl Tenant {
 /// "other" (or "none"), and the slot where that label's series are kept, so
 /// counting a request looks nothing up by name.
 #[derive(Debug, Clone)]
-pub struct ModelLabel {
-    pub name: Arc<str>,
-    pub slot: usize,
+pub(crate) struct ModelLabel {
+    pub(crate) name: Arc<str>,
+    pub(crate) slot: usize,
 }
 
 /// Everything later layers need to know about a request, parsed once.
 #[derive(Debug)]
 pub struct RequestContext {
-    pub route: Route,
+    pub(crate) route: Route,
     /// The `model` field of a JSON or multipart body, when there is one.
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// The model as metrics name it (capped, plain), found once.
-    pub model_label: ModelLabel,
+    pub(crate) model_label: ModelLabel,
     /// The client asked for a streamed response.
-    pub stream: bool,
-    pub tenant: Tenant,
+    pub(crate) stream: bool,
+    pub(crate) tenant: Tenant,
     /// The upstream credential whose budget pays: a key hash, or "sidecar".
-    pub credential: Arc<str>,
+    pub(crate) credential: Arc<str>,
     /// Estimated cost, before the call.
-    pub cost: Cost,
+    pub(crate) cost: Cost,
     /// The client's own limit on waiting for budget (`x-penstock-max-wait-ms`).
-    pub max_wait: Option<Duration>,
+    pub(crate) max_wait: Option<Duration>,
     /// Identical requests share this key (tenant unless the cache is global,
     /// method, path and the body's meaning); `None` when not cacheable.
     pub cache_key: Option<CacheKey>,
-    pub cache_mode: CacheMode,
+    pub(crate) cache_mode: CacheMode,
     /// For image requests: what was asked, to price by the image. Boxed: a
     /// context lives as long as its request waits, and most are not images.
-    pub image: Option<Box<ImageAsk>>,
+    pub(crate) image: Option<Box<ImageAsk>>,
     /// A Responses request's image tool: the image model whose limits it
     /// spends, and what it costs there.
-    pub image_tool: Option<Box<(String, Cost)>>,
+    pub(crate) image_tool: Option<Box<(String, Cost)>>,
     /// What the request turned out to cost, filled in as it is learned.
-    pub tally: Tally,
+    pub(crate) tally: Tally,
     /// The client's headers. They travel here, shared, rather than in the
     /// request, so the copy the retry layer keeps for a replay costs nothing;
     /// the upstream layer builds each attempt's headers from them.
-    pub headers: HeaderMap,
-    pub received: Instant,
+    pub(crate) headers: HeaderMap,
     /// It may go to any upstream serving its model: it neither makes nor
     /// names an object that lives with one organization (a file, a batch, a
     /// stored response or completion).
-    pub spread: bool,
+    pub(crate) spread: bool,
     /// Upstreams (bits by index) that failed this request: its retries go
     /// elsewhere while anywhere else serves its model.
-    pub failed_upstreams: std::sync::atomic::AtomicU64,
+    pub(crate) failed_upstreams: std::sync::atomic::AtomicU64,
     /// Of them, those whose money is gone or that refused penstock's key:
     /// a model no upstream can serve so goes to its fallback.
-    pub spent_upstreams: std::sync::atomic::AtomicU64,
+    pub(crate) spent_upstreams: std::sync::atomic::AtomicU64,
     /// When the whole request must be over (`retry.deadline` after it came):
     /// every wait for budget and every attempt ends by then.
-    pub deadline: Instant,
+    pub(crate) deadline: Instant,
 }
 
 /// What a request turned out to cost, filled in by the layers that learn it and
 /// read for the log line when the response ends.
 #[derive(Debug, Default)]
-pub struct Tally(std::sync::Mutex<Accounted>);
+pub(crate) struct Tally(std::sync::Mutex<Accounted>);
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Accounted {
+pub(crate) struct Accounted {
     /// Tokens the upstream reported, if it did.
-    pub tokens: Option<u64>,
-    pub cost_usd: f64,
-    pub saved_usd: f64,
+    pub(crate) tokens: Option<u64>,
+    pub(crate) cost_usd: f64,
+    pub(crate) saved_usd: f64,
     /// Time waited for budget, over all attempts.
-    pub queued: Duration,
+    pub(crate) queued: Duration,
     /// An attempt has gone to the upstream: from here the request may cost money.
-    pub sent: bool,
+    pub(crate) sent: bool,
     /// Attempts made upstream, as the retry layer counted them (0 for a
     /// cached or shared answer): `x-penstock-attempts`.
-    pub attempts: Option<u32>,
+    pub(crate) attempts: Option<u32>,
     /// What the cache did: `miss`, `hit`, `coalesced` or `bypass`:
     /// `x-penstock-cache`.
-    pub cache: Option<&'static str>,
+    pub(crate) cache: Option<&'static str>,
     /// Its retries gave up on a failure: `x-should-retry: false`.
-    pub gave_up: bool,
+    pub(crate) gave_up: bool,
 }
 
 impl RequestContext {
     /// A context with nothing learned of the request: for tests of one layer.
-    pub fn plain(route: Route, deadline: Instant) -> RequestContext {
+    #[cfg(test)]
+    pub(crate) fn plain(route: Route, deadline: Instant) -> RequestContext {
         RequestContext {
             route,
             model: None,
@@ -145,7 +145,6 @@ impl RequestContext {
             image_tool: None,
             tally: Tally::default(),
             headers: HeaderMap::new(),
-            received: Instant::now(),
             spread: false,
             failed_upstreams: Default::default(),
             spent_upstreams: Default::default(),
@@ -155,16 +154,16 @@ impl RequestContext {
 }
 
 impl Tally {
-    pub fn update(&self, f: impl FnOnce(&mut Accounted)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut Accounted)) {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    pub fn get(&self) -> Accounted {
+    pub(crate) fn get(&self) -> Accounted {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-pub type CacheKey = [u8; 32];
+pub(crate) type CacheKey = [u8; 32];
 
 /// A request's body inside the stack, with what travels with it: its context and,
 /// for a shared call, who waits for it. Carried here rather than in the
@@ -172,7 +171,7 @@ pub type CacheKey = [u8; 32];
 /// reference counts, not allocations.
 #[derive(Clone, Debug, Default)]
 pub struct Payload {
-    pub bytes: Bytes,
+    pub(crate) bytes: Bytes,
     /// Set by the edge for every request that reaches the stack.
     pub ctx: Option<Arc<RequestContext>>,
     pub interest: Option<Arc<Interest>>,
@@ -181,20 +180,20 @@ pub struct Payload {
     pub held: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
     /// Asked before each attempt goes upstream (an async job records, first,
     /// that its call may be paid for).
-    pub gate: Option<Arc<dyn SendGate>>,
+    pub(crate) gate: Option<Arc<dyn SendGate>>,
     /// Which upstream this attempt goes to (its index in the config), when
     /// admission chose one; else the first.
-    pub upstream: Option<u8>,
+    pub(crate) upstream: Option<u8>,
     /// The model this attempt asks for, when admission chose a fallback
     /// (its body already says so).
-    pub model: Option<Arc<str>>,
+    pub(crate) model: Option<Arc<str>>,
 }
 
 /// Turns a request of penstock's own making into one the stack takes (its
 /// body buffered, its context attached): the edge's parsing, handed by the
 /// stack to whoever makes requests (the async jobs' runner), so that none of
 /// them needs the edge.
-pub type Prepare = Arc<
+pub(crate) type Prepare = Arc<
     dyn Fn(
             http::Request<http_body_util::Full<Bytes>>,
         ) -> futures_util::future::BoxFuture<
@@ -206,7 +205,7 @@ pub type Prepare = Arc<
 
 /// Asked before an attempt goes upstream: an error keeps it from going, and
 /// is what the request answers.
-pub trait SendGate: Send + Sync + std::fmt::Debug {
+pub(crate) trait SendGate: Send + Sync + std::fmt::Debug {
     fn before_send(
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), super::error::ProxyError>> + Send>>;
@@ -233,29 +232,29 @@ pub struct Interest {
 
 impl Interest {
     /// Called by the upstream layer as the call goes out.
-    pub fn mark_sent(&self) {
+    pub(crate) fn mark_sent(&self) {
         if !self.sent.swap(true, Ordering::AcqRel) {
             self.changed.notify_waiters();
         }
     }
 
-    pub fn is_sent(&self) -> bool {
+    pub(crate) fn is_sent(&self) -> bool {
         self.sent.load(Ordering::Acquire)
     }
 
-    pub fn watchers(&self) -> usize {
+    pub(crate) fn watchers(&self) -> usize {
         self.watchers.load(Ordering::Acquire)
     }
 
     /// Registers a caller that waits for the answer, until the guard drops.
-    pub fn watch(self: &Arc<Self>) -> Watch {
+    pub(crate) fn watch(self: &Arc<Self>) -> Watch {
         self.watchers.fetch_add(1, Ordering::AcqRel);
         Watch(self.clone())
     }
 
     /// Resolves when every caller has left before the call was sent; never once
     /// it has been sent.
-    pub async fn abandoned(&self) {
+    pub(crate) async fn abandoned(&self) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -272,7 +271,7 @@ impl Interest {
 }
 
 /// One caller waiting for a shared call.
-pub struct Watch(Arc<Interest>);
+pub(crate) struct Watch(Arc<Interest>);
 
 impl Drop for Watch {
     fn drop(&mut self) {
@@ -284,7 +283,7 @@ impl Drop for Watch {
 
 /// What the client asked of the cache with `Cache-Control`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheMode {
+pub(crate) enum CacheMode {
     /// Use a stored or in-flight answer when there is one.
     Normal,
     /// `no-cache`: a fresh call, whose answer is stored.
@@ -294,7 +293,7 @@ pub enum CacheMode {
 }
 
 impl CacheMode {
-    pub fn from_headers(headers: &HeaderMap) -> CacheMode {
+    pub(crate) fn from_headers(headers: &HeaderMap) -> CacheMode {
         let mut mode = CacheMode::Normal;
         for v in headers.get_all(header::CACHE_CONTROL) {
             for directive in v.to_str().unwrap_or("").split(',') {

@@ -17,7 +17,7 @@ impl Cost {
         [self.requests, self.tokens, self.images]
     }
 
-    pub fn add(&mut self, other: &Cost) {
+    pub(crate) fn add(&mut self, other: &Cost) {
         self.requests = self.requests.saturating_add(other.requests);
         self.tokens = self.tokens.saturating_add(other.tokens);
         self.images = self.images.saturating_add(other.images);
@@ -41,14 +41,14 @@ pub struct Limits {
 
 impl Limits {
     /// What the pool admits a minute on average, per dimension.
-    pub fn sustained(&self) -> [Option<u64>; 3] {
+    pub(crate) fn sustained(&self) -> [Option<u64>; 3] {
         let s = self.safety_fraction();
         self.per_minute
             .map(|l| l.map(|l| ((l as f64 * s).floor() as u64).max(1)))
     }
 
     /// The safety fraction, within (0, 1].
-    pub fn safety_fraction(&self) -> f64 {
+    pub(crate) fn safety_fraction(&self) -> f64 {
         if self.safety.is_finite() {
             self.safety.clamp(0.01, 1.0)
         } else {
@@ -59,7 +59,7 @@ impl Limits {
     /// What one burst window admits of each limit: its share of the minute,
     /// rounded up (the sustained rate keeps the average at the share), at
     /// least one; `u64::MAX` where unlimited.
-    pub fn burst_caps(&self) -> [u64; 3] {
+    pub(crate) fn burst_caps(&self) -> [u64; 3] {
         let burst_ms = self.burst.as_millis().max(1);
         self.per_minute.map(|l| {
             l.map_or(u64::MAX, |l| {
@@ -74,7 +74,7 @@ impl Limits {
     /// window's (0: unlimited). After a quiet spell so much may go at the
     /// burst windows' pace: a bucket only a window deep would pace a limit
     /// of 5 a minute at one every 12 s from the first call.
-    pub fn depths(&self) -> [f64; 3] {
+    pub(crate) fn depths(&self) -> [f64; 3] {
         let caps = self.burst_caps();
         let minute = self.sustained();
         std::array::from_fn(|d| match (caps[d], minute[d]) {
@@ -84,7 +84,7 @@ impl Limits {
     }
 
     /// The sustained rate of each dimension, in units a second (0: unlimited).
-    pub fn rates(&self) -> [f64; 3] {
+    pub(crate) fn rates(&self) -> [f64; 3] {
         let s = self.safety_fraction();
         self.per_minute
             .map(|l| l.map_or(0.0, |l| l as f64 * s / 60.0))
@@ -94,24 +94,26 @@ impl Limits {
 /// What an image request asked for, to price it by the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageAsk {
-    pub n: u64,
-    pub quality: Option<String>,
-    pub size: Option<String>,
+    pub(crate) n: u64,
+    pub(crate) quality: Option<String>,
+    pub(crate) size: Option<String>,
 }
 
 /// An image size as OpenAI writes it: `"1024x1536"` is (1024, 1536).
-pub fn parse_image_size(s: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_image_size(s: &str) -> Option<(u64, u64)> {
     let (w, h) = s.split_once('x')?;
     Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
 }
 
 /// Image output tokens by quality, then size: `{"high": {"1024x1024": 4160}}`.
-pub type ImageTable = BTreeMap<String, BTreeMap<String, u64>>;
+pub(crate) type ImageTable = BTreeMap<String, BTreeMap<String, u64>>;
 
 /// Checks that every size in the tables (model glob -> table) is a size: the
 /// first that is not, as its key below `image_output_tokens`, and what was
 /// expected.
-pub fn check_image_tables(tables: &BTreeMap<String, ImageTable>) -> Result<(), (String, String)> {
+pub(crate) fn check_image_tables(
+    tables: &BTreeMap<String, ImageTable>,
+) -> Result<(), (String, String)> {
     for (glob, table) in tables {
         for (quality, sizes) in table {
             if let Some(size) = sizes.keys().find(|s| parse_image_size(s).is_none()) {
@@ -126,7 +128,7 @@ pub fn check_image_tables(tables: &BTreeMap<String, ImageTable>) -> Result<(), (
 }
 
 /// Batch's share of turns when `queue.batch_min_share` is not set.
-pub const DEFAULT_BATCH_SHARE: f64 = 0.1;
+pub(crate) const DEFAULT_BATCH_SHARE: f64 = 0.1;
 
 /// Who goes first when a pool is short: interactive waiters, then batch
 /// (which keeps a minimum share so it never starves).
@@ -141,15 +143,8 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub fn label(self) -> &'static str {
-        match self {
-            Priority::Interactive => "interactive",
-            Priority::Batch => "batch",
-        }
-    }
-
     /// `x-penstock-priority`'s value, if it names a class.
-    pub fn parse(text: &str) -> Option<Priority> {
+    pub(crate) fn parse(text: &str) -> Option<Priority> {
         match text.trim().to_ascii_lowercase().as_str() {
             "interactive" => Some(Priority::Interactive),
             "batch" => Some(Priority::Batch),

@@ -15,7 +15,7 @@ use crate::vocab::usage;
 
 /// An encoding penstock can read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
+pub(crate) enum Encoding {
     Identity,
     Gzip,
     /// HTTP's `deflate`: zlib-wrapped.
@@ -43,7 +43,7 @@ impl Encoding {
 
     /// The encoding of an answer; `None` for one penstock cannot read (an
     /// unknown coding, or several stacked).
-    pub fn of(headers: &HeaderMap) -> Option<Encoding> {
+    pub(crate) fn of(headers: &HeaderMap) -> Option<Encoding> {
         let mut codings = headers
             .get_all(CONTENT_ENCODING)
             .iter()
@@ -60,7 +60,7 @@ impl Encoding {
 /// What goes upstream as `Accept-Encoding`: penstock reads what it must of
 /// every answer, so the upstream may compress only in codings it can decode.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Accept {
+pub(crate) enum Accept {
     /// Every coding the client names is one penstock reads: the header goes as
     /// it came, copied nowhere.
     AsSent,
@@ -89,7 +89,7 @@ fn coding(item: &str) -> &str {
 
 /// The `Accept-Encoding` the upstream gets for the client's `headers` (the
 /// header looked up once).
-pub fn upstream_accept(headers: &HeaderMap) -> Accept {
+pub(crate) fn upstream_accept(headers: &HeaderMap) -> Accept {
     let values = headers.get_all(ACCEPT_ENCODING);
     if values.iter().next().is_none() {
         return Accept::Identity;
@@ -115,7 +115,7 @@ pub fn upstream_accept(headers: &HeaderMap) -> Accept {
 
 /// Whether a client accepts answers in `encoding` (RFC 9110 12.5.3: identity
 /// is acceptable unless refused, `*` stands for the rest, `q=0` refuses).
-pub fn accepts(headers: &HeaderMap, encoding: Encoding) -> bool {
+pub(crate) fn accepts(headers: &HeaderMap, encoding: Encoding) -> bool {
     let name = match encoding {
         Encoding::Identity => "identity",
         Encoding::Gzip => "gzip",
@@ -145,7 +145,7 @@ pub fn accepts(headers: &HeaderMap, encoding: Encoding) -> bool {
 
 /// Decodes a whole (small) body, up to `max` decoded bytes; `None` when it is
 /// broken, larger, or in a coding penstock cannot read.
-pub fn decode_all(encoding: Option<Encoding>, body: &[u8], max: usize) -> Option<Vec<u8>> {
+pub(crate) fn decode_all(encoding: Option<Encoding>, body: &[u8], max: usize) -> Option<Vec<u8>> {
     let reader: Box<dyn Read + '_> = match encoding? {
         Encoding::Identity => return (body.len() <= max).then(|| body.to_vec()),
         Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
@@ -204,11 +204,11 @@ enum Decoder {
 }
 
 /// The decoded end of a body, fed its chunks as they pass to the client.
-pub struct Tail(Decoder);
+pub(crate) struct Tail(Decoder);
 
 impl Tail {
     /// Decoding stops once `max_decoded` bytes came out.
-    pub fn new(encoding: Option<Encoding>, max_decoded: u64) -> Tail {
+    pub(crate) fn new(encoding: Option<Encoding>, max_decoded: u64) -> Tail {
         let kept = Kept::new(max_decoded);
         Tail(match encoding {
             Some(Encoding::Identity) => Decoder::Whole(None, max_decoded),
@@ -225,7 +225,7 @@ impl Tail {
         })
     }
 
-    pub fn push(&mut self, chunk: &Bytes) {
+    pub(crate) fn push(&mut self, chunk: &Bytes) {
         let ok = match &mut self.0 {
             Decoder::Whole(seen @ None, max) => {
                 *seen = Some(chunk.clone());
@@ -250,7 +250,7 @@ impl Tail {
     }
 
     /// The decoded tail so far (a stream's usage may be read before its end).
-    pub fn decoded(&mut self) -> &[u8] {
+    pub(crate) fn decoded(&mut self) -> &[u8] {
         let kept = match &mut self.0 {
             Decoder::Whole(seen, _) => {
                 let whole = seen.as_deref().unwrap_or_default();
@@ -266,7 +266,7 @@ impl Tail {
     }
 
     /// The `usage` at the decoded end, if any.
-    pub fn usage(&mut self) -> Option<usage::Usage> {
+    pub(crate) fn usage(&mut self) -> Option<usage::Usage> {
         usage::find(self.decoded())
     }
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::StatusCode;
 
 /// An error penstock answers itself.
-pub trait Problem: std::error::Error + Send + Sync + 'static {
+pub(crate) trait Problem: std::error::Error + Send + Sync + 'static {
     fn status(&self) -> StatusCode;
 
     /// The `code` field: always `penstock_*`.
@@ -94,53 +94,49 @@ impl<P: Problem> From<P> for ProxyError {
 }
 
 impl ProxyError {
-    pub fn problem(&self) -> &dyn Problem {
+    pub(crate) fn problem(&self) -> &dyn Problem {
         self.0.as_ref()
     }
 
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         self.0.status()
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         self.0.code()
     }
 
-    pub fn retry_after(&self) -> Option<Duration> {
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
         self.0.retry_after()
     }
 
-    pub fn unanswered(&self) -> Option<&'static str> {
+    pub(crate) fn unanswered(&self) -> Option<&'static str> {
         self.0.unanswered()
     }
 
-    pub fn is_refusal(&self) -> bool {
+    pub(crate) fn is_refusal(&self) -> bool {
         self.0.is_refusal()
     }
 
-    pub fn unsent(&self) -> bool {
+    pub(crate) fn unsent(&self) -> bool {
         self.0.unsent()
     }
 
-    pub fn is_personal(&self) -> bool {
+    pub(crate) fn is_personal(&self) -> bool {
         self.0.is_personal()
     }
 
-    pub fn maybe_processed(&self) -> bool {
+    pub(crate) fn maybe_processed(&self) -> bool {
         self.0.maybe_processed()
     }
 
-    pub fn may_wait_out(&self) -> bool {
-        self.0.may_wait_out()
-    }
-
-    pub fn model_unavailable(&self) -> bool {
+    pub(crate) fn model_unavailable(&self) -> bool {
         self.0.model_unavailable()
     }
 
     /// When it may be waited out ([`Problem::may_wait_out`]): how long to
     /// wait (its `retry_after`, else a second).
-    pub fn wait_out(&self) -> Option<Duration> {
+    pub(crate) fn wait_out(&self) -> Option<Duration> {
         self.0
             .may_wait_out()
             .then(|| self.0.retry_after().unwrap_or(Duration::from_secs(1)))

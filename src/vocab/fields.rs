@@ -4,7 +4,7 @@
 
 /// `body` with its `model` set to `to`, for a body of `content_type`;
 /// `None` when it has no such field penstock can rewrite.
-pub fn with_model(body: &[u8], content_type: Option<&str>, to: &str) -> Option<Vec<u8>> {
+pub(crate) fn with_model(body: &[u8], content_type: Option<&str>, to: &str) -> Option<Vec<u8>> {
     let content_type = content_type.unwrap_or("");
     if content_type.starts_with("multipart/form-data") {
         let boundary = multer::parse_boundary(content_type).ok()?;

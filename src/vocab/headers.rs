@@ -10,34 +10,35 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 pub mod name {
     use http::HeaderName;
 
-    pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
-    pub const API_KEY: HeaderName = HeaderName::from_static("api-key");
-    pub const OPENAI_ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
-    pub const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
-    pub const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
-    pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-penstock-request-id");
-    pub const QUEUE_MS: HeaderName = HeaderName::from_static("x-penstock-queue-ms");
-    pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-penstock-attempts");
-    pub const CACHE: HeaderName = HeaderName::from_static("x-penstock-cache");
-    pub const CIRCUIT: HeaderName = HeaderName::from_static("x-penstock-circuit");
-    pub const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-penstock-max-wait-ms");
-    pub const FALLBACK: HeaderName = HeaderName::from_static("x-penstock-fallback");
-    pub const MODEL: HeaderName = HeaderName::from_static("x-penstock-model");
-    pub const UPSTREAM: HeaderName = HeaderName::from_static("x-penstock-upstream");
-    pub const PRIORITY: HeaderName = HeaderName::from_static("x-penstock-priority");
-    pub const STAINLESS_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");
-    pub const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-    pub const PREFER: HeaderName = HeaderName::from_static("prefer");
+    pub(crate) const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+    pub(crate) const API_KEY: HeaderName = HeaderName::from_static("api-key");
+    pub(crate) const OPENAI_ORGANIZATION: HeaderName =
+        HeaderName::from_static("openai-organization");
+    pub(crate) const OPENAI_PROJECT: HeaderName = HeaderName::from_static("openai-project");
+    pub(crate) const SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+    pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-penstock-request-id");
+    pub(crate) const QUEUE_MS: HeaderName = HeaderName::from_static("x-penstock-queue-ms");
+    pub(crate) const ATTEMPTS: HeaderName = HeaderName::from_static("x-penstock-attempts");
+    pub(crate) const CACHE: HeaderName = HeaderName::from_static("x-penstock-cache");
+    pub(crate) const CIRCUIT: HeaderName = HeaderName::from_static("x-penstock-circuit");
+    pub(crate) const MAX_WAIT_MS: HeaderName = HeaderName::from_static("x-penstock-max-wait-ms");
+    pub(crate) const FALLBACK: HeaderName = HeaderName::from_static("x-penstock-fallback");
+    pub(crate) const MODEL: HeaderName = HeaderName::from_static("x-penstock-model");
+    pub(crate) const UPSTREAM: HeaderName = HeaderName::from_static("x-penstock-upstream");
+    pub(crate) const PRIORITY: HeaderName = HeaderName::from_static("x-penstock-priority");
+    pub(crate) const STAINLESS_TIMEOUT: HeaderName = HeaderName::from_static("x-stainless-timeout");
+    pub(crate) const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub(crate) const PREFER: HeaderName = HeaderName::from_static("prefer");
 }
 
 /// The longest delay penstock takes from a number it was sent: a day. Beyond
 /// it a client's or an upstream's figure means "a long time", and arithmetic
 /// on instants stays far from overflowing.
-pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Removes every header whose name `doomed` picks: the names are found in one
 /// pass, and only those present are looked up to be removed.
-pub fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+pub(crate) fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
     // Most maps hold one such name at most (an answer's `connection`): found
     // in one pass, removed without another search.
     let mut found = headers.keys().filter(|k| doomed(k));
@@ -56,7 +57,7 @@ pub fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> boo
 /// the headers. A hashed lookup hashes a custom name byte by byte; a request's
 /// few headers are compared faster, most of them standard names that differ
 /// from a custom one at the first test.
-pub fn first_of<'a, const N: usize>(
+pub(crate) fn first_of<'a, const N: usize>(
     headers: &'a HeaderMap,
     names: [&HeaderName; N],
 ) -> [Option<&'a HeaderValue>; N] {
@@ -73,7 +74,7 @@ pub fn first_of<'a, const N: usize>(
 
 /// A number as a header value. The small ones penstock sends on most answers
 /// (no wait, one attempt) are static text: nothing allocated.
-pub fn number(n: u64) -> HeaderValue {
+pub(crate) fn number(n: u64) -> HeaderValue {
     const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
     match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
         Some(text) => HeaderValue::from_static(text),
@@ -82,7 +83,7 @@ pub fn number(n: u64) -> HeaderValue {
 }
 
 /// Seconds as a duration: `None` for NaN or negative, at most [`MAX_DELAY`].
-pub fn seconds(secs: f64) -> Option<Duration> {
+pub(crate) fn seconds(secs: f64) -> Option<Duration> {
     if secs.is_nan() || secs < 0.0 {
         return None;
     }
@@ -90,7 +91,7 @@ pub fn seconds(secs: f64) -> Option<Duration> {
 }
 
 /// `retry-after-ms`, else `retry-after` as seconds or an HTTP date.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let get = |name: HeaderName| {
         headers
             .get(name)
@@ -133,7 +134,7 @@ fn httpdate_parse(v: &str) -> Option<std::time::SystemTime> {
 
 /// A Go-style duration as OpenAI sends in `x-ratelimit-reset-*`: `20ms`, `1s`,
 /// `6m0s`, `16m17.764s`, `1h2m`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
         return None;
@@ -186,7 +187,7 @@ pub struct RateLimitHeaders {
 impl RateLimitHeaders {
     /// When what the upstream says is used up (nothing remaining) is back:
     /// the latest reset among such dimensions.
-    pub fn exhausted_until(&self) -> Option<Duration> {
+    pub(crate) fn exhausted_until(&self) -> Option<Duration> {
         [self.requests, self.tokens, self.images]
             .into_iter()
             .flatten()
@@ -198,7 +199,7 @@ impl RateLimitHeaders {
     /// One pass over the answer's headers: names are compared, never hashed,
     /// and an answer without rate-limit headers costs a prefix test per name.
     /// A name sent twice counts by its first value.
-    pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
+    pub(crate) fn parse(headers: &HeaderMap) -> RateLimitHeaders {
         // [dimension][remaining, reset, limit]
         let mut found: [[Option<&str>; 3]; 3] = Default::default();
         for (name, value) in headers {

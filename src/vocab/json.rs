@@ -39,21 +39,21 @@ impl<'a> Json<'a> {
         }
     }
 
-    pub fn as_u64(&self) -> Option<u64> {
+    pub(crate) fn as_u64(&self) -> Option<u64> {
         match self {
             Json::Number(n) => n.as_u64(),
             _ => None,
         }
     }
 
-    pub fn as_bool(&self) -> Option<bool> {
+    pub(crate) fn as_bool(&self) -> Option<bool> {
         match self {
             Json::Bool(b) => Some(*b),
             _ => None,
         }
     }
 
-    pub fn as_array(&self) -> Option<&[Json<'a>]> {
+    pub(crate) fn as_array(&self) -> Option<&[Json<'a>]> {
         match self {
             Json::Array(a) => Some(a),
             _ => None,
@@ -61,7 +61,8 @@ impl<'a> Json<'a> {
     }
 
     /// The same value owning its text, to outlive the body it was read from.
-    pub fn into_owned(self) -> Json<'static> {
+    #[cfg(test)]
+    pub(crate) fn into_owned(self) -> Json<'static> {
         let own = |s: Cow<'a, str>| Cow::Owned(s.into_owned());
         match self {
             Json::Null => Json::Null,
@@ -214,7 +215,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
 
 /// `body` with the string value of its top-level member `key` replaced by
 /// `to`, the rest byte for byte; `None` when it has no such member.
-pub fn with_top_level_string(body: &[u8], key: &str, to: &str) -> Option<Vec<u8>> {
+pub(crate) fn with_top_level_string(body: &[u8], key: &str, to: &str) -> Option<Vec<u8>> {
     let at = top_level_string(body, key)?;
     let quoted = serde_json::to_string(to).ok()?;
     let mut out = Vec::with_capacity(body.len() + quoted.len());
@@ -228,7 +229,7 @@ pub fn with_top_level_string(body: &[u8], key: &str, to: &str) -> Option<Vec<u8>
 /// (a string value, its quotes included), found without parsing the rest:
 /// penstock rewrites one value of a body it otherwise sends as it came.
 /// `None` when `body` is not an object or has no such string member.
-pub fn top_level_string(body: &[u8], key: &str) -> Option<std::ops::Range<usize>> {
+pub(crate) fn top_level_string(body: &[u8], key: &str) -> Option<std::ops::Range<usize>> {
     let mut depth = 0usize;
     let mut i = 0;
     let mut expect_key = false;

@@ -20,7 +20,7 @@ use crate::vocab::headers::{name, number};
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// The response a client sees.
-pub fn into_response(error: ProxyError) -> Response<Body> {
+pub(crate) fn into_response(error: ProxyError) -> Response<Body> {
     let (parts, body) = into_parts(error);
     Response::from_parts(parts, full(body))
 }
@@ -39,7 +39,7 @@ fn kind(error: &ProxyError) -> &'static str {
 /// What penstock did for a request, as headers: `x-penstock-attempts`,
 /// `x-penstock-cache`, and `x-should-retry: false` when its retries gave up.
 /// Gives the first two back, for the log line.
-pub fn tally_headers(
+pub(crate) fn tally_headers(
     h: &mut HeaderMap,
     t: &Accounted,
 ) -> (Option<HeaderValue>, Option<HeaderValue>) {
@@ -58,7 +58,7 @@ pub fn tally_headers(
 }
 
 /// The response as its head and its body's bytes.
-pub fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
+pub(crate) fn into_parts(error: ProxyError) -> (http::response::Parts, Bytes) {
     let problem = error.problem();
     if let Some(answer) = problem.answer() {
         // The upstream's own answer, repeated (a spent quota's breaker).

@@ -16,7 +16,7 @@ pub enum Route {
 }
 
 /// The labels of the routes penstock knows an operation for.
-pub const ROUTE_LABELS: [&str; 8] = [
+pub(crate) const ROUTE_LABELS: [&str; 8] = [
     "images.generations",
     "images.edits",
     "images.variations",
@@ -28,7 +28,7 @@ pub const ROUTE_LABELS: [&str; 8] = [
 ];
 
 impl Route {
-    pub fn from_path(path: &str) -> Route {
+    pub(crate) fn from_path(path: &str) -> Route {
         let path = path.trim_end_matches('/');
         let ends = |s: &str| path.ends_with(s);
         if ends("/images/generations") {
@@ -53,7 +53,7 @@ impl Route {
     }
 
     /// A low-cardinality label for logs and metrics.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Route::ImagesGenerations => "images.generations",
             Route::ImagesEdits => "images.edits",
@@ -67,7 +67,7 @@ impl Route {
         }
     }
 
-    pub fn is_image(self) -> bool {
+    pub(crate) fn is_image(self) -> bool {
         matches!(
             self,
             Route::ImagesGenerations | Route::ImagesEdits | Route::ImagesVariations

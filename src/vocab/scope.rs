@@ -11,11 +11,11 @@ const MOST: usize = 10_000;
 
 /// Each key's own organization, as its answers named it.
 #[derive(Debug, Default)]
-pub struct OwnOrgs(Mutex<foldhash::HashMap<Arc<str>, Arc<str>>>);
+pub(crate) struct OwnOrgs(Mutex<foldhash::HashMap<Arc<str>, Arc<str>>>);
 
 impl OwnOrgs {
     /// A call of `key` that named no organization was billed to `org`.
-    pub fn learn(&self, key: &Arc<str>, org: &str) {
+    pub(crate) fn learn(&self, key: &Arc<str>, org: &str) {
         if org.is_empty() || org.len() > 64 {
             return;
         }
@@ -30,7 +30,7 @@ impl OwnOrgs {
     }
 
     /// Whether `org` is `key`'s own organization.
-    pub fn is_own(&self, key: &str, org: &str) -> bool {
+    pub(crate) fn is_own(&self, key: &str, org: &str) -> bool {
         let known = self.0.lock().unwrap_or_else(|e| e.into_inner());
         known.get(key).is_some_and(|o| &**o == org)
     }

@@ -6,15 +6,15 @@ use crate::vocab::context::Payload;
 use crate::vocab::error::ProxyError;
 
 /// What a call through the stack gives.
-pub type Called = Result<http::Response<Body>, ProxyError>;
+pub(crate) type Called = Result<http::Response<Body>, ProxyError>;
 
 /// A boxed call: what a layer that waits or loops inside a call returns.
-pub type BoxCall = futures_util::future::BoxFuture<'static, Called>;
+pub(crate) type BoxCall = futures_util::future::BoxFuture<'static, Called>;
 
 /// A service inside the stack, below the edge: a request with its body buffered
 /// in, a response or penstock's own error out. Every layer asks this of the one
 /// it wraps; cloned into each request's future, so cheap to clone.
-pub trait Inner:
+pub(crate) trait Inner:
     tower::Service<
         http::Request<Payload>,
         Response = http::Response<Body>,
@@ -56,7 +56,7 @@ pub(crate) fn call_now<S: tower::Service<R>, R>(service: &mut S, req: R) -> S::F
 /// What admission asks of the upstreams as it picks one: how many there
 /// are, which would be answered by its breaker now, and how busy each is.
 /// The upstream layer answers it; the stack hands it to admission.
-pub trait Upstreams: Send + Sync + 'static {
+pub(crate) trait Upstreams: Send + Sync + 'static {
     /// How many upstreams, in the config's order.
     fn count(&self) -> usize;
     /// Whether a call to upstream `i` now would be answered by its breaker.

@@ -6,34 +6,34 @@ use std::sync::Arc;
 /// `/status` view of a pool.
 #[derive(Debug, serde::Serialize)]
 pub struct PoolStatus {
-    pub name: Arc<str>,
-    pub credential: Arc<str>,
+    pub(crate) name: Arc<str>,
+    pub(crate) credential: Arc<str>,
     /// Configured, or learned (and how).
     pub limits: &'static str,
     /// For a learned pool: when its limits last changed (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub limits_since: Option<String>,
+    pub(crate) limits_since: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_in_flight: Option<usize>,
+    pub(crate) max_in_flight: Option<usize>,
     pub queue_depth: usize,
     /// Of them, batch requests.
-    pub queue_batch: usize,
+    pub(crate) queue_batch: usize,
     /// How long the longest-waiting request in the queue has waited.
-    pub longest_wait_ms: u64,
-    pub in_flight: usize,
-    pub paused_for_ms: u64,
-    pub remaining: std::collections::BTreeMap<&'static str, DimStatus>,
+    pub(crate) longest_wait_ms: u64,
+    pub(crate) in_flight: usize,
+    pub(crate) paused_for_ms: u64,
+    pub(crate) remaining: std::collections::BTreeMap<&'static str, DimStatus>,
 }
 
 /// Remaining capacity of one dimension, for `/status`.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
-pub struct DimStatus {
+pub(crate) struct DimStatus {
     /// What the pool admits a minute on average (the limit times the safety
     /// fraction).
-    pub per_minute: u64,
+    pub(crate) per_minute: u64,
     /// The limit, as configured or announced.
-    pub limit: u64,
-    pub burst_capacity: u64,
-    pub burst_remaining: u64,
-    pub minute_remaining: u64,
+    pub(crate) limit: u64,
+    pub(crate) burst_capacity: u64,
+    pub(crate) burst_remaining: u64,
+    pub(crate) minute_remaining: u64,
 }

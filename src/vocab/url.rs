@@ -7,17 +7,17 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 
 /// `base_url` split once at startup so each request only appends its path.
 #[derive(Debug, Clone)]
-pub struct BaseUrl {
+pub(crate) struct BaseUrl {
     scheme: Scheme,
     authority: Authority,
     /// Path prefix without a trailing slash ("" for none).
     prefix: String,
     /// The configured URL named a user or password, which penstock drops.
-    pub credentials: bool,
+    pub(crate) credentials: bool,
 }
 
 impl BaseUrl {
-    pub fn parse(raw: &str) -> Result<BaseUrl, String> {
+    pub(crate) fn parse(raw: &str) -> Result<BaseUrl, String> {
         // Errors show the URL without its password.
         let s = &BaseUrl::redact(raw);
         let uri: Uri = raw.parse().map_err(|e| {
@@ -48,7 +48,7 @@ impl BaseUrl {
     }
 
     /// The URL with any `user:password@` removed, for display.
-    pub fn redact(s: &str) -> String {
+    pub(crate) fn redact(s: &str) -> String {
         match s.split_once("://") {
             Some((scheme, rest)) => {
                 let host_end = rest.find('/').unwrap_or(rest.len());
@@ -61,12 +61,12 @@ impl BaseUrl {
         }
     }
 
-    pub fn is_https(&self) -> bool {
+    pub(crate) fn is_https(&self) -> bool {
         self.scheme == Scheme::HTTPS
     }
 
     /// The scheme and authority alone: where connections go.
-    pub fn origin(&self) -> Uri {
+    pub(crate) fn origin(&self) -> Uri {
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -76,7 +76,7 @@ impl BaseUrl {
     }
 
     /// `Host` for requests to it: the authority, its default port left out.
-    pub fn host(&self) -> http::HeaderValue {
+    pub(crate) fn host(&self) -> http::HeaderValue {
         let default = if self.is_https() { 443 } else { 80 };
         let host = match self.authority.port_u16() {
             Some(p) if p != default => self.authority.as_str(),
@@ -88,7 +88,7 @@ impl BaseUrl {
 
     /// The upstream's path and query for a request's: the base URL's path
     /// prefix put before it (taken as it is when there is none).
-    pub fn path(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, http::Error> {
+    pub(crate) fn path(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, http::Error> {
         let root = PathAndQuery::from_static("/");
         let pq = pq.unwrap_or(&root);
         if self.prefix.is_empty() {
@@ -98,7 +98,7 @@ impl BaseUrl {
     }
 
     /// The absolute URL of an upstream path (from [`BaseUrl::path`]).
-    pub fn absolute(&self, path: PathAndQuery) -> Uri {
+    pub(crate) fn absolute(&self, path: PathAndQuery) -> Uri {
         Uri::from_parts({
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(self.scheme.clone());

@@ -4,20 +4,20 @@
 use serde::Deserialize;
 
 /// How much of a response's end is kept to find its `usage`.
-pub const TAIL: usize = 16 * 1024;
+pub(crate) const TAIL: usize = 16 * 1024;
 
 /// Tokens an answer reports, across the Images, Chat and Responses shapes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub input: u64,
+pub(crate) struct Usage {
+    pub(crate) input: u64,
     /// Of `input`, the tokens of input images (edits).
-    pub input_images: u64,
-    pub output: u64,
-    pub total: u64,
+    pub(crate) input_images: u64,
+    pub(crate) output: u64,
+    pub(crate) total: u64,
 }
 
 /// Keeps the last [`TAIL`] bytes seen.
-pub fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+pub(crate) fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
     if data.len() >= TAIL {
         tail.clear();
         tail.extend_from_slice(&data[data.len() - TAIL..]);
@@ -49,7 +49,7 @@ struct Details {
 
 /// The last `"usage": {...}` object in `tail`, if any (a chat stream's earlier
 /// chunks carry `"usage": null`).
-pub fn find(tail: &[u8]) -> Option<Usage> {
+pub(crate) fn find(tail: &[u8]) -> Option<Usage> {
     let mut end = tail.len();
     while let Some(pos) = rfind(&tail[..end]) {
         end = pos;
@@ -62,7 +62,7 @@ pub fn find(tail: &[u8]) -> Option<Usage> {
 
 /// The Responses API's usage of its image tool: the last
 /// `"image_gen": {...}` object (in `tool_usage`) in `tail`, if any.
-pub fn image_tool(tail: &[u8]) -> Option<Usage> {
+pub(crate) fn image_tool(tail: &[u8]) -> Option<Usage> {
     const IMAGE_GEN: &[u8] = b"\"image_gen\"";
     let mut end = tail.len();
     while let Some(pos) = memchr::memmem::rfind(&tail[..end], IMAGE_GEN) {

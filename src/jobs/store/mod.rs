@@ -35,11 +35,11 @@ pub(super) enum Submitted {
 pub(super) struct Kept {
     /// Jobs this replica no longer holds (cancelled, or taken over while
     /// the store was away): their calls stop.
-    pub lost: Vec<String>,
+    pub(crate) lost: Vec<String>,
     /// Jobs whose replica died, now held here: to be taken over.
-    pub orphans: Vec<String>,
+    pub(crate) orphans: Vec<String>,
     /// Every replica's jobs queued and running, when the store counts them.
-    pub counts: Option<(u64, u64)>,
+    pub(crate) counts: Option<(u64, u64)>,
 }
 
 /// A store of jobs. Its methods that may wait return boxed futures, so the

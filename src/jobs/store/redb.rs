@@ -40,16 +40,16 @@ struct Local {
 #[derive(Default)]
 struct Recovered {
     /// Queued jobs, in their order.
-    pub queued: Vec<String>,
-    pub per_tenant: HashMap<String, usize>,
-    pub bytes: u64,
-    pub next_seq: u64,
+    pub(crate) queued: Vec<String>,
+    pub(crate) per_tenant: HashMap<String, usize>,
+    pub(crate) bytes: u64,
+    pub(crate) next_seq: u64,
     /// Every job's state, for the metrics.
-    pub states: Vec<State>,
+    pub(crate) states: Vec<State>,
 }
 
 impl Local {
-    pub fn open(path: Option<&std::path::Path>) -> Result<Local> {
+    pub(crate) fn open(path: Option<&std::path::Path>) -> Result<Local> {
         let db = match path {
             Some(path) => {
                 let db = redb::Database::create(path)
@@ -82,7 +82,7 @@ impl Local {
 
     /// Takes up what the store holds: queued jobs in their order; running
     /// ones as the after-send policy says (they may have been sent).
-    pub fn recover(&self, after_send: AfterSend) -> Result<Recovered> {
+    pub(crate) fn recover(&self, after_send: AfterSend) -> Result<Recovered> {
         let txn = self.db.begin_write().map_err(err)?;
         let mut out = Recovered::default();
         let mut queued: Vec<(u64, String)> = Vec::new();
@@ -122,7 +122,7 @@ impl Local {
         Ok(out)
     }
 
-    pub fn load(&self, id: &str) -> Result<Option<Job>> {
+    pub(crate) fn load(&self, id: &str) -> Result<Option<Job>> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(JOBS).map_err(err)?;
         let Some(v) = table.get(id).map_err(err)? else {
@@ -132,7 +132,7 @@ impl Local {
     }
 
     /// A job's request body (`answer` false) or answer body.
-    pub fn bytes(&self, id: &str, answer: bool) -> Result<Option<Bytes>> {
+    pub(crate) fn bytes(&self, id: &str, answer: bool) -> Result<Option<Bytes>> {
         let txn = self.db.begin_read().map_err(err)?;
         let t = txn
             .open_table(if answer { RESULTS } else { BODIES })
@@ -145,7 +145,7 @@ impl Local {
     /// Writes a job (and its answer) in one transaction, durable when it
     /// returns, if its stored state is one of `expect`. An ended job's
     /// request body goes; `forget` drops its answer too.
-    pub fn save(
+    pub(crate) fn save(
         &self,
         job: &Job,
         expect: &[State],
@@ -182,7 +182,7 @@ impl Local {
     }
 
     /// Stores a new job with the next group commit; returns once it is durable.
-    pub fn insert(&self, job: &Job, body: Bytes) -> Result<()> {
+    pub(crate) fn insert(&self, job: &Job, body: Bytes) -> Result<()> {
         let record = serde_json::to_vec(job).map_err(err)?;
         let (done, wait) = std::sync::mpsc::sync_channel(1);
         let sent = self
@@ -203,7 +203,7 @@ impl Local {
 
     /// Marks a running job sent, in one write transaction (so a job finished
     /// meanwhile is not turned back).
-    pub fn mark_sent(&self, id: &str) -> Result<()> {
+    pub(crate) fn mark_sent(&self, id: &str) -> Result<()> {
         let txn = self.db.begin_write().map_err(err)?;
         {
             let mut table = txn.open_table(JOBS).map_err(err)?;
@@ -221,7 +221,7 @@ impl Local {
     }
 
     /// Jobs matching `keep`.
-    pub fn scan(&self, keep: impl Fn(&Job) -> bool) -> Result<Vec<Job>> {
+    pub(crate) fn scan(&self, keep: impl Fn(&Job) -> bool) -> Result<Vec<Job>> {
         let txn = self.db.begin_read().map_err(err)?;
         let table = txn.open_table(JOBS).map_err(err)?;
         let mut out = Vec::new();
@@ -239,7 +239,7 @@ impl Local {
     /// Expires finished jobs past `ttl`, then the oldest finished ones while
     /// answers hold more than `max`; forgets expired ones after another
     /// `ttl`. Returns the bytes still held and the jobs expired or forgotten.
-    pub fn sweep(
+    pub(crate) fn sweep(
         &self,
         ttl_ms: u64,
         max: u64,

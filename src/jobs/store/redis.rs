@@ -39,45 +39,45 @@ use crate::vocab::error::ProxyError;
 /// A job as stored: its record and what scripts keep beside it.
 #[derive(Debug, Clone)]
 struct StoredJob {
-    pub record: Vec<u8>,
-    pub state: String,
+    pub(crate) record: Vec<u8>,
+    pub(crate) state: String,
     /// An attempt reached the upstream.
-    pub sent: bool,
+    pub(crate) sent: bool,
     /// Its answer was dropped to keep `jobs.max_bytes`.
-    pub evicted: bool,
+    pub(crate) evicted: bool,
 }
 
 /// Counts for `/status`.
 #[derive(Debug, Clone, Copy, Default)]
 struct JobCounts {
-    pub queued: u64,
-    pub running: u64,
-    pub bytes: u64,
+    pub(crate) queued: u64,
+    pub(crate) running: u64,
+    pub(crate) bytes: u64,
 }
 
 /// A change of a job's state: the states it may be in, the one it goes to.
 struct Change<'a> {
-    pub id: &'a str,
-    pub tenant: &'a str,
-    pub seq: u64,
-    pub expect: &'a [&'a str],
-    pub state: &'a str,
-    pub done: bool,
-    pub record: &'a [u8],
-    pub finished_ms: u64,
-    pub result_bytes: u64,
+    pub(crate) id: &'a str,
+    pub(crate) tenant: &'a str,
+    pub(crate) seq: u64,
+    pub(crate) expect: &'a [&'a str],
+    pub(crate) state: &'a str,
+    pub(crate) done: bool,
+    pub(crate) record: &'a [u8],
+    pub(crate) finished_ms: u64,
+    pub(crate) result_bytes: u64,
     /// How long an ended job's record is kept.
-    pub keep: Duration,
+    pub(crate) keep: Duration,
     /// The holder making the change (its fenced name), or `None` for a
     /// change any replica may make (a cancel).
-    pub holder: Option<&'a str>,
+    pub(crate) holder: Option<&'a str>,
 }
 
 /// A job taken by this replica: its id and the fenced name it holds it by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Claimed {
-    pub id: String,
-    pub holder: String,
+    pub(crate) id: String,
+    pub(crate) holder: String,
 }
 
 fn claims(flat: Vec<String>) -> Vec<Claimed> {
