@@ -558,7 +558,22 @@ async fn at_shutdown_queued_requests_go_while_the_budget_allows_and_the_rest_are
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Shut down once all ten are in (sent, or queued): a request
+    // still on its way when the listener closes is not penstock's to answer.
+    for _ in 0..200 {
+        let status = status_at(&h.admin).await;
+        let pools = status["pools"].as_array().cloned().unwrap_or_default();
+        let queued: u64 = pools
+            .iter()
+            .map(|p| p["queue_depth"].as_u64().unwrap_or(0))
+            .sum();
+        // Each either waits in the queue or has reached the upstream (one on
+        // its way between is counted by neither: the loop waits for it).
+        if queued as usize + h.fake.calls() >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let Harness { fake, penstock, .. } = h;
     penstock.shutdown().await;
     let mut ok = 0;
