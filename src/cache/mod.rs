@@ -309,8 +309,8 @@ impl Inner {
 impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> {
     type Response = Response<Body>;
     type Error = ProxyError;
-    // A call that is not looked up goes on as the inner future, only marked;
-    // a cache lookup and a wait on a shared call are boxed.
+    // A call that is not looked up goes on as the inner future (its tally
+    // says `bypass`); a cache lookup and a wait on a shared call are boxed.
     type Future = Either<S::Future, crate::vocab::service::BoxCall>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
