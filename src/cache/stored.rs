@@ -160,10 +160,17 @@ impl Stored {
         ctx: Option<&RequestContext>,
     ) -> Result<Response<Body>, ProxyError> {
         if let Some(ctx) = ctx {
+            // A caller that waited for another's call made no attempt; what
+            // that call's retries gave up on, it gives up on too.
+            let gave_up = match &self.error {
+                Some(e) => !e.is_refusal(),
+                None => !self.status.is_success(),
+            };
             ctx.tally.update(|t| {
                 t.cache = Some(outcome);
                 if outcome != "miss" {
                     t.attempts = Some(0);
+                    t.gave_up = gave_up;
                 }
             });
         }

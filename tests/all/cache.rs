@@ -293,9 +293,64 @@ async fn errors_are_shared_with_those_waiting_but_never_stored() {
     );
     for r in [&a, &b, &c] {
         assert!(r.status().is_server_error());
+        // Given up on by the one call's retries: by those who waited too.
+        assert_eq!(r.headers()["x-should-retry"], "false");
     }
     assert_eq!(h.fake.calls(), 1, "one call, its error shared");
     h.fake.set_behaviour(|b| b.fail_every = None);
+    let resp = post(&h.url, &body).await;
+    assert_eq!(resp.status(), 200, "the error was not kept");
+    assert_eq!(cache_header(&resp), "miss");
+}
+
+/// penstock's own error (not an upstream answer) reaches every caller that
+/// waited for the call, rendered by each one's edge, and is never kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penstocks_own_error_reaches_every_waiter_and_is_never_kept() {
+    let h = start_with(
+        Behaviour {
+            latency: (Duration::from_secs(3), Duration::from_secs(3)),
+            ..Behaviour::default()
+        },
+        |c| {
+            c.upstream.attempt_timeout = Duration::from_millis(400);
+            c.retry.max_attempts = 1;
+        },
+        |_| None,
+    )
+    .await;
+    let body = image("too slow");
+    let (a, b, c) = tokio::join!(
+        post(&h.url, &body),
+        post(&h.url, &body),
+        post(&h.url, &body)
+    );
+    let mut outcomes = Vec::new();
+    for r in [a, b, c] {
+        assert_eq!(r.status(), 504);
+        let outcome = cache_header(&r);
+        let attempts = r.headers()["x-penstock-attempts"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        let v = json(r).await;
+        assert_eq!(v["error"]["code"], "penstock_upstream_timeout", "{v}");
+        assert_eq!(v["error"]["type"], "penstock_error");
+        outcomes.push((outcome, attempts));
+    }
+    outcomes.sort();
+    assert_eq!(
+        outcomes,
+        [
+            ("coalesced".to_string(), "0".to_string()),
+            ("coalesced".to_string(), "0".to_string()),
+            ("miss".to_string(), "1".to_string()),
+        ]
+    );
+    assert_eq!(h.fake.calls(), 1, "one call, its error shared");
+    h.fake
+        .set_behaviour(|b| b.latency = (Duration::ZERO, Duration::ZERO));
     let resp = post(&h.url, &body).await;
     assert_eq!(resp.status(), 200, "the error was not kept");
     assert_eq!(cache_header(&resp), "miss");
