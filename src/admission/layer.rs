@@ -22,7 +22,7 @@ use wildmatch::WildMatch;
 
 use crate::admission::learn::Learner;
 use crate::admission::ledger::Limits;
-use crate::admission::pool::{Permit, Pool, Refusal, Remote, Settings, Tripped};
+use crate::admission::pool::{Permit, Places, Pool, Refusal, Remote, Settings, Tripped};
 use crate::config::{Config, LearnConfig, Refund};
 use crate::state::Redis;
 use crate::telemetry::metrics::Metrics;
@@ -783,7 +783,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Budget<S> {
                         .saturating_duration_since(tokio::time::Instant::now());
                     let max_wait = ctx.max_wait.map_or(max_wait, |m| m.min(max_wait)).min(left);
                     let permit = tool_pool
-                        .acquire_as(&ctx.tenant.0, class, cost, max_wait)
+                        .acquire_as(&ctx.tenant.0, class, cost, max_wait, &Places::default())
                         .await
                         .map_err(ProxyError::from)?;
                     Some(ToolPermit {
@@ -1126,14 +1126,17 @@ async fn admit(
     mut candidates: Candidates,
 ) -> Result<Admitted, ProxyError> {
     if candidates.len() <= 1 {
-        let (up, credential) = candidates.pop().unwrap_or((0, ctx.credential.clone()));
-        return admit_at(registry, ctx, model, class, max_wait, up, credential).await;
+        let only = candidates.pop().unwrap_or((0, ctx.credential.clone()));
+        let places = Places::default();
+        return admit_at(registry, ctx, model, class, max_wait, only, &places).await;
     }
+    // One place against `queue.max_depth`, however many queues it waits in.
+    let places = Places::several();
     let races: Vec<_> = candidates
         .into_iter()
-        .map(|(up, credential)| {
+        .map(|candidate| {
             Box::pin(admit_at(
-                registry, ctx, model, class, max_wait, up, credential,
+                registry, ctx, model, class, max_wait, candidate, &places,
             ))
         })
         .collect();
@@ -1149,8 +1152,8 @@ async fn admit_at(
     model: Option<&str>,
     class: Priority,
     max_wait: Duration,
-    up: usize,
-    credential: Arc<str>,
+    (up, credential): (usize, Arc<str>),
+    places: &Places,
 ) -> Result<Admitted, ProxyError> {
     let pool = model.and_then(|m| registry.pool_at(m, &credential, up));
     let model = model.unwrap_or_default();
@@ -1170,7 +1173,10 @@ async fn admit_at(
     let mut moved = false;
     let mut permit = loop {
         let left = max_wait.saturating_sub(began.elapsed());
-        match pool.acquire_as(&ctx.tenant.0, class, ctx.cost, left).await {
+        match pool
+            .acquire_as(&ctx.tenant.0, class, ctx.cost, left, places)
+            .await
+        {
             // A reload removed its budget while it waited: it waits on
             // (within the same limit) for the pool covering its model now.
             Err(Refusal::Moved { pool: gone }) => match registry.pool_at(model, &credential, up) {

@@ -277,7 +277,7 @@ struct State {
     last_booked: Option<Instant>,
     /// When the shared ledger was last told the upstream's `x-ratelimit-*`.
     last_told: Option<Instant>,
-    queue: FairQueue<(u64, Arc<str>, oneshot::Sender<Admission>, Instant)>,
+    queue: FairQueue<Waiter>,
     /// This replica's queue head is registered in the shared fair order.
     head_shared: bool,
     /// Counts arrivals and departures of the queue: an answer of the shared
@@ -332,6 +332,45 @@ pub struct Pool {
     remote: Option<Remote>,
     /// Its waits for budget, as metrics record them: found on first use.
     pub(crate) queue_wait: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+}
+
+/// A request in a pool's queue: its id, its client (or lane), where its turn
+/// is sent, since when it waits, and its places in every queue it waits in.
+type Waiter = (u64, Arc<str>, oneshot::Sender<Admission>, Instant, Places);
+
+/// A request's places in the queues it waits in at once (one per upstream
+/// serving its model): whatever their number, it counts once against
+/// `queue.max_depth`. The default is a request that waits in one queue only,
+/// and costs no allocation.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Places(Option<Arc<AtomicUsize>>);
+
+impl Places {
+    /// For a request about to wait in several queues at once.
+    pub(crate) fn several() -> Places {
+        Places(Some(Arc::new(AtomicUsize::new(0))))
+    }
+
+    /// Takes a place; true when it is the request's first.
+    fn take(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|n| n.fetch_add(1, Ordering::AcqRel) == 0)
+    }
+
+    /// Gives a place back; true when it was the request's last.
+    fn give(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|n| n.fetch_sub(1, Ordering::AcqRel) == 1)
+    }
+
+    /// The request waits in another queue now.
+    fn held(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|n| n.load(Ordering::Acquire) > 0)
+    }
 }
 
 /// How a pool admits: its limits and how they may change.
@@ -521,6 +560,14 @@ impl Pool {
         self.shared().is_some() || !st.queue.is_empty()
     }
 
+    /// A waiter left this pool's queue: the last of its places gives back
+    /// its one count against `queue.max_depth`.
+    fn leave_queue(&self, places: &Places) {
+        if places.give() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Waits (fairly, up to `max_wait`) until `cost` fits, then charges it.
     pub async fn acquire(
         self: &Arc<Self>,
@@ -528,18 +575,27 @@ impl Pool {
         cost: Cost,
         max_wait: Duration,
     ) -> Result<Permit, Refusal> {
-        self.acquire_as(client, Priority::Interactive, cost, max_wait)
-            .await
+        self.acquire_as(
+            client,
+            Priority::Interactive,
+            cost,
+            max_wait,
+            &Places::default(),
+        )
+        .await
     }
 
     /// [`Pool::acquire`] for a request of `class`: interactive waiters go
-    /// first, batch keeps its minimum share.
+    /// first, batch keeps its minimum share. `places` are the request's
+    /// places in every queue it waits in at once: it counts once against
+    /// `queue.max_depth`, however many upstreams it waits for.
     pub(crate) async fn acquire_as(
         self: &Arc<Self>,
         client: &Arc<str>,
         class: Priority,
         cost: Cost,
         max_wait: Duration,
+        places: &Places,
     ) -> Result<Permit, Refusal> {
         // A client's batch requests wait in a lane of their own.
         let lane: Arc<str>;
@@ -594,8 +650,10 @@ impl Pool {
                 let granted = self.admit(&mut st, start, &cost, None);
                 return Ok(self.permit(&granted, cost, Duration::ZERO));
             }
+            // A request already waiting in another upstream's queue holds
+            // its one place against `max_depth`.
             let depth = self.depth.load(Ordering::Relaxed);
-            if depth >= self.max_depth.load(Ordering::Relaxed) {
+            if !places.held() && depth >= self.max_depth.load(Ordering::Relaxed) {
                 let total = st.queue.total();
                 return Err(Refusal::QueueFull {
                     depth,
@@ -620,10 +678,12 @@ impl Pool {
                 class,
                 id,
                 cost,
-                (id, client.clone(), tx, Instant::now()),
+                (id, client.clone(), tx, Instant::now(), places.clone()),
             );
             st.changes += 1;
-            self.depth.fetch_add(1, Ordering::Relaxed);
+            if places.take() {
+                self.depth.fetch_add(1, Ordering::Relaxed);
+            }
             (id, rx)
         };
         self.wake.notify_one();
@@ -693,8 +753,8 @@ impl Pool {
             if at > now {
                 return Some(at);
             }
-            let (_, _, tx, _) = st.queue.pop()?;
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+            let (_, _, tx, _, places) = st.queue.pop()?;
+            self.leave_queue(&places);
             let granted = self.admit(&mut st, now, &cost, None);
             if let Err(Ok(granted)) = tx.send(Ok(granted)) {
                 // Its client left between its turn and now: nothing is charged.
@@ -709,8 +769,8 @@ impl Pool {
         let Some(tripped) = st.tripped(Instant::now()) else {
             return false;
         };
-        while let Some((_, _, tx, _)) = st.queue.pop() {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+        while let Some((_, _, tx, _, places)) = st.queue.pop() {
+            self.leave_queue(&places);
             let _ = tx.send(Err(Turned::Tripped(tripped.clone())));
         }
         true
@@ -721,8 +781,8 @@ impl Pool {
     pub(crate) fn close_queue(&self) {
         let mut st = self.lock();
         st.closed_queue = true;
-        while let Some((_, _, tx, _)) = st.queue.pop() {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+        while let Some((_, _, tx, _, places)) = st.queue.pop() {
+            self.leave_queue(&places);
             let _ = tx.send(Err(Turned::ShuttingDown));
         }
         st.changes += 1;
@@ -779,7 +839,7 @@ impl Pool {
                         .queue
                         .lane_heads()
                         .take(MAX_CANDIDATES)
-                        .map(|(client, cost, (id, _, _, since), _, urgent)| {
+                        .map(|(client, cost, (id, _, _, since, _), _, urgent)| {
                             (
                                 client.clone(),
                                 *id,
@@ -862,7 +922,7 @@ impl Pool {
                     let same =
                         st.queue
                             .lane_heads()
-                            .any(|(c, front_cost, (front, _, _, _), _, _)| {
+                            .any(|(c, front_cost, (front, _, _, _, _), _, _)| {
                                 c == client && front == id && front_cost == cost
                             });
                     if !same || !self.has_slot(&mut st, now) {
@@ -870,10 +930,10 @@ impl Pool {
                         self.cancel_booking(booked);
                         continue;
                     }
-                    let Some((_, _, tx, _)) = st.queue.pop_lane(client) else {
+                    let Some((_, _, tx, _, places)) = st.queue.pop_lane(client) else {
                         continue;
                     };
-                    self.depth.fetch_sub(1, Ordering::Relaxed);
+                    self.leave_queue(&places);
                     let granted = self.admit(&mut st, now, cost, Some((booked, now + wait)));
                     if let Err(Ok(granted)) = tx.send(Ok(granted)) {
                         self.release(&mut st, granted);
@@ -1068,8 +1128,8 @@ impl Pool {
     pub(crate) fn retire(&self) {
         let mut st = self.lock();
         st.retired = true;
-        while let Some((_, _, tx, _)) = st.queue.pop() {
-            self.depth.fetch_sub(1, Ordering::Relaxed);
+        while let Some((_, _, tx, _, places)) = st.queue.pop() {
+            self.leave_queue(&places);
             let _ = tx.send(Err(Turned::Moved));
         }
         drop(st);
@@ -1103,7 +1163,7 @@ impl Pool {
             longest_wait_ms: st
                 .queue
                 .lane_heads()
-                .map(|(_, _, (_, _, _, since), _, _)| now.saturating_duration_since(*since))
+                .map(|(_, _, (_, _, _, since, _), _, _)| now.saturating_duration_since(*since))
                 .max()
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             in_flight: st.in_flight,
@@ -1160,9 +1220,9 @@ impl Drop for Waiting {
             return;
         }
         let mut st = self.pool.lock();
-        if st.queue.remove(&self.client, self.id).is_some() {
+        if let Some((_, _, _, _, places)) = st.queue.remove(&self.client, self.id) {
             st.changes += 1;
-            self.pool.depth.fetch_sub(1, Ordering::Relaxed);
+            self.pool.leave_queue(&places);
         } else if let Ok(Ok(granted)) = self.rx.try_recv() {
             // Admitted just as it left: give the charge back.
             self.pool.release(&mut st, granted);
@@ -1361,7 +1421,13 @@ mod tests {
                 let (p, batch): (_, Arc<str>) = (p.clone(), format!("b{}", i % 100).into());
                 tokio::spawn(async move {
                     let permit = p
-                        .acquire_as(&batch, Priority::Batch, ONE, Duration::from_secs(120))
+                        .acquire_as(
+                            &batch,
+                            Priority::Batch,
+                            ONE,
+                            Duration::from_secs(120),
+                            &Places::default(),
+                        )
                         .await
                         .unwrap();
                     let at = Instant::now() - start;
@@ -1380,6 +1446,7 @@ mod tests {
                     Priority::Interactive,
                     ONE,
                     Duration::from_secs(120),
+                    &Places::default(),
                 )
                 .await
                 .unwrap();
@@ -1414,7 +1481,13 @@ mod tests {
                     let (p, client) = (p.clone(), client.clone());
                     tokio::spawn(async move {
                         let permit = p
-                            .acquire_as(&client, class, ONE, Duration::from_secs(600))
+                            .acquire_as(
+                                &client,
+                                class,
+                                ONE,
+                                Duration::from_secs(600),
+                                &Places::default(),
+                            )
                             .await
                             .unwrap();
                         let at = Instant::now() - start;
@@ -1528,6 +1601,80 @@ mod tests {
         let t = Instant::now();
         p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap();
         assert_eq!(Instant::now(), t);
+    }
+
+    /// Two pools (two upstreams of one model) sharing one depth.
+    fn two_pools(max_depth: usize) -> [Arc<Pool>; 2] {
+        let depth = Arc::new(AtomicUsize::new(0));
+        [0, 1].map(|_| {
+            let limits = Limits {
+                per_minute: [Some(60), None, None],
+                burst: Duration::from_secs(1),
+                margin: Duration::ZERO,
+                safety: 1.0,
+            };
+            Pool::start(
+                "test".into(),
+                "cred".into(),
+                settings(limits, None),
+                depth.clone(),
+                max_depth,
+            )
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_on_two_upstreams_counts_once_against_the_depth() {
+        let [a, b] = two_pools(2);
+        let c: Arc<str> = "c".into();
+        // Each pool's one slot a second is taken: what comes next waits.
+        let _held = (
+            a.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap(),
+            b.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap(),
+        );
+        // Two requests, each waiting in both queues at once.
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let places = Places::several();
+            for p in [&a, &b] {
+                let (p, c, places) = (p.clone(), c.clone(), places.clone());
+                waiting.push(tokio::spawn(async move {
+                    p.acquire_as(
+                        &c,
+                        Priority::Interactive,
+                        ONE,
+                        Duration::from_secs(60),
+                        &places,
+                    )
+                    .await
+                    .is_ok()
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!((a.queue_depth(), b.queue_depth()), (2, 2));
+        assert_eq!(
+            a.depth.load(Ordering::Relaxed),
+            2,
+            "two requests, not four places"
+        );
+        // The depth of 2 is reached: a third request is refused in either.
+        for p in [&a, &b] {
+            let e = p
+                .acquire(&c, ONE, Duration::from_secs(60))
+                .await
+                .err()
+                .unwrap();
+            assert_eq!(e.code(), "penstock_queue_full");
+        }
+        // Leaving every queue gives its one place back.
+        for w in &waiting {
+            w.abort();
+        }
+        for w in waiting {
+            let _ = w.await;
+        }
+        assert_eq!(a.depth.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
