@@ -576,16 +576,20 @@ impl Registry {
         });
     }
 
-    /// Shutting down: every pool answers what still waits (it could not go
-    /// in time) and admits nothing more.
-    pub(crate) fn close_queues(&self) {
-        let pools: Vec<Arc<Pool>> = self
-            .pools
+    /// Every pool now, taken out of the lock.
+    fn all_pools(&self) -> Vec<Arc<Pool>> {
+        self.pools
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Shutting down: every pool answers what still waits (it could not go
+    /// in time) and admits nothing more.
+    pub(crate) fn close_queues(&self) {
+        let pools = self.all_pools();
         for pool in pools {
             pool.close_queue();
         }
@@ -601,13 +605,7 @@ impl Registry {
     }
 
     pub fn status(&self) -> Vec<PoolStatus> {
-        let pools: Vec<Arc<Pool>> = self
-            .pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let pools = self.all_pools();
         let mut out: Vec<PoolStatus> = pools.iter().map(|p| p.status()).collect();
         out.sort_by(|a, b| (&a.name, &a.credential).cmp(&(&b.name, &b.credential)));
         out

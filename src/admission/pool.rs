@@ -1383,6 +1383,11 @@ mod tests {
     }
 
     fn pool(rpm: u64, max_depth: usize) -> Arc<Pool> {
+        pool_counting_in(rpm, Arc::new(AtomicUsize::new(0)), max_depth)
+    }
+
+    /// A pool whose waiters count in `depth`, which other pools may share.
+    fn pool_counting_in(rpm: u64, depth: Arc<AtomicUsize>, max_depth: usize) -> Arc<Pool> {
         Pool::start(
             "test".into(),
             "cred".into(),
@@ -1395,7 +1400,7 @@ mod tests {
                 },
                 None,
             ),
-            Arc::new(AtomicUsize::new(0)),
+            depth,
             max_depth,
         )
     }
@@ -1606,21 +1611,7 @@ mod tests {
     /// Two pools (two upstreams of one model) sharing one depth.
     fn two_pools(max_depth: usize) -> [Arc<Pool>; 2] {
         let depth = Arc::new(AtomicUsize::new(0));
-        [0, 1].map(|_| {
-            let limits = Limits {
-                per_minute: [Some(60), None, None],
-                burst: Duration::from_secs(1),
-                margin: Duration::ZERO,
-                safety: 1.0,
-            };
-            Pool::start(
-                "test".into(),
-                "cred".into(),
-                settings(limits, None),
-                depth.clone(),
-                max_depth,
-            )
-        })
+        [0, 1].map(|_| pool_counting_in(60, depth.clone(), max_depth))
     }
 
     #[tokio::test(start_paused = true)]

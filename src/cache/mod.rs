@@ -354,7 +354,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> 
                 };
                 if let Some((answer, _watch)) = joined {
                     let stored = answer.await;
-                    if stored.personal {
+                    if stored.personal() {
                         // The leader's own refusal: this caller goes on.
                         continue;
                     }
@@ -388,7 +388,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Coalesce<S> 
                 let stored = answer.await;
                 let outcome = stored.elsewhere.unwrap_or(outcome);
                 if outcome != "miss" {
-                    if stored.personal {
+                    if stored.personal() {
                         continue;
                     }
                     saved(

@@ -58,9 +58,6 @@ pub(crate) struct Stored {
     /// as an error, rendered by its own edge. Never shared with other
     /// replicas: it speaks of this one.
     pub(crate) error: Option<ProxyError>,
-    /// The leader's own refusal (its deadline, its client cap): not an answer
-    /// for those who waited with it; they carry the call on themselves.
-    pub(crate) personal: bool,
     /// Made by another replica: found in the shared cache (`hit`) or shared by
     /// its leader (`coalesced`).
     pub(crate) elsewhere: Option<&'static str>,
@@ -103,9 +100,14 @@ impl Stored {
             headers: parts.headers,
             body: first.unwrap_or_else(|| buf.freeze()),
             error: None,
-            personal: false,
             elsewhere: None,
         }
+    }
+
+    /// The leader's own refusal (its deadline, its client cap): not an
+    /// answer for those who waited with it; they carry the call on themselves.
+    pub(super) fn personal(&self) -> bool {
+        self.error.as_ref().is_some_and(ProxyError::is_personal)
     }
 
     pub(super) fn from_error(e: impl Into<ProxyError>) -> Stored {
@@ -114,7 +116,6 @@ impl Stored {
             status: e.status(),
             headers: HeaderMap::new(),
             body: Bytes::new(),
-            personal: e.is_personal(),
             error: Some(e),
             elsewhere: None,
         }
@@ -126,7 +127,6 @@ impl Stored {
             headers: answer.headers,
             body: answer.body,
             error: None,
-            personal: false,
             elsewhere: Some(elsewhere),
         }
     }
@@ -240,7 +240,6 @@ mod tests {
             headers,
             body: Bytes::from(z.finish().unwrap()),
             error: None,
-            personal: false,
             elsewhere: None,
         };
         assert_eq!(stored.usage().map(|u| u.total), Some(3));

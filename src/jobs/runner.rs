@@ -228,7 +228,7 @@ impl Jobs {
                         Err(e) => Err(e),
                     }
                 }
-                Err(e) => Err(JobError::Store(e.to_string()).into()),
+                Err(e) => Err(super::store::store_err(e)),
             };
             // This runner is the job's edge: its answer, or its error
             // rendered, becomes the result, with what penstock did for it.

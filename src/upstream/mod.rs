@@ -275,15 +275,17 @@ struct Inner {
 
 impl crate::vocab::service::Upstreams for Upstream {
     fn count(&self) -> usize {
-        self.len()
+        self.all.len()
     }
 
     fn unavailable(&self, i: usize) -> bool {
-        Upstream::unavailable(self, i)
+        self.all.get(i).is_some_and(|u| u.health.unavailable())
     }
 
     fn in_flight(&self, i: usize) -> usize {
-        Upstream::in_flight(self, i)
+        self.all.get(i).map_or(0, |u| {
+            u.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+        })
     }
 }
 
@@ -296,23 +298,6 @@ impl Upstream {
     /// Every upstream's breaker, in the config's order.
     pub(crate) fn healths(&self) -> Vec<health::Status> {
         self.all.iter().map(|u| u.health.status()).collect()
-    }
-
-    /// How many upstreams there are.
-    pub(crate) fn len(&self) -> usize {
-        self.all.len()
-    }
-
-    /// Attempts out to upstream `i` and not answered yet.
-    pub(crate) fn in_flight(&self, i: usize) -> usize {
-        self.all.get(i).map_or(0, |u| {
-            u.in_flight.load(std::sync::atomic::Ordering::Relaxed)
-        })
-    }
-
-    /// Whether a call to upstream `i` now would be answered by its breaker.
-    pub(crate) fn unavailable(&self, i: usize) -> bool {
-        self.all.get(i).is_some_and(|u| u.health.unavailable())
     }
 
     /// One upstream: builds the client; `env` reads the sidecar key's

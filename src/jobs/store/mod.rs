@@ -156,7 +156,7 @@ pub(super) fn open(
     }
 }
 
-fn store_err(e: impl std::fmt::Display) -> ProxyError {
+pub(super) fn store_err(e: impl std::fmt::Display) -> ProxyError {
     JobError::Store(e.to_string()).into()
 }
 
