@@ -12,8 +12,8 @@ use penstock::config::{Backend, BudgetConfig};
 use serde_json::json;
 
 /// Tests that count upstream 429s through a failure, and the one that moves
-/// hundreds of megabytes, take turns: `cargo test` runs a file's tests on
-/// threads of one process, and a starved one sends its calls late.
+/// hundreds of megabytes, take turns: `cargo test` runs the tests on threads
+/// of one process, and a starved one sends its calls late.
 static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn shared_config(upstream: &str, redis: &str) -> Config {
@@ -24,6 +24,9 @@ fn shared_config(upstream: &str, redis: &str) -> Config {
     c.budgets = vec![BudgetConfig {
         models: vec!["gpt-image-*".into()],
         rpm: Some(600),
+        // The tests share two cores: a thread can stall for tens of
+        // milliseconds, and a call booked on time reach the fake late.
+        safety_margin: Duration::from_millis(200),
         ..BudgetConfig::default()
     }];
     c
@@ -1047,8 +1050,6 @@ async fn the_primary_killed_under_load_is_followed_to_the_promoted_replica() {
     };
     let fake = Fake::start(ten_per_second()).await;
     let mut config = shared_config(&fake.url(), "redis://127.0.0.1:1");
-    // The tests share the machine: a call can reach the fake late.
-    config.budgets[0].safety_margin = Duration::from_millis(200);
     config.state.sentinels = sentinels.addrs();
     config.state.sentinel_master = Some("penstock".into());
     let group = replicas(3, &config).await;
