@@ -50,10 +50,11 @@ fn ten_images_per_second() -> Behaviour {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn against_a_quiet_upstream_that_refuses_nothing_no_call_waits() {
     // OpenAI's images API as it answers a tier with room: no rate-limit
-    // headers, each generation taking a while.
+    // headers, each generation taking a while (long enough that twenty sent
+    // at once overlap even when the tests sharing the machine delay some).
     let h = start(Behaviour {
         announce_limits: false,
-        latency: (Duration::from_millis(800), Duration::from_millis(800)),
+        latency: (Duration::from_secs(3), Duration::from_secs(3)),
         ..Behaviour::default()
     })
     .await;
