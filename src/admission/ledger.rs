@@ -380,6 +380,42 @@ impl Ledger {
         }
     }
 
+    /// Counts the call of `ticket` from `now`, when it really left, instead of
+    /// when it was admitted: its cost moves to a new entry at `now` (the old
+    /// one stays at zero, so later tickets keep their places). The bucket and
+    /// the upstream's word are left as they were: the call was charged to
+    /// them once. Answers the call's new ticket; a call that has left both
+    /// windows keeps its own.
+    pub(crate) fn redate(&mut self, ticket: Ticket, now: Instant) -> Ticket {
+        self.expire(now);
+        let Some(idx) = ticket.seq.checked_sub(self.first_seq) else {
+            return ticket;
+        };
+        let idx = idx as usize;
+        let in_burst = idx >= self.burst_from;
+        let Some(e) = self.entries.get_mut(idx) else {
+            return ticket;
+        };
+        if now <= e.at || e.cost == [0; 3] {
+            return ticket;
+        }
+        let cost = std::mem::take(&mut e.cost);
+        for d in 0..3 {
+            self.used_minute[d] -= cost[d];
+            if in_burst {
+                self.used_burst[d] -= cost[d];
+            }
+        }
+        let now = self.entries.back().map_or(now, |e| e.at.max(now));
+        for d in 0..3 {
+            self.used_burst[d] += cost[d];
+            self.used_minute[d] += cost[d];
+        }
+        let seq = self.first_seq + self.entries.len() as u64;
+        self.entries.push_back(Entry { at: now, cost });
+        Ticket { seq, at: now }
+    }
+
     /// Folds in the upstream's `x-ratelimit-*` as seen on the response to the call
     /// admitted at `admitted`: it pulls the pool down when someone else spends the
     /// same key, and never raises it above penstock's own limits.
@@ -811,5 +847,85 @@ mod tests {
         };
         assert_eq!(l.ready_at(now, &chat), now + Duration::from_millis(700));
         assert_eq!(l.time_to_serve(now, &chat), Duration::from_millis(700));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_left_late_holds_its_window_from_when_it_left() {
+        let mut l = ledger(Some(600), None, None);
+        let start = Instant::now();
+        let late = l.charge(start, &req());
+        for _ in 0..9 {
+            l.charge(start, &req());
+        }
+        // The first left 300 ms after its admission.
+        let moved = l.redate(late, start + Duration::from_millis(300));
+        assert_eq!(moved.at, start + Duration::from_millis(300));
+        // A second on, nine have left the window; the late one has not.
+        let second = start + Duration::from_secs(1);
+        for _ in 0..9 {
+            assert_eq!(l.ready_at(second, &req()), second);
+            l.charge(second, &req());
+        }
+        assert_eq!(
+            l.ready_at(second, &req()),
+            start + Duration::from_millis(1300)
+        );
+        // Settled on its new ticket, its refund frees its place.
+        l.settle(moved, &Cost::default());
+        assert_eq!(l.ready_at(second, &req()), second);
+        // A ticket the windows have forgotten stays as it was.
+        let old = l.redate(late, start + Duration::from_secs(90));
+        assert_eq!(old, late);
+    }
+
+    /// Calls leave when their task runs, which on a busy host can be later
+    /// than their admission; each is counted from when it left (the pool
+    /// re-dates it then). However late each leaves, short of a whole
+    /// window, no window of departures holds more than the share.
+    fn departures(lateness: &[u64]) -> Vec<Instant> {
+        let mut l = ledger(Some(600), None, None);
+        let mut now = Instant::now();
+        let mut pending: Vec<(Instant, Ticket)> = Vec::new();
+        let mut departed = Vec::new();
+        let mut next = 0;
+        while next < lateness.len() || !pending.is_empty() {
+            pending.sort_by_key(|(at, _)| *at);
+            while pending.first().is_some_and(|(at, _)| *at <= now) {
+                let (_, ticket) = pending.remove(0);
+                l.redate(ticket, now);
+                departed.push(now);
+            }
+            let mut wake = pending.first().map(|(at, _)| *at);
+            if let Some(ms) = lateness.get(next) {
+                let ready = l.ready_at(now, &req());
+                if ready <= now {
+                    let ticket = l.charge(now, &req());
+                    pending.push((now + Duration::from_millis(*ms), ticket));
+                    next += 1;
+                    continue;
+                }
+                wake = Some(wake.map_or(ready, |w| w.min(ready)));
+            }
+            if let Some(wake) = wake {
+                now = wake;
+            }
+        }
+        departed.sort();
+        departed
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn calls_leaving_late_never_crowd_a_window(
+            lateness in proptest::collection::vec(
+                proptest::prop_oneof![3 => proptest::strategy::Just(0u64), 1 => 0u64..1000],
+                1..120,
+            )
+        ) {
+            let departed = departures(&lateness);
+            proptest::prop_assert_eq!(departed.len(), lateness.len());
+            let most = most_in_any(&departed, Duration::from_secs(1));
+            proptest::prop_assert!(most <= 10, "{} calls left within a second", most);
+        }
     }
 }

@@ -297,6 +297,9 @@ struct State {
     probe_out: Option<Instant>,
     /// Counts pauses: a probe speaks only for the pause it was admitted in.
     pauses: u64,
+    /// Calls that left later than their admission allowed for, and were
+    /// counted from when they left.
+    late_departures: u64,
     max_in_flight: Option<usize>,
     /// For a pool no budget configures: what it learns of the upstream's limits.
     learner: Option<Learner>,
@@ -436,6 +439,7 @@ impl Pool {
                 recovering: false,
                 probe_out: None,
                 pauses: 0,
+                late_departures: 0,
                 max_in_flight,
                 learner,
             }),
@@ -717,6 +721,7 @@ impl Pool {
                     tokio::time::sleep_until(granted.not_before).await;
                 }
                 let mut permit = unsent.send();
+                self.count_from_departure(&mut permit, granted.not_before);
                 permit.queued = start.elapsed();
                 Ok(permit)
             }
@@ -733,6 +738,31 @@ impl Pool {
                     retry_after,
                 })
             }
+        }
+    }
+
+    /// A call whose task ran late (a busy host: it was due at `due`) is
+    /// counted from when it leaves, here and in the shared ledger: counted
+    /// from its admission, the window after it could admit calls that reach
+    /// the upstream within one window of it. The margin absorbs half of it
+    /// without the bookkeeping; the rest of the margin is the network's.
+    fn count_from_departure(&self, permit: &mut Permit, due: Instant) {
+        let now = Instant::now();
+        let late = now.saturating_duration_since(due);
+        let mut st = self.lock();
+        if late.is_zero() || late <= st.full.margin / 2 {
+            return;
+        }
+        permit.ticket = st.ledger.redate(permit.ticket, now);
+        st.late_departures += 1;
+        drop(st);
+        if let (Some(remote), Some(booked)) = (self.shared(), permit.booked.as_mut()) {
+            let late = u64::try_from(late.as_millis()).unwrap_or(u64::MAX);
+            booked.at = booked.at.saturating_add(late);
+            let (redis, key, id) = (remote.redis.clone(), remote.key.clone(), booked.id);
+            tokio::spawn(async move {
+                let _ = redis.redate(&key, id, late).await;
+            });
         }
     }
 
@@ -1167,6 +1197,7 @@ impl Pool {
                 .max()
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             in_flight: st.in_flight,
+            late_departures: st.late_departures,
             paused_for_ms: st
                 .ledger
                 .paused_until()
@@ -1612,6 +1643,60 @@ mod tests {
     fn two_pools(max_depth: usize) -> [Arc<Pool>; 2] {
         let depth = Arc::new(AtomicUsize::new(0));
         [0, 1].map(|_| pool_counting_in(60, depth.clone(), max_depth))
+    }
+
+    /// A queued call whose task runs 300 ms after its admission (a busy
+    /// host) counts from when it left: the calls of the next window go a
+    /// whole window after it, so the upstream never sees eleven in one
+    /// second.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_leaves_late_holds_the_next_window_back_from_when_it_left() {
+        let p = pool(600, 100);
+        let c: Arc<str> = "c".into();
+        let start = Instant::now();
+        let mut left = Vec::new();
+        for _ in 0..10 {
+            drop(p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap());
+            left.push(Instant::now());
+        }
+        // The late one is first in the queue, then nineteen that run on time.
+        let mut late = Box::pin(p.acquire(&c, ONE, Duration::from_secs(60)));
+        assert!(futures_util::poll!(&mut late).is_pending());
+        let on_time: Vec<_> = (0..19)
+            .map(|_| {
+                let (p, c) = (p.clone(), c.clone());
+                tokio::spawn(async move {
+                    drop(p.acquire(&c, ONE, Duration::from_secs(60)).await.unwrap());
+                    Instant::now()
+                })
+            })
+            .collect();
+        // Admitted at one second, its task runs at 1.3 s.
+        tokio::time::sleep_until(start + Duration::from_millis(1300)).await;
+        let permit = late.await.unwrap();
+        left.push(Instant::now());
+        assert_eq!(permit.queued, Duration::from_millis(1300));
+        drop(permit);
+        for t in on_time {
+            left.push(t.await.unwrap());
+        }
+        left.sort();
+        let most = (0..left.len())
+            .map(|i| {
+                left[i..]
+                    .iter()
+                    .take_while(|t| **t - left[i] < Duration::from_secs(1))
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert_eq!(
+            most,
+            10,
+            "{:?}",
+            left.iter().map(|t| *t - start).collect::<Vec<_>>()
+        );
+        assert_eq!(p.status().late_departures, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -353,6 +353,29 @@ keep_all()
 return 1
 "#;
 
+/// KEYS: state, burst, minute, cost, breaker, heads, seen, finish. ARGV: id,
+/// how late the call left (ms). The call counts from when it left: its
+/// entries move later in both windows (back into the burst window, sums
+/// and all, if it had already left it).
+const REDATE: &str = r#"
+local id = ARGV[1]
+local late = tonumber(ARGV[2])
+local s = redis.call('ZSCORE', KEYS[3], id)
+local c = redis.call('HGET', KEYS[4], id)
+if not s or not c or late <= 0 then return 0 end
+local at = tonumber(s) + late
+if not redis.call('ZSCORE', KEYS[2], id) then
+  local v = parse(c)
+  for d = 1, 3 do
+    if v[d] > 0 then redis.call('HINCRBY', KEYS[1], 'b' .. d, v[d]) end
+  end
+end
+redis.call('ZADD', KEYS[2], at, id)
+redis.call('ZADD', KEYS[3], at, id)
+keep_all()
+return 1
+"#;
+
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&format!("{LIB}{body}"))
 }
@@ -369,8 +392,8 @@ fn costs(cost: &Cost) -> [u64; 3] {
     cost.dims().map(number)
 }
 
-static SCRIPTS: std::sync::LazyLock<[redis::Script; 4]> =
-    std::sync::LazyLock::new(|| [BOOK, SETTLE, OBSERVE, PAUSE].map(script));
+static SCRIPTS: std::sync::LazyLock<[redis::Script; 5]> =
+    std::sync::LazyLock::new(|| [BOOK, SETTLE, OBSERVE, PAUSE, REDATE].map(script));
 
 fn book() -> &'static redis::Script {
     &SCRIPTS[0]
@@ -502,6 +525,19 @@ impl Redis {
             inv.key(k);
         }
         inv.arg(id).arg(c[0]).arg(c[1]).arg(c[2]);
+        self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// The booked call `id` left `late` ms after its reservation: it counts
+    /// from then.
+    pub async fn redate(&self, pool: &PoolKey, id: u64, late: u64) -> Result<(), Unavailable> {
+        let mut conn = self.conn()?;
+        let mut inv = SCRIPTS[4].prepare_invoke();
+        for k in &pool.keys {
+            inv.key(k);
+        }
+        inv.arg(id).arg(number(late));
         self.timed(inv.invoke_async::<i64>(&mut conn)).await?;
         Ok(())
     }

@@ -605,6 +605,63 @@ async fn a_pools_keys_are_kept_alive_together_by_every_script() {
     aligned(pool_ttls(&redis).await, "settle");
 }
 
+/// A booked call that left late counts from when it left, in both windows:
+/// moved within the burst window, or back into it with its sums if it had
+/// already left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_that_left_late_holds_the_shared_window_from_when_it_left() {
+    use penstock::admission::shared::{Booking, Candidate};
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let shared = shared_state(&redis).await;
+    let key = shared.pool_key("late", "cred");
+    let candidates = [Candidate {
+        client: "c",
+        weight: 1,
+        cost: one_call(),
+        batch: false,
+    }];
+    // Two calls per burst window of 1.05 s (the margin included).
+    let limits = penstock::admission::ledger::Limits {
+        per_minute: [Some(120), None, None],
+        ..limits_600()
+    };
+    let book = || shared.book(&key, &candidates, &limits, Duration::ZERO);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (Booking::Booked { id, wait, .. }, _) = book().await.unwrap() else {
+            panic!("an empty pool books at once");
+        };
+        assert!(wait < Duration::from_millis(50));
+        ids.push(id);
+    }
+    let until_free = || async {
+        match book().await.unwrap().0 {
+            Booking::Wait(wait) => wait,
+            other => panic!("the window is full: {other:?}"),
+        }
+    };
+    assert!(until_free().await <= Duration::from_millis(1050));
+    // Both left 600 ms late: the window frees 600 ms later.
+    for id in &ids {
+        shared.redate(&key, *id, 600).await.unwrap();
+    }
+    let wait = until_free().await;
+    assert!(wait > Duration::from_millis(1300), "{wait:?}");
+    assert!(wait <= Duration::from_millis(1650), "{wait:?}");
+    // Once both have left the burst window, one more is booked; then the
+    // first is said to have left 1.5 s late (a host stalled that long): it
+    // is back in the burst window, and the next call waits for it.
+    tokio::time::sleep(wait).await;
+    let (Booking::Booked { .. }, _) = book().await.unwrap() else {
+        panic!("the window has room");
+    };
+    shared.redate(&key, ids[0], 1500).await.unwrap();
+    let wait = until_free().await;
+    assert!(wait > Duration::from_millis(300), "{wait:?}");
+}
+
 /// Running sums whose entries are gone (a window's keys lost) no longer hold
 /// the pool: an empty window sums to nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
