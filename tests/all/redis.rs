@@ -538,6 +538,16 @@ fn one_call() -> penstock::vocab::cost::Cost {
     }
 }
 
+/// One client's one call, as a replica proposes it for booking.
+fn one_candidate() -> [penstock::admission::shared::Candidate<'static>; 1] {
+    [penstock::admission::shared::Candidate {
+        client: "c",
+        weight: 1,
+        cost: one_call(),
+        batch: false,
+    }]
+}
+
 fn limits_600() -> penstock::admission::ledger::Limits {
     penstock::admission::ledger::Limits {
         per_minute: [Some(600), Some(1_000_000), None],
@@ -553,19 +563,14 @@ fn limits_600() -> penstock::admission::ledger::Limits {
 /// they sum, and a pool then looked full for ever.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pools_keys_are_kept_alive_together_by_every_script() {
-    use penstock::admission::shared::{Booking, Candidate};
+    use penstock::admission::shared::Booking;
     use penstock::vocab::headers::{RateLimitHeaders, Remaining};
     let Some(redis) = RedisServer::start().await else {
         return;
     };
     let shared = shared_state(&redis).await;
     let key = shared.pool_key("ttl", "cred");
-    let candidates = [Candidate {
-        client: "c",
-        weight: 1,
-        cost: one_call(),
-        batch: false,
-    }];
+    let candidates = one_candidate();
     let limits = limits_600();
     let book = || shared.book(&key, &candidates, &limits, Duration::from_millis(200));
     let (Booking::Booked { id, at, .. }, _) = book().await.unwrap() else {
@@ -610,18 +615,13 @@ async fn a_pools_keys_are_kept_alive_together_by_every_script() {
 /// already left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_booking_that_left_late_holds_the_shared_window_from_when_it_left() {
-    use penstock::admission::shared::{Booking, Candidate};
+    use penstock::admission::shared::Booking;
     let Some(redis) = RedisServer::start().await else {
         return;
     };
     let shared = shared_state(&redis).await;
     let key = shared.pool_key("late", "cred");
-    let candidates = [Candidate {
-        client: "c",
-        weight: 1,
-        cost: one_call(),
-        batch: false,
-    }];
+    let candidates = one_candidate();
     // Two calls per burst window of 1.05 s (the margin included).
     let limits = penstock::admission::ledger::Limits {
         per_minute: [Some(120), None, None],
@@ -666,18 +666,13 @@ async fn a_booking_that_left_late_holds_the_shared_window_from_when_it_left() {
 /// the pool: an empty window sums to nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sums_without_their_entries_do_not_stall_the_pool() {
-    use penstock::admission::shared::{Booking, Candidate};
+    use penstock::admission::shared::Booking;
     let Some(redis) = RedisServer::start().await else {
         return;
     };
     let shared = shared_state(&redis).await;
     let key = shared.pool_key("heal", "cred");
-    let candidates = [Candidate {
-        client: "c",
-        weight: 1,
-        cost: one_call(),
-        batch: false,
-    }];
+    let candidates = one_candidate();
     let limits = penstock::admission::ledger::Limits {
         per_minute: [Some(60), None, None],
         ..limits_600()
