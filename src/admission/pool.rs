@@ -749,8 +749,11 @@ impl Pool {
     fn count_from_departure(&self, permit: &mut Permit, due: Instant) {
         let now = Instant::now();
         let late = now.saturating_duration_since(due);
+        if late.is_zero() {
+            return;
+        }
         let mut st = self.lock();
-        if late.is_zero() || late <= st.full.margin / 2 {
+        if late <= st.full.margin / 2 {
             return;
         }
         permit.ticket = st.ledger.redate(permit.ticket, now);
