@@ -174,6 +174,10 @@ async fn a_known_mix_gives_exact_counts_costs_and_savings_and_no_key_anywhere() 
     );
     assert_eq!(sample(&text, "penstock_queue_depth{pool=\"images\"}"), 0.0);
     assert_eq!(
+        sample(&text, "penstock_late_departures{pool=\"images\"}"),
+        0.0
+    );
+    assert_eq!(
         sample(
             &text,
             "penstock_budget_remaining{pool=\"images\",dimension=\"requests\"}"

@@ -140,6 +140,7 @@ pub struct Metrics {
     queue_wait: Histograms<Pool>,
     upstream_duration: Histograms<Route>,
     queue_depth: Family<Pool, Gauge>,
+    late_departures: Family<Pool, Gauge>,
     remaining: Family<PoolDim, Gauge>,
     tokens: Family<ModelKind, Counter>,
     images: Family<Model, Counter>,
@@ -244,6 +245,7 @@ impl Metrics {
             queue_wait: Family::new_with_constructor(histogram),
             upstream_duration: Family::new_with_constructor(histogram),
             queue_depth: Family::default(),
+            late_departures: Family::default(),
             remaining: Family::default(),
             tokens: Family::default(),
             images: Family::default(),
@@ -325,6 +327,11 @@ impl Metrics {
             "penstock_queue_depth",
             "Requests waiting for budget",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "penstock_late_departures",
+            "Calls that left later than their admission allowed for (a busy host), each counted from when it left, since the budget's pools began",
+            m.late_departures.clone(),
         );
         r.register(
             "penstock_budget_remaining",
@@ -672,21 +679,23 @@ impl Metrics {
     /// `degraded`: the shared state is configured and unavailable.
     pub(crate) fn encode(&self, pools: &[PoolStatus], degraded: bool) -> String {
         self.degraded.set(i64::from(degraded));
-        let mut depth: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut depth: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
         let mut remaining: BTreeMap<(&str, &'static str), i64> = BTreeMap::new();
         for p in pools {
-            *depth.entry(&p.name).or_default() += p.queue_depth as i64;
+            let (queued, late) = depth.entry(&p.name).or_default();
+            *queued = queued.saturating_add(i64::try_from(p.queue_depth).unwrap_or(i64::MAX));
+            *late = late.saturating_add(i64::try_from(p.late_departures).unwrap_or(i64::MAX));
             for (dim, s) in &p.remaining {
                 let r = remaining.entry((&p.name, dim)).or_insert(i64::MAX);
                 *r = (*r).min(s.burst_remaining as i64);
             }
         }
-        for (pool, d) in depth {
-            self.queue_depth
-                .get_or_create(&Pool {
-                    pool: pool.to_string(),
-                })
-                .set(d);
+        for (pool, (queued, late)) in depth {
+            let pool = Pool {
+                pool: pool.to_string(),
+            };
+            self.queue_depth.get_or_create(&pool).set(queued);
+            self.late_departures.get_or_create(&pool).set(late);
         }
         for ((pool, dimension), r) in remaining {
             self.remaining
