@@ -758,6 +758,10 @@ impl Pool {
         }
         permit.ticket = st.ledger.redate(permit.ticket, now);
         st.late_departures += 1;
+        if permit.booked.is_some() {
+            // Redis lost now, the local share waits a window from this call.
+            st.last_booked = st.last_booked.max(Some(now));
+        }
         drop(st);
         if let (Some(remote), Some(booked)) = (self.shared(), permit.booked.as_mut()) {
             let late = u64::try_from(late.as_millis()).unwrap_or(u64::MAX);
