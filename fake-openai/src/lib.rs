@@ -124,6 +124,11 @@ pub struct Behaviour {
     /// Close a keep-alive connection idle this long, as OpenAI's edge closes
     /// idle connections (a client must not send on one it just closed).
     pub idle_close: Option<Duration>,
+    /// How long a new HTTPS connection's TLS handshake takes (over a real
+    /// network, a few round trips: tens to hundreds of milliseconds). A
+    /// client can send nothing on the connection before it ends. Served
+    /// over plain HTTP, there is no handshake to wait for.
+    pub handshake_delay: Duration,
     /// Act as an Azure OpenAI resource instead (see [`Azure`]).
     pub azure: Option<Azure>,
 }
@@ -178,6 +183,7 @@ impl Default for Behaviour {
             image_refusal_limits: true,
             compress: true,
             idle_close: None,
+            handshake_delay: Duration::ZERO,
         }
     }
 }
@@ -304,7 +310,10 @@ impl Fake {
                 let _ = stream.set_nodelay(true);
                 st.connections.fetch_add(1, Ordering::Relaxed);
                 st.open.fetch_add(1, Ordering::Relaxed);
-                let idle_close = st.behaviour.lock().unwrap().idle_close;
+                let (idle_close, handshake_delay) = {
+                    let b = st.behaviour.lock().unwrap();
+                    (b.idle_close, b.handshake_delay)
+                };
                 let st = st.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
@@ -322,6 +331,9 @@ impl Fake {
                     }
                     match acceptor {
                         Some(acceptor) => {
+                            // The round trips of the handshake, before the
+                            // server's answer to the client's hello.
+                            tokio::time::sleep(handshake_delay).await;
                             if let Ok(tls) = acceptor.accept(stream).await {
                                 let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
                             }

@@ -953,6 +953,8 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Budget<S> {
             pool.queue_wait
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
+            let mut req = req;
+            req.body_mut().departure = Some(permit.departure());
             let result = crate::vocab::service::call_now(&mut inner, req).await;
             if alternatives {
                 note_failure(&ctx, up, &result);

@@ -16,6 +16,7 @@ use super::ledger::{DIM_NAMES, Ledger, Limits, Ticket};
 use super::queue::FairQueue;
 use super::shared::{Booking, Candidate, MAX_CANDIDATES, PoolKey, STALE_HEAD};
 use crate::state::{Answer, Redis};
+use crate::vocab::context::Departure;
 use crate::vocab::cost::{Cost, Priority};
 use crate::vocab::error::Problem;
 use crate::vocab::headers::{RateLimitHeaders, name};
@@ -548,9 +549,14 @@ impl Pool {
 
     fn permit(self: &Arc<Self>, granted: &Granted, cost: Cost, queued: Duration) -> Permit {
         Permit {
-            pool: self.clone(),
-            ticket: granted.ticket,
-            booked: granted.booked,
+            leg: Arc::new(Leg {
+                pool: self.clone(),
+                counted: Mutex::new(Counted {
+                    ticket: granted.ticket,
+                    booked: granted.booked,
+                    due: granted.not_before,
+                }),
+            }),
             cost,
             probe: granted.probe,
             queued,
@@ -721,7 +727,9 @@ impl Pool {
                     tokio::time::sleep_until(granted.not_before).await;
                 }
                 let mut permit = unsent.send();
-                self.count_from_departure(&mut permit, granted.not_before);
+                // Its task may run late; the upstream layer tells again as
+                // the call leaves on a connection.
+                self.count_from_departure(&permit.leg);
                 permit.queued = start.elapsed();
                 Ok(permit)
             }
@@ -741,14 +749,16 @@ impl Pool {
         }
     }
 
-    /// A call whose task ran late (a busy host: it was due at `due`) is
-    /// counted from when it leaves, here and in the shared ledger: counted
-    /// from its admission, the window after it could admit calls that reach
-    /// the upstream within one window of it. The margin absorbs half of it
-    /// without the bookkeeping; the rest of the margin is the network's.
-    fn count_from_departure(&self, permit: &mut Permit, due: Instant) {
+    /// A call that leaves late (its task ran late on a busy host, or it
+    /// waited for a new connection's handshake) is counted from when it
+    /// leaves, here and in the shared ledger: counted from its admission,
+    /// the window after it could admit calls that reach the upstream within
+    /// one window of it. The margin absorbs half of it without the
+    /// bookkeeping; the rest of the margin is the network's.
+    fn count_from_departure(&self, leg: &Leg) {
         let now = Instant::now();
-        let late = now.saturating_duration_since(due);
+        let mut counted = leg.lock();
+        let late = now.saturating_duration_since(counted.due);
         if late.is_zero() {
             return;
         }
@@ -756,14 +766,15 @@ impl Pool {
         if late <= st.full.margin / 2 {
             return;
         }
-        permit.ticket = st.ledger.redate(permit.ticket, now);
+        counted.ticket = st.ledger.redate(counted.ticket, now);
+        counted.due = now;
         st.late_departures += 1;
-        if permit.booked.is_some() {
+        if counted.booked.is_some() {
             // Redis lost now, the local share waits a window from this call.
             st.last_booked = st.last_booked.max(Some(now));
         }
         drop(st);
-        if let (Some(remote), Some(booked)) = (self.shared(), permit.booked.as_mut()) {
+        if let (Some(remote), Some(booked)) = (self.shared(), counted.booked.as_mut()) {
             let late = u64::try_from(late.as_millis()).unwrap_or(u64::MAX);
             booked.at = booked.at.saturating_add(late);
             let (redis, key, id) = (remote.redis.clone(), remote.key.clone(), booked.id);
@@ -1273,10 +1284,7 @@ impl Drop for Waiting {
 /// An admitted call. It counts as in flight until dropped; settle it once the
 /// upstream says what the call really cost.
 pub struct Permit {
-    pool: Arc<Pool>,
-    ticket: Ticket,
-    /// Its reservation in the shared ledger.
-    booked: Option<Booked>,
+    leg: Arc<Leg>,
     cost: Cost,
     /// The one call let through after a rate-limit pause.
     probe: Probe,
@@ -1284,19 +1292,60 @@ pub struct Permit {
     pub queued: Duration,
 }
 
+/// Where an admitted call is counted, in this pool's ledger and the shared
+/// one, and from when. Told by the upstream layer when the call leaves.
+struct Leg {
+    pool: Arc<Pool>,
+    counted: Mutex<Counted>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counted {
+    ticket: Ticket,
+    /// Its reservation in the shared ledger.
+    booked: Option<Booked>,
+    /// When it is counted from: when it was admitted for, until it leaves
+    /// late.
+    due: Instant,
+}
+
+impl Leg {
+    /// Taken before the pool's lock, never while holding it.
+    fn lock(&self) -> MutexGuard<'_, Counted> {
+        self.counted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Departure for Leg {
+    fn departed(&self) {
+        self.pool.count_from_departure(self);
+    }
+}
+
 impl Permit {
     pub(crate) fn estimate(&self) -> Cost {
         self.cost
     }
 
+    /// What the upstream layer tells as this call leaves.
+    pub(crate) fn departure(&self) -> Arc<dyn Departure> {
+        self.leg.clone()
+    }
+
+    fn counted(&self) -> Counted {
+        *self.leg.lock()
+    }
+
     /// Replaces the estimate with what the call really cost.
     pub(crate) fn settle(&self, actual: &Cost) {
+        let counted = self.counted();
+        let pool = &self.leg.pool;
         let waiting = {
-            let mut st = self.pool.lock();
-            st.ledger.settle(self.ticket, actual);
-            self.pool.anyone_waiting(&st)
+            let mut st = pool.lock();
+            st.ledger.settle(counted.ticket, actual);
+            pool.anyone_waiting(&st)
         };
-        if let (Some(remote), Some(booked)) = (&self.pool.remote, self.booked)
+        if let (Some(remote), Some(booked)) = (&pool.remote, counted.booked)
             && *actual != self.cost
         {
             let (redis, key, actual) = (remote.redis.clone(), remote.key.clone(), *actual);
@@ -1305,7 +1354,7 @@ impl Permit {
             });
         }
         if waiting {
-            self.pool.wake.notify_one();
+            self.leg.pool.wake.notify_one();
         }
     }
 
@@ -1315,9 +1364,10 @@ impl Permit {
             return;
         }
         let now = Instant::now();
+        let counted = self.counted();
         let (margin, tell) = {
-            let mut st = self.pool.lock();
-            st.ledger.observe(now, self.ticket.at, headers);
+            let mut st = self.leg.pool.lock();
+            st.ledger.observe(now, counted.ticket.at, headers);
             // The shared ledger hears the upstream's view at most so often:
             // it changes little from one answer to the next.
             let tell = st.last_told.is_none_or(|t| now >= t + OBSERVE_EVERY);
@@ -1326,7 +1376,7 @@ impl Permit {
             }
             (st.full.margin, tell)
         };
-        if let (Some(remote), Some(booked), true) = (&self.pool.remote, self.booked, tell) {
+        if let (Some(remote), Some(booked), true) = (&self.leg.pool.remote, counted.booked, tell) {
             let (redis, key, headers) = (remote.redis.clone(), remote.key.clone(), *headers);
             tokio::spawn(async move {
                 let _ = redis.observe(&key, booked.at, margin, &headers).await;
@@ -1337,7 +1387,8 @@ impl Permit {
     /// Learns from this call's answer, for a pool whose limits are learned:
     /// announced limits, or a success or a rate limit where none are announced.
     pub fn learn(&self, headers: &RateLimitHeaders, rate_limited: bool) {
-        let pool = &self.pool;
+        let at = self.counted().ticket.at;
+        let pool = &self.leg.pool;
         if !pool.learns {
             // A configured pool: no lock taken per answer for nothing.
             return;
@@ -1349,7 +1400,7 @@ impl Permit {
         };
         let update = learner.on_headers(headers).or_else(|| {
             if rate_limited {
-                learner.on_rate_limited(in_flight, self.ticket.at)
+                learner.on_rate_limited(in_flight, at)
             } else {
                 learner.on_success(in_flight)
             }
@@ -1366,11 +1417,11 @@ impl Permit {
         if self.probe.is_none() {
             return;
         }
-        let mut st = self.pool.lock();
+        let mut st = self.leg.pool.lock();
         if st.recovering && self.probe == Some(st.pauses) {
             st.recovering = false;
             drop(st);
-            self.pool.wake.notify_one();
+            self.leg.pool.wake.notify_one();
         }
     }
 }
@@ -1395,13 +1446,13 @@ impl Drop for Unsent {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut st = self.pool.lock();
+        let mut st = self.leg.pool.lock();
         st.in_flight -= 1;
         probe_done(&mut st, self.probe);
-        let waiting = self.pool.anyone_waiting(&st);
+        let waiting = self.leg.pool.anyone_waiting(&st);
         drop(st);
         if waiting {
-            self.pool.wake.notify_one();
+            self.leg.pool.wake.notify_one();
         }
     }
 }

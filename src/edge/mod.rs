@@ -628,6 +628,7 @@ where
         gate: None,
         upstream: None,
         model: None,
+        departure: None,
     };
     Ok(Request::from_parts(parts, payload))
 }

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower::Service;
 
+use crate::vocab::context::Departure;
 use crate::vocab::url::BaseUrl;
 
 type Body = Full<Bytes>;
@@ -123,9 +124,14 @@ impl Conns {
     /// Sends `req` (its URI in origin form, `/path?query`) and returns the
     /// answer's head, with the HTTP/1.1 connection to give back once its body
     /// is read.
+    ///
+    /// `departure` is told as the request is handed to a connection ready for
+    /// it: after any wait for a new one (its TLS handshake), so the call is
+    /// counted from when it really leaves.
     pub(crate) async fn send(
         &self,
         mut req: Request<Body>,
+        departure: Option<&dyn Departure>,
     ) -> Result<(Response<Incoming>, Option<Lent>), SendError> {
         let home = self.local().clone();
         let path = req
@@ -136,7 +142,11 @@ impl Conns {
         // A request comes back unsent only when its connection had just closed;
         // a few tries find one that has not.
         for _ in 0..SEND_TRIES {
-            match self.checkout(&home).await? {
+            let checkout = self.checkout(&home).await?;
+            if let Some(departure) = departure {
+                departure.departed();
+            }
+            match checkout {
                 Checkout::H2(mut sender) => {
                     // HTTP/2 carries the scheme and authority in the URI.
                     *req.uri_mut() = self.base.absolute(path.clone());

@@ -21,7 +21,7 @@ use crate::config::{UpstreamConfig, UpstreamKind, Upstreams};
 use crate::telemetry::metrics::Metrics;
 use crate::vocab::body::{Body, full};
 use crate::vocab::classify::classify;
-use crate::vocab::context::Payload;
+use crate::vocab::context::{Departure, Payload};
 use crate::vocab::encoding::{self, Accept, Encoding};
 use crate::vocab::error::{Problem, ProxyError};
 use crate::vocab::headers::{name, remove_where};
@@ -602,6 +602,8 @@ impl tower::Service<Request<Payload>> for Upstream {
         if let Some(ctx) = &ctx {
             ctx.tally.update(|t| t.sent = true);
         }
+        let mut req = req;
+        let departure = req.body_mut().departure.take();
         let req = inner.request(req);
         Box::pin(async move {
             // A probe whose caller leaves gives its turn back.
@@ -617,7 +619,7 @@ impl tower::Service<Request<Payload>> for Upstream {
                     .min(c.deadline.saturating_duration_since(sent))
             });
             let result = match req {
-                Ok(req) => inner.attempt(req, timeout).await,
+                Ok(req) => inner.attempt(req, timeout, departure.as_deref()).await,
                 Err(e) => {
                     inner.health.record(false, probe);
                     out.inner = None;
@@ -700,8 +702,10 @@ impl Inner {
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
+        departure: Option<&dyn Departure>,
     ) -> Result<Response<Body>, ProxyError> {
-        let (resp, lent) = match tokio::time::timeout(timeout, self.conns.send(req)).await {
+        let sent = self.conns.send(req, departure);
+        let (resp, lent) = match tokio::time::timeout(timeout, sent).await {
             Err(_) => return Err(Failure::Timeout(timeout).into()),
             Ok(Err(conns::SendError::Connect(e))) => return Err(Failure::Unreachable(e).into()),
             Ok(Err(conns::SendError::Connection(e))) => {

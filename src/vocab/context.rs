@@ -187,6 +187,9 @@ pub struct Payload {
     /// The model this attempt asks for, when admission chose a fallback
     /// (its body already says so).
     pub(crate) model: Option<Arc<str>>,
+    /// Told when this attempt leaves for the upstream, on a connection
+    /// ready for it: admission counts the call from then.
+    pub(crate) departure: Option<Arc<dyn Departure>>,
 }
 
 /// Turns a request of penstock's own making into one the stack takes (its
@@ -209,6 +212,19 @@ pub(crate) trait SendGate: Send + Sync + std::fmt::Debug {
     fn before_send(
         &self,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), super::error::ProxyError>> + Send>>;
+}
+
+/// Told the moment an attempt is handed to a connection ready for it, after
+/// any wait for one (a new connection's TLS handshake): the ledgers count a
+/// call from when it leaves, not from when it was admitted.
+pub(crate) trait Departure: Send + Sync {
+    fn departed(&self);
+}
+
+impl std::fmt::Debug for dyn Departure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Departure")
+    }
 }
 
 impl From<Bytes> for Payload {

@@ -105,3 +105,49 @@ fn a_ca_file_without_certificates_stops_startup() {
         .expect("startup error");
     assert!(err.to_string().starts_with("upstream.ca_file: "), "{err}");
 }
+
+/// Against the real API a new connection costs a TLS handshake before a call
+/// can leave on it: the first window's calls wait for it, the next window's
+/// go at once on the warm connection. Were each counted from its admission,
+/// the upstream would see both windows' calls within one second; counted
+/// from when it left, it never sees more than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_waited_for_a_handshake_are_counted_from_when_they_left() {
+    let pki = private_ca();
+    let fake = Fake::start_tls(
+        Behaviour {
+            handshake_delay: std::time::Duration::from_millis(300),
+            ..ten_per_second()
+        },
+        pki.server,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let mut config = config_for(&format!("https://localhost:{}", fake.addr().port()));
+    config.upstream.ca_file = Some(ca_file);
+    config.retry.max_attempts = 1;
+    config.budgets = vec![penstock::config::BudgetConfig {
+        models: vec!["gpt-image-*".into()],
+        rpm: Some(600),
+        ..Default::default()
+    }];
+    let p = penstock::start(&config, |_| None).await.unwrap();
+    let calls = (0..20).map(|i| {
+        http()
+            .post(format!("http://{}/v1/images/generations", p.addr))
+            .json(&serde_json::json!({"model": "gpt-image-1", "prompt": format!("cold {i}")}))
+            .send()
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    assert_eq!(fake.answered(429), 0, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let status = status_at(&format!("http://{}", p.admin_addr)).await;
+    let late = status["pools"][0]["late_departures"].as_u64().unwrap();
+    assert!(late >= 1, "{status}");
+}
