@@ -225,6 +225,9 @@ struct Granted {
     probe: Probe,
     booked: Option<Booked>,
     not_before: Instant,
+    /// How late it may leave and still be counted from `not_before`: half
+    /// the margin, at least the millisecond a timer may add.
+    tolerance: Duration,
 }
 
 /// Why a queued request was turned away instead of admitted.
@@ -527,6 +530,7 @@ impl Pool {
             probe,
             booked,
             not_before: goes,
+            tolerance: (st.full.margin / 2).max(Duration::from_millis(1)),
         }
     }
 
@@ -555,6 +559,7 @@ impl Pool {
                     ticket: granted.ticket,
                     booked: granted.booked,
                     due: granted.not_before,
+                    tolerance: granted.tolerance,
                 }),
             }),
             cost,
@@ -759,13 +764,11 @@ impl Pool {
         let now = Instant::now();
         let mut counted = leg.lock();
         let late = now.saturating_duration_since(counted.due);
-        if late.is_zero() {
+        // The common case, settled without the pool's lock.
+        if late.is_zero() || late <= counted.tolerance {
             return;
         }
         let mut st = self.lock();
-        if late <= st.full.margin / 2 {
-            return;
-        }
         counted.ticket = st.ledger.redate(counted.ticket, now);
         counted.due = now;
         st.late_departures += 1;
@@ -1307,6 +1310,8 @@ struct Counted {
     /// When it is counted from: when it was admitted for, until it leaves
     /// late.
     due: Instant,
+    /// How late it may leave and still be counted from `due`.
+    tolerance: Duration,
 }
 
 impl Leg {
