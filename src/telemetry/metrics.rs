@@ -330,7 +330,7 @@ impl Metrics {
         );
         r.register(
             "penstock_late_departures",
-            "Calls that left later than their admission allowed for (a busy host), each counted from when it left, since the budget's pools began",
+            "Calls that left later than their admission allowed for (a task run late, or a wait for a new connection), each counted from when it left, since the budget's pools began",
             m.late_departures.clone(),
         );
         r.register(

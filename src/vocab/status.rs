@@ -21,9 +21,9 @@ pub struct PoolStatus {
     /// How long the longest-waiting request in the queue has waited.
     pub(crate) longest_wait_ms: u64,
     pub(crate) in_flight: usize,
-    /// Calls whose task ran later than their admission allowed for (a busy
-    /// host), each counted from when it left: more than a few says the host
-    /// needs more CPU or the budget a wider `safety_margin`.
+    /// Calls that left later than their admission allowed for (a task run
+    /// late on a busy host, or a wait for a new connection), each counted
+    /// from when it left.
     pub(crate) late_departures: u64,
     pub(crate) paused_for_ms: u64,
     pub(crate) remaining: std::collections::BTreeMap<&'static str, DimStatus>,
