@@ -784,6 +784,8 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Budget<S> {
                         .acquire_as(&ctx.tenant.0, class, cost, max_wait, &Places::default())
                         .await
                         .map_err(ProxyError::from)?;
+                    // Counted from when the call leaves, as the call's own.
+                    req.body_mut().departure = Some(permit.departure(None));
                     Some(ToolPermit {
                         pool: tool_pool,
                         permit,
@@ -953,8 +955,7 @@ impl<S: crate::vocab::service::Inner> Service<Request<Payload>> for Budget<S> {
             pool.queue_wait
                 .get_or_init(|| account.metrics.queue_wait(&pool.name))
                 .observe(permit.queued.as_secs_f64());
-            let mut req = req;
-            req.body_mut().departure = Some(permit.departure());
+            req.body_mut().departure = Some(permit.departure(tool.as_ref().map(|t| &t.permit)));
             let result = crate::vocab::service::call_now(&mut inner, req).await;
             if alternatives {
                 note_failure(&ctx, up, &result);

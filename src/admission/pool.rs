@@ -221,13 +221,9 @@ struct Booked {
 /// moment the call may go (a shared reservation can be a moment ahead).
 #[derive(Debug)]
 struct Granted {
-    ticket: Ticket,
+    /// Where it is counted, and from when: the moment it may go.
+    counted: Counted,
     probe: Probe,
-    booked: Option<Booked>,
-    not_before: Instant,
-    /// How late it may leave and still be counted from `not_before`: half
-    /// the margin, at least the millisecond a timer may add.
-    tolerance: Duration,
 }
 
 /// Why a queued request was turned away instead of admitted.
@@ -526,11 +522,13 @@ impl Pool {
             st.probe_out = Some(now);
         }
         Granted {
-            ticket,
+            counted: Counted {
+                ticket,
+                booked,
+                due: goes,
+                tolerance: (st.full.margin / 2).max(Duration::from_millis(1)),
+            },
             probe,
-            booked,
-            not_before: goes,
-            tolerance: (st.full.margin / 2).max(Duration::from_millis(1)),
         }
     }
 
@@ -555,12 +553,7 @@ impl Pool {
         Permit {
             leg: Arc::new(Leg {
                 pool: self.clone(),
-                counted: Mutex::new(Counted {
-                    ticket: granted.ticket,
-                    booked: granted.booked,
-                    due: granted.not_before,
-                    tolerance: granted.tolerance,
-                }),
+                counted: Mutex::new(granted.counted),
             }),
             cost,
             probe: granted.probe,
@@ -728,13 +721,10 @@ impl Pool {
                 // it comes gives it back.
                 let unsent = Unsent(Some(self.permit(&granted, cost, Duration::ZERO)));
                 // A timer costs a tick (a millisecond) even when already due.
-                if granted.not_before > Instant::now() {
-                    tokio::time::sleep_until(granted.not_before).await;
+                if granted.counted.due > Instant::now() {
+                    tokio::time::sleep_until(granted.counted.due).await;
                 }
                 let mut permit = unsent.send();
-                // Its task may run late; the upstream layer tells again as
-                // the call leaves on a connection.
-                self.count_from_departure(&permit.leg);
                 permit.queued = start.elapsed();
                 Ok(permit)
             }
@@ -765,7 +755,7 @@ impl Pool {
         let mut counted = leg.lock();
         let late = now.saturating_duration_since(counted.due);
         // The common case, settled without the pool's lock.
-        if late.is_zero() || late <= counted.tolerance {
+        if late <= counted.tolerance {
             return;
         }
         let mut st = self.lock();
@@ -1044,8 +1034,8 @@ impl Pool {
 
     /// Undoes an admission whose client is gone.
     fn release(&self, st: &mut State, granted: Granted) {
-        st.ledger.settle(granted.ticket, &Cost::default());
-        if let Some(booked) = granted.booked {
+        st.ledger.settle(granted.counted.ticket, &Cost::default());
+        if let Some(booked) = granted.counted.booked {
             self.cancel_booking(booked);
         }
         st.in_flight -= 1;
@@ -1307,10 +1297,11 @@ struct Counted {
     ticket: Ticket,
     /// Its reservation in the shared ledger.
     booked: Option<Booked>,
-    /// When it is counted from: when it was admitted for, until it leaves
-    /// late.
+    /// When it is counted from: the moment it was admitted for, until it
+    /// leaves late.
     due: Instant,
-    /// How late it may leave and still be counted from `due`.
+    /// How late it may leave and still be counted from `due`: half the
+    /// margin, at least the millisecond a timer may add.
     tolerance: Duration,
 }
 
@@ -1327,14 +1318,27 @@ impl Departure for Leg {
     }
 }
 
+/// A call admitted in two pools (a Responses call and its image tool).
+impl Departure for [Arc<Leg>; 2] {
+    fn departed(&self) {
+        for leg in self {
+            leg.departed();
+        }
+    }
+}
+
 impl Permit {
     pub(crate) fn estimate(&self) -> Cost {
         self.cost
     }
 
-    /// What the upstream layer tells as this call leaves.
-    pub(crate) fn departure(&self) -> Arc<dyn Departure> {
-        self.leg.clone()
+    /// What the upstream layer tells as this call leaves; with `also`, the
+    /// call's other admission (a Responses call's image tool) hears it too.
+    pub(crate) fn departure(&self, also: Option<&Permit>) -> Arc<dyn Departure> {
+        match also {
+            None => self.leg.clone(),
+            Some(other) => Arc::new([self.leg.clone(), other.leg.clone()]),
+        }
     }
 
     fn counted(&self) -> Counted {
@@ -1734,9 +1738,11 @@ mod tests {
                 })
             })
             .collect();
-        // Admitted at one second, its task runs at 1.3 s.
+        // Admitted at one second, its task runs at 1.3 s, and it leaves
+        // then, as the upstream layer tells.
         tokio::time::sleep_until(start + Duration::from_millis(1300)).await;
         let permit = late.await.unwrap();
+        permit.departure(None).departed();
         left.push(Instant::now());
         assert_eq!(permit.queued, Duration::from_millis(1300));
         drop(permit);
